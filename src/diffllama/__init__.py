@@ -1,0 +1,29 @@
+"""diffllama: DiffLlama (Llama with differential attention) models, kernels, training and generation.
+
+The model classes load and save checkpoints in transformers' layout and match its ``DiffLlama*`` classes
+number for number. Source paper: Ye et al., "Differential Transformer", arXiv 2410.05258.
+"""
+
+from diffllama.cache import DynamicCache
+from diffllama.config import DiffLlamaConfig
+from diffllama.modeling import (
+    DiffLlamaForCausalLM,
+    DiffLlamaForQuestionAnswering,
+    DiffLlamaForSequenceClassification,
+    DiffLlamaForTokenClassification,
+    DiffLlamaModel,
+    DiffLlamaPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DiffLlamaConfig",
+    "DiffLlamaModel",
+    "DiffLlamaPreTrainedModel",
+    "DiffLlamaForCausalLM",
+    "DiffLlamaForSequenceClassification",
+    "DiffLlamaForTokenClassification",
+    "DiffLlamaForQuestionAnswering",
+    "DynamicCache",
+]

@@ -1,0 +1,112 @@
+"""Differential attention: the mask description, the head pairing, and dispatch by ``attn_implementation``.
+
+Every backend has the signature of :func:`diffllama.attention.eager.attention` and returns, for each query head,
+``softmax(q kᵀ · scale + mask) @ [v_a, v_b]`` with a 2·head_dim wide value (DESIGN.md §1 step 4); the caller then
+forms ``o1 − λ·o2`` from the two halves of the heads. This shared form is what makes the backends swappable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+BACKENDS = ("eager", "sdpa", "flash")
+
+
+@dataclass
+class AttentionMask:
+    """Which keys each query may see: causal by position in the key axis, and real (not padding) keys only.
+
+    Attributes:
+        query_positions: (Sq,) int64, the key index of each query; query i sees key j iff j <= query_positions[i].
+        key_padding: (B, Sk) bool, True for real tokens, or None when every key is real.
+        k_len: Sk, the number of keys (cached plus new).
+        plain_causal: True when the mask is exactly the square causal mask (no padding, Sq == Sk, positions
+            0..S-1), so a backend may use its ``is_causal`` fast path instead of a dense mask.
+    """
+
+    query_positions: torch.Tensor
+    key_padding: torch.Tensor | None
+    k_len: int
+    plain_causal: bool = False
+    _dense: torch.Tensor | None = field(default=None, repr=False)
+
+    def dense(self) -> torch.Tensor:
+        """The full boolean mask, (B or 1, 1, Sq, Sk), True where attention is allowed; computed once."""
+        if self._dense is None:
+            keys = torch.arange(self.k_len, device=self.query_positions.device)
+            allowed = keys[None, :] <= self.query_positions[:, None]  # (Sq, Sk)
+            allowed = allowed[None, None]
+            if self.key_padding is not None:
+                allowed = allowed & self.key_padding[:, None, None, :]
+            self._dense = allowed
+        return self._dense
+
+    def query_has_keys(self) -> torch.Tensor | None:
+        """(B, 1, Sq, 1) bool: False for query rows that may see no key at all (e.g. left padding), else None.
+
+        Such rows output zeros in every backend, so padded positions never hold NaN.
+        """
+        if self.key_padding is None:
+            return None
+        return self.dense().any(dim=-1, keepdim=True)
+
+
+def pair_values(key: torch.Tensor, value: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arrange K and the 2·head_dim wide paired V so that query head j reads key head ``j // (H / n)``.
+
+    Args:
+        key, value: (B, KV, Sk, d). num_heads: H, even, a multiple of KV.
+
+    Returns:
+        ``(key, value2)``: with an even KV, key is unchanged and value2 is (B, KV, Sk, 2d) with
+        ``value2[m] = [v[m mod KV/2], v[m mod KV/2 + KV/2]]`` (transformers' pairing); with an odd KV (MQA
+        included) both are expanded to H heads and ``value2[j] = [v_H[j mod H/2], v_H[j mod H/2 + H/2]]`` where
+        v_H is v expanded to H heads: the general form of DESIGN.md §1 step 4, equal to the first when KV is even.
+    """
+    kv_heads = key.shape[1]
+    if kv_heads % 2:
+        key, value = repeat_kv(key, num_heads // kv_heads), repeat_kv(value, num_heads // kv_heads)
+    first, second = value.chunk(2, dim=1)  # each (B, n/2, Sk, d)
+    paired = torch.cat((first, second), dim=-1)  # (B, n/2, Sk, 2d)
+    return key, paired.repeat(1, 2, 1, 1)  # (B, n, Sk, 2d)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, KV, S, d) -> (B, KV·n_rep, S, d), each KV head repeated n_rep times in place (GQA expansion)."""
+    if n_rep == 1:
+        return x
+    b, kv, s, d = x.shape
+    return x[:, :, None].expand(b, kv, n_rep, s, d).reshape(b, kv * n_rep, s, d)
+
+
+def get_backend(name: str):
+    """The attention function for ``attn_implementation`` ``name`` ("eager", "sdpa" or "flash").
+
+    Raises:
+        ValueError: for an unknown name. ImportError/RuntimeError from the flash backend when Triton or a GPU is
+        missing (raised by that module).
+    """
+    if name == "eager":
+        from diffllama.attention.eager import attention
+    elif name == "sdpa":
+        from diffllama.attention.sdpa import attention
+    elif name == "flash":
+        from diffllama.attention.flash import attention
+    else:
+        raise ValueError(f"attn_implementation must be one of {BACKENDS} or 'auto', got {name!r}")
+    return attention
+
+
+def resolve_implementation(name: str, device: torch.device | str) -> str:
+    """Turn ``"auto"`` into the fastest backend for ``device``: flash on a CUDA GPU with Triton, else sdpa."""
+    if name != "auto":
+        return name
+    if torch.device(device).type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "sdpa"
+        return "flash"
+    return "sdpa"

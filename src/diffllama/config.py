@@ -1,0 +1,231 @@
+"""DiffLlamaConfig: the model's hyper-parameters, read and written as transformers' ``config.json``.
+
+Fields, names and defaults are those of transformers' ``DiffLlamaConfig`` (5.x). RoPE settings live in
+``rope_parameters`` (a dict holding ``rope_type``, ``rope_theta`` and the type's own keys); the legacy pair
+``rope_theta`` + ``rope_scaling`` is accepted on input and folded into it, so checkpoints of either age load.
+Keys this class does not model (``transformers_version``, ``architectures`` and so on) are kept in ``extra`` and
+written back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPE = "diffllama"
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh", "sigmoid")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash", "auto")
+# Keys each RoPE type requires, beyond rope_type and rope_theta (transformers' modeling_rope_utils).
+ROPE_REQUIRED_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor",),
+    "longrope": ("short_factor", "long_factor"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+DEFAULT_ROPE_THETA = 10000.0
+
+
+@dataclass
+class DiffLlamaConfig:
+    """Hyper-parameters of a DiffLlama model, field for field those of transformers' ``DiffLlamaConfig``.
+
+    Derived fields: ``num_key_value_heads`` defaults to ``num_attention_heads``; ``head_dim`` defaults to
+    ``hidden_size // num_attention_heads``; ``rope_parameters`` is filled from ``rope_theta``/``rope_scaling`` when
+    given the legacy way. ``attn_implementation`` is one of ``"eager"``, ``"sdpa"``, ``"flash"``, ``"auto"`` and is
+    not written to config.json (as in transformers).
+
+    Raises:
+        ValueError: naming the field, for an odd or zero ``num_attention_heads`` (heads are used in pairs),
+            ``num_attention_heads`` not a multiple of ``num_key_value_heads``, ``hidden_size`` not divisible by
+            ``num_attention_heads`` when ``head_dim`` is unset, a non-positive size, an unknown ``hidden_act``, an
+            unknown RoPE type or missing RoPE keys, an unknown ``attn_implementation``, a wrong ``model_type``.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 16
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    lambda_std_dev: float = 0.1
+    head_dim: int | None = None
+    # Task heads (transformers' PreTrainedConfig keys).
+    id2label: dict[int, str] | None = None
+    label2id: dict[str, int] | None = None
+    problem_type: str | None = None
+    classifier_dropout: float | None = None
+    # Legacy RoPE keys: folded into rope_parameters by __post_init__.
+    rope_theta: float | None = None
+    rope_scaling: dict | None = None
+    attn_implementation: str = "sdpa"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % 2:
+            raise ValueError(
+                f"num_attention_heads must be even (differential attention uses heads in pairs), "
+                f"got {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                    f"({self.num_attention_heads}) when head_dim is not set")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
+            raise ValueError(f"head_dim must be a positive even integer (RoPE rotates pairs), got {self.head_dim!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
+        self.rope_parameters = self._resolve_rope()
+        self.rope_theta, self.rope_scaling = self.rope_parameters["rope_theta"], None
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            if self.label2id is None:
+                self.label2id = {v: k for k, v in self.id2label.items()}
+        if self.problem_type not in (None, "regression", "single_label_classification",
+                                     "multi_label_classification"):
+            raise ValueError(
+                "problem_type must be None, 'regression', 'single_label_classification' or "
+                f"'multi_label_classification', got {self.problem_type!r}")
+
+    def _resolve_rope(self) -> dict:
+        params = dict(self.rope_parameters or self.rope_scaling or {})
+        if "type" in params and "rope_type" not in params:  # the oldest spelling
+            params["rope_type"] = params["type"]
+        params.setdefault("rope_type", "default")
+        params.setdefault("rope_theta", self.rope_theta if self.rope_theta is not None else DEFAULT_ROPE_THETA)
+        rope_type = params["rope_type"]
+        if rope_type not in ROPE_REQUIRED_KEYS:
+            raise ValueError(
+                f"rope_parameters['rope_type'] must be one of {tuple(ROPE_REQUIRED_KEYS)}, got {rope_type!r}")
+        missing = [k for k in ROPE_REQUIRED_KEYS[rope_type] if k not in params]
+        if missing:
+            raise ValueError(f"rope_parameters of type {rope_type!r} is missing required key(s) {missing}")
+        if not params["rope_theta"] > 0:
+            raise ValueError(f"rope_parameters['rope_theta'] must be > 0, got {params['rope_theta']!r}")
+        if "factor" in params and not params["factor"] >= (0 if rope_type == "longrope" else 1):
+            raise ValueError(f"rope_parameters['factor'] must be >= 1 for {rope_type!r}, got {params['factor']!r}")
+        if rope_type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(params[key]) != self.head_dim // 2:
+                    raise ValueError(
+                        f"rope_parameters['{key}'] must have head_dim // 2 = {self.head_dim // 2} entries, "
+                        f"got {len(params[key])}")
+        return params
+
+    @property
+    def num_labels(self) -> int:
+        """Number of output labels of the task heads (``len(id2label)``, 2 when unset, as in transformers)."""
+        return len(self.id2label) if self.id2label is not None else 2
+
+    # ---- dict / JSON round trip -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **overrides: Any) -> DiffLlamaConfig:
+        """Build a config from a transformers-style ``config.json`` dict; unknown keys go to ``extra``.
+
+        Raises:
+            ValueError: if ``model_type`` is present and is not ``"diffllama"``, or any field is invalid.
+        """
+        data = {**data, **overrides}
+        model_type = data.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ValueError(f"config model_type must be {MODEL_TYPE!r}, got {model_type!r}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in data.items() if k in names}
+        extra = {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in names and k != "extra"}}
+        if "num_labels" in extra and known.get("id2label") is None:
+            known["id2label"] = {i: f"LABEL_{i}" for i in range(int(extra["num_labels"]))}
+        extra.pop("num_labels", None)
+        if "_attn_implementation" in extra:
+            extra.pop("_attn_implementation")
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as transformers writes it: ``rope_parameters`` only, no legacy or runtime-only keys."""
+        out = dict(self.extra)
+        for f in dataclasses.fields(self):
+            if f.name in ("extra", "rope_theta", "rope_scaling", "attn_implementation"):
+                continue
+            out[f.name] = getattr(self, f.name)
+        if self.id2label is None:
+            out.pop("id2label"), out.pop("label2id")
+        else:
+            out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        for optional in ("problem_type", "classifier_dropout"):
+            if out[optional] is None:
+                out.pop(optional)
+        out["model_type"] = MODEL_TYPE
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> DiffLlamaConfig:
+        """Read ``config.json`` from a checkpoint directory (or a path to the file itself).
+
+        Raises:
+            FileNotFoundError: if there is no config.json there. ValueError: as :meth:`from_dict`, or for bad JSON.
+        """
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"no config.json at {file}")
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file} is not valid JSON: {err}") from err
+        return cls.from_dict(data, **overrides)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` into ``directory`` atomically (temp file, then rename). Returns the file path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        return atomic_write_text(directory / "config.json", json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same folder and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

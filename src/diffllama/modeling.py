@@ -1,0 +1,618 @@
+"""DiffLlama: Llama with differential attention, weight for weight transformers' ``DiffLlama*`` classes.
+
+Reads top to bottom: RMSNorm, MLP, differential attention, decoder layer, the base model, then the causal LM and
+the three task heads. Source: Ye et al., "Differential Transformer", arXiv 2410.05258 (§2.1 differential
+attention, §2.2 multi-head with GroupNorm and the (1 − λ_init) scale); the exact tensor recipe is DESIGN.md §1.
+Shapes: B batch, S new tokens, H query heads, KV key/value heads, d head_dim, D hidden_size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from diffllama.attention import AttentionMask, get_backend, resolve_implementation
+from diffllama.cache import DynamicCache
+from diffllama.config import DiffLlamaConfig
+from diffllama.rope import RotaryEmbedding, apply_rotary_pos_emb
+
+ACT_FNS = {
+    "silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+    "gelu_new": lambda: nn.GELU(approximate="tanh"), "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+}
+
+
+# ---- outputs (transformers' field names) ------------------------------------------------------------------------
+
+@dataclass
+class BaseModelOutputWithPast:
+    last_hidden_state: torch.Tensor
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class CausalLMOutputWithPast:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class SequenceClassifierOutputWithPast(CausalLMOutputWithPast):
+    pass
+
+
+@dataclass
+class TokenClassifierOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class QuestionAnsweringModelOutput:
+    loss: torch.Tensor | None = None
+    start_logits: torch.Tensor | None = None
+    end_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+# ---- building blocks --------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dim, computed in float32, scaled by ``weight`` in the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., D), same dtype as ``x``."""
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class DiffLlamaMLP(nn.Module):
+    """SwiGLU feed-forward: ``down(act(gate(x)) * up(x))``, no biases."""
+
+    def __init__(self, config: DiffLlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT_FNS[config.hidden_act]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, D) -> (B, S, D)."""
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def lambda_init_fn(layer_idx: int) -> float:
+    """λ_init = 0.8 − 0.6·exp(−0.3·l) for 0-based layer l (paper §2.1)."""
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_idx)
+
+
+class DiffLlamaAttention(nn.Module):
+    """Differential multi-head attention (paper §2.1-2.2): ``(softmax(Q1K1ᵀ) − λ·softmax(Q2K2ᵀ))·V`` per head pair.
+
+    Query heads i and i + H/2 form pair i; each attends with its own softmax over a 2d-wide paired value, and the
+    pair's outputs combine as ``o1 − λ·o2``, then a weightless RMSNorm over 2d and the (1 − λ_init) scale.
+    ``λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init`` is one scalar per layer. The backend (eager, sdpa, flash) is
+    chosen once from ``config.attn_implementation``; all share one signature.
+    """
+
+    def __init__(self, config: DiffLlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_key_value_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim ** -0.5
+        self.lambda_init = lambda_init_fn(layer_idx)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.lambda_q1 = nn.Parameter(torch.zeros(self.head_dim))
+        self.lambda_k1 = nn.Parameter(torch.zeros(self.head_dim))
+        self.lambda_q2 = nn.Parameter(torch.zeros(self.head_dim))
+        self.lambda_k2 = nn.Parameter(torch.zeros(self.head_dim))
+
+    def lambda_full(self, dtype: torch.dtype) -> torch.Tensor:
+        """The scalar λ: products in the parameter dtype, sums and exp in float32, cast to ``dtype``."""
+        lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1, dim=-1, dtype=torch.float32)).to(dtype)
+        lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2, dim=-1, dtype=torch.float32)).to(dtype)
+        return lambda_1 - lambda_2 + self.lambda_init
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        past_key_values: DynamicCache | None = None,
+        cache_position: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, S, D) -> (B, S, D), plus the attention probabilities (B, H, S, Sk) when asked (eager only)."""
+        b, s, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, H, S, d)
+        k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KV, S, d)
+        v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KV, S, d)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(self.layer_idx, k, v, cache_position)
+
+        implementation = resolve_implementation(self.config.attn_implementation, q.device)
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+        out, probs = get_backend(implementation)(
+            q, k, v, mask, scale=self.scaling, dropout_p=dropout_p, output_attentions=output_attentions)
+        # out: (B, H, S, 2d); heads [0, H/2) are the first softmax of each pair, [H/2, H) the second.
+        out1, out2 = out.transpose(1, 2).chunk(2, dim=2)  # each (B, S, H/2, 2d)
+        out = out1 - self.lambda_full(q.dtype) * out2
+        out = (1 - self.lambda_init) * F.rms_norm(out, (2 * self.head_dim,), eps=self.config.rms_norm_eps)
+        return self.o_proj(out.reshape(b, s, -1)), probs
+
+
+class DiffLlamaDecoderLayer(nn.Module):
+    """Pre-norm block: ``h = x + Attn(RMSNorm(x)); out = h + MLP(RMSNorm(h))``."""
+
+    def __init__(self, config: DiffLlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = DiffLlamaAttention(config, layer_idx)
+        self.mlp = DiffLlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings, mask, past_key_values=None, cache_position=None,
+                output_attentions=False):
+        """(B, S, D) -> ((B, S, D), attention probabilities or None)."""
+        attn_out, probs = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask,
+                                         past_key_values, cache_position, output_attentions)
+        hidden_states = hidden_states + attn_out
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, probs
+
+
+# ---- base model ---------------------------------------------------------------------------------------------------
+
+class DiffLlamaPreTrainedModel(nn.Module):
+    """Shared plumbing: config, weight init (transformers' scheme), checkpoint I/O, gradient checkpointing."""
+
+    base_model_prefix = "model"
+
+    def __init__(self, config: DiffLlamaConfig) -> None:
+        super().__init__()
+        if not isinstance(config, DiffLlamaConfig):
+            raise TypeError(f"config must be a DiffLlamaConfig, got {type(config).__name__}")
+        self.config = config
+
+    def init_weights(self) -> None:
+        """Linear/Embedding ~ N(0, initializer_range), biases 0, pad row 0, λ ~ N(0, lambda_std_dev), norms 1."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.padding_idx is not None:
+                    module.weight.data[module.padding_idx].zero_()
+            elif isinstance(module, DiffLlamaAttention):
+                for p in (module.lambda_q1, module.lambda_k1, module.lambda_q2, module.lambda_k2):
+                    nn.init.normal_(p, 0.0, self.config.lambda_std_dev)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Point ``lm_head.weight`` at the input embedding when ``config.tie_word_embeddings`` (causal LM only)."""
+
+    @property
+    def base_model(self) -> DiffLlamaModel:
+        """The decoder stack, whatever the head's attribute name (``model`` or ``transformer``)."""
+        return getattr(self, self.base_model_prefix) if self.base_model_prefix else self
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer's activations in backward (non-reentrant ``torch.utils.checkpoint``)."""
+        self.base_model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Turn activation recomputation off again."""
+        self.base_model.gradient_checkpointing = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (tied weights once); optionally without the token embedding."""
+        params = {id(p): p for p in self.parameters()}
+        total = sum(p.numel() for p in params.values())
+        if exclude_embeddings:
+            total -= self.base_model.embed_tokens.weight.numel()
+        return total
+
+    @classmethod
+    def from_config(cls, config: DiffLlamaConfig, *, dtype=None, device=None):
+        """A freshly initialised model of this class on ``device`` in ``dtype``."""
+        return cls(config).to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_implementation=None, **config_overrides):
+        """Load a checkpoint directory or hub repo id written by transformers or by this library.
+
+        Args:
+            path_or_repo_id: local directory (config.json + safetensors) or a hub repo id in the local cache.
+            dtype: torch dtype or its name ("float32", "bfloat16", "float16", "float64"); default: the
+                checkpoint's ``dtype``/``torch_dtype`` entry, else float32.
+            device: where to put the weights. attn_implementation: "eager", "sdpa", "flash" or "auto".
+
+        Raises:
+            FileNotFoundError: no such directory / cached repo, or no weights. ValueError: wrong model_type,
+            missing or unexpected keys, shape mismatches, corrupt safetensors files, a bad dtype.
+        """
+        from diffllama.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device,
+                               attn_implementation=attn_implementation, **config_overrides)
+
+    def save_pretrained(self, directory, *, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json and safetensors weights (sharded above ``max_shard_size``) in transformers' layout.
+
+        Tied ``lm_head.weight`` is left out, as transformers does. The write is atomic: files are staged and moved
+        into place only when all are complete, so a failure leaves the directory as it was.
+        """
+        from diffllama.checkpoint import save_pretrained
+
+        save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+
+class DiffLlamaModel(DiffLlamaPreTrainedModel):
+    """The decoder stack: token embedding, L differential-attention layers, final RMSNorm.
+
+    Source: transformers ``DiffLlamaModel``; same parameter names, same outputs.
+    """
+
+    base_model_prefix = ""
+
+    def __init__(self, config: DiffLlamaConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DiffLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: DynamicCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        cache_position: torch.Tensor | None = None,
+    ) -> BaseModelOutputWithPast:
+        """Run the decoder.
+
+        Args:
+            input_ids: (B, S) integer token ids in [0, vocab_size), or ``inputs_embeds`` (B, S, D) floating.
+            attention_mask: (B, P + S) with 1/True for real tokens and 0/False for padding (P cached tokens); a
+                static cache also accepts (B, max_length).
+            position_ids: (B, S) or (1, S) int64 RoPE positions; default P, P+1, ... (as transformers).
+            past_key_values: a KV cache to read and extend; ``use_cache=True`` creates a DynamicCache.
+            output_attentions: return per-layer probabilities (eager backend only).
+            output_hidden_states: return the embedding output and every layer's output (the last one normed).
+            cache_position: (S,) int64 slots of the new tokens in the cache; default P .. P+S-1.
+
+        Returns:
+            BaseModelOutputWithPast with ``last_hidden_state`` (B, S, D).
+
+        Raises:
+            ValueError/TypeError: naming the argument, for both or neither of input_ids/inputs_embeds, wrong
+            dtypes or shapes, token ids out of range, a mask of the wrong shape.
+        """
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
+        b, s, _ = inputs_embeds.shape
+        if use_cache is None:
+            use_cache = past_key_values is not None
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if cache_position is None:
+            cache_position = torch.arange(past, past + s, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = cache_position.unsqueeze(0)
+        _check_position_ids(position_ids, b, s)
+        max_length = getattr(past_key_values, "max_length", None)
+        k_len = max_length if max_length is not None else past + s
+        mask = self._build_mask(attention_mask, cache_position, b, past + s, k_len)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden, all_attn = [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            args = (hidden_states, position_embeddings, mask, past_key_values, cache_position, output_attentions)
+            if self.gradient_checkpointing and self.training:
+                hidden_states, probs = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                hidden_states, probs = layer(*args)
+            if output_attentions:
+                all_attn.append(probs)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attn) if output_attentions else None,
+        )
+
+    def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is not None:
+            if not inputs_embeds.is_floating_point() or inputs_embeds.dim() != 3 \
+                    or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must be a floating tensor of shape (batch, seq, {self.config.hidden_size}), "
+                    f"got {tuple(inputs_embeds.shape)} {inputs_embeds.dtype}")
+            return inputs_embeds
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32,
+                                                                              torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must be an integer tensor (int64), got "
+                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
+        if not torch.compiler.is_compiling():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= self.config.vocab_size:
+                raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), "
+                                 f"got values in [{low}, {high}]")
+        return self.embed_tokens(input_ids)
+
+    @staticmethod
+    def _build_mask(attention_mask, cache_position, batch: int, total: int, k_len: int) -> AttentionMask:
+        key_padding = None
+        if attention_mask is not None:
+            if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+                raise TypeError(f"attention_mask must be a bool or integer (0/1) tensor, got {attention_mask.dtype}")
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != batch \
+                    or attention_mask.shape[1] not in (total, k_len):
+                raise ValueError(f"attention_mask must have shape (batch={batch}, past + seq={total}), "
+                                 f"got {tuple(attention_mask.shape)}")
+            key_padding = attention_mask.to(device=cache_position.device, dtype=torch.bool)
+            if key_padding.shape[1] < k_len:  # a static cache's unwritten tail; causality hides it anyway
+                key_padding = F.pad(key_padding, (0, k_len - key_padding.shape[1]), value=False)
+            if not torch.compiler.is_compiling() and bool(key_padding.all()):
+                key_padding = None
+        s = cache_position.shape[0]
+        plain = key_padding is None and total == s and k_len == s
+        return AttentionMask(query_positions=cache_position, key_padding=key_padding, k_len=k_len, plain_causal=plain)
+
+
+def _check_position_ids(position_ids: torch.Tensor, batch: int, seq: int) -> None:
+    if position_ids.dtype.is_floating_point or position_ids.dim() != 2 \
+            or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq:
+        raise ValueError(f"position_ids must be an integer tensor of shape (batch={batch} or 1, seq={seq}), "
+                         f"got {tuple(position_ids.shape)} {position_ids.dtype}")
+
+
+# ---- heads ------------------------------------------------------------------------------------------------------
+
+def _check_labels(labels: torch.Tensor, shape: tuple, name: str = "labels") -> None:
+    if labels.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(labels.shape)}")
+
+
+class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
+    """Decoder + ``lm_head``; next-token cross-entropy when ``labels`` are given (transformers' ForCausalLM)."""
+
+    def __init__(self, config: DiffLlamaConfig) -> None:
+        super().__init__(config)
+        self.model = DiffLlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        nn.init.normal_(self.lm_head.weight, 0.0, config.initializer_range)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: DynamicCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        cache_position: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> CausalLMOutputWithPast:
+        """Logits (B, S_kept, vocab) in the model dtype, and the loss when ``labels`` (B, S) are given.
+
+        ``labels`` are the input ids themselves (shifted inside: position t predicts t+1); -100 is ignored. The
+        loss is the float32 mean over non-ignored targets, or their sum / ``num_items_in_batch`` when given (for
+        gradient accumulation). ``logits_to_keep``: an int keeps the last n positions (0 = all), a 1-D tensor keeps
+        those indices. Other arguments as :meth:`DiffLlamaModel.forward`.
+        """
+        outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                             output_attentions, output_hidden_states, cache_position)
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        loss = None
+        if labels is not None:
+            _check_labels(labels, hidden.shape[:2])
+            loss = causal_lm_loss(logits if logits.shape[1] == hidden.shape[1] else self.lm_head(hidden),
+                                  labels, num_items_in_batch)
+        return CausalLMOutputWithPast(loss, logits, outputs.past_key_values, outputs.hidden_states,
+                                      outputs.attentions)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Shifted next-token cross-entropy in float32, ignore index -100 (transformers' ``ForCausalLMLoss``).
+
+    logits (B, S, V), labels (B, S) int64. Mean over counted targets, or sum / ``num_items_in_batch``.
+    """
+    targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device),
+                           ignore_index=-100, reduction=reduction)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
+    """Decoder + ``score`` (no bias), pooled at each row's rightmost non-pad token (transformers' Generic head).
+
+    Loss by ``config.problem_type`` (inferred as transformers does when unset): regression (MSE),
+    single_label_classification (cross-entropy), multi_label_classification (BCE with logits).
+    """
+
+    def __init__(self, config: DiffLlamaConfig) -> None:
+        super().__init__(config)
+        self.model = DiffLlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        nn.init.normal_(self.score.weight, 0.0, config.initializer_range)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
+                output_hidden_states=False) -> SequenceClassifierOutputWithPast:
+        """Pooled logits (B, num_labels); loss when ``labels`` ((B,) int64 classes, (B,) or (B, n) floats) given.
+
+        Raises:
+            ValueError: batch > 1 without ``config.pad_token_id`` (the pooled position is undefined).
+        """
+        outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                             output_attentions, output_hidden_states)
+        logits = self.score(outputs.last_hidden_state)  # (B, S, num_labels)
+        b = logits.shape[0]
+        pad = self.config.pad_token_id
+        if pad is None and b != 1:
+            raise ValueError("sequence classification of batch size > 1 needs config.pad_token_id to find the last token")
+        if pad is None or input_ids is None:
+            last = torch.full((b,), -1, device=logits.device)
+        else:
+            positions = torch.arange(input_ids.shape[1], device=logits.device)
+            last = (positions * (input_ids != pad).to(logits.device)).argmax(-1)
+        pooled = logits[torch.arange(b, device=logits.device), last]
+        loss = None if labels is None else self._loss(pooled, labels)
+        return SequenceClassifierOutputWithPast(loss, pooled, outputs.past_key_values, outputs.hidden_states,
+                                                outputs.attentions)
+
+    def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        n = self.config.num_labels
+        problem = self.config.problem_type
+        if problem is None:
+            if n == 1:
+                problem = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                problem = "single_label_classification"
+            else:
+                problem = "multi_label_classification"
+            self.config.problem_type = problem
+        labels = labels.to(pooled.device)
+        if problem == "regression":
+            return F.mse_loss(pooled.squeeze(), labels.squeeze()) if n == 1 else F.mse_loss(pooled, labels)
+        if problem == "single_label_classification":
+            return F.cross_entropy(pooled.view(-1, n), labels.view(-1), ignore_index=-100)
+        return F.binary_cross_entropy_with_logits(pooled, labels)
+
+
+class DiffLlamaForTokenClassification(DiffLlamaPreTrainedModel):
+    """Decoder + dropout + ``score`` (with bias): per-token logits (transformers' Generic head).
+
+    Dropout is ``config.classifier_dropout``, else ``extra['hidden_dropout']``, else 0.1.
+    """
+
+    def __init__(self, config: DiffLlamaConfig) -> None:
+        super().__init__(config)
+        self.model = DiffLlamaModel(config)
+        p = config.classifier_dropout
+        if p is None:
+            p = config.extra.get("hidden_dropout")
+        self.dropout = nn.Dropout(0.1 if p is None else p)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        nn.init.normal_(self.score.weight, 0.0, config.initializer_range)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
+                output_hidden_states=False) -> TokenClassifierOutput:
+        """Logits (B, S, num_labels); cross-entropy over ``labels`` (B, S) int64 with -100 ignored."""
+        outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                             output_attentions, output_hidden_states)
+        logits = self.score(self.dropout(outputs.last_hidden_state))
+        loss = None
+        if labels is not None:
+            _check_labels(labels, logits.shape[:2])
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1).to(logits.device),
+                                   ignore_index=-100)
+        return TokenClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
+
+
+class DiffLlamaForQuestionAnswering(DiffLlamaPreTrainedModel):
+    """Decoder (under ``transformer.``, as transformers) + ``qa_outputs``: start and end logits per token.
+
+    Loss: mean of the start and end cross-entropies; positions are clamped to [0, S] and S is ignored.
+    """
+
+    base_model_prefix = "transformer"
+
+    def __init__(self, config: DiffLlamaConfig) -> None:
+        super().__init__(config)
+        self.transformer = DiffLlamaModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        nn.init.normal_(self.qa_outputs.weight, 0.0, config.initializer_range)
+        nn.init.zeros_(self.qa_outputs.bias)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, use_cache=None,
+                output_attentions=False, output_hidden_states=False) -> QuestionAnsweringModelOutput:
+        """``start_logits``, ``end_logits`` (B, S); loss when ``start_positions``/``end_positions`` (B,) given."""
+        outputs = self.transformer(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                                   use_cache, output_attentions, output_hidden_states)
+        logits = self.qa_outputs(outputs.last_hidden_state)
+        start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            s = start_logits.shape[1]
+            start = start_positions.reshape(-1).clamp(0, s).to(logits.device)
+            end = end_positions.reshape(-1).clamp(0, s).to(logits.device)
+            loss = (F.cross_entropy(start_logits.float(), start, ignore_index=s)
+                    + F.cross_entropy(end_logits.float(), end, ignore_index=s)) / 2
+        return QuestionAnsweringModelOutput(loss, start_logits, end_logits, outputs.hidden_states,
+                                            outputs.attentions)
