@@ -160,11 +160,9 @@ class DiffLlamaAttention(nn.Module):
 
         implementation = resolve_implementation(self.config.attn_implementation, q.device)
         dropout_p = self.config.attention_dropout if self.training else 0.0
-        out, probs = get_backend(implementation)(
-            q, k, v, mask, scale=self.scaling, dropout_p=dropout_p, output_attentions=output_attentions)
-        # out: (B, H, S, 2d); heads [0, H/2) are the first softmax of each pair, [H/2, H) the second.
-        out1, out2 = out.transpose(1, 2).chunk(2, dim=2)  # each (B, S, H/2, 2d)
-        out = out1 - self.lambda_full(q.dtype) * out2
+        out, probs = get_backend(implementation)(  # out: (B, S, H/2, 2d) = o1 − λ·o2
+            q, k, v, mask, scale=self.scaling, lambda_full=self.lambda_full(q.dtype), dropout_p=dropout_p,
+            output_attentions=output_attentions)
         out = (1 - self.lambda_init) * F.rms_norm(out, (2 * self.head_dim,), eps=self.config.rms_norm_eps)
         return self.o_proj(out.reshape(b, s, -1)), probs
 

@@ -1,8 +1,9 @@
 """Differential attention: the mask description, the head pairing, and dispatch by ``attn_implementation``.
 
-Every backend has the signature of :func:`diffllama.attention.eager.attention` and returns, for each query head,
-``softmax(q kᵀ · scale + mask) @ [v_a, v_b]`` with a 2·head_dim wide value (DESIGN.md §1 step 4); the caller then
-forms ``o1 − λ·o2`` from the two halves of the heads. This shared form is what makes the backends swappable.
+Every backend has the signature of :func:`diffllama.attention.eager.attention`: for each query head it computes
+``softmax(q kᵀ · scale + mask) @ [v_a, v_b]`` with a 2·head_dim wide paired value (DESIGN.md §1 step 4) and returns
+the differential combination ``o1 − λ·o2`` of each head pair, (B, Sq, H/2, 2d). The per-head RMSNorm and the
+(1 − λ_init) scale stay in the attention module. One shared contract is what makes the backends swappable.
 """
 
 from __future__ import annotations
@@ -71,6 +72,12 @@ def pair_values(key: torch.Tensor, value: torch.Tensor, num_heads: int) -> tuple
     first, second = value.chunk(2, dim=1)  # each (B, n/2, Sk, d)
     paired = torch.cat((first, second), dim=-1)  # (B, n/2, Sk, 2d)
     return key, paired.repeat(1, 2, 1, 1)  # (B, n, Sk, 2d)
+
+
+def combine_pairs(out: torch.Tensor, lambda_full: torch.Tensor) -> torch.Tensor:
+    """(B, H, Sq, 2d) per-head outputs -> (B, Sq, H/2, 2d) ``o1 − λ·o2``, head i paired with head i + H/2."""
+    out1, out2 = out.transpose(1, 2).chunk(2, dim=2)  # each (B, Sq, H/2, 2d)
+    return out1 - lambda_full * out2
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

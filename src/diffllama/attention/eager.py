@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from diffllama.attention import AttentionMask, pair_values
+from diffllama.attention import AttentionMask, combine_pairs, pair_values
 
 
 def attention(
@@ -18,6 +18,7 @@ def attention(
     mask: AttentionMask,
     *,
     scale: float,
+    lambda_full: torch.Tensor,
     dropout_p: float = 0.0,
     output_attentions: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -26,12 +27,13 @@ def attention(
     Args:
         query: (B, H, Sq, d). key, value: (B, KV, Sk, d), same dtype. mask: which keys each query sees.
         scale: the softmax temperature, head_dim ** -0.5 for DiffLlama.
+        lambda_full: the layer's scalar λ (0-dim tensor, the activation dtype) weighting the second softmax.
         dropout_p: dropout on the attention probabilities (training only); one mask per head, shared by both
             halves of the 2d-wide value, so ``o1`` and ``o2`` of a head see the same dropped keys.
         output_attentions: also return the probabilities.
 
     Returns:
-        ``(out, probs)``: out (B, H, Sq, 2d) in the query dtype; probs (B, H, Sq, Sk) or None. The softmax runs in
+        ``(out, probs)``: out (B, Sq, H/2, 2d) = o1 − λ·o2 in the query dtype; probs (B, H, Sq, Sk) or None. The softmax runs in
         float32 for half types and float64 for float64; rows with no visible key give zeros.
     """
     key, value2 = pair_values(key, value, query.shape[1])
@@ -52,4 +54,5 @@ def attention(
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     out = torch.matmul(probs.view(b, key.shape[1], group, sq, -1), value2.unsqueeze(2))  # (B, n, group, Sq, 2d)
-    return out.view(b, h, sq, 2 * d), (probs if output_attentions else None)
+    out = combine_pairs(out.view(b, h, sq, 2 * d), lambda_full)
+    return out, (probs if output_attentions else None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffllama.attention import AttentionMask, pair_values
+from diffllama.attention import AttentionMask, combine_pairs, pair_values
 
 
 def attention(
@@ -20,6 +20,7 @@ def attention(
     mask: AttentionMask,
     *,
     scale: float,
+    lambda_full: torch.Tensor,
     dropout_p: float = 0.0,
     output_attentions: bool = False,
 ) -> tuple[torch.Tensor, None]:
@@ -35,7 +36,7 @@ def attention(
     if mask.plain_causal:
         out = F.scaled_dot_product_attention(
             query, key, value2, is_causal=query.shape[2] > 1, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
-        return out, None
+        return combine_pairs(out, lambda_full), None
     allowed, has_keys = mask.dense(), mask.query_has_keys()
     if has_keys is not None:
         # Rows that see no key would give NaN in some SDPA kernels: let them see everything, then zero them.
@@ -44,4 +45,4 @@ def attention(
         query, key, value2, attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
     if has_keys is not None:
         out = out * has_keys
-    return out, None
+    return combine_pairs(out, lambda_full), None

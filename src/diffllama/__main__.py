@@ -1,0 +1,3 @@
+from diffllama.cli import main
+
+main()
