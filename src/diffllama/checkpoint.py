@@ -1,0 +1,546 @@
+"""File-level checkpoint I/O in transformers' layout: safetensors weights, sharded or not, plus side files.
+
+A checkpoint directory holds either one ``model.safetensors`` or the shards ``model-00001-of-0000N.safetensors``
+... with ``model.safetensors.index.json`` (``{"metadata": {"total_size": bytes}, "weight_map": {name: file}}``),
+each safetensors file carrying the metadata ``{"format": "pt"}``; ``config.json`` and tokenizer files lie beside
+them. This module knows nothing about models: it moves ``dict[str, Tensor]`` to and from such a directory and
+resolves hub repo ids to a directory through the local huggingface_hub cache.
+
+Saving is atomic as seen from the directory: every file is first written to a staging folder inside it, and only
+once all are complete do they replace the old files (see ``save_state_dict``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = "model-{index:05d}-of-{total:05d}.safetensors"
+SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+STAGING_PREFIX = ".staging-"
+# What a repo id resolution fetches: config, weights, tokenizer files and chat templates.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "tokenizer.model", "*.txt", "*.jinja"]
+
+# Decimal and binary units, as in transformers' ``convert_file_size_to_int``.
+_SIZE_UNITS = {
+    "": 1, "B": 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+# A hub repo id: "name" or "namespace/name" (huggingface_hub's REPO_ID_REGEX, without the length limits).
+_REPO_ID_RE = re.compile(r"(?:[\w\-.]+/)?[\w\-.]+")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sizes
+
+
+def parse_size(size: int | str) -> int:
+    """Return a shard size in bytes, given as an int or a string such as ``"5GB"``, ``"500MB"`` or ``"2GiB"``.
+
+    Units follow transformers: ``KB``/``MB``/``GB``/``TB`` are powers of 10, ``KiB``/``MiB``/``GiB``/``TiB``
+    powers of 2, ``B`` or no unit means bytes; letters are case-insensitive, except that (as in transformers) a
+    lowercase final ``b`` after a decimal prefix, as in ``"5Gb"``, means bits. Fractions (``"1.5GB"``) round
+    down.
+
+    Args:
+        size: a positive number of bytes, or a string of a number and a unit.
+
+    Returns:
+        The size in bytes, a positive int.
+
+    Raises:
+        ValueError: naming ``max_shard_size``, for an unparsable string, an unknown unit, a bool or other type, or a
+            size that is not positive.
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise ValueError(f"max_shard_size must be an int or a string like '5GB', got {size!r}")
+    if isinstance(size, int):
+        n_bytes = size
+    else:
+        match = _SIZE_RE.fullmatch(size)
+        unit = match.group(2).upper() if match else None
+        if unit not in _SIZE_UNITS:
+            raise ValueError(
+                f"max_shard_size {size!r} is not a size: use an int (bytes) or a number with a unit among "
+                "B, KB, MB, GB, TB, KiB, MiB, GiB, TiB (e.g. '5GB')"
+            )
+        n_bytes = int(float(match.group(1)) * _SIZE_UNITS[unit])
+        if unit in ("KB", "MB", "GB", "TB") and match.group(2).endswith("b"):  # "5Gb": bits, as in transformers
+            n_bytes //= 8
+    if n_bytes <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return n_bytes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# locating a checkpoint
+
+
+def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """Return the local directory of a checkpoint given as a directory or as a hub repo id.
+
+    An existing directory is returned as is (``~`` expanded). Anything else that reads as a filesystem path (a
+    ``PathLike``, or a string starting with ``.``, ``/`` or ``~``, holding a backslash or more than one ``/``, or
+    ``"a/b"`` where ``a`` is an existing local directory) is an error. A string of the form ``"name"`` or
+    ``"org/name"`` is resolved with ``huggingface_hub.snapshot_download``, fetching only config, weight and
+    tokenizer files (``HUB_ALLOW_PATTERNS``): first from the local cache alone (this works offline), then, unless
+    ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, from the network. The result is the cache's snapshot
+    folder, ``<HF_HUB_CACHE>/models--org--name/snapshots/<commit>``, laid out as transformers saves checkpoints.
+
+    Args:
+        path_or_repo_id: a local checkpoint directory, or a hub repo id.
+        revision: a branch, tag or commit hash of the hub repo (default: the hub's default branch); ignored for a
+            local directory.
+
+    Returns:
+        The checkpoint directory.
+
+    Raises:
+        NotADirectoryError: the path exists but is a file.
+        FileNotFoundError: naming the argument, when it is a path that does not exist, or a repo id that is neither
+            in the local hub cache nor downloadable (the message points at ``HF_HUB_OFFLINE`` and the cache).
+    """
+    text = os.fspath(path_or_repo_id)
+    if not text:
+        raise FileNotFoundError("empty checkpoint path or repo id")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{text!r} is a file; expected a checkpoint directory (the folder holding it)")
+    if not isinstance(path_or_repo_id, str) or _looks_like_path(text) or not _REPO_ID_RE.fullmatch(text):
+        raise FileNotFoundError(f"checkpoint directory {text!r} does not exist")
+    return _resolve_hub_repo(text, revision)
+
+
+def _looks_like_path(text: str) -> bool:
+    """Whether ``text`` reads as a filesystem path rather than a hub repo id ("name" or "org/name")."""
+    if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/"):
+        return True
+    if (os.altsep and os.altsep in text) or Path(text).is_absolute() or Path(text).drive:
+        return True
+    # "checkpoints/run1" where "checkpoints" exists here is a mistyped path, not a hub repo.
+    return "/" in text and Path(text.split("/", 1)[0]).is_dir()
+
+
+def _hub_offline() -> bool:
+    """Offline mode as huggingface_hub read it at import, or as the environment says now."""
+    from huggingface_hub import constants
+
+    def truthy(name: str) -> bool:
+        return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+    return bool(constants.HF_HUB_OFFLINE) or truthy("HF_HUB_OFFLINE") or truthy("TRANSFORMERS_OFFLINE")
+
+
+def _resolve_hub_repo(repo_id: str, revision: str | None) -> Path:
+    """The cached (else freshly downloaded) snapshot folder of a hub model repo; FileNotFoundError if neither."""
+    from huggingface_hub import snapshot_download
+
+    kwargs = dict(repo_id=repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS)
+    # Any failure of the hub (not cached, no network, unknown repo, invalid id) means "cannot resolve"; the
+    # original error is chained for the details.
+    try:
+        return Path(snapshot_download(**kwargs, local_files_only=True))
+    except Exception as error:  # noqa: BLE001
+        last_error: Exception = error
+    offline = _hub_offline()
+    if not offline:
+        try:
+            return Path(snapshot_download(**kwargs))
+        except Exception as error:  # noqa: BLE001
+            last_error = error
+    where = f"revision {revision!r} of " if revision else ""
+    how = (
+        "HF_HUB_OFFLINE is set, so only the local cache was searched; unset it to download"
+        if offline
+        else "it is not in the local hub cache and could not be downloaded"
+    )
+    raise FileNotFoundError(
+        f"{repo_id!r} is neither a local directory nor a cached or reachable hub repo id: {how} "
+        f"({where}{repo_id}; cache: HF_HUB_CACHE / HF_HOME; last error: {type(last_error).__name__}: {last_error})"
+    ) from last_error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# saving
+
+
+def save_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    directory: str | os.PathLike,
+    *,
+    max_shard_size: int | str = "5GB",
+    extra_files: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write ``state_dict`` to ``directory`` as safetensors in transformers' layout, atomically.
+
+    Layout (transformers' ``save_pretrained``): one ``model.safetensors`` when every tensor fits in
+    ``max_shard_size``, else shards ``model-00001-of-0000N.safetensors`` ... filled in ``state_dict`` order (a
+    tensor larger than ``max_shard_size`` gets a shard of its own) and ``model.safetensors.index.json`` holding
+    ``{"metadata": {"total_size": <sum of tensor bytes>}, "weight_map": {name: shard file}}``. Every file carries
+    the safetensors metadata ``{"format": "pt"}``. Tensors are detached and made contiguous; a tensor whose memory
+    is already used by an earlier one (tied weights) is cloned, so both names are written.
+
+    Atomicity: all files go first to a staging folder ``directory/.staging-XXXX``. Only when every one is complete
+    are they moved in with ``os.replace``: the old index is removed, the new weights moved in, then the new index,
+    then weight files of the old checkpoint that the new one does not overwrite are removed, and ``extra_files``
+    are moved in last. An exception before that step leaves ``directory`` as it was (a directory created by this
+    call is removed again) and no staging folder behind. During the moves a reader sees the old single-file
+    checkpoint, the new one, or no index with shards it cannot load, never a mix.
+
+    Args:
+        state_dict: parameter name -> tensor (any device; written as its CPU copy).
+        directory: the checkpoint directory; created if missing.
+        max_shard_size: the largest shard in bytes, an int or a string like ``"5GB"`` (see ``parse_size``).
+        extra_files: file name -> text, written beside the weights (e.g. ``{"config.json": ...}``).
+
+    Returns:
+        The paths written: the weight files, then the index if sharded, then the extra files.
+
+    Raises:
+        ValueError: a bad ``max_shard_size``; a value that is not a tensor, or is on the meta device; an extra
+            file name that is not a plain file name or that clashes with a weight file name.
+    """
+    shard_limit = parse_size(max_shard_size)
+    extra_files = dict(extra_files or {})
+    for name in extra_files:
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"extra_files name {name!r} must be a plain file name, without folders")
+        if _is_weight_file(name):
+            raise ValueError(f"extra_files name {name!r} clashes with a weight file written by save_state_dict")
+    tensors = _prepare_tensors(state_dict)
+    shards = _plan_shards(tensors, shard_limit)
+
+    directory = Path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+    try:
+        weight_names, index_text = _name_shards(shards, tensors)
+        for file_name, names in zip(weight_names, shards):
+            save_file({n: tensors[n] for n in names}, staging / file_name, metadata={"format": "pt"})
+        if index_text is not None:
+            (staging / SAFE_WEIGHTS_INDEX_NAME).write_text(index_text)
+        for name, text in extra_files.items():
+            (staging / name).write_text(text)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+    # Every file is complete: swap them in.
+    stale = [p for p in directory.iterdir() if p.is_file() and _is_weight_file(p.name)]
+    (directory / SAFE_WEIGHTS_INDEX_NAME).unlink(missing_ok=True)
+    order = list(weight_names) + ([SAFE_WEIGHTS_INDEX_NAME] if index_text is not None else [])
+    written = []
+    for name in order:
+        os.replace(staging / name, directory / name)
+        written.append(directory / name)
+    for path in stale:
+        if path.name not in order:
+            path.unlink(missing_ok=True)
+    for name in extra_files:
+        os.replace(staging / name, directory / name)
+        written.append(directory / name)
+    shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def _is_weight_file(name: str) -> bool:
+    return name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME) or SHARD_PATTERN.fullmatch(name) is not None
+
+
+def _prepare_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous tensors, each owning memory no other one in the dict overlaps (ties are cloned)."""
+    out: dict[str, torch.Tensor] = {}
+    seen_storages: set[tuple[torch.device, int]] = set()
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"state_dict[{name!r}] is a {type(tensor).__name__}, not a torch.Tensor")
+        if tensor.is_meta:
+            raise ValueError(f"state_dict[{name!r}] is on the meta device and has no data to save")
+        tensor = tensor.detach().contiguous()
+        if tensor.numel() > 0:
+            key = (tensor.device, tensor.untyped_storage().data_ptr())
+            if key in seen_storages:  # shares memory with an earlier tensor: safetensors refuses that
+                tensor = tensor.clone()
+                key = (tensor.device, tensor.untyped_storage().data_ptr())
+            seen_storages.add(key)
+        out[name] = tensor
+    return out
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _plan_shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
+    """Split names into shards of at most ``limit`` bytes, in order; an oversize tensor is a shard alone."""
+    shards: list[list[str]] = [[]]
+    current = 0
+    for name, tensor in tensors.items():
+        size = _nbytes(tensor)
+        if shards[-1] and current + size > limit:
+            shards.append([])
+            current = 0
+        shards[-1].append(name)
+        current += size
+    return shards
+
+
+def _name_shards(shards: list[list[str]], tensors: dict[str, torch.Tensor]) -> tuple[list[str], str | None]:
+    """The file name of each shard, and the index JSON text (None for a single file)."""
+    if len(shards) == 1:
+        return [SAFE_WEIGHTS_NAME], None
+    file_names = [SHARD_NAME.format(index=i + 1, total=len(shards)) for i in range(len(shards))]
+    weight_map = {name: file for file, names in zip(file_names, shards) for name in names}
+    index = {
+        "metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    return file_names, json.dumps(index, indent=2) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def load_state_dict(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load the weights of a checkpoint directory in transformers' safetensors layout, on CPU.
+
+    With ``model.safetensors.index.json`` present, loads the tensors its ``weight_map`` lists from their shards
+    (``model-0000i-of-0000N.safetensors``); otherwise loads every tensor of ``model.safetensors``. Tied weights
+    that transformers leaves out of the files (e.g. ``lm_head.weight``) are not added here.
+
+    Args:
+        directory: the checkpoint directory.
+
+    Returns:
+        Parameter name -> CPU tensor, in the order of the files.
+
+    Raises:
+        FileNotFoundError: naming the directory and the expected files, when it does not exist or holds neither
+            weight layout (noting a ``pytorch_model.bin``, since only safetensors is supported).
+        ValueError: naming the file, for an index that is not valid JSON or lacks a ``weight_map``, a shard the
+            index lists that is missing, a tensor the index lists that is not in its shard, or a safetensors file
+            that is truncated or corrupt.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist or is not a directory")
+    index_path = directory / SAFE_WEIGHTS_INDEX_NAME
+    if index_path.is_file():
+        return _load_sharded(index_path)
+    single = directory / SAFE_WEIGHTS_NAME
+    if single.is_file():
+        return _load_safetensors(single)
+    hint = ""
+    if any((directory / name).exists() for name in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        hint = (
+            "; it holds a pytorch_model.bin checkpoint, but only safetensors is supported (convert it, e.g. "
+            "load it with transformers and save_pretrained with safe_serialization)"
+        )
+    raise FileNotFoundError(
+        f"no weights in checkpoint directory {str(directory)!r}: expected {SAFE_WEIGHTS_NAME} or "
+        f"{SAFE_WEIGHTS_INDEX_NAME} with its shards{hint}"
+    )
+
+
+def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{index_path} is not valid JSON: {error}") from error
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index_path} has no 'weight_map' object mapping tensor names to shard files")
+
+    by_shard: dict[str, list[str]] = {}
+    for name, file_name in weight_map.items():
+        by_shard.setdefault(file_name, []).append(name)
+    state_dict: dict[str, torch.Tensor] = {}
+    for file_name, names in by_shard.items():
+        shard_path = index_path.parent / file_name
+        if Path(file_name).name != file_name or not shard_path.is_file():
+            raise ValueError(f"shard {file_name!r} listed in {index_path} is missing from {index_path.parent}")
+        shard = _load_safetensors(shard_path)
+        missing = [n for n in names if n not in shard]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f", ... ({len(missing) - 5} more)" if len(missing) > 5 else "")
+            raise ValueError(f"{shard_path} lacks tensors that {index_path.name} assigns to it: {shown}")
+        for name in names:
+            state_dict[name] = shard[name]
+    return state_dict
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    _check_safetensors_header(path)
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise ValueError(f"{path} is not a valid safetensors file: {error}") from error
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Raise ValueError naming ``path`` unless its header parses and its data offsets fit the file.
+
+    safetensors format: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor name to
+    ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets relative to the byte after the header), then data.
+    """
+    file_size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path} is truncated or not a safetensors file: {file_size} bytes, no header")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > file_size - 8:
+            raise ValueError(
+                f"{path} is truncated or not a safetensors file: header of {header_len} bytes announced, "
+                f"file has {file_size} bytes"
+            )
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is corrupt: its safetensors header is not valid JSON ({error})") from error
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is corrupt: its safetensors header is not a JSON object")
+    data_size = file_size - 8 - header_len
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            raise ValueError(f"{path} is corrupt: tensor {name!r} has bad data_offsets {offsets!r}")
+        if offsets[1] > data_size:
+            raise ValueError(
+                f"{path} is truncated: tensor {name!r} ends at byte {offsets[1]} of the data, which has only "
+                f"{data_size} bytes"
+            )
+
+
+# ---- model-level loading and saving (transformers' DiffLlama layout) --------------------------------------------
+
+DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "half": torch.float16, "float64": torch.float64, "double": torch.float64}
+BASE_PREFIXES = ("model.", "transformer.")
+HEAD_PREFIXES = ("lm_head.", "score.", "qa_outputs.")
+
+
+def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    """A torch dtype from a dtype or its name ("float32", "bfloat16", "float16", "float64"); None -> default.
+
+    Raises:
+        ValueError: naming ``dtype`` and the accepted names.
+    """
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(set(DTYPES))} (or a torch dtype of those), got {dtype!r}")
+    return DTYPES[name]
+
+
+def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_implementation=None, **config_overrides):
+    """Build ``cls`` from a checkpoint directory or cached hub repo (see ``DiffLlamaPreTrainedModel.from_pretrained``).
+
+    Keys are matched to the class: the decoder may sit under ``model.`` or ``transformer.`` (or no prefix) in the
+    file; weights of another task head (e.g. ``lm_head`` when loading into a classifier) are dropped and this
+    class's missing head weights keep their fresh initialisation; both are listed in ``model.loading_report``.
+
+    Raises:
+        FileNotFoundError, ValueError: see ``from_pretrained``; a ValueError lists missing/unexpected decoder keys
+        and shape mismatches by name.
+    """
+    from diffllama.config import DiffLlamaConfig
+
+    directory = resolve_checkpoint_dir(path_or_repo_id)
+    if attn_implementation is not None:
+        config_overrides["attn_implementation"] = attn_implementation
+    config = DiffLlamaConfig.from_pretrained(directory, **config_overrides)
+    target_dtype = parse_dtype(dtype, default=parse_dtype(config.extra.get("dtype") or config.extra.get("torch_dtype")))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available on this machine")
+    state = load_state_dict(directory)
+    with torch.device(device):
+        model = cls(config)
+    model.to(dtype=target_dtype)
+    report = _load_into(model, state, str(directory))
+    model.loading_report = report
+    return model.eval()
+
+
+def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, list[str]]:
+    """Copy ``state`` into ``model`` after prefix adaptation; returns {"new": [...], "dropped": [...]}."""
+    prefix = model.base_model_prefix + "." if model.base_model_prefix else ""
+    expected = model.state_dict()
+    adapted = {}
+    for key, tensor in state.items():
+        if not key.startswith(HEAD_PREFIXES):
+            key = prefix + next((key[len(p):] for p in BASE_PREFIXES if key.startswith(p)), key)
+        adapted[key] = tensor
+    if model.config.tie_word_embeddings:
+        adapted.pop("lm_head.weight", None)
+        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    dropped = sorted(k for k in adapted if k not in expected and k.startswith(HEAD_PREFIXES))
+    unexpected = sorted(k for k in adapted if k not in expected and k not in dropped)
+    missing = sorted(k for k in expected if k not in adapted)
+    new = [k for k in missing if k.startswith(HEAD_PREFIXES)]
+    missing = [k for k in missing if k not in new]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {source} does not match {type(model).__name__}: "
+                         f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
+                         f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    for key, tensor in adapted.items():
+        if key in expected and tensor.shape != expected[key].shape:
+            raise ValueError(f"checkpoint {source}: shape mismatch for {key}: the config expects "
+                             f"{tuple(expected[key].shape)}, the file has {tuple(tensor.shape)}")
+    model.load_state_dict({k: v for k, v in adapted.items() if k in expected}, strict=False)
+    if new and isinstance(model, torch.nn.Module):
+        import warnings
+
+        warnings.warn(f"{type(model).__name__}: newly initialised weights not in the checkpoint: {new}", stacklevel=3)
+    return {"new": new, "dropped": dropped}
+
+
+def save_pretrained(model: torch.nn.Module, directory, *, max_shard_size: int | str = "5GB") -> list[Path]:
+    """Write ``model`` as transformers does: config.json (with ``architectures`` and ``dtype``) + safetensors.
+
+    The tied ``lm_head.weight`` is omitted. Atomic as :func:`save_state_dict`. Returns the written paths.
+
+    Raises:
+        ValueError: for a bad ``max_shard_size`` (before anything is written).
+    """
+    parse_size(max_shard_size)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    return save_state_dict(state, directory, max_shard_size=max_shard_size, extra_files={"config.json": text})
