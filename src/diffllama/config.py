@@ -25,7 +25,7 @@ ROPE_REQUIRED_KEYS = {
     "default": (),
     "linear": ("factor",),
     "dynamic": ("factor",),
-    "yarn": ("factor",),
+    "yarn": (),  # factor may be derived from max_position_embeddings / original_max_position_embeddings
     "longrope": ("short_factor", "long_factor"),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
 }
@@ -139,7 +139,7 @@ class DiffLlamaConfig:
             raise ValueError(f"rope_parameters of type {rope_type!r} is missing required key(s) {missing}")
         if not params["rope_theta"] > 0:
             raise ValueError(f"rope_parameters['rope_theta'] must be > 0, got {params['rope_theta']!r}")
-        if "factor" in params and not params["factor"] >= (0 if rope_type == "longrope" else 1):
+        if params.get("factor") is not None and not params["factor"] >= (0 if rope_type == "longrope" else 1):
             raise ValueError(f"rope_parameters['factor'] must be >= 1 for {rope_type!r}, got {params['factor']!r}")
         if rope_type == "longrope":
             for key in ("short_factor", "long_factor"):

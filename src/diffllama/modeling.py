@@ -340,15 +340,18 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
             use_cache = past_key_values is not None
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        max_length = getattr(past_key_values, "max_length", None)
+        if cache_position is not None and max_length is not None:
+            past = None  # a static cache with explicit slots: its length is not needed (reading it may sync)
+        else:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if cache_position is None:
             cache_position = torch.arange(past, past + s, device=inputs_embeds.device)
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0)
         _check_position_ids(position_ids, b, s)
-        max_length = getattr(past_key_values, "max_length", None)
         k_len = max_length if max_length is not None else past + s
-        mask = self._build_mask(attention_mask, cache_position, b, past + s, k_len)
+        mask = self._build_mask(attention_mask, cache_position, b, k_len if past is None else past + s, k_len)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -478,6 +481,12 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
                                   labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss, logits, outputs.past_key_values, outputs.hidden_states,
                                       outputs.attentions)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Continue left-padded prompts (B, S) -> (B, S + n) int64; see :func:`diffllama.generation.generate`."""
+        from diffllama.generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
@@ -610,7 +619,8 @@ class DiffLlamaForQuestionAnswering(DiffLlamaPreTrainedModel):
             s = start_logits.shape[1]
             start = start_positions.reshape(-1).clamp(0, s).to(logits.device)
             end = end_positions.reshape(-1).clamp(0, s).to(logits.device)
-            loss = (F.cross_entropy(start_logits.float(), start, ignore_index=s)
-                    + F.cross_entropy(end_logits.float(), end, ignore_index=s)) / 2
+            # No float32 upcast here, as in transformers: the QA loss keeps the logits' dtype.
+            loss = (F.cross_entropy(start_logits, start, ignore_index=s)
+                    + F.cross_entropy(end_logits, end, ignore_index=s)) / 2
         return QuestionAnsweringModelOutput(loss, start_logits, end_logits, outputs.hidden_states,
                                             outputs.attentions)
