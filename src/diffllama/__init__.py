@@ -4,7 +4,7 @@ The model classes load and save checkpoints in transformers' layout and match it
 number for number. Source paper: Ye et al., "Differential Transformer", arXiv 2410.05258.
 """
 
-from diffllama.cache import DynamicCache
+from diffllama.cache import DynamicCache, StaticCache
 from diffllama.config import DiffLlamaConfig
 from diffllama.modeling import (
     DiffLlamaForCausalLM,
@@ -14,6 +14,8 @@ from diffllama.modeling import (
     DiffLlamaModel,
     DiffLlamaPreTrainedModel,
 )
+from diffllama.generation import generate, stream_generate, stream_text
+from diffllama.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
 
@@ -26,4 +28,9 @@ __all__ = [
     "DiffLlamaForTokenClassification",
     "DiffLlamaForQuestionAnswering",
     "DynamicCache",
+    "StaticCache",
+    "Tokenizer",
+    "generate",
+    "stream_generate",
+    "stream_text",
 ]

@@ -1,0 +1,501 @@
+"""Text generation for DiffLlama: a few small functions around a KV cache, and a streaming generator.
+
+The chain (the shape of pytorch-labs/gpt-fast's generate.py; written here from scratch):
+
+- :func:`prefill` runs the prompt once, fills the cache, returns the last position's logits;
+- :func:`decode_one_token` runs one new token per row against the cache; :class:`DecodeStep` wraps it, optionally
+  compiled with ``torch.compile`` and, on CUDA, captured once in a CUDA graph and replayed per token (the fast path:
+  a :class:`~diffllama.cache.StaticCache` keeps every address fixed);
+- :func:`next_tokens` turns logits into tokens (repetition penalty, temperature, top-k, top-p, in transformers'
+  order; greedy when ``do_sample`` is False);
+- :func:`stream_generate` yields each step's tokens, :func:`generate` collects them (and feeds a ``streamer``),
+  :func:`stream_text` yields decoded text for one prompt.
+
+Batches are left-padded: ``attention_mask`` (B, S) has zeros on the left. Position ids are the cumulative sum of the
+mask minus one (padding at 1), as transformers' ``generate`` computes them, so greedy output equals
+``transformers.DiffLlamaForCausalLM.generate`` token for token. Each row stops at its first EOS (kept in the output);
+later positions of that row hold ``pad_token_id``; generation ends when every row has stopped or after
+``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import weakref
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from diffllama.cache import DynamicCache, StaticCache
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+# ---- arguments ------------------------------------------------------------------------------------------------------
+
+def check_sampling_args(*, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty) -> None:
+    """Validate generation arguments. Raises ValueError (or TypeError) naming the argument and its bad value."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
+    if not isinstance(temperature, (int, float)) or temperature != temperature:
+        raise TypeError(f"temperature must be a number, got {temperature!r}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling (do_sample=True), got {temperature}; "
+                         f"use do_sample=False for greedy decoding")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if not isinstance(repetition_penalty, (int, float)) or not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty!r}")
+
+
+def read_generation_config(directory: str | os.PathLike) -> dict:
+    """The ``generation_config.json`` of a checkpoint directory as a dict ({} when absent).
+
+    Raises:
+        ValueError: the file exists but is not a JSON object.
+    """
+    path = Path(directory) / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+def resolve_special_ids(model, eos_token_id=None, pad_token_id=None) -> tuple[list[int], int]:
+    """EOS ids (a list, possibly empty) and the pad id for ``model``.
+
+    Order of precedence: the arguments; ``model.generation_config`` (a dict, e.g. from
+    :func:`read_generation_config`, when the attribute exists); ``model.config``. ``eos_token_id=[]`` disables
+    stopping. The pad id falls back to the first EOS id, then 0 (it is only written after a row's EOS).
+    """
+    gen = getattr(model, "generation_config", None) or {}
+    if not isinstance(gen, dict):
+        gen = gen.to_dict() if hasattr(gen, "to_dict") else vars(gen)
+    config = getattr(model, "config", None)
+
+    def first(name, given):
+        if given is not None:
+            return given
+        if gen.get(name) is not None:
+            return gen[name]
+        return getattr(config, name, None)
+
+    eos = first("eos_token_id", eos_token_id)
+    eos = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    pad = first("pad_token_id", pad_token_id)
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return eos, int(pad)
+
+
+# ---- batching -------------------------------------------------------------------------------------------------------
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(input_ids, attention_mask)``, both (B, max_len) int64.
+
+    Raises:
+        ValueError: an empty batch or an empty sequence.
+    """
+    if len(sequences) == 0:
+        raise ValueError("pad_batch needs at least one sequence")
+    if any(len(s) == 0 for s in sequences):
+        raise ValueError("every sequence must hold at least one token (an empty prompt cannot be continued)")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, S) 0/1 mask -> (B, S) int64 positions: cumulative count of real tokens minus one, 1 at padding.
+
+    The rule transformers' ``generate`` uses, so left padding does not shift positions.
+    """
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+def _check_inputs(input_ids, attention_mask, vocab_size: int) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be an integer tensor of shape (batch, seq), got "
+                        f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must have shape (batch, seq) with batch, seq >= 1, got {tuple(input_ids.shape)}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got values in [{low}, {high}]")
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.long)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{tuple(getattr(attention_mask, 'shape', ()))}")
+    mask = attention_mask.to(device=input_ids.device).long()
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask must be left-padded (zeros only before the first real token of each row); "
+                         "generation appends tokens on the right")
+    if bool((mask[:, -1] == 0).any()):
+        raise ValueError("every row of attention_mask needs at least one real token (a 1)")
+    return mask
+
+
+# ---- sampling -------------------------------------------------------------------------------------------------------
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019, arXiv 1909.05858 §4.1): logits of tokens already seen are
+    divided by ``penalty`` when positive, multiplied when negative.
+
+    logits (B, V) float, seen (B, V) bool. Returns a new (B, V) tensor.
+    """
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set logits outside the sampling support to -inf: top-k first, then top-p (nucleus, Holtzman et al. 2019).
+
+    top-k keeps the k largest logits of each row (ties at the k-th value are all kept). top-p keeps the smallest
+    set of most probable tokens whose probability (softmax of the top-k-filtered logits) reaches ``top_p``: a token
+    is kept when the mass of the strictly more probable tokens before it, in descending order, is below ``top_p``;
+    the most probable token is always kept.
+
+    Args:
+        logits: (B, V) floating. top_k: None or >= 1 (values >= V keep everything). top_p: None or in (0, 1].
+
+    Returns:
+        (B, V) logits of the same dtype.
+    """
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # (B, V): probability of the tokens ranked before each one
+        drop_sorted = mass_before >= top_p
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, *, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, repetition_penalty: float = 1.0, seen: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row from last-position logits (B, V); returns (B,) int64.
+
+    Order as transformers' logits processors: repetition penalty (needs ``seen`` (B, V) bool), then (sampling
+    only) temperature, top-k, top-p, and a draw from the softmax with ``generator``. Greedy: argmax (first index
+    on ties).
+    """
+    logits = logits.float()
+    if repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / temperature, top_k, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ---- model steps ----------------------------------------------------------------------------------------------------
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+            cache) -> torch.Tensor:
+    """Run the prompt through ``model`` once, writing slots 0..S-1 of ``cache``; return last logits (B, V) float32.
+
+    Args:
+        input_ids: (B, S) int64. attention_mask: (B, S) for a dynamic cache, (B, max_length) for a static one, or
+            None (no padding). position_ids: (B, S) int64. cache: a DynamicCache or StaticCache.
+    """
+    s = input_ids.shape[1]
+    cache_position = torch.arange(s, device=input_ids.device)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, cache_position=cache_position, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def decode_one_token(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                     cache_position: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """One decoding step: (B, 1) tokens at positions (B, 1), cache slot ``cache_position`` (1,) -> (B, V) float32.
+
+    ``attention_mask`` covers every cache slot so far ((B, slot + 1) for a dynamic cache, (B, max_length) for a
+    static one) or is None. Free of host synchronisation under ``torch.compile`` (the model's input checks are
+    skipped there), so it can be captured in a CUDA graph.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, cache_position=cache_position, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+class DecodeStep:
+    """``decode_one_token`` bound to a model and cache, optionally compiled and CUDA-graphed.
+
+    ``compile=False``: plain eager calls. ``compile=True``: ``torch.compile(fullgraph=True, dynamic=False)`` of the
+    step (Inductor fuses the norms, RoPE and the differential combination); on CUDA with a StaticCache the compiled
+    step is then captured once in a ``torch.cuda.CUDAGraph`` (after warm-up on a side stream) and every call copies
+    its inputs into the graph's static buffers and replays it: one launch per token instead of hundreds. The
+    returned logits then live in a static buffer that the next call overwrites: consume them first.
+
+    Args:
+        model: a DiffLlamaForCausalLM. cache: the cache the step reads and writes. compile: see above.
+        cuda_graph: capture a CUDA graph (default: when compiling on CUDA with a StaticCache).
+    """
+
+    def __init__(self, model, cache, *, compile: bool = False, cuda_graph: bool | None = None,
+                 compile_mode: str | None = None) -> None:
+        self.model, self.cache = model, cache
+        self.fn = decode_one_token
+        if compile:
+            self.fn = torch.compile(decode_one_token, fullgraph=True, dynamic=False, mode=compile_mode)
+        if cuda_graph is None:
+            cuda_graph = compile and isinstance(cache, StaticCache) and model.device.type == "cuda"
+        if cuda_graph and not isinstance(cache, StaticCache):
+            raise ValueError("cuda_graph=True needs a StaticCache (fixed addresses)")
+        self.cuda_graph = cuda_graph
+        self.graph = None
+        self._static: tuple | None = None
+
+    def __call__(self, input_ids, position_ids, cache_position, attention_mask=None) -> torch.Tensor:
+        """(B, 1), (B, 1), (1,), mask or None -> (B, V) float32 logits (see :func:`decode_one_token`)."""
+        if not self.cuda_graph:
+            return self.fn(self.model, self.cache, input_ids, position_ids, cache_position, attention_mask)
+        if self.graph is None or (attention_mask is None) != (self._static[3] is None):
+            self._capture(input_ids, position_ids, cache_position, attention_mask)
+        ids, pos, cpos, mask, out = self._static
+        ids.copy_(input_ids)
+        pos.copy_(position_ids)
+        cpos.copy_(cache_position)
+        if mask is not None:
+            mask.copy_(attention_mask)
+        self.graph.replay()
+        return out
+
+    def _capture(self, input_ids, position_ids, cache_position, attention_mask) -> None:
+        # Warm-up runs write the same slot with the same values as the real step that follows: harmless.
+        static = [t.clone() for t in (input_ids, position_ids, cache_position)]
+        static.append(None if attention_mask is None else attention_mask.clone())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.fn(self.model, self.cache, *static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.fn(self.model, self.cache, *static)
+        self.graph, self._static = graph, (*static, out)
+
+
+# One reusable (cache, step) per model for the fast path, so repeated calls neither reallocate nor recompile.
+_FAST_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STATIC_ROUND = 256
+
+
+def _make_cache_and_step(model, batch: int, total: int, static_cache: bool, compile: bool):
+    dtype, device = model.dtype, model.device
+    if not static_cache or not compile:
+        cache = DynamicCache() if not static_cache else StaticCache.from_config(model.config, batch, total, dtype,
+                                                                               device)
+        return cache, DecodeStep(model, cache), total
+    max_length = -(-total // _STATIC_ROUND) * _STATIC_ROUND  # round up: one graph serves many lengths
+    key = (batch, max_length, dtype, device)
+    state = _FAST_STATE.get(model)
+    if state is None or state[0] != key:
+        state = None
+        _FAST_STATE.pop(model, None)  # free the old cache and graph first
+        cache = StaticCache.from_config(model.config, batch, max_length, dtype, device)
+        state = (key, cache, DecodeStep(model, cache, compile=True))
+        _FAST_STATE[model] = state
+    return state[1], state[2], max_length
+
+
+# ---- generation loop ------------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                    max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                    eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                    seed: int | None = None, static_cache: bool = False, compile: bool = False,
+                    sync_every: int = 1) -> Iterator[torch.Tensor]:
+    """Yield the new tokens of each step, (B,) int64 on the model's device, until every row stopped.
+
+    Arguments as :func:`generate`. ``sync_every``: how often (in steps) the loop reads back whether every row has
+    stopped (each read waits for the GPU); with no EOS ids it never reads back.
+
+    Raises:
+        ValueError/TypeError: see :func:`generate`.
+    """
+    check_sampling_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                        top_p=top_p, repetition_penalty=repetition_penalty)
+    device = model.device
+    input_ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids
+    mask = _check_inputs(input_ids, attention_mask, model.config.vocab_size)
+    input_ids = input_ids.long()
+    eos, pad = resolve_special_ids(model, eos_token_id, pad_token_id)
+    if compile and not static_cache:
+        raise ValueError("compile=True needs static_cache=True (the compiled step must see fixed shapes)")
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+
+    b, s = input_ids.shape
+    has_padding = bool((mask == 0).any())
+    cache, step, max_length = _make_cache_and_step(model, b, s + max_new_tokens, static_cache, compile)
+    positions = position_ids_from_mask(mask)
+    if static_cache:  # one mask over every slot: real prompt tokens, then all new tokens
+        full_mask = torch.ones(b, max_length, dtype=torch.long, device=device)
+        full_mask[:, :s] = mask
+        prompt_mask = step_mask = full_mask if has_padding else None
+    else:
+        full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
+        prompt_mask = mask if has_padding else None
+    logits = prefill(model, input_ids, prompt_mask, positions, cache)
+
+    seen = None
+    if repetition_penalty != 1.0:
+        counts = torch.zeros(b, model.config.vocab_size, dtype=torch.long, device=device)
+        seen = counts.scatter_add_(1, input_ids, mask) > 0  # (B, V): tokens of the prompt, padding excluded
+    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    next_position = positions[:, -1:] + 1  # (B, 1)
+    slots = torch.arange(s, s + max_new_tokens, device=device)
+    for t in range(max_new_tokens):
+        token = next_tokens(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, seen=seen, generator=generator)
+        if eos_tensor is not None:
+            token = torch.where(finished, pad, token)
+            finished = finished | torch.isin(token, eos_tensor)
+        yield token
+        if t == max_new_tokens - 1:
+            break
+        if eos_tensor is not None and (t + 1) % sync_every == 0 and bool(finished.all()):
+            break
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        if not static_cache:
+            step_mask = full_mask[:, :s + t + 1] if has_padding else None
+        logits = step(token[:, None], next_position, slots[t:t + 1], step_mask)
+        next_position = next_position + 1
+    if isinstance(cache, StaticCache):
+        cache.set_seq_length(s + max_new_tokens)
+
+
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, repetition_penalty: float = 1.0,
+             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+             seed: int | None = None, streamer=None, static_cache: bool = False,
+             compile: bool = False) -> torch.Tensor:
+    """Continue left-padded prompts; returns the prompts plus new tokens, (B, S + n) int64, n <= max_new_tokens.
+
+    Args:
+        model: a DiffLlamaForCausalLM (any device and dtype; put it in eval mode).
+        input_ids: (B, S) integer token ids, left-padded. attention_mask: (B, S) 0/1 (None: no padding).
+        max_new_tokens: new tokens per row, >= 1. n is smaller when every row stopped earlier.
+        do_sample: sample (True) or take the argmax (False, the default: greedy).
+        temperature, top_k, top_p: sampling controls (temperature > 0, top_k >= 1, top_p in (0, 1]).
+        repetition_penalty: CTRL penalty over prompt (non-padding) and generated tokens; 1.0 is off.
+        eos_token_id: an id or list of ids that end a row (kept in the output); None takes
+            ``model.generation_config`` then ``model.config``; ``[]`` never stops early.
+        pad_token_id: written after a row's EOS; None takes the config's, else the first EOS id.
+        seed: seeds a private ``torch.Generator`` for reproducible sampling (None: the global RNG).
+        streamer: an object with ``put(tokens)`` and ``end()`` (transformers' ``TextStreamer`` protocol): called
+            with the prompt ids (B, S) first, then each step's tokens (B,) on the CPU, then ``end()``.
+        static_cache: preallocate a StaticCache (needed for ``compile``). compile: compile the decode step
+            (and capture it in a CUDA graph on CUDA); the first call pays the compilation.
+
+    Raises:
+        ValueError/TypeError: naming the argument: bad ids, shape or dtype of ``input_ids``/``attention_mask``
+        (right padding, all-padding rows, values out of the vocabulary), ``max_new_tokens`` <= 0, ``temperature``
+        <= 0 when sampling, ``top_k`` < 1, ``top_p`` outside (0, 1], ``repetition_penalty`` <= 0, ``compile``
+        without ``static_cache``, a ``streamer`` without ``put``.
+    """
+    if streamer is not None and not callable(getattr(streamer, "put", None)):
+        raise TypeError("streamer must have put(tokens) and end() methods")
+    check_sampling_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                        top_p=top_p, repetition_penalty=repetition_penalty)
+    steps = stream_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                            temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id, seed=seed, static_cache=static_cache, compile=compile,
+                            sync_every=1 if streamer is not None else 16)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    eos, pad = resolve_special_ids(model, eos_token_id, pad_token_id)
+    new = []
+    for token in steps:
+        new.append(token)
+        if streamer is not None:
+            streamer.put(token.cpu())
+    if streamer is not None and callable(getattr(streamer, "end", None)):
+        streamer.end()
+    out = torch.stack(new, dim=1)  # (B, n)
+    if eos:  # drop trailing steps run after every row had stopped (the loop checks only every few steps)
+        stopped = torch.isin(out, torch.tensor(eos, device=out.device)).cumsum(1) > 0  # (B, n)
+        done = stopped.all(0)  # (n,)
+        if bool(done.any()):
+            out = out[:, :int(done.int().argmax()) + 1]
+    return torch.cat([input_ids.to(out.device).long(), out], dim=1)
+
+
+def stream_text(model, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
+    """Yield the continuation of one text ``prompt`` piece by piece, as it is generated.
+
+    ``tokenizer`` is a :class:`diffllama.tokenizer.Tokenizer`; its EOS/PAD ids are the defaults after the model's.
+    Multi-byte characters split across tokens are held back until complete. ``kwargs`` as :func:`generate`.
+    """
+    from diffllama.tokenizer import IncrementalDetokenizer
+
+    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    eos, _ = resolve_special_ids(model, kwargs.get("eos_token_id"))
+    if kwargs.get("eos_token_id") is None and not eos and tokenizer.eos_token_id is not None:
+        eos = [tokenizer.eos_token_id]
+    kwargs["eos_token_id"] = eos
+    detok = IncrementalDetokenizer(tokenizer)
+    eos_ids = set(eos)
+    for token in stream_generate(model, ids, **kwargs):
+        value = int(token[0])
+        if value in eos_ids:
+            break
+        text = detok.add(value)
+        if text:
+            yield text
+    rest = detok.flush()
+    if rest:
+        yield rest
+
+
+def decode_n(step: DecodeStep, token: torch.Tensor, position_ids: torch.Tensor, first_slot: int, n: int,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy-decode ``n`` tokens after ``token`` (B, 1) with ``step``; returns (B, n) int64 (no host syncs).
+
+    ``position_ids`` (B, 1) is the position of ``token``, written at cache slot ``first_slot``. Used by the
+    benchmark to time the decode loop alone.
+    """
+    slots = torch.arange(first_slot, first_slot + n, device=token.device)
+    out = []
+    for t in range(n):
+        logits = step(token, position_ids, slots[t:t + 1], attention_mask)
+        token = logits.argmax(-1, keepdim=True)
+        out.append(token)
+        position_ids = position_ids + 1
+    return torch.cat(out, dim=1)
