@@ -514,10 +514,12 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
         raise ValueError(f"checkpoint {source} does not match {type(model).__name__}: "
                          f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
                          f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-    for key, tensor in adapted.items():
-        if key in expected and tensor.shape != expected[key].shape:
-            raise ValueError(f"checkpoint {source}: shape mismatch for {key}: the config expects "
-                             f"{tuple(expected[key].shape)}, the file has {tuple(tensor.shape)}")
+    mismatched = [f"{key}: the config expects {tuple(expected[key].shape)}, the file has {tuple(tensor.shape)}"
+                  for key, tensor in sorted(adapted.items())
+                  if key in expected and tensor.shape != expected[key].shape]
+    if mismatched:
+        raise ValueError(f"checkpoint {source}: shape mismatch for {'; '.join(mismatched[:5])}"
+                         f"{' ...' if len(mismatched) > 5 else ''}")
     model.load_state_dict({k: v for k, v in adapted.items() if k in expected}, strict=False)
     if new and isinstance(model, torch.nn.Module):
         import warnings

@@ -1,0 +1,98 @@
+"""DiffLlamaConfig: transformers' fields and defaults, both RoPE spellings, JSON round trip, validation messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from diffllama import DiffLlamaConfig
+
+
+def test_defaults_and_json_match_transformers(tmp_path):
+    import transformers
+
+    ours, theirs = DiffLlamaConfig(), transformers.DiffLlamaConfig()
+    expected = json.loads(theirs.to_json_string(use_diff=True))
+    expected.pop("transformers_version")
+    assert {k: v for k, v in ours.to_dict().items() if k in expected} == expected
+    assert set(expected) <= set(ours.to_dict())
+    ours.save_pretrained(tmp_path)
+    reread = transformers.DiffLlamaConfig.from_pretrained(tmp_path)
+    assert reread.to_dict()["rope_parameters"] == theirs.to_dict()["rope_parameters"]
+    assert reread.head_dim == 64 and reread.lambda_std_dev == 0.1
+
+
+def test_transformers_config_json_round_trips(tmp_path):
+    import transformers
+
+    theirs = transformers.DiffLlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                          rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5,
+                                                           "original_max_position_embeddings": 512},
+                                          id2label={0: "a", 1: "b", 2: "c"}, pad_token_id=3)
+    theirs.save_pretrained(tmp_path)
+    ours = DiffLlamaConfig.from_pretrained(tmp_path)
+    assert ours.rope_parameters == theirs.rope_parameters and ours.rope_theta == 5e5
+    assert ours.num_labels == 3 and ours.id2label == {0: "a", 1: "b", 2: "c"} and ours.label2id["c"] == 2
+    assert ours.extra["transformers_version"] == transformers.__version__
+    again = DiffLlamaConfig.from_dict(ours.to_dict())
+    assert again == ours
+
+
+@pytest.mark.parametrize("legacy", [
+    {"rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}},
+    {"rope_theta": 5e5, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+])
+def test_legacy_rope_keys_are_folded_into_rope_parameters(legacy):
+    config = DiffLlamaConfig.from_dict({"model_type": "diffllama", **legacy})
+    assert config.rope_parameters["rope_type"] == "linear" and config.rope_parameters["factor"] == 2.0
+    assert config.rope_parameters["rope_theta"] == 5e5
+    assert "rope_scaling" not in config.to_dict() and "rope_theta" not in config.to_dict()
+
+
+def test_legacy_theta_alone():
+    assert DiffLlamaConfig(rope_theta=1234.0).rope_parameters == {"rope_type": "default", "rope_theta": 1234.0}
+
+
+def test_derived_fields():
+    config = DiffLlamaConfig(hidden_size=96, num_attention_heads=6)
+    assert config.num_key_value_heads == 6 and config.head_dim == 16
+    assert DiffLlamaConfig(hidden_size=96, num_attention_heads=4, head_dim=32).head_dim == 32
+    assert dataclasses.replace(config).head_dim == 16
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"num_attention_heads": 5, "hidden_size": 40}, "num_attention_heads must be even"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+    ({"num_attention_heads": 8, "num_key_value_heads": 3}, r"num_attention_heads \(8\) must be a multiple of num_key_value_heads \(3\)"),
+    ({"hidden_size": 100, "num_attention_heads": 8}, r"hidden_size \(100\) must be divisible by num_attention_heads \(8\) when head_dim is not set"),
+    ({"hidden_size": -4}, "hidden_size must be a positive integer, got -4"),
+    ({"vocab_size": 0}, "vocab_size must be a positive integer"),
+    ({"intermediate_size": 1.5}, "intermediate_size must be a positive integer"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
+    ({"hidden_act": "swiglu"}, "hidden_act must be one of .* got 'swiglu'"),
+    ({"rope_parameters": {"rope_type": "ntk", "rope_theta": 1e4}}, r"rope_parameters\['rope_type'\] must be one of .* got 'ntk'"),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, r"rope_parameters of type 'linear' is missing required key\(s\) \['factor'\]"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, r"missing required key\(s\) \['low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'\]"),
+    ({"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}}, r"rope_parameters\['short_factor'\] must have head_dim // 2 = 32 entries, got 1"),
+    ({"rope_theta": -1.0}, r"rope_parameters\['rope_theta'\] must be > 0"),
+    ({"attn_implementation": "flash_attention_2"}, "attn_implementation must be one of .* got 'flash_attention_2'"),
+    ({"attention_dropout": 1.5}, r"attention_dropout must be in \[0, 1\)"),
+    ({"rms_norm_eps": 0.0}, "rms_norm_eps must be > 0"),
+    ({"head_dim": 7}, "head_dim must be a positive even integer"),
+    ({"problem_type": "ranking"}, "problem_type must be None"),
+])
+def test_validation_names_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DiffLlamaConfig(**fields)
+
+
+def test_wrong_model_type_and_bad_json(tmp_path):
+    with pytest.raises(ValueError, match="config model_type must be 'diffllama', got 'llama'"):
+        DiffLlamaConfig.from_dict({"model_type": "llama"})
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        DiffLlamaConfig.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        DiffLlamaConfig.from_pretrained(tmp_path / "missing")
