@@ -308,3 +308,17 @@ def test_bad_forward_inputs_raise_clear_errors():
     classifier = diffllama.DiffLlamaForSequenceClassification(tiny_config(pad_token_id=None))
     with pytest.raises(ValueError, match="needs config.pad_token_id"):
         classifier(ids)
+
+
+def test_sdpa_zero_padded_head_dim_is_exact():
+    """The CUDA flash layout (q, k zero-padded to the 2d value width) gives the same attention as the plain call."""
+    from diffllama.attention import pair_values
+    from diffllama.attention.sdpa import pad_head_dim
+
+    q = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 7, 8, dtype=torch.float64), torch.randn(2, 2, 7, 8, dtype=torch.float64)
+    k, v2 = pair_values(k, v, 4)
+    plain = F.scaled_dot_product_attention(q, k, v2, is_causal=True, scale=8 ** -0.5, enable_gqa=True)
+    qp, kp = pad_head_dim(q, k, 16)
+    padded = F.scaled_dot_product_attention(qp, kp, v2, is_causal=True, scale=8 ** -0.5, enable_gqa=True)
+    torch.testing.assert_close(padded, plain, rtol=1e-13, atol=1e-13)

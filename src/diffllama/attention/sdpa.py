@@ -1,8 +1,14 @@
 """Differential attention through ``torch.nn.functional.scaled_dot_product_attention``: one call per layer.
 
 The 2·head_dim wide paired value makes each head's single softmax serve both halves of the differential pair
-(DESIGN.md §1 step 4). Without padding and with as many queries as keys the call uses ``is_causal`` and no mask,
-which keeps SDPA on its fused kernels; otherwise a boolean mask is passed.
+(DESIGN.md §1 step 4). Keeping SDPA on its fused CUDA kernels takes care, because FlashAttention needs equal
+query and value head dims and PyTorch's GQA support exists only in its flash and math kernels:
+
+- no mask needed (training, prefill, or decode without padding): q and k are zero-padded to 2·head_dim, which
+  leaves every score unchanged (the scale is passed explicitly) and lets the flash kernel run, GQA included;
+- a padding mask: flash takes no mask, so K and V are expanded to all heads for the memory-efficient kernel.
+
+On CPU the plain call is used.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from diffllama.attention import AttentionMask, combine_pairs, pair_values
+from diffllama.attention import AttentionMask, combine_pairs, pair_values, repeat_kv
+
+FLASH_MAX_HEAD_DIM = 256
 
 
 def attention(
@@ -32,17 +40,28 @@ def attention(
     if output_attentions:
         raise ValueError("output_attentions=True needs attn_implementation='eager'; the sdpa backend has no probabilities")
     key, value2 = pair_values(key, value, query.shape[1])
-    gqa = key.shape[1] != query.shape[1]
     if mask.plain_causal:
-        out = F.scaled_dot_product_attention(
-            query, key, value2, is_causal=query.shape[2] > 1, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+        causal = query.shape[2] > 1
+        if query.is_cuda and value2.shape[-1] <= FLASH_MAX_HEAD_DIM:
+            query, key = pad_head_dim(query, key, value2.shape[-1])
+        out = F.scaled_dot_product_attention(query, key, value2, is_causal=causal, dropout_p=dropout_p, scale=scale,
+                                             enable_gqa=key.shape[1] != query.shape[1])
         return combine_pairs(out, lambda_full), None
     allowed, has_keys = mask.dense(), mask.query_has_keys()
     if has_keys is not None:
         # Rows that see no key would give NaN in some SDPA kernels: let them see everything, then zero them.
         allowed = allowed | ~has_keys
-    out = F.scaled_dot_product_attention(
-        query, key, value2, attn_mask=allowed, dropout_p=dropout_p, scale=scale, enable_gqa=gqa)
+    if query.is_cuda and key.shape[1] != query.shape[1]:  # the memory-efficient kernel has no GQA
+        n_rep = query.shape[1] // key.shape[1]
+        key, value2 = repeat_kv(key, n_rep), repeat_kv(value2, n_rep)
+    out = F.scaled_dot_product_attention(query, key, value2, attn_mask=allowed, dropout_p=dropout_p, scale=scale,
+                                         enable_gqa=key.shape[1] != query.shape[1])
     if has_keys is not None:
         out = out * has_keys
     return combine_pairs(out, lambda_full), None
+
+
+def pad_head_dim(query: torch.Tensor, key: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-pad q (B, H, Sq, d) and k (B, KV, Sk, d) to ``width`` on the last dim: q·k is unchanged."""
+    extra = width - query.shape[-1]
+    return F.pad(query, (0, extra)), F.pad(key, (0, extra))
