@@ -1,0 +1,254 @@
+"""Fused differential flash attention (Triton): forward, backward and a split-key decode path.
+
+Same contract as :func:`diffllama.attention.eager.attention`. Per head pair the forward program runs both
+online softmaxes (one per query head, each over the pair's 2·head_dim wide value) and writes ``o1 − λ·o2``: 1.5×
+a Llama attention's FLOPs instead of the 2× of two attention calls. The backward is the FlashAttention-2 split
+(Dao, arXiv 2307.08691): a row-sum preprocess, a dK/dV kernel over key blocks, a dQ kernel over query blocks, with
+``dO1 = dO``, ``dO2 = −λ·dO`` and ``dλ = −Σ dO·o2``. Ideas from FlashAttention (Dao et al., arXiv 2205.14135) and
+the Differential Transformer (Ye et al., arXiv 2410.05258); the code is written for this project.
+
+Supported: bf16 and fp16 on CUDA; head_dim up to 256 (powers of two run unpadded, others such as 96 are padded to
+the next power of two in registers); GQA and MQA (an odd KV is expanded to H heads first, its gradient summed back
+by autograd); any Sq and Sk; causal masking by ``mask.query_positions`` (must be non-decreasing: the backward
+finds each key block's first query by binary search); key padding (left or right). Rows that see no key give 0.
+With no gradient needed and few query rows (decode), the keys are split over several programs and combined after.
+
+Falls back to the sdpa backend (same results, slower) for: ``dropout_p > 0``, float32/float64 inputs, head_dim
+> 256. Raises ValueError for ``output_attentions=True`` (use eager) and RuntimeError for CPU tensors (the kernels
+need a CUDA GPU; ``TRITON_INTERPRET=1`` runs them on CPU for development only).
+
+Untested here: head_dim other than 32/64/96/128/256; tensors over 2^31 elements per (batch, head) slice.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from diffllama.attention import AttentionMask, repeat_kv
+
+try:
+    import triton
+
+    from diffllama.attention import flash_kernels as kernels
+except ImportError as err:  # pragma: no cover - depends on the environment
+    triton = None
+    _IMPORT_ERROR = err
+
+LOG2E = 1.4426950408889634
+POISON = False  # tests set this: every output buffer starts as NaN, so an unwritten element shows
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# ---- launch configurations -----------------------------------------------------------------------------------
+
+def _configs(kind: str, dp: int):
+    """Candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel kind and padded head_dim."""
+    if kind == "fwd":
+        table = {32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+                 64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)],
+                 128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+                 256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2)]}[dp]
+    elif kind == "dkdv":
+        table = {32: [(64, 128, 8, 3), (32, 64, 4, 3)],
+                 64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3)],
+                 128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2)],
+                 256: [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 8, 2)]}[dp]
+    else:  # dq
+        table = {32: [(128, 64, 8, 3), (64, 64, 4, 3)],
+                 64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+                 128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+                 256: [(64, 32, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)]}[dp]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
+
+
+_TUNED: dict = {}
+
+
+def _launch(kind: str, kernel, grid, dp: int, *args, **kwargs) -> None:
+    """Run ``kernel`` autotuned over ``_configs(kind, dp)`` (a fixed small config under the interpreter)."""
+    if _interpreting():
+        meta = {"BLOCK_M": 16, "BLOCK_N": 16}
+        kernel[grid(meta)](*args, **kwargs, **meta)
+        return
+    key = (kind, dp)
+    if key not in _TUNED:
+        _TUNED[key] = triton.autotune(_configs(kind, dp), key=["HEAD_DIM", "HAS_PAD", "SEQ_BUCKET"])(kernel)
+    _TUNED[key][grid](*args, **kwargs)
+
+
+def _seq_bucket(n: int) -> int:
+    return min(1 << max(n - 1, 1).bit_length(), 16384)
+
+
+# ---- the autograd function ------------------------------------------------------------------------------------
+
+def _strides(t: torch.Tensor, dims: int = 3) -> tuple[int, ...]:
+    return tuple(t.stride())[:dims]
+
+
+def _forward(q, k, v, qpos, pad, lam, scale):
+    b, h, sq, d = q.shape
+    kv, sk = k.shape[1], k.shape[2]
+    dp = triton.next_power_of_2(d)
+    out = _empty((b, sq, h // 2, 2 * d), q.dtype, q.device)
+    o2 = _empty((b, sq, h // 2, 2 * d), q.dtype, q.device)
+    lse = _empty((b, h, sq), torch.float32, q.device)
+    pad_t = pad if pad is not None else qpos  # any valid pointer; unused without HAS_PAD
+    grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h // 2)  # noqa: E731
+    _launch("fwd", kernels.attn_fwd, grid, dp,
+            q, k, v, out, o2, lse, qpos, pad_t, lam,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out), pad.stride(0) if pad is not None else 0,
+            h, kv // 2, h // kv, sq, sk, scale * LOG2E, _seq_bucket(sk),
+            HEAD_DIM=d, DP=dp, HAS_PAD=pad is not None)
+    return out, o2, lse
+
+
+def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
+    b, h, sq, d = q.shape
+    kv, sk = k.shape[1], k.shape[2]
+    dp = triton.next_power_of_2(d)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    r = _empty((b, h, sq), torch.float32, q.device)
+    block = 64 if not _interpreting() else 16
+    kernels.attn_bwd_pre[(triton.cdiv(sq, block), b * h // 2)](
+        out, o2, dout, r, lam, *_strides(out), *_strides(dout), h, sq, HEAD_DIM=d, DP=dp, BLOCK_M=block)
+    dq = _empty((b, h, sq, d), q.dtype, q.device)
+    dk = _empty((b, kv, sk, d), k.dtype, k.device)
+    dv = _empty((b, kv, sk, d), v.dtype, v.device)
+    pad_t = pad if pad is not None else qpos
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), pad.stride(0) if pad is not None else 0,
+              h, kv // 2, h // kv, sq, sk, scale * LOG2E, scale, _seq_bucket(sk))
+    meta = dict(HEAD_DIM=d, DP=dp, HAS_PAD=pad is not None)
+    _launch("dkdv", kernels.attn_bwd_dkdv, lambda m: (triton.cdiv(sk, m["BLOCK_N"]), b * kv // 2), dp,
+            q, k, v, dout, lse, r, qpos, pad_t, dk, dv, lam, *common, **meta)
+    _launch("dq", kernels.attn_bwd_dq, lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h), dp,
+            q, k, v, dout, lse, r, qpos, pad_t, dq, lam, *common, **meta)
+    dlam = -r[:, h // 2:].sum()
+    return dq, dk, dv, dlam
+
+
+class _DiffFlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lambda_full, qpos, pad, scale):
+        lam = lambda_full.detach().to(torch.float32).reshape(1)
+        out, o2, lse = _forward(q, k, v, qpos, pad, lam, scale)
+        ctx.save_for_backward(q, k, v, out, o2, lse, qpos, pad, lam)
+        ctx.scale = scale
+        ctx.lambda_dtype = lambda_full.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, o2, lse, qpos, pad, lam = ctx.saved_tensors
+        dq, dk, dv, dlam = _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, ctx.scale)
+        return dq, dk, dv, dlam.to(ctx.lambda_dtype), None, None, None
+
+
+def _decode(q, k, v, qpos, pad, lam, scale):
+    """Forward only, keys split over programs so that a few query rows still fill the GPU."""
+    b, h, sq, d = q.shape
+    kv, sk = k.shape[1], k.shape[2]
+    dp = triton.next_power_of_2(d)
+    block_m = 16
+    block_n = 16 if _interpreting() else (64 if dp <= 128 else 32)
+    programs = b * h * triton.cdiv(sq, block_m)
+    sms = 1 if _interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
+    splits = max(1, min(triton.cdiv(sk, block_n), triton.cdiv(2 * sms, programs), 128))
+    chunk = triton.cdiv(triton.cdiv(sk, splits), block_n) * block_n
+    splits = triton.cdiv(sk, chunk)
+    opart = _empty((splits, b, h, sq, 2 * dp), torch.float32, q.device)
+    lpart = _empty((splits, b, h, sq), torch.float32, q.device)
+    pad_t = pad if pad is not None else qpos
+    kernels.attn_fwd_split[(splits, b * h, triton.cdiv(sq, block_m))](
+        q, k, v, opart, lpart, qpos, pad_t, *_strides(q), *_strides(k), *_strides(v),
+        pad.stride(0) if pad is not None else 0, b, h, kv // 2, h // kv, sq, sk, chunk, scale * LOG2E,
+        HEAD_DIM=d, DP=dp, HAS_PAD=pad is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4, num_stages=2)
+    top = lpart.amax(0, keepdim=True)  # (1, B, H, Sq)
+    weight = torch.exp2(lpart - top.clamp_min(-1e30)).nan_to_num_(0.0)  # chunks with no key weigh 0
+    total = weight.sum(0)
+    per_head = (weight[..., None] * opart).sum(0) / total.clamp_min(1e-30)[..., None]  # (B, H, Sq, 2·DP)
+    per_head = torch.cat((per_head[..., :d], per_head[..., dp:dp + d]), -1).to(q.dtype)
+    out1, out2 = per_head.transpose(1, 2).chunk(2, dim=2)  # each (B, Sq, H/2, 2d)
+    return out1 - lam.to(q.dtype) * out2
+
+
+# ---- the public function --------------------------------------------------------------------------------------
+
+def _check(query, key, value, mask: AttentionMask) -> None:
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(f"query, key, value must be 4-D (B, H, S, d), got {query.dim()}, {key.dim()}, {value.dim()}")
+    b, h, _, d = query.shape
+    if key.shape != value.shape or key.shape[0] != b or key.shape[3] != d:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be (B={b}, KV, Sk, d={d})")
+    if h % 2 or h % key.shape[1]:
+        raise ValueError(f"num heads {h} must be even and a multiple of the KV heads {key.shape[1]}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"query, key, value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
+    if mask.k_len != key.shape[2]:
+        raise ValueError(f"mask.k_len {mask.k_len} != key length {key.shape[2]}")
+    if mask.query_positions.shape != (query.shape[2],):
+        raise ValueError(f"mask.query_positions must be ({query.shape[2]},), got {tuple(mask.query_positions.shape)}")
+    if mask.key_padding is not None and mask.key_padding.shape != (b, key.shape[2]):
+        raise ValueError(f"mask.key_padding must be (B={b}, Sk={key.shape[2]}), got {tuple(mask.key_padding.shape)}")
+
+
+def attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: AttentionMask,
+    *,
+    scale: float,
+    lambda_full: torch.Tensor,
+    dropout_p: float = 0.0,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, None]:
+    """Same contract as :func:`diffllama.attention.eager.attention`; never returns probabilities.
+
+    Raises:
+        ValueError: for ``output_attentions=True`` or inconsistent shapes.
+        RuntimeError: for CPU tensors (flash needs a CUDA GPU), or when Triton is not installed.
+    """
+    if output_attentions:
+        raise ValueError("output_attentions=True needs attn_implementation='eager'; flash has no probabilities")
+    _check(query, key, value, mask)
+    if query.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(f"attn_implementation='flash' needs a CUDA GPU (got {query.device.type} tensors); "
+                           "use 'sdpa' or 'auto'")
+    if triton is None:
+        raise RuntimeError(f"attn_implementation='flash' needs Triton: {_IMPORT_ERROR}")
+    d = query.shape[-1]
+    if dropout_p > 0.0 or query.dtype not in (torch.bfloat16, torch.float16) or d > 256:
+        from diffllama.attention import sdpa  # documented fallback: same function, unfused
+
+        return sdpa.attention(query, key, value, mask, scale=scale, lambda_full=lambda_full, dropout_p=dropout_p)
+
+    h, kv = query.shape[1], key.shape[1]
+    if kv % 2:  # odd KV (MQA too): expand to H heads; autograd sums the gradient back
+        key, value = repeat_kv(key, h // kv), repeat_kv(value, h // kv)
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    qpos = mask.query_positions.to(device=query.device, dtype=torch.int64).contiguous()
+    pad = mask.key_padding
+    if pad is not None:
+        pad = pad.to(device=query.device, dtype=torch.bool).contiguous().view(torch.uint8)
+    lambda_full = lambda_full.reshape(())
+
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, lambda_full))
+    if not needs_grad and query.shape[2] <= 64:
+        lam = lambda_full.detach().to(torch.float32).reshape(1)
+        return _decode(query, key, value, qpos, pad, lam, scale), None
+    return _DiffFlashAttention.apply(query, key, value, lambda_full, qpos, pad, float(scale)), None
