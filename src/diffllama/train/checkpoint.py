@@ -1,0 +1,188 @@
+"""Training checkpoints: complete model directories plus the state needed to resume exactly.
+
+Layout of ``RUN_DIR/checkpoints/step-000200/``:
+
+- ``config.json`` + ``model.safetensors`` (or shards + index): transformers' layout, so
+  ``AutoModelForCausalLM.from_pretrained`` and :meth:`DiffLlamaForCausalLM.from_pretrained` both load it;
+- ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``: ``AutoTokenizer`` loads them;
+- ``trainer_state.pt``: step, optimizer, LR scheduler, data position (the step: batches are a pure function of
+  it), metrics so far; ``rng-rank{r}.pt``: each rank's Python, NumPy, torch CPU and CUDA generator states;
+- ``train_config.yaml``: the resolved run config.
+
+Writes are atomic: everything goes to ``.tmp-step-000200`` first and is renamed into place when complete (rank 0
+renames after every rank wrote its files), so a crash leaves the previous checkpoints intact and at worst a
+``.tmp-*`` folder, which the next save removes. After a save only the newest ``keep_last`` checkpoints remain.
+Under FSDP2 the full (unsharded) model and optimizer state is gathered to CPU with
+``torch.distributed.checkpoint.state_dict``; every rank loads the full state on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffllama.train.distributed import DistInfo, barrier
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAINER_STATE = "trainer_state.pt"
+
+
+def rng_state() -> dict:
+    """This process' RNG states: Python, NumPy, torch CPU, and every CUDA device's (if CUDA is initialised)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore states saved by :func:`rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run (those holding ``trainer_state.pt``), oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()
+             and (p / TRAINER_STATE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of ``run_dir``, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def full_state_dicts(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, fsdp: bool):
+    """(model state dict, optimizer state dict) of the *training module*, unsharded, on CPU under FSDP2.
+
+    Keys of the model state dict are the module's own (e.g. ``model.model.layers.0...`` for the training wrapper).
+    Under FSDP2 this is a collective: every rank must call it.
+    """
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd = get_model_state_dict(module, options=options)
+        optim_sd = get_optimizer_state_dict(module, optimizer, options=options) if optimizer else None
+        return model_sd, optim_sd
+    return module.state_dict(), (optimizer.state_dict() if optimizer else None)
+
+
+def write_model_dir(directory: Path, state: dict[str, torch.Tensor], model, tokenizer) -> None:
+    """Write config.json + safetensors (transformers' layout) and the tokenizer files into ``directory``.
+
+    ``state``: the causal LM's state dict (``model.*``, ``lm_head.weight``); the tied ``lm_head.weight`` is left out
+    as transformers does. ``model``: the :class:`DiffLlamaForCausalLM` (its config and class name are written).
+    """
+    from diffllama.checkpoint import save_state_dict
+
+    state = dict(state)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    save_state_dict(state, directory, extra_files={"config.json": text})
+    tokenizer.save_pretrained(directory)
+
+
+def save_checkpoint(run_dir: Path, step: int, *, module, model, optimizer, scheduler, tokenizer, config_yaml: str,
+                    info: DistInfo, fsdp: bool, keep_last: int, extra: dict | None = None) -> Path:
+    """Save a resumable checkpoint of step ``step`` atomically and prune to the newest ``keep_last``.
+
+    Collective under distributed training: every rank must call it. Returns the checkpoint path.
+
+    Args:
+        module: the training module as trained (possibly FSDP-sharded; DDP wrappers must be unwrapped).
+        model: the :class:`DiffLlamaForCausalLM` inside it (``module.model``).
+        extra: JSON-able values stored in ``trainer_state.pt`` (e.g. metrics so far).
+    """
+    folder = Path(run_dir) / "checkpoints"
+    final = folder / f"step-{step:06d}"
+    staging = folder / f".tmp-step-{step:06d}"
+    model_sd, optim_sd = full_state_dicts(module, optimizer, fsdp)
+    if info.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir()
+    barrier(info)
+    try:
+        torch.save(rng_state(), staging / f"rng-rank{info.rank}.pt")
+        if info.is_main:
+            prefix = "model."
+            lm_state = {k[len(prefix):]: v for k, v in model_sd.items() if k.startswith(prefix)}
+            write_model_dir(staging, lm_state, model, tokenizer)
+            torch.save({"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict(),
+                        "world_size": info.world_size, "extra": extra or {}}, staging / TRAINER_STATE)
+            (staging / "train_config.yaml").write_text(config_yaml)
+    except BaseException:
+        if info.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    barrier(info)
+    if info.is_main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(info)
+    return final
+
+
+def load_checkpoint(path: Path, *, module, optimizer, scheduler, info: DistInfo, fsdp: bool) -> dict:
+    """Load model, optimizer, scheduler and this rank's RNG state from checkpoint ``path``.
+
+    Returns:
+        The ``trainer_state.pt`` dict (``step``, ``extra``, ...).
+
+    Raises:
+        FileNotFoundError / ValueError: from the weight loader, for a missing or corrupt checkpoint.
+        ValueError: a checkpoint whose weights do not match the model.
+    """
+    from diffllama.checkpoint import load_state_dict
+
+    weights = load_state_dict(path)
+    state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+    model_sd = {f"model.{k}": v for k, v in weights.items()}
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        target = module.state_dict()
+        if "model.lm_head.weight" in target and "model.lm_head.weight" not in model_sd:
+            model_sd["model.lm_head.weight"] = model_sd["model.model.embed_tokens.weight"]
+        options = StateDictOptions(full_state_dict=True, strict=True)
+        set_model_state_dict(module, model_sd, options=options)
+        set_optimizer_state_dict(module, optimizer, state["optimizer"], options=options)
+    else:
+        missing, unexpected = module.load_state_dict(model_sd, strict=False)
+        missing = [k for k in missing if not (k == "model.lm_head.weight" and module.model.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = path / f"rng-rank{info.rank}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    return state

@@ -1,0 +1,208 @@
+"""The training configuration: one dataclass, filled from a preset, then a YAML/TOML file, then CLI flags.
+
+Precedence (later wins): the preset (:mod:`diffllama.presets`) < the config file < explicit CLI flags. The file
+holds top-level ``TrainConfig`` fields plus an optional ``model:`` mapping of ``DiffLlamaConfig`` fields, e.g.::
+
+    preset: tiny
+    max_steps: 300
+    data: [corpus/]
+    model: {num_hidden_layers: 2}
+
+The resolved config is written to ``RUN_DIR/config.yaml`` and inside every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from diffllama.presets import get_preset
+
+DTYPES = ("auto", "float32", "bfloat16")
+PARALLEL = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Units: steps are optimizer steps; sizes are in tokens or sequences.
+
+    Fields (defaults are those of the ``tiny`` preset where a preset sets them):
+        preset: the preset the run started from (informational once resolved).
+        model: ``DiffLlamaConfig`` fields; ``vocab_size: None`` = tokenizer vocabulary rounded up to 64.
+        data: text files (.txt, .md, optionally .gz), folders of them, or JSONL files (text in ``text_field``);
+            empty = the bundled State of the Union corpus.
+        text_field: the JSON key holding a document's text in JSONL inputs.
+        tokenizer: a directory holding a tokenizer (a checkpoint or ``save_pretrained`` output) to reuse; empty =
+            train a byte-level BPE of ``tokenizer_vocab_size`` tokens on the training data.
+        val_fraction: share of documents held out for validation (at least one document each side).
+        cache_dir: where tokenized shards are cached; empty = ``$DIFFLLAMA_CACHE`` or ``~/.cache/diffllama``.
+        seq_len: tokens per training sequence. batch_size: sequences per micro-batch per process.
+        grad_accum: micro-batches per optimizer step. Global batch = batch_size × grad_accum × world size.
+        max_steps: optimizer steps in the run. lr: peak learning rate. min_lr_ratio: final lr / peak lr.
+        warmup_steps: linear warm-up steps, then cosine decay to ``lr × min_lr_ratio`` at ``max_steps``.
+        weight_decay, beta1, beta2, adam_eps: AdamW (decay is not applied to norms, biases and λ vectors).
+        grad_clip: max global gradient L2 norm (0 = off).
+        eval_every, eval_batches: validation every N steps (and at the end) on this many batches.
+        log_every: steps between progress/metrics lines. save_every: steps between checkpoints (0 = end only).
+        keep_last: checkpoints kept (older ones are deleted).
+        seed: seeds weights, data order and dropout. device: "auto", "cpu", "cuda".
+        dtype: "auto" (bfloat16 autocast on CUDA, float32 on CPU), "float32" or "bfloat16" (autocast).
+        compile: ``torch.compile`` each decoder layer. activation_checkpointing: recompute layer activations.
+        parallel: "auto" (DDP when launched with several processes), "none", "ddp", "fsdp" (FSDP2).
+        loss_chunk_size: tokens per chunk of the fused LM head + cross-entropy (0 = automatic).
+        num_threads: CPU threads for torch (0 = torch's default).
+        tensorboard: also write TensorBoard events when the package is installed.
+
+    Raises:
+        ValueError: naming the field, for any value out of range or of the wrong type.
+    """
+
+    preset: str = "tiny"
+    model: dict[str, Any] = field(default_factory=dict)
+    data: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    tokenizer: str = ""
+    tokenizer_vocab_size: int = 4096
+    val_fraction: float = 0.02
+    cache_dir: str = ""
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 600
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    save_every: int = 200
+    keep_last: int = 2
+    seed: int = 1234
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    parallel: str = "auto"
+    loss_chunk_size: int = 0
+    num_threads: int = 0
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ValueError naming the first bad one."""
+        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every",
+                    "keep_last", "tokenizer_vocab_size")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "save_every", "loss_chunk_size", "num_threads", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.tokenizer_vocab_size < 300:
+            raise ValueError(f"tokenizer_vocab_size must be >= 300 (256 bytes + special tokens + merges), "
+                             f"got {self.tokenizer_vocab_size}")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        checks = {"min_lr_ratio": 0 <= self.min_lr_ratio <= 1, "weight_decay": self.weight_decay >= 0,
+                  "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1, "adam_eps": self.adam_eps > 0,
+                  "grad_clip": self.grad_clip >= 0, "val_fraction": 0 < self.val_fraction < 1}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name} has a bad value {getattr(self, name)!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if not isinstance(self.data, list) or not all(isinstance(p, str) for p in self.data):
+            raise ValueError(f"data must be a list of paths, got {self.data!r}")
+        if not isinstance(self.model, dict):
+            raise ValueError(f"model must be a mapping of DiffLlamaConfig fields, got {self.model!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (JSON/YAML ready)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """The config as YAML text (keys in field order)."""
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a ``.yaml``/``.yml``/``.json``/``.toml`` config file into a dict.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: unparsable, not a mapping, or an unknown extension.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ValueError(f"config file {str(path)!r} must end in .yaml, .yml, .toml or .json")
+    except ValueError:
+        raise
+    except Exception as error:  # yaml.YAMLError, tomllib.TOMLDecodeError
+        raise ValueError(f"cannot parse config file {str(path)!r}: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Merge preset < config file < ``overrides`` into a validated :class:`TrainConfig`.
+
+    ``overrides`` holds CLI flags that were given (``None`` values are skipped); its ``model`` entry, if any,
+    updates the model fields. The preset is ``preset``, else the file's ``preset`` key, else ``tiny``.
+
+    Raises:
+        ValueError: unknown preset, unknown keys (listing the valid ones), bad values.
+        FileNotFoundError: a missing config file.
+    """
+    file_data = read_config_file(config_file) if config_file else {}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    name = preset or file_data.get("preset") or "tiny"
+    base = get_preset(name)
+    merged: dict[str, Any] = {**base["train"], "preset": name}
+    model = dict(base["model"])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    for source_name, source in (("config file", file_data), ("overrides", overrides)):
+        unknown = sorted(set(source) - known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) in {source_name}: {unknown}; valid: {sorted(known)}")
+        source = dict(source)
+        model.update(source.pop("model", None) or {})
+        source.pop("preset", None)
+        merged.update(source)
+    merged["model"] = model
+    if isinstance(merged.get("data"), str):
+        merged["data"] = [merged["data"]]
+    return TrainConfig(**merged)

@@ -1,0 +1,490 @@
+"""Training data: raw text -> byte-level BPE tokenizer -> packed token shards on disk -> batches.
+
+Pipeline:
+1. :func:`list_input_files` expands paths (files, folders) into the corpus files: plain text (``.txt``, ``.md``,
+   ``.text``, ``.rst``) where one file is one document, and JSON lines (``.jsonl``, ``.json``) where each line is a
+   document whose text is the ``text_field`` key. Any of them may be gzip-compressed (``.gz``).
+2. :func:`train_bpe` trains a byte-level BPE (Hugging Face ``tokenizers``) with the special tokens ``<s>``,
+   ``</s>``, ``<pad>``, wrapped as :class:`diffllama.tokenizer.Tokenizer`.
+3. :func:`prepare_data` tokenizes every document, appends the EOS id as the document separator, splits train /
+   validation and writes each split as packed ``uint16`` (vocabularies up to 65536) or ``uint32`` numpy shard files
+   plus ``meta.json``, into a cache folder named by a hash of the inputs (path, size, mtime), the tokenizer's JSON,
+   the text field and the validation share. A rerun with the same inputs reuses the folder; the folder is written
+   under a temporary name and renamed when complete, so a failure leaves nothing half-written.
+4. :class:`TokenShards` serves non-overlapping windows of ``seq_len + 1`` tokens (inputs and shifted targets)
+   from the memory-mapped shards; :class:`BatchPlan` maps (step, micro-step, rank) to window indices, so that the
+   data position of a run is its step number and each rank reads its own slice of every global batch.
+
+Validation split: with at least 20 documents, evenly spaced whole documents (a share ``val_fraction``, at least
+one); with fewer, the last ``val_fraction`` of each document's tokens.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
+JSONL_SUFFIXES = (".jsonl", ".json")
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB of uint16)
+CACHE_VERSION = 1
+
+
+class CorpusError(ValueError):
+    """The corpus is missing, empty, or too small for the requested sequence length."""
+
+
+def bundled_corpus() -> Path:
+    """Path of the bundled corpus: State of the Union addresses 1790-2018 (``data/sotu.jsonl.gz``, public domain)."""
+    return Path(str(resources.files("diffllama") / "data" / "sotu.jsonl.gz"))
+
+
+def _kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return None
+
+
+def list_input_files(paths: list[str | os.PathLike]) -> list[Path]:
+    """Expand corpus paths into a sorted, de-duplicated list of corpus files.
+
+    A folder contributes every file below it with a known suffix (``.txt .md .text .rst .jsonl .json``, optionally
+    ``.gz``); a file is taken as given if its suffix is known.
+
+    Raises:
+        CorpusError: a path that does not exist, a file of unknown type, or no corpus file at all.
+    """
+    if not paths:
+        raise CorpusError("no corpus given: pass --data PATH (a text file, a folder, or a JSONL file)")
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise CorpusError(f"corpus path {str(raw)!r} does not exist")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
+            if not found:
+                raise CorpusError(f"corpus folder {str(raw)!r} holds no text files "
+                                  f"({', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}, optionally .gz)")
+            files.extend(found)
+        elif _kind(path) is None:
+            raise CorpusError(f"corpus file {str(raw)!r} has an unknown type; expected one of "
+                              f"{', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} (optionally .gz)")
+        else:
+            files.append(path)
+    unique = sorted({p.resolve() for p in files})
+    return unique
+
+
+def _open_text(path: Path):
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]:
+    """Yield each document's text, in file order; empty documents are skipped.
+
+    Raises:
+        CorpusError: a JSONL line that is not a JSON object with a string ``text_field`` (names file and line).
+    """
+    for path in files:
+        if _kind(path) == "text":
+            with _open_text(path) as handle:
+                text = handle.read()
+            if text.strip():
+                yield text
+            continue
+        with _open_text(path) as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise CorpusError(f"{path}:{number}: not valid JSON ({error})") from error
+                text = record.get(text_field) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise CorpusError(f"{path}:{number}: no string field {text_field!r} "
+                                      f"(set --text-field to the key holding the text)")
+                if text.strip():
+                    yield text
+
+
+def inputs_fingerprint(files: list[Path], text_field: str) -> str:
+    """SHA-256 hex of each file's resolved path, size and mtime (ns), plus ``text_field``."""
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{text_field}".encode())
+    for path in files:
+        stat = path.stat()
+        digest.update(f"|{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$DIFFLLAMA_CACHE`` or ``~/.cache/diffllama``."""
+    return Path(os.environ.get("DIFFLLAMA_CACHE") or Path.home() / ".cache" / "diffllama")
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------------------------
+
+def train_bpe(documents: Iterator[str], vocab_size: int):
+    """Train a byte-level BPE tokenizer on ``documents`` (an iterable of str).
+
+    The vocabulary holds the 256 byte symbols, the special tokens ``<s>`` (BOS), ``</s>`` (EOS, the document
+    separator) and ``<pad>``, and merges up to ``vocab_size`` entries in all. No BOS/EOS template is added on
+    encode; the data pipeline appends EOS itself.
+
+    Returns:
+        :class:`diffllama.tokenizer.Tokenizer` wrapping the trained ``tokenizers.Tokenizer``.
+
+    Raises:
+        ValueError: ``vocab_size`` below 300.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from diffllama.tokenizer import Tokenizer
+
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size must be >= 300, got {vocab_size}")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(documents, trainer=trainer)
+    return Tokenizer.from_tokenizers(tok, **SPECIAL_TOKENS)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """SHA-256 hex of the tokenizer's serialized JSON and its EOS id."""
+    backend = tokenizer.backend
+    text = backend.to_str() if hasattr(backend, "to_str") else repr(tokenizer)
+    return hashlib.sha256(f"{text}|{tokenizer.eos_token_id}".encode()).hexdigest()
+
+
+def load_or_train_tokenizer(files: list[Path], text_field: str, vocab_size: int, cache_dir: Path,
+                            tokenizer_dir: str | None = None):
+    """Load the tokenizer saved in ``tokenizer_dir``, else train a BPE on ``files`` (cached by input hash).
+
+    Raises:
+        ValueError: a loaded tokenizer with no EOS token (needed as the document separator).
+        CorpusError: an empty corpus.
+    """
+    from diffllama.tokenizer import Tokenizer
+
+    if tokenizer_dir:
+        tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer in {tokenizer_dir!r} has no EOS token, needed as document separator")
+        return tokenizer
+    key = hashlib.sha256(f"{inputs_fingerprint(files, text_field)}|bpe|{vocab_size}".encode()).hexdigest()[:16]
+    folder = cache_dir / "tokenizers" / key
+    if (folder / "tokenizer.json").is_file():
+        return Tokenizer.from_pretrained(folder)
+    documents = iter_documents(files, text_field)
+    first = next(documents, None)
+    if first is None:
+        raise CorpusError(f"the corpus ({len(files)} file(s)) holds no text")
+    tokenizer = train_bpe(_chain(first, documents), vocab_size)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_mkdir(folder.parent)))
+    try:
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "tokenizer.json").is_file():
+            raise
+    return Tokenizer.from_pretrained(folder)
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---- packing ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class DataMeta:
+    """Summary of a prepared corpus (``meta.json``).
+
+    Fields: dtype ("uint16"/"uint32"); tokens / bytes / documents per split (tokens include one EOS per document;
+    bytes are UTF-8 bytes of the text); shard file names per split; ``unigram_bits_per_token``: entropy of the
+    training tokens' unigram distribution (bits); ``unigram_val_bits_per_token``: cross-entropy of the validation
+    tokens under the training unigram (add-one smoothed); the tokenizer's vocab size and fingerprint.
+    """
+
+    dtype: str
+    vocab_size: int
+    tokenizer_hash: str
+    train_tokens: int
+    val_tokens: int
+    train_bytes: int
+    val_bytes: int
+    train_documents: int
+    val_documents: int
+    train_shards: list[str]
+    val_shards: list[str]
+    unigram_bits_per_token: float
+    unigram_val_bits_per_token: float
+    split: str
+
+    def bits_per_byte(self, nats_per_token: float, split: str = "val") -> float:
+        """Convert a loss in nats per token of ``split`` into bits per UTF-8 byte of that split's text."""
+        tokens, nbytes = (self.val_tokens, self.val_bytes) if split == "val" else (self.train_tokens,
+                                                                                   self.train_bytes)
+        return nats_per_token / math.log(2) * tokens / max(nbytes, 1)
+
+    @property
+    def unigram_bits_per_byte(self) -> float:
+        """Unigram entropy of the training tokens, in bits per byte of training text."""
+        return self.unigram_bits_per_token * self.train_tokens / max(self.train_bytes, 1)
+
+    @property
+    def unigram_val_bits_per_byte(self) -> float:
+        """Validation cross-entropy under the training unigram, in bits per byte of validation text."""
+        return self.unigram_val_bits_per_token * self.val_tokens / max(self.val_bytes, 1)
+
+
+class _ShardWriter:
+    """Appends token arrays to ``<prefix>-NNNNN.bin`` files of at most ``SHARD_TOKENS`` tokens."""
+
+    def __init__(self, folder: Path, prefix: str, dtype, counts: np.ndarray) -> None:
+        self.folder, self.prefix, self.dtype, self.counts = folder, prefix, dtype, counts
+        self.names: list[str] = []
+        self.handle = None
+        self.in_shard = 0
+        self.tokens = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        ids = ids.astype(self.dtype, copy=False)
+        if self.counts is not None:
+            self.counts += np.bincount(ids, minlength=len(self.counts))[: len(self.counts)]
+        while len(ids):
+            if self.handle is None or self.in_shard >= SHARD_TOKENS:
+                self._next()
+            take = min(len(ids), SHARD_TOKENS - self.in_shard)
+            ids[:take].tofile(self.handle)
+            self.in_shard += take
+            self.tokens += take
+            ids = ids[take:]
+
+    def _next(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        name = f"{self.prefix}-{len(self.names):05d}.bin"
+        self.names.append(name)
+        self.handle = open(self.folder / name, "wb")
+        self.in_shard = 0
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+def prepare_data(files: list[Path], tokenizer, *, text_field: str = "text", val_fraction: float = 0.02,
+                 cache_dir: Path | None = None, batch_documents: int = 64) -> tuple[Path, DataMeta]:
+    """Tokenize the corpus into packed train/val shards (reused when already cached).
+
+    Args:
+        files: corpus files (see :func:`list_input_files`). tokenizer: a :class:`diffllama.tokenizer.Tokenizer`
+            with an EOS token. text_field: JSONL text key. val_fraction: validation share in (0, 1).
+        cache_dir: cache root (default :func:`default_cache_dir`); data lands in ``cache_dir/data/<hash>``.
+
+    Returns:
+        (folder, meta): the folder holding ``train-*.bin``, ``val-*.bin``, ``meta.json``.
+
+    Raises:
+        CorpusError: no text at all, or a split that ends up empty.
+        ValueError: a tokenizer without EOS.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no EOS token, needed as the document separator")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = hashlib.sha256(f"{inputs_fingerprint(files, text_field)}|{tokenizer_fingerprint(tokenizer)}|"
+                         f"{val_fraction}".encode()).hexdigest()[:16]
+    folder = cache_dir / "data" / key
+    if (folder / "meta.json").is_file():
+        return folder, DataMeta(**json.loads((folder / "meta.json").read_text()))
+
+    n_docs = sum(1 for _ in iter_documents(files, text_field))
+    if n_docs == 0:
+        raise CorpusError(f"the corpus ({len(files)} file(s): {', '.join(str(f) for f in files[:3])}"
+                          f"{', ...' if len(files) > 3 else ''}) holds no text")
+    by_document = n_docs >= 20
+    is_val_doc = _val_documents(n_docs, val_fraction) if by_document else None
+    vocab = tokenizer.vocab_size
+    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_mkdir(folder.parent)))
+    try:
+        counts = np.zeros(vocab, dtype=np.int64)
+        val_counts = np.zeros(vocab, dtype=np.int64)
+        train = _ShardWriter(staging, "train", dtype, counts)
+        val = _ShardWriter(staging, "val", dtype, val_counts)
+        stats = {"train_bytes": 0, "val_bytes": 0, "train_documents": 0, "val_documents": 0}
+        index = 0
+        batch: list[str] = []
+
+        def flush() -> None:
+            nonlocal index
+            for text, ids in zip(batch, tokenizer.encode_batch(batch, add_special_tokens=False)):
+                ids = np.asarray(ids + [eos], dtype=np.int64)
+                if by_document:
+                    split = "val" if is_val_doc[index] else "train"
+                    (val if split == "val" else train).write(ids)
+                    stats[f"{split}_bytes"] += len(text.encode("utf-8"))
+                    stats[f"{split}_documents"] += 1
+                else:
+                    cut = len(ids) - max(1, int(round(len(ids) * val_fraction)))
+                    train.write(ids[:cut])
+                    val.write(ids[cut:])
+                    head = tokenizer.decode(ids[:cut].tolist(), skip_special_tokens=True)
+                    stats["train_bytes"] += len(head.encode("utf-8"))
+                    stats["val_bytes"] += len(text.encode("utf-8")) - len(head.encode("utf-8"))
+                    stats["train_documents"] += 1
+                    stats["val_documents"] += 1
+                index += 1
+            batch.clear()
+
+        for text in iter_documents(files, text_field):
+            batch.append(text)
+            if len(batch) >= batch_documents:
+                flush()
+        flush()
+        train.close()
+        val.close()
+        if train.tokens == 0 or val.tokens == 0:
+            raise CorpusError(f"the corpus is too small to split: {train.tokens} train and {val.tokens} "
+                              f"validation tokens")
+        p = counts[counts > 0] / counts.sum()
+        smoothed = (counts + 1) / (counts.sum() + vocab)
+        meta = DataMeta(
+            dtype=np.dtype(dtype).name, vocab_size=vocab, tokenizer_hash=tokenizer_fingerprint(tokenizer),
+            train_tokens=train.tokens, val_tokens=val.tokens, train_shards=train.names, val_shards=val.names,
+            unigram_bits_per_token=float(-(p * np.log2(p)).sum()),
+            unigram_val_bits_per_token=float(-(val_counts * np.log2(smoothed)).sum() / val_counts.sum()),
+            split="documents" if by_document else "document tails", **stats)
+        (staging / "meta.json").write_text(json.dumps(meta.__dict__, indent=2) + "\n")
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process finished the same folder first
+            if not (folder / "meta.json").is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder, DataMeta(**json.loads((folder / "meta.json").read_text()))
+
+
+def _val_documents(n_docs: int, val_fraction: float) -> np.ndarray:
+    """Boolean mask of evenly spaced validation documents: about ``n_docs × val_fraction``, at least one."""
+    n_val = min(n_docs - 1, max(1, int(round(n_docs * val_fraction))))
+    mask = np.zeros(n_docs, dtype=bool)
+    mask[np.linspace(0, n_docs - 1, n_val + 2)[1:-1].round().astype(int)] = True
+    return mask
+
+
+# ---- serving windows ----------------------------------------------------------------------------------------------
+
+class TokenShards:
+    """Non-overlapping windows of ``seq_len + 1`` tokens over one split's memory-mapped shards.
+
+    Window i of a shard covers tokens ``[i·seq_len, i·seq_len + seq_len + 1)``: the inputs are its first
+    ``seq_len`` tokens and the targets the last ``seq_len``. Windows never cross shard boundaries.
+
+    Raises:
+        CorpusError: when the split holds no complete window (names the token count and ``seq_len``).
+    """
+
+    def __init__(self, folder: Path, shard_names: list[str], dtype: str, seq_len: int, split: str = "train"):
+        self.seq_len = seq_len
+        self.arrays = [np.memmap(Path(folder) / n, dtype=np.dtype(dtype), mode="r") for n in shard_names]
+        counts = [max(0, (len(a) - 1) // seq_len) for a in self.arrays]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.num_windows = int(self.offsets[-1])
+        if self.num_windows == 0:
+            total = sum(len(a) for a in self.arrays)
+            raise CorpusError(f"the {split} split has {total} tokens, fewer than seq_len + 1 = {seq_len + 1}: "
+                              f"use a larger corpus, a smaller seq_len, or (for validation) a larger val_fraction")
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def window(self, index: int) -> np.ndarray:
+        """Tokens of window ``index`` as int64, shape (seq_len + 1,)."""
+        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        start = (index - int(self.offsets[shard])) * self.seq_len
+        return np.asarray(self.arrays[shard][start:start + self.seq_len + 1], dtype=np.int64)
+
+    def batch(self, indices) -> np.ndarray:
+        """Windows ``indices`` stacked: (len(indices), seq_len + 1) int64."""
+        return np.stack([self.window(int(i)) for i in indices])
+
+
+@dataclass
+class BatchPlan:
+    """Which training windows each (step, micro-step, rank) reads: a pure function, so resuming needs only the step.
+
+    Global sample k of the run (k = step·G + micro·B·W + rank·B + j, with G = B·accum·W the global batch, B the
+    per-rank micro-batch, W the world size) is window ``perm_e[k mod N]`` of epoch e = k // N, where ``perm_e`` is
+    a permutation of the N windows seeded by (seed, e). One process with micro-batch B·W therefore reads the same
+    windows, in the same order, as W processes with micro-batch B.
+    """
+
+    num_windows: int
+    batch_size: int
+    grad_accum: int
+    world_size: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        self._perm_epoch = -1
+        self._perm = None
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def indices(self, step: int, micro: int, rank: int) -> list[int]:
+        """Window indices (length ``batch_size``) for ``rank``'s micro-batch ``micro`` of optimizer step ``step``."""
+        first = step * self.global_batch + micro * self.batch_size * self.world_size + rank * self.batch_size
+        out = []
+        for k in range(first, first + self.batch_size):
+            out.append(int(self._permutation(k // self.num_windows)[k % self.num_windows]))
+        return out
+
+    def epoch(self, step: int) -> float:
+        """Epochs of training data consumed after ``step`` steps."""
+        return step * self.global_batch / self.num_windows

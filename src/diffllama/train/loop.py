@@ -1,0 +1,481 @@
+"""The training loop: a :class:`Trainer` whose ``train_step`` does one optimizer step and whose ``fit`` drives it.
+
+One step: the step's micro-batches are read (a pure function of the step number, see
+:class:`diffllama.train.data.BatchPlan`), the loss of each is the summed token cross-entropy scaled by
+``world_size / global target count`` (so the gradient averaged by DDP/FSDP over ranks is the gradient of the
+mean over every target token of the global batch, however it is split), gradients accumulate with DDP's sync only
+on the last micro-batch, are clipped by global norm, and AdamW (fused on CUDA) steps with a linear-warm-up +
+cosine learning rate.
+
+The driver adds: validation loss, perplexity and bits per byte every ``eval_every`` steps and at the end; a tqdm
+progress bar with loss, tokens/s and ETA; ``RUN_DIR/metrics.jsonl`` (+ TensorBoard when installed); checkpoints
+every ``save_every`` steps and at the end (:mod:`diffllama.train.checkpoint`); on SIGINT/SIGTERM a checkpoint is
+saved before the process exits. On CPU, with a fixed seed, a resumed run reproduces the uninterrupted one bit for
+bit (tests/test_train_resume.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffllama.config import DiffLlamaConfig
+from diffllama.modeling import DiffLlamaForCausalLM
+from diffllama.train import checkpoint as ckpt
+from diffllama.train.config import TrainConfig
+from diffllama.train.data import (BatchPlan, CorpusError, DataMeta, TokenShards, bundled_corpus, default_cache_dir,
+                                  list_input_files, load_or_train_tokenizer, prepare_data)
+from diffllama.train.distributed import (DistInfo, all_reduce_sum, init_distributed, parallel_mode, parallelize)
+from diffllama.train.loss import linear_cross_entropy
+
+
+class TrainModule(nn.Module):
+    """The causal LM plus the chunked LM-head loss: the module that DDP/FSDP wrap.
+
+    ``forward(input_ids (B, S) int64, targets (B, S) int64, scale)`` returns ``scale × Σ CE`` as a float32 scalar,
+    computed from the decoder's last hidden state without materialising the full float32 logits.
+    """
+
+    def __init__(self, model: DiffLlamaForCausalLM, chunk_size: int = 0) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, scale) -> torch.Tensor:
+        hidden = self.model.model(input_ids).last_hidden_state  # (B, S, D)
+        return linear_cross_entropy(hidden, self.model.lm_head.weight, targets, scale=scale,
+                                    chunk_size=self.chunk_size)
+
+
+def lr_lambda(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier at ``step``: linear warm-up over ``warmup`` steps, then cosine from 1 to ``min_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms, biases, λ vectors); fused on CUDA."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bfloat16 on CUDA for "auto", None (plain float32) on CPU for "auto"."""
+    if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class BatchTooLargeError(RuntimeError):
+    """A micro-batch does not fit in memory."""
+
+
+@dataclass
+class FitResult:
+    """What :meth:`Trainer.fit` returns: the last step, final metrics, the checkpoint and model paths,
+    the signal that interrupted the run (None if it finished)."""
+
+    step: int
+    metrics: dict = field(default_factory=dict)
+    checkpoint: Path | None = None
+    model_dir: Path | None = None
+    interrupted: str | None = None
+
+
+class Trainer:
+    """Everything a run needs, built from a :class:`TrainConfig`: data, tokenizer, model, optimizer, schedule.
+
+    Args:
+        cfg: the resolved config. run_dir: output folder (metrics, checkpoints, final model).
+        resume: continue from the newest checkpoint in ``run_dir`` (fresh start when there is none).
+        info: process placement; default: from the environment (:func:`init_distributed`).
+        quiet: no progress bar or prints.
+
+    Raises:
+        CorpusError: missing/empty corpus, splits too small for ``seq_len``.
+        ValueError: bad settings (e.g. a model vocabulary smaller than the tokenizer's); ``run_dir`` already
+            holding checkpoints without ``resume``.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
+                 info: DistInfo | None = None, quiet: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.info = info or init_distributed(cfg.device)
+        self.quiet = quiet or not self.info.is_main
+        self.device = self.info.device
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        if not resume and ckpt.latest_checkpoint(self.run_dir) is not None:
+            raise ValueError(f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                             f"or choose another --out")
+
+        # ---- data and tokenizer
+        files = list_input_files(cfg.data or [str(bundled_corpus())])
+        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        tokenizer_dir = str(self.resume_from) if self.resume_from else (cfg.tokenizer or None)
+        if self.info.is_main:  # rank 0 builds the cache; the others then find it
+            self.tokenizer = load_or_train_tokenizer(files, cfg.text_field, cfg.tokenizer_vocab_size, cache,
+                                                     tokenizer_dir)
+            folder, self.meta = prepare_data(files, self.tokenizer, text_field=cfg.text_field,
+                                             val_fraction=cfg.val_fraction, cache_dir=cache)
+        if self.info.distributed:
+            torch.distributed.barrier()
+        if not self.info.is_main:
+            self.tokenizer = load_or_train_tokenizer(files, cfg.text_field, cfg.tokenizer_vocab_size, cache,
+                                                     tokenizer_dir)
+            folder, self.meta = prepare_data(files, self.tokenizer, text_field=cfg.text_field,
+                                             val_fraction=cfg.val_fraction, cache_dir=cache)
+        self.train_data = TokenShards(folder, self.meta.train_shards, self.meta.dtype, cfg.seq_len, "train")
+        self.val_data = TokenShards(folder, self.meta.val_shards, self.meta.dtype, cfg.seq_len, "validation")
+        self.plan = BatchPlan(len(self.train_data), cfg.batch_size, cfg.grad_accum, self.info.world_size, cfg.seed)
+
+        # ---- model
+        self.model_config = self._model_config()
+        torch.manual_seed(cfg.seed)
+        with torch.device(self.device):
+            self.model = DiffLlamaForCausalLM(self.model_config)
+        self.module = TrainModule(self.model, cfg.loss_chunk_size)
+        self.mode = parallel_mode(cfg.parallel, self.info)
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        self.wrapped = parallelize(self.module, self.model.model.layers, mode=self.mode, info=self.info,
+                                   activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                                   mixed_precision=self.amp_dtype if self.mode == "fsdp" else None)
+        self.optimizer = build_optimizer(self.module, cfg, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        self.step = 0
+        self.history: list[dict] = []
+        self._stop_signal: str | None = None
+        self.callbacks: list = []  # called as cb(trainer, metrics) after each step
+        if self.resume_from is not None:
+            state = ckpt.load_checkpoint(self.resume_from, module=self.module, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, info=self.info, fsdp=self.mode == "fsdp")
+            self.step = state["step"]
+
+    # ---- set-up helpers --------------------------------------------------------------------------------------------
+
+    def _model_config(self) -> DiffLlamaConfig:
+        fields = dict(self.cfg.model)
+        tok_vocab = self.tokenizer.vocab_size
+        vocab = fields.get("vocab_size") or -(-tok_vocab // 64) * 64
+        if vocab < tok_vocab:
+            raise ValueError(f"model vocab_size {vocab} is smaller than the tokenizer's {tok_vocab} tokens")
+        fields["vocab_size"] = vocab
+        fields["max_position_embeddings"] = max(fields.get("max_position_embeddings") or 0, self.cfg.seq_len)
+        fields.setdefault("attn_implementation", "sdpa")
+        fields.update(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                      pad_token_id=self.tokenizer.pad_token_id)
+        try:
+            return DiffLlamaConfig(**fields)
+        except TypeError as error:
+            raise ValueError(f"bad model setting: {error}") from error
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens in one optimizer step over all ranks."""
+        return self.plan.global_batch * self.cfg.seq_len
+
+    def _batch(self, indices, data: TokenShards) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = torch.from_numpy(data.batch(indices))  # (B, S + 1) int64
+        if self.device.type == "cuda":
+            windows = windows.pin_memory().to(self.device, non_blocking=True)
+        return windows[:, :-1], windows[:, 1:]
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    # ---- the step function -------------------------------------------------------------------------------------------
+
+    def train_step(self, step: int) -> dict:
+        """Run optimizer step ``step`` (0-based): forward/backward over its micro-batches, clip, AdamW, schedule.
+
+        Returns:
+            ``{"loss": tensor, "grad_norm": tensor, "lr": float}``; ``loss`` is the mean cross-entropy (nats)
+            over every target token of the global batch (a 0-dim float32 tensor, not yet synchronised).
+        """
+        cfg, info = self.cfg, self.info
+        self.wrapped.train()
+        batches = [self._batch(self.plan.indices(step, m, info.rank), self.train_data)
+                   for m in range(cfg.grad_accum)]
+        local = torch.tensor(float(sum(int((y != -100).sum()) for _, y in batches)), device=self.device)
+        scale = info.world_size / all_reduce_sum(local, info)
+        total = torch.zeros((), device=self.device)
+        for m, (x, y) in enumerate(batches):
+            last = m == cfg.grad_accum - 1
+            if self.mode == "ddp" and not last:
+                sync = self.wrapped.no_sync()
+            else:
+                sync = contextlib.nullcontext()
+                if self.mode == "fsdp":
+                    self.wrapped.set_requires_gradient_sync(last)
+            with sync:
+                with self._autocast():
+                    loss = self.wrapped(x, y, scale)
+                loss.backward()
+            total += loss.detach()
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+        else:
+            grad_norm = torch.zeros(())
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = all_reduce_sum(total, info) / info.world_size
+        return {"loss": total, "grad_norm": grad_norm, "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss over the first ``eval_batches × batch_size × world`` validation windows (or all).
+
+        Returns:
+            ``{"val_loss": nats/token, "val_ppl": exp(val_loss), "val_bpb": bits per UTF-8 byte}``.
+        """
+        cfg, info = self.cfg, self.info
+        self.wrapped.eval()
+        n = min(len(self.val_data), cfg.eval_batches * cfg.batch_size * info.world_size)
+        mine = list(range(info.rank, n, info.world_size))
+        sums = torch.zeros(2, device=self.device, dtype=torch.float64)
+        # Every rank runs the same number of forward passes (FSDP needs matching collectives).
+        per_rank = -(-n // info.world_size)
+        for start in range(0, per_rank, cfg.batch_size):
+            chunk = mine[start:start + cfg.batch_size]
+            if not chunk:  # a rank with fewer windows repeats one window with weight 0
+                chunk, weight = [0], 0.0
+            else:
+                weight = 1.0
+            x, y = self._batch(chunk, self.val_data)
+            with self._autocast():
+                loss = self.wrapped(x, y, 1.0)
+            sums[0] += loss.double() * weight
+            sums[1] += y.numel() * weight
+        all_reduce_sum(sums, info)
+        val_loss = float(sums[0] / sums[1])
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+                "val_bpb": self.meta.bits_per_byte(val_loss, "val")}
+
+    # ---- the driver -------------------------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        previous = {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop at once
+            self._stop_signal = signal.Signals(signum).name
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+        return previous
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
+        if self.info.distributed:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = "SIGTERM"
+        return bool(flag.item())
+
+    def _save(self, metrics: dict) -> Path:
+        unwrapped = self.module
+        return ckpt.save_checkpoint(self.run_dir, self.step, module=unwrapped, model=self.model,
+                                    optimizer=self.optimizer, scheduler=self.scheduler, tokenizer=self.tokenizer,
+                                    config_yaml=self.cfg.to_yaml(), info=self.info, fsdp=self.mode == "fsdp",
+                                    keep_last=self.cfg.keep_last, extra={"metrics": metrics})
+
+    def _log(self, record: dict, writer) -> None:
+        self.history.append(record)
+        if not self.info.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    writer.add_scalar(key, value, record["step"])
+
+    def _prepare_run_dir(self) -> bool:
+        """Create the run folder; trim metrics past the resumed step. Returns True if this call created it."""
+        created = not self.run_dir.exists()
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            metrics = self.run_dir / "metrics.jsonl"
+            if self.resume_from is None:
+                metrics.unlink(missing_ok=True)
+            elif metrics.is_file():
+                kept = [line for line in metrics.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= self.step]
+                metrics.write_text("".join(line + "\n" for line in kept))
+        return created
+
+    def _tensorboard(self):
+        if not (self.cfg.tensorboard and self.info.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # tensorboard not installed
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def fit(self) -> FitResult:
+        """Train from ``self.step`` to ``max_steps``; evaluate, log and checkpoint along the way.
+
+        Returns:
+            :class:`FitResult`. On SIGINT/SIGTERM a checkpoint of the last finished step is written and
+            ``interrupted`` names the signal.
+
+        Raises:
+            BatchTooLargeError: the first step ran out of memory (names batch size and sequence length).
+        """
+        cfg, info = self.cfg, self.info
+        created = self._prepare_run_dir()
+        writer = self._tensorboard()
+        previous = self._install_signal_handlers()
+        bar = None
+        if not self.quiet:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        metrics: dict = {}
+        last_saved = self.step if self.resume_from is not None else None
+        checkpoint_path = self.resume_from
+        start_time = time.perf_counter()
+        window_time, window_steps = start_time, 0
+        try:
+            while self.step < cfg.max_steps:
+                try:
+                    out = self.train_step(self.step)
+                except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+                    raise BatchTooLargeError(
+                        f"a micro-batch of {cfg.batch_size} x {cfg.seq_len} tokens does not fit in "
+                        f"{self.device.type} memory: lower --batch-size (raise --grad-accum to keep the global "
+                        f"batch), or pass --activation-checkpointing") from error
+                self.step += 1
+                window_steps += 1
+                done = self.step == cfg.max_steps
+                if self.step % cfg.log_every == 0 or done:
+                    now = time.perf_counter()
+                    loss = float(out["loss"])
+                    tps = window_steps * self.tokens_per_step / max(now - window_time, 1e-9)
+                    window_time, window_steps = now, 0
+                    metrics = {"step": self.step, "loss": loss, "lr": out["lr"],
+                               "grad_norm": float(out["grad_norm"]), "tokens": self.step * self.tokens_per_step,
+                               "tokens_per_s": tps, "epoch": self.plan.epoch(self.step),
+                               "elapsed_s": now - start_time}
+                    self._log(metrics, writer)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+                if self.step % cfg.eval_every == 0 or done:
+                    val = self.evaluate()
+                    metrics = {**metrics, **val}
+                    self._log({"step": self.step, **val}, writer)
+                    if bar is not None:
+                        bar.write(f"step {self.step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.1f}, "
+                                  f"{val['val_bpb']:.3f} bits/byte")
+                if bar is not None:
+                    bar.update(1)
+                stop = (self.step % cfg.log_every == 0 or done or not info.distributed) and self._should_stop()
+                for callback in self.callbacks:
+                    callback(self, metrics)
+                if (cfg.save_every and self.step % cfg.save_every == 0) or done or stop:
+                    checkpoint_path = self._save(metrics)
+                    last_saved = self.step
+                if stop:
+                    break
+        except BaseException:
+            if last_saved is None and created and info.is_main:  # nothing worth keeping: leave no half-run
+                if writer is not None:
+                    writer.close()
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+        result = FitResult(step=self.step, metrics=metrics, checkpoint=checkpoint_path,
+                           interrupted=self._stop_signal)
+        if self.step >= cfg.max_steps and self._stop_signal is None:
+            result.model_dir = self._export_final(checkpoint_path)
+            self._write_summary(result)
+        return result
+
+    def _export_final(self, checkpoint_path: Path | None) -> Path | None:
+        """Copy the final checkpoint's model and tokenizer files (no trainer state) to ``RUN_DIR/model``."""
+        if checkpoint_path is None:
+            return None
+        target = self.run_dir / "model"
+        if self.info.is_main:
+            staging = self.run_dir / ".tmp-model"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(checkpoint_path, staging,
+                            ignore=shutil.ignore_patterns(ckpt.TRAINER_STATE, "rng-rank*.pt"))
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+        if self.info.distributed:
+            torch.distributed.barrier()
+        return target
+
+    def _write_summary(self, result: FitResult) -> None:
+        if not self.info.is_main:
+            return
+        meta: DataMeta = self.meta
+        summary = {
+            "steps": result.step, "tokens": result.step * self.tokens_per_step,
+            "parameters": self.model.num_parameters(),
+            "final_loss": result.metrics.get("loss"), "val_loss": result.metrics.get("val_loss"),
+            "val_ppl": result.metrics.get("val_ppl"), "val_bits_per_byte": result.metrics.get("val_bpb"),
+            "unigram_entropy_bits_per_byte": meta.unigram_bits_per_byte,
+            "unigram_val_cross_entropy_bits_per_byte": meta.unigram_val_bits_per_byte,
+            "train_tokens": meta.train_tokens, "val_tokens": meta.val_tokens,
+            "model_dir": str(result.model_dir) if result.model_dir else None,
+            "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        result.metrics["summary"] = summary
+
+
+def run_training(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> FitResult:
+    """Build a :class:`Trainer` and fit it; prints a closing summary on rank 0. Used by ``diffllama train``."""
+    trainer = Trainer(cfg, run_dir, resume=resume, quiet=quiet)
+    if trainer.info.is_main and not quiet:
+        print(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters, vocab {trainer.model_config.vocab_size}"
+              f"; data: {trainer.meta.train_tokens:,} train / {trainer.meta.val_tokens:,} val tokens; "
+              f"{trainer.tokens_per_step:,} tokens/step on {trainer.info.world_size} process(es), "
+              f"{trainer.device}, parallel={trainer.mode}"
+              + (f"; resuming from {trainer.resume_from} (step {trainer.step})" if trainer.resume_from else ""),
+              flush=True)
+    return trainer.fit()
+
+
+__all__ = ["Trainer", "TrainModule", "FitResult", "BatchTooLargeError", "CorpusError", "run_training", "lr_lambda",
+           "build_optimizer"]
