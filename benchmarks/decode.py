@@ -146,7 +146,13 @@ def bench_ours(model, batch: int, prompt: int, new: int) -> dict:
         row["decode_runs_s"] = runs
         log(f"  ours decode   B={batch:<3d} n={new}: {row['decode_ms_per_step']:.3f} ms/step  "
             f"{row['decode_tok_s']:10.0f} tok/s  (runs {[round(r, 4) for r in runs]})")
-        # The same tokens as the eager (uncompiled) step for the first few steps? bf16: report agreement only.
+        # Same function as the eager step? Logits of one step from the same cache state (bf16: ~1e-2 expected);
+        # greedy agreement alone says little with random weights, whose logits are nearly tied.
+        slot = torch.tensor([prompt], device="cuda")
+        eager_logits = DecodeStep(model, cache)(first, positions[:, -1:] + 1, slot, None).clone()
+        fast_logits = step(first, positions[:, -1:] + 1, slot, None).clone()
+        row["logits_rel_err_vs_eager"] = float((fast_logits - eager_logits).norm() / eager_logits.norm())
+        log(f"  compiled vs eager step logits: relative error {row['logits_rel_err_vs_eager']:.2e}")
         fast = decode_n(step, first, positions[:, -1:] + 1, prompt, 16)
         eager = decode_n(DecodeStep(model, cache), first, positions[:, -1:] + 1, prompt, 16)
         row["greedy_agreement_vs_eager_16"] = float((fast == eager).float().mean())
@@ -214,6 +220,8 @@ def main() -> None:
     parser.add_argument("--hf-new", type=int, default=32)
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--no-cudnn-variant", action="store_true",
+                        help="last: batch 1 of the first shape again with cuDNN attention disabled in SDPA")
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.dirname(os.path.abspath(__file__)))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -283,13 +291,31 @@ def main() -> None:
                     log(traceback.format_exc())
                 save()
 
+    if args.no_cudnn_variant and models:
+        shape, (ours, _) = next(iter(models.items()))
+        log(f"== variant: shape {shape}, batch 1, SDPA without cuDNN attention ==")
+        try:
+            torch._dynamo.reset()
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            row = dict(shape=shape, batch=1, variant="no-cudnn-sdpa", prompt=args.prompt, new=args.new)
+            row["bytes_per_step"] = decode_bytes(ours, 1, args.prompt + args.new / 2)
+            row["roofline_tok_s"] = bw / row["bytes_per_step"]
+            row["ours"] = bench_ours(ours, 1, args.prompt, args.new)
+            row["fraction_of_roofline"] = row["ours"]["decode_tok_s"] / row["roofline_tok_s"]
+            RESULTS["rows"].append(row)
+        except Exception:  # noqa: BLE001
+            log(traceback.format_exc())
+        finally:
+            torch.backends.cuda.enable_cudnn_sdp(True)
+        save()
+
     log("\n| shape | B | ours prefill tok/s | ours decode tok/s | ms/step | transformers decode tok/s | speed-up |"
         " roofline tok/s | % roofline |")
     log("|---|---|---|---|---|---|---|---|---|")
     for row in RESULTS["rows"]:
         o, h = row.get("ours", {}), row.get("transformers", {})
         speed = o.get("decode_tok_s", float("nan")) / h["decode_tok_s"] if h else float("nan")
-        log(f"| {row['shape']} | {row['batch']} | {o.get('prefill_tok_s', float('nan')):.0f} | "
+        log(f"| {row['shape']}{' ' + row['variant'] if 'variant' in row else ''} | {row['batch']} | {o.get('prefill_tok_s', float('nan')):.0f} | "
             f"{o.get('decode_tok_s', float('nan')):.0f} | {o.get('decode_ms_per_step', float('nan')):.3f} | "
             f"{h.get('decode_tok_s', float('nan')):.1f} | {speed:.1f}x | {row['roofline_tok_s']:.0f} | "
             f"{row.get('fraction_of_roofline', float('nan')):.1%} |")

@@ -249,7 +249,9 @@ class DecodeStep:
     """``decode_one_token`` bound to a model and cache, optionally compiled and CUDA-graphed.
 
     ``compile=False``: plain eager calls. ``compile=True``: ``torch.compile(fullgraph=True, dynamic=False)`` of the
-    step (Inductor fuses the norms, RoPE and the differential combination); on CUDA with a StaticCache the compiled
+    step with Inductor's coordinate-descent tuning (``compile_mode`` replaces those options by a mode); Inductor
+    fuses the norms, RoPE and the differential combination, and at batch 1 computes the projections with its own
+    GEMV kernels. On CUDA with a StaticCache the compiled
     step is then captured once in a ``torch.cuda.CUDAGraph`` (after warm-up on a side stream) and every call copies
     its inputs into the graph's static buffers and replays it: one launch per token instead of hundreds. The
     returned logits then live in a static buffer that the next call overwrites: consume them first.
@@ -264,7 +266,10 @@ class DecodeStep:
         self.model, self.cache = model, cache
         self.fn = decode_one_token
         if compile:
-            self.fn = torch.compile(decode_one_token, fullgraph=True, dynamic=False, mode=compile_mode)
+            # Coordinate-descent tuning also makes Inductor turn (1, K) x (K, N) matmuls (batch-1 decode) into its
+            # own tuned Triton GEMV, which reads weights near the copy bandwidth where cuBLAS's skinny GEMMs do not.
+            kwargs = {"mode": compile_mode} if compile_mode else {"options": {"coordinate_descent_tuning": True}}
+            self.fn = torch.compile(decode_one_token, fullgraph=True, dynamic=False, **kwargs)
         if cuda_graph is None:
             cuda_graph = compile and isinstance(cache, StaticCache) and model.device.type == "cuda"
         if cuda_graph and not isinstance(cache, StaticCache):
