@@ -224,6 +224,23 @@ class Tokenizer:
             return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
         return [self.encode(t, add_special_tokens) for t in texts]
 
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` and each token's character span ``(start, end)`` in ``text`` (end exclusive).
+
+        Used to align labels to sub-word tokens and to map answer character spans to token spans. Byte-level BPE
+        spans include a token's leading space; tokens that split one multi-byte character share its span; added
+        special tokens get ``(0, 0)``.
+
+        Raises:
+            TypeError: ``text`` is not a str. NotImplementedError: a sentencepiece-backed tokenizer (no offsets).
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if self._kind != "tokenizers":
+            raise NotImplementedError("character offsets need a tokenizer.json (Hugging Face tokenizers) tokenizer")
+        encoding = self._backend.encode(text, add_special_tokens=add_special_tokens)
+        return list(encoding.ids), [(int(a), int(b)) for a, b in encoding.offsets]
+
     def _special_ids(self) -> set[int]:
         ids = {self._special_id(n) for n in _SPECIAL_NAMES}
         if self._kind == "tokenizers":
