@@ -21,9 +21,9 @@ PRESETS: dict[str, dict[str, dict]] = {
         "model": dict(vocab_size=None, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                       tie_word_embeddings=True),
-        "train": dict(tokenizer_vocab_size=4096, seq_len=256, batch_size=16, grad_accum=1, max_steps=600,
-                      lr=3e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1, eval_every=100, eval_batches=8,
-                      save_every=200, log_every=10),
+        "train": dict(tokenizer_vocab_size=4096, seq_len=256, batch_size=8, grad_accum=1, max_steps=300,
+                      lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1, eval_every=100, eval_batches=8,
+                      save_every=100, log_every=10),
     },
     "small": {
         "model": dict(vocab_size=None, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,

@@ -401,9 +401,9 @@ class Trainer:
                                   f"{val['val_bpb']:.3f} bits/byte")
                 if bar is not None:
                     bar.update(1)
-                stop = (self.step % cfg.log_every == 0 or done or not info.distributed) and self._should_stop()
                 for callback in self.callbacks:
                     callback(self, metrics)
+                stop = (self.step % cfg.log_every == 0 or done or not info.distributed) and self._should_stop()
                 if (cfg.save_every and self.step % cfg.save_every == 0) or done or stop:
                     checkpoint_path = self._save(metrics)
                     last_saved = self.step

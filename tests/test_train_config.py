@@ -1,0 +1,58 @@
+"""Presets, config files and flags resolve into a validated TrainConfig."""
+
+import pytest
+
+from diffllama.presets import PRESETS, get_preset
+from diffllama.train.config import TrainConfig, resolve_config
+
+
+def test_presets_shapes():
+    assert set(PRESETS) >= {"tiny", "small", "0.4b", "1b"}
+    p = get_preset("0.4b")["model"]
+    assert (p["hidden_size"], p["num_hidden_layers"], p["num_attention_heads"], p["intermediate_size"]) == \
+        (1024, 24, 16, 2816)
+    assert get_preset("0.4b")["train"]["seq_len"] == 2048
+    p = get_preset("1b")["model"]
+    assert (p["hidden_size"], p["num_hidden_layers"], p["num_attention_heads"], p["num_key_value_heads"],
+            p["vocab_size"]) == (2048, 16, 32, 8, 128256)
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("huge")
+
+
+def test_precedence_preset_file_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\nmax_steps: 50\nlr: 0.01\nmodel: {num_hidden_layers: 2}\n")
+    cfg = resolve_config(None, path, {"lr": 0.02, "batch_size": None})
+    assert cfg.max_steps == 50 and cfg.lr == 0.02 and cfg.batch_size == get_preset("tiny")["train"]["batch_size"]
+    assert cfg.model["num_hidden_layers"] == 2 and cfg.model["hidden_size"] == 256
+    toml = tmp_path / "run.toml"
+    toml.write_text('max_steps = 7\ndata = ["a.txt"]\n[model]\nhidden_size = 64\n')
+    cfg = resolve_config("small", toml)
+    assert cfg.preset == "small" and cfg.max_steps == 7 and cfg.data == ["a.txt"] and cfg.model["hidden_size"] == 64
+    again = resolve_config(None, _write(tmp_path / "saved.yaml", cfg.to_yaml()))
+    assert again == cfg
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("field,value", [("lr", -1.0), ("batch_size", 0), ("max_steps", 1.5), ("dtype", "fp8"),
+                                         ("parallel", "tp"), ("val_fraction", 1.0), ("device", "tpu")])
+def test_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        resolve_config("tiny", overrides={field: value})
+
+
+def test_unknown_keys_and_files(tmp_path):
+    with pytest.raises(ValueError, match="unknown setting"):
+        resolve_config("tiny", overrides={"learning_rate": 1.0})
+    with pytest.raises(FileNotFoundError):
+        resolve_config("tiny", tmp_path / "missing.yaml")
+    bad = _write(tmp_path / "bad.yaml", "- a\n- b\n")
+    with pytest.raises(ValueError, match="mapping"):
+        resolve_config(None, bad)
+    with pytest.raises(ValueError, match=r"\.yaml"):
+        resolve_config(None, _write(tmp_path / "x.ini", "a=1"))
+    assert isinstance(TrainConfig(), TrainConfig)

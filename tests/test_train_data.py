@@ -1,0 +1,110 @@
+"""Corpus discovery, BPE training, packed shards with EOS separators, caching, splits and the batch plan."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from diffllama.train.data import (BatchPlan, CorpusError, TokenShards, bundled_corpus, iter_documents,
+                                  list_input_files, load_or_train_tokenizer, prepare_data, train_bpe)
+from train_utils import small_corpus
+
+
+def test_bundled_corpus_is_there():
+    path = bundled_corpus()
+    assert path.is_file() and path.stat().st_size < 5_000_000
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        first = json.loads(handle.readline())
+    assert first["year"] == 1790 and "Senate" in first["text"]
+
+
+def test_input_discovery_and_errors(tmp_path):
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "a.txt").write_text("alpha beta")
+    (tmp_path / "docs" / "sub" / "b.md").write_text("gamma")
+    (tmp_path / "docs" / "skip.bin").write_bytes(b"\0")
+    with gzip.open(tmp_path / "docs" / "c.jsonl.gz", "wt") as handle:
+        handle.write(json.dumps({"body": "delta"}) + "\n\n" + json.dumps({"body": "  "}) + "\n")
+    files = list_input_files([str(tmp_path / "docs"), str(tmp_path / "docs" / "a.txt")])
+    assert [f.name for f in files] == ["a.txt", "c.jsonl.gz", "b.md"]
+    assert list(iter_documents(files, "body")) == ["alpha beta", "delta", "gamma"]
+    with pytest.raises(CorpusError, match="no string field 'text'"):
+        list(iter_documents(files, "text"))
+    with pytest.raises(CorpusError, match="does not exist"):
+        list_input_files([str(tmp_path / "nope")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorpusError, match="holds no text files"):
+        list_input_files([str(tmp_path / "empty")])
+    with pytest.raises(CorpusError, match="unknown type"):
+        list_input_files([str(tmp_path / "docs" / "skip.bin")])
+    with pytest.raises(CorpusError, match="no corpus"):
+        list_input_files([])
+
+
+def test_empty_corpus_is_a_clear_error(tmp_path):
+    (tmp_path / "blank.txt").write_text("   \n")
+    files = list_input_files([str(tmp_path / "blank.txt")])
+    with pytest.raises(CorpusError, match="holds no text"):
+        load_or_train_tokenizer(files, "text", 320, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "tokenizers").exists() or not any((tmp_path / "cache" / "tokenizers").iterdir())
+
+
+def test_prepare_packs_with_eos_and_caches(tmp_path):
+    corpus = small_corpus(tmp_path / "corpus", documents=25, chars=800)
+    files = list_input_files([str(corpus)])
+    tok = load_or_train_tokenizer(files, "text", 320, tmp_path / "cache")
+    assert tok.vocab_size == 320 and tok.eos_token_id is not None
+    folder, meta = prepare_data(files, tok, val_fraction=0.1, cache_dir=tmp_path / "cache")
+    assert meta.dtype == "uint16" and meta.split == "documents"
+    assert meta.train_documents + meta.val_documents == 25 and meta.val_documents == 2
+    train = np.fromfile(folder / meta.train_shards[0], dtype=np.uint16)
+    assert len(train) == meta.train_tokens and train[-1] == tok.eos_token_id
+    assert int((train == tok.eos_token_id).sum()) == meta.train_documents
+    first_doc = train[: int(np.argmax(train == tok.eos_token_id))]
+    assert tok.decode(first_doc.tolist()).startswith("Fellow-Citizens of the Senate")
+    assert 0 < meta.unigram_bits_per_byte < 8 and meta.unigram_val_bits_per_byte > 0
+    # Cached: a second call reuses the folder without rewriting it; a changed input makes a new one.
+    stamp = os.stat(folder / "meta.json").st_mtime_ns
+    folder2, _ = prepare_data(files, tok, val_fraction=0.1, cache_dir=tmp_path / "cache")
+    assert folder2 == folder and os.stat(folder / "meta.json").st_mtime_ns == stamp
+    with open(corpus, "a") as handle:
+        handle.write(json.dumps({"text": "one more document"}) + "\n")
+    folder3, _ = prepare_data(list_input_files([str(corpus)]), tok, val_fraction=0.1, cache_dir=tmp_path / "cache")
+    assert folder3 != folder
+    assert not list((tmp_path / "cache" / "data").glob(".tmp-*"))
+
+
+def test_few_documents_split_by_tails(tmp_path):
+    (tmp_path / "one.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    files = list_input_files([str(tmp_path / "one.txt")])
+    tok = train_bpe(iter_documents(files), 300)
+    folder, meta = prepare_data(files, tok, val_fraction=0.1, cache_dir=tmp_path / "cache")
+    assert meta.split == "document tails" and meta.val_tokens > 0 and meta.train_tokens > 8 * meta.val_tokens
+    shards = TokenShards(folder, meta.val_shards, meta.dtype, seq_len=16)
+    assert shards.batch([0, 1]).shape == (2, 17)
+    with pytest.raises(CorpusError, match="fewer than seq_len"):
+        TokenShards(folder, meta.val_shards, meta.dtype, seq_len=meta.val_tokens + 5, split="validation")
+
+
+def test_windows_are_consecutive_and_shifted(tmp_path):
+    data = np.arange(100, dtype=np.uint16)
+    data.tofile(tmp_path / "train-00000.bin")
+    np.arange(1000, 1010, dtype=np.uint16).tofile(tmp_path / "train-00001.bin")
+    shards = TokenShards(tmp_path, ["train-00000.bin", "train-00001.bin"], "uint16", seq_len=8)
+    assert len(shards) == 12 + 1  # (100-1)//8 windows, then (10-1)//8 in the second shard
+    assert shards.window(1).tolist() == list(range(8, 17))
+    assert shards.window(12).tolist() == list(range(1000, 1009))
+
+
+def test_batch_plan_same_windows_for_any_split_of_the_global_batch():
+    one = BatchPlan(num_windows=37, batch_size=8, grad_accum=1, world_size=1, seed=3)
+    two = BatchPlan(num_windows=37, batch_size=4, grad_accum=1, world_size=2, seed=3)
+    accum = BatchPlan(num_windows=37, batch_size=2, grad_accum=2, world_size=2, seed=3)
+    for step in range(12):  # crosses several epochs
+        ref = one.indices(step, 0, 0)
+        assert two.indices(step, 0, 0) + two.indices(step, 0, 1) == ref
+        assert sorted(sum((accum.indices(step, m, r) for m in range(2) for r in range(2)), [])) == sorted(ref)
+    epoch0 = [i for s in range(5) for i in one.indices(s, 0, 0)][:37]
+    assert sorted(epoch0) == list(range(37))
