@@ -1,0 +1,240 @@
+"""Generation: greedy parity with transformers' generate, EOS handling, sampling filters, seeds, streaming, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import diffllama
+from conftest import hf_model, padded_batch, tiny_config
+from diffllama.generation import (
+    apply_repetition_penalty,
+    filter_logits,
+    generate,
+    next_tokens,
+    pad_batch,
+    position_ids_from_mask,
+    read_generation_config,
+    resolve_special_ids,
+    stream_generate,
+    stream_text,
+)
+
+NEW = 42
+
+
+@pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
+def pair(request):
+    """(ours, transformers) DiffLlamaForCausalLM in float64 with the same random weights."""
+    torch.manual_seed(0)
+    config = tiny_config(num_key_value_heads=request.param, initializer_range=0.15)
+    reference = hf_model("DiffLlamaForCausalLM", config, torch.float64)
+    ours = diffllama.DiffLlamaForCausalLM(config).double().eval()
+    ours.load_state_dict(reference.state_dict())
+    return ours, reference
+
+
+def hf_generate(reference, ids, mask, **kwargs):
+    kwargs.setdefault("eos_token_id", None)
+    reference.generation_config.eos_token_id = None
+    with torch.no_grad():
+        return reference.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_greedy_equals_transformers_left_padded(pair, static):
+    ours, reference = pair
+    ids, mask = padded_batch(ours.config.vocab_size, "left", seq=9)
+    expected = hf_generate(reference, ids, mask, max_new_tokens=NEW)
+    got = ours.generate(ids, mask, max_new_tokens=NEW, eos_token_id=[], static_cache=static)
+    assert got.shape == (3, 9 + NEW)
+    assert torch.equal(got, expected)
+    assert len(set(got[:, 9:].flatten().tolist())) > 5, "degenerate output makes the comparison weak"
+
+
+def test_eos_stops_each_row_like_transformers(pair):
+    ours, reference = pair
+    ids, mask = padded_batch(ours.config.vocab_size, "left", seq=9)
+    free = ours.generate(ids, mask, max_new_tokens=NEW, eos_token_id=[])
+    eos = int(free[1, 9 + 4])  # row 1 emits it at step 4; others later or never
+    expected = hf_generate(reference, ids, mask, max_new_tokens=NEW, eos_token_id=eos)
+    for static in (False, True):
+        got = ours.generate(ids, mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0, static_cache=static)
+        assert torch.equal(got, expected)
+    row = got[1, 9:].tolist()
+    first = row.index(eos)
+    assert first <= 4 and set(row[first + 1:]) <= {0}
+
+
+def test_stop_list_and_trimming():
+    torch.manual_seed(1)
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(initializer_range=0.15)).double().eval()
+    ids = torch.randint(1, 96, (2, 5))
+    free = model.generate(ids, max_new_tokens=20, eos_token_id=[])
+    stops = [int(free[0, 5 + 2]), int(free[1, 5 + 3])]
+    got = model.generate(ids, max_new_tokens=20, eos_token_id=stops, pad_token_id=0)
+    first = [next(i for i, t in enumerate(r) if t in stops) for r in free[:, 5:].tolist()]
+    assert got.shape[1] == 5 + max(first) + 1  # stops once every row has hit a stop id
+    for r, f in enumerate(first):
+        assert torch.equal(got[r, :5 + f + 1], free[r, :5 + f + 1])
+        assert got[r, 5 + f + 1:].eq(0).all()
+
+
+def test_defaults_from_config_and_generation_config(tmp_path):
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(eos_token_id=7, pad_token_id=3))
+    assert resolve_special_ids(model) == ([7], 3)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [5, 6], "pad_token_id": 1}')
+    model.generation_config = read_generation_config(tmp_path)
+    assert resolve_special_ids(model) == ([5, 6], 1)
+    assert resolve_special_ids(model, eos_token_id=9, pad_token_id=None) == ([9], 1)
+    assert resolve_special_ids(model, eos_token_id=[]) == ([], 1)
+    assert read_generation_config(tmp_path / "nothing") == {}
+
+
+def test_repetition_penalty_matches_transformers(pair):
+    ours, reference = pair
+    ids = torch.randint(1, ours.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
+    expected = hf_generate(reference, ids, torch.ones_like(ids), max_new_tokens=20, repetition_penalty=1.7)
+    got = ours.generate(ids, max_new_tokens=20, eos_token_id=[], repetition_penalty=1.7)
+    assert torch.equal(got, expected)
+
+
+def test_apply_repetition_penalty():
+    logits = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert torch.equal(apply_repetition_penalty(logits, seen, 2.0), torch.tensor([[1.0, -4.0, 1.0, -1.0]]))
+
+
+# ---- sampling -------------------------------------------------------------------------------------------------------
+
+PROBS = torch.tensor([[0.0625, 0.5, 0.125, 0.0625, 0.25]])  # dyadic: the cumulative sums are exact
+
+
+def support(logits: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(torch.isfinite(logits[0])).flatten().tolist())
+
+
+@pytest.mark.parametrize("top_k, top_p, kept", [
+    (None, None, {0, 1, 2, 3, 4}),
+    (1, None, {1}),
+    (3, None, {1, 4, 2}),
+    (10, None, {0, 1, 2, 3, 4}),
+    (None, 0.5, {1}),          # the top token alone reaches 0.5
+    (None, 0.7, {1, 4}),       # 0.5 < 0.7 <= 0.75
+    (None, 0.75, {1, 4}),      # exactly reached by two tokens
+    (None, 0.76, {1, 4, 2}),
+    (None, 0.01, {1}),         # the most probable token is always kept
+    (None, 1.0, {0, 1, 2, 3, 4}),
+    (2, 0.6, {1}),             # top-k first: renormalised [2/3, 1/3], 2/3 >= 0.6
+    (2, 0.7, {1, 4}),
+])
+def test_filter_logits_keeps_exact_support(top_k, top_p, kept):
+    assert support(filter_logits(PROBS.log(), top_k, top_p)) == kept
+
+
+def test_sampling_stays_in_support_and_follows_probabilities():
+    logits = PROBS.log().expand(4000, -1)
+    gen = torch.Generator().manual_seed(0)
+    draws = next_tokens(logits, do_sample=True, top_p=0.76, generator=gen)
+    counts = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert set(draws.tolist()) == {1, 4, 2}
+    expected = torch.tensor([0, 0.5, 0.125, 0, 0.25]) / 0.875
+    assert (counts - expected).abs().max() < 0.03
+    assert torch.equal(next_tokens(logits[:3], do_sample=True, top_k=1, generator=gen), torch.tensor([1, 1, 1]))
+    cold = next_tokens(logits, do_sample=True, temperature=0.05, generator=gen)  # nearly greedy
+    assert (cold == 1).float().mean() > 0.99
+
+
+def test_seeded_sampling_is_reproducible():
+    torch.manual_seed(0)
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(initializer_range=0.15)).eval()
+    ids, mask = padded_batch(96, "left", seq=6)
+    kwargs = dict(max_new_tokens=24, do_sample=True, temperature=1.5, top_k=40, top_p=0.95, eos_token_id=[])
+    a = model.generate(ids, mask, seed=123, **kwargs)
+    torch.manual_seed(99)  # the global RNG does not matter with a seed
+    b = model.generate(ids, mask, seed=123, **kwargs)
+    c = model.generate(ids, mask, seed=124, **kwargs)
+    d = model.generate(ids, mask, seed=123, static_cache=True, **kwargs)
+    assert torch.equal(a, b) and torch.equal(a, d)
+    assert not torch.equal(a, c)
+
+
+# ---- streaming ------------------------------------------------------------------------------------------------------
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(value.clone())
+
+    def end(self):
+        self.calls.append("end")
+
+
+def test_streamer_and_stream_generate():
+    torch.manual_seed(0)
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(initializer_range=0.15)).eval()
+    ids, mask = padded_batch(96, "left", seq=6)
+    recorder = Recorder()
+    out = model.generate(ids, mask, max_new_tokens=10, eos_token_id=[], streamer=recorder)
+    assert torch.equal(recorder.calls[0], ids) and recorder.calls[-1] == "end"
+    assert torch.equal(torch.stack(recorder.calls[1:-1], 1), out[:, 6:])
+    steps = list(stream_generate(model, ids, mask, max_new_tokens=10, eos_token_id=[]))
+    assert torch.equal(torch.stack(steps, 1), out[:, 6:])
+
+
+def test_stream_text_matches_decode():
+    from test_tokenizer import make_bytelevel
+
+    tok = make_bytelevel()
+    torch.manual_seed(0)
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(vocab_size=tok.vocab_size, initializer_range=0.15)).eval()
+    pieces = list(stream_text(model, tok, "Hello world", max_new_tokens=30, eos_token_id=[]))
+    ids = torch.tensor([tok.encode("Hello world")])
+    full = model.generate(ids, max_new_tokens=30, eos_token_id=[])
+    assert "".join(pieces) == tok.decode(full[0, ids.shape[1]:])
+    assert len(pieces) > 1
+
+
+# ---- helpers and errors ---------------------------------------------------------------------------------------------
+
+def test_pad_batch_and_positions():
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_token_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2], [1, 1, 0]]
+    with pytest.raises(ValueError, match="at least one token"):
+        pad_batch([[1], []])
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1"),
+    (dict(max_new_tokens=2.5), TypeError, "max_new_tokens must be an int"),
+    (dict(do_sample=True, temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(do_sample=True, top_p=0.0), ValueError, "top_p must be None or in"),
+    (dict(do_sample=True, top_p=1.5), ValueError, "top_p must be None or in"),
+    (dict(do_sample=True, top_k=0), ValueError, "top_k must be None or an int >= 1"),
+    (dict(repetition_penalty=0.0), ValueError, "repetition_penalty must be > 0"),
+    (dict(compile=True), ValueError, "compile=True needs static_cache=True"),
+    (dict(streamer=object()), TypeError, "streamer must have put"),
+])
+def test_bad_arguments(kwargs, error, match):
+    model = diffllama.DiffLlamaForCausalLM(tiny_config()).eval()
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(error, match=match):
+        model.generate(torch.ones(1, 3, dtype=torch.long), **kwargs)
+
+
+def test_bad_inputs():
+    model = diffllama.DiffLlamaForCausalLM(tiny_config()).eval()
+    ids = torch.ones(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(ids, torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="shape of input_ids"):
+        model.generate(ids, torch.ones(2, 3), max_new_tokens=2)
+    with pytest.raises(ValueError, match="vocab_size=96"):
+        model.generate(ids * 500, max_new_tokens=2)
+    with pytest.raises(TypeError, match="integer tensor"):
+        model.generate(ids.float(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="shape \\(batch, seq\\)"):
+        model.generate(ids[0], max_new_tokens=2)
