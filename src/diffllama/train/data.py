@@ -8,7 +8,8 @@ Pipeline:
    ``</s>``, ``<pad>``, wrapped as :class:`diffllama.tokenizer.Tokenizer`.
 3. :func:`prepare_data` tokenizes every document, appends the EOS id as the document separator, splits train /
    validation and writes each split as packed ``uint16`` (vocabularies up to 65536) or ``uint32`` numpy shard files
-   plus ``meta.json``, into a cache folder named by a hash of the inputs (path, size, mtime), the tokenizer's JSON,
+   plus ``meta.json``, into a cache folder named by a hash of the inputs (content; path/size/mtime above 256 MiB),
+   the tokenizer's JSON,
    the text field and the validation share. A rerun with the same inputs reuses the folder; the folder is written
    under a temporary name and renamed when complete, so a failure leaves nothing half-written.
 4. :class:`TokenShards` serves non-overlapping windows of ``seq_len + 1`` tokens (inputs and shifted targets)
@@ -128,12 +129,23 @@ def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]
                     yield text
 
 
+CONTENT_HASH_LIMIT = 256 << 20  # files up to this size are identified by content, larger ones by path/size/mtime
+
+
 def inputs_fingerprint(files: list[Path], text_field: str) -> str:
-    """SHA-256 hex of each file's resolved path, size and mtime (ns), plus ``text_field``."""
+    """SHA-256 hex identifying the corpus: each file's name and content hash (files up to 256 MiB) or its resolved
+    path, size and mtime (larger files, where hashing would cost seconds per GB), plus ``text_field``."""
     digest = hashlib.sha256(f"v{CACHE_VERSION}|{text_field}".encode())
     for path in files:
         stat = path.stat()
-        digest.update(f"|{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        if stat.st_size <= CONTENT_HASH_LIMIT:
+            content = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    content.update(block)
+            digest.update(f"|{path.name}|{content.hexdigest()}".encode())
+        else:
+            digest.update(f"|{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 

@@ -129,7 +129,35 @@ class Trainer:
             raise ValueError(f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
                              f"or choose another --out")
 
-        # ---- data and tokenizer
+        # ---- data, tokenizer and model: hooks a subclass may replace (diffllama.finetune.run.FineTuneTrainer)
+        self._setup_data()
+        self.plan = BatchPlan(len(self.train_data), cfg.batch_size, cfg.grad_accum, self.info.world_size, cfg.seed)
+
+        # ---- model
+        torch.manual_seed(cfg.seed)
+        self.model, self.module = self._build_model()
+        self.mode = parallel_mode(cfg.parallel, self.info)
+        self.amp_dtype = autocast_dtype(cfg, self.device)
+        self.wrapped = parallelize(self.module, self.model.base_model.layers, mode=self.mode, info=self.info,
+                                   activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
+                                   mixed_precision=self.amp_dtype if self.mode == "fsdp" else None)
+        self.optimizer = build_optimizer(self.module, cfg, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        self.step = 0
+        self.history: list[dict] = []
+        self._stop_signal: str | None = None
+        self.callbacks: list = []  # called as cb(trainer, metrics) after each step
+        if self.resume_from is not None:
+            state = ckpt.load_checkpoint(self.resume_from, module=self.module, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, info=self.info, fsdp=self.mode == "fsdp")
+            self.step = state["step"]
+
+    # ---- set-up helpers --------------------------------------------------------------------------------------------
+
+    def _setup_data(self) -> None:
+        """Set ``tokenizer``, ``meta``, ``train_data`` and ``val_data`` (each with ``len`` and ``batch(indices)``)."""
+        cfg = self.cfg
         files = list_input_files(cfg.data or [str(bundled_corpus())])
         cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         tokenizer_dir = str(self.resume_from) if self.resume_from else (cfg.tokenizer or None)
@@ -147,32 +175,21 @@ class Trainer:
                                              val_fraction=cfg.val_fraction, cache_dir=cache)
         self.train_data = TokenShards(folder, self.meta.train_shards, self.meta.dtype, cfg.seq_len, "train")
         self.val_data = TokenShards(folder, self.meta.val_shards, self.meta.dtype, cfg.seq_len, "validation")
-        self.plan = BatchPlan(len(self.train_data), cfg.batch_size, cfg.grad_accum, self.info.world_size, cfg.seed)
 
-        # ---- model
+    def _build_model(self) -> tuple[nn.Module, nn.Module]:
+        """(model, training module): the module's ``forward(inputs, targets, scale)`` returns ``scale × Σ loss``."""
         self.model_config = self._model_config()
-        torch.manual_seed(cfg.seed)
         with torch.device(self.device):
-            self.model = DiffLlamaForCausalLM(self.model_config)
-        self.module = TrainModule(self.model, cfg.loss_chunk_size)
-        self.mode = parallel_mode(cfg.parallel, self.info)
-        self.amp_dtype = autocast_dtype(cfg, self.device)
-        self.wrapped = parallelize(self.module, self.model.model.layers, mode=self.mode, info=self.info,
-                                   activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
-                                   mixed_precision=self.amp_dtype if self.mode == "fsdp" else None)
-        self.optimizer = build_optimizer(self.module, cfg, self.device)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
-        self.step = 0
-        self.history: list[dict] = []
-        self._stop_signal: str | None = None
-        self.callbacks: list = []  # called as cb(trainer, metrics) after each step
-        if self.resume_from is not None:
-            state = ckpt.load_checkpoint(self.resume_from, module=self.module, optimizer=self.optimizer,
-                                         scheduler=self.scheduler, info=self.info, fsdp=self.mode == "fsdp")
-            self.step = state["step"]
+            model = DiffLlamaForCausalLM(self.model_config)
+        return model, TrainModule(model, self.cfg.loss_chunk_size)
 
-    # ---- set-up helpers --------------------------------------------------------------------------------------------
+    def _count_targets(self, batch) -> int:
+        """Loss targets in one micro-batch as the data gives it: (B, S + 1) windows, all but the first column."""
+        return int((batch[:, 1:] != -100).sum())
+
+    def describe_eval(self, val: dict) -> str:
+        """The progress line printed after an evaluation."""
+        return f"val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.1f}, {val['val_bpb']:.3f} bits/byte"
 
     def _model_config(self) -> DiffLlamaConfig:
         fields = dict(self.cfg.model)
@@ -196,7 +213,11 @@ class Trainer:
         return self.plan.global_batch * self.cfg.seq_len
 
     def _batch(self, indices, data: TokenShards) -> tuple[torch.Tensor, torch.Tensor]:
-        windows = torch.from_numpy(data.batch(indices))  # (B, S + 1) int64
+        return self._to_device(data.batch(indices))
+
+    def _to_device(self, windows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S + 1) int64 numpy windows -> (inputs, targets), each (B, S) int64 on the device."""
+        windows = torch.from_numpy(windows)
         if self.device.type == "cuda":
             windows = windows.pin_memory().to(self.device, non_blocking=True)
         return windows[:, :-1], windows[:, 1:]
@@ -217,10 +238,11 @@ class Trainer:
         """
         cfg, info = self.cfg, self.info
         self.wrapped.train()
-        batches = [self._batch(self.plan.indices(step, m, info.rank), self.train_data)
-                   for m in range(cfg.grad_accum)]
-        local = torch.tensor(float(sum(int((y != -100).sum()) for _, y in batches)), device=self.device)
+        windows = [self.train_data.batch(self.plan.indices(step, m, info.rank)) for m in range(cfg.grad_accum)]
+        # Global target count: counted on the host (no device sync), summed over ranks on the device.
+        local = torch.tensor(float(sum(self._count_targets(w) for w in windows)), device=self.device)
         scale = info.world_size / all_reduce_sum(local, info)
+        batches = [self._to_device(w) for w in windows]
         total = torch.zeros((), device=self.device)
         for m, (x, y) in enumerate(batches):
             last = m == cfg.grad_accum - 1
@@ -295,6 +317,8 @@ class Trainer:
         return previous
 
     def _should_stop(self) -> bool:
+        if not self.info.distributed:
+            return self._stop_signal is not None
         flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
         if self.info.distributed:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -397,8 +421,7 @@ class Trainer:
                     metrics = {**metrics, **val}
                     self._log({"step": self.step, **val}, writer)
                     if bar is not None:
-                        bar.write(f"step {self.step}: val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.1f}, "
-                                  f"{val['val_bpb']:.3f} bits/byte")
+                        bar.write(f"step {self.step}: {self.describe_eval(val)}")
                 if bar is not None:
                     bar.update(1)
                 for callback in self.callbacks:
