@@ -9,6 +9,206 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 # ---- generate (inference) ---------------------------------------------------------------------------------------
 
+class _GenerateError(Exception):
+    """A user error of `diffllama generate`: printed as 'error: ...' with exit code 1 (or 2 for bad arguments)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _write(text: str) -> None:
+    """Write generated text to stdout at once (streaming)."""
+    import sys
+
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _generation_device(device: str):
+    import torch
+
+    name = device.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(name)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise _GenerateError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}", 2)
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise _GenerateError(f"--device {device} was requested but CUDA is not available on this machine "
+                                 f"(use --device cpu)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise _GenerateError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return parsed
+
+
+def _generation_dtype(dtype: str, device):
+    from diffllama.checkpoint import DTYPES
+
+    if dtype == "auto":  # the checkpoint's dtype on a GPU; float32 on CPU (bf16 matmuls are slow there)
+        return None if device.type == "cuda" else "float32"
+    if dtype not in DTYPES:
+        raise _GenerateError(f"--dtype must be auto or one of {', '.join(sorted(DTYPES))}, got {dtype!r}", 2)
+    return dtype
+
+
+def _read_prompts(prompts_file: str) -> list[str]:
+    import sys
+    from pathlib import Path
+
+    if prompts_file == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise _GenerateError(f"--prompts-file {prompts_file!r} does not exist", 2)
+        text = path.read_text(encoding="utf-8")
+    prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise _GenerateError(f"--prompts-file {prompts_file!r} holds no prompts (one per non-empty line)", 2)
+    return prompts
+
+
+@app.command()
+def generate(
+    model_dir: str = typer.Argument(..., metavar="MODEL_DIR_OR_REPO",
+                                    help="Checkpoint directory (config.json, safetensors, tokenizer) or a hub repo id."),
+    prompt: str = typer.Argument(None, help="Text to continue. Omit with --interactive or --prompts-file."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="New tokens per prompt (>= 1)."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t",
+                                      help="0 = greedy (default); > 0 samples at that temperature."),
+    top_k: int = typer.Option(None, "--top-k", help="Sample among the k most likely tokens (needs --temperature)."),
+    top_p: float = typer.Option(None, "--top-p", help="Nucleus sampling mass in (0, 1] (needs --temperature)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="CTRL penalty (> 0; 1 = off)."),
+    seed: int = typer.Option(None, "--seed", help="Seed for reproducible sampling."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype",
+                              help="auto (checkpoint's on CUDA, float32 on CPU), float32, bfloat16, float16, float64."),
+    attn: str = typer.Option(None, "--attn", help="Attention backend: eager, sdpa, flash, auto (default: config's)."),
+    compile: bool = typer.Option(False, "--compile", help="Static KV cache + torch.compile'd decode step "
+                                 "(CUDA graphs on GPU); the first prompt pays the compilation."),
+    interactive: bool = typer.Option(False, "--interactive", "-i", help="Prompt loop on stdin; empty line or EOF ends."),
+    prompts_file: str = typer.Option(None, "--prompts-file", "-f",
+                                     help="One prompt per line ('-' = stdin), generated in left-padded batches."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts per batch with --prompts-file."),
+) -> None:
+    """Generate text with a DiffLlama checkpoint, streaming it to stdout as it is produced.
+
+    One PROMPT streams its continuation; --prompts-file generates each line's continuation in batches (printed one
+    per line, newlines escaped as \\n); --interactive reads prompts from stdin until an empty line. Status messages
+    go to stderr. EOS/PAD ids come from generation_config.json, then config.json, then the tokenizer.
+    Example: diffllama generate runs/tiny/model "The people" -n 50 --temperature 0.8 --top-p 0.95 --seed 0
+    """
+    import sys
+
+    try:
+        _run_generate(model_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, device=device, dtype=dtype,
+                      attn=attn, compile=compile, interactive=interactive, prompts_file=prompts_file,
+                      batch_size=batch_size)
+    except _GenerateError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(error.code)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        raise typer.Exit(130)
+
+
+def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                  device, dtype, attn, compile, interactive, prompts_file, batch_size) -> None:
+    import sys
+    import time
+
+    import torch
+
+    from diffllama.checkpoint import resolve_checkpoint_dir
+    from diffllama.generation import check_sampling_args, pad_batch, read_generation_config, stream_text
+    from diffllama.modeling import DiffLlamaForCausalLM
+    from diffllama.tokenizer import Tokenizer
+
+    sources = sum([prompt is not None, interactive, prompts_file is not None])
+    if sources != 1:
+        raise _GenerateError("give exactly one of PROMPT, --interactive or --prompts-file", 2)
+    if temperature < 0:
+        raise _GenerateError(f"--temperature must be >= 0 (0 = greedy), got {temperature}", 2)
+    do_sample = temperature > 0
+    if not do_sample and (top_k is not None or top_p is not None):
+        raise _GenerateError("--top-k/--top-p apply to sampling: add --temperature > 0", 2)
+    if batch_size < 1:
+        raise _GenerateError(f"--batch-size must be >= 1, got {batch_size}", 2)
+    try:
+        check_sampling_args(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                            temperature=temperature if do_sample else 1.0, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty)
+    except (ValueError, TypeError) as error:
+        raise _GenerateError(f"--{str(error).split(' ')[0].replace('_', '-')}: {error}", 2) from error
+    torch_device = _generation_device(device)
+    torch_dtype = _generation_dtype(dtype, torch_device)
+    prompts = _read_prompts(prompts_file) if prompts_file is not None else None
+
+    started = time.perf_counter()
+    try:
+        directory = resolve_checkpoint_dir(model_dir)
+        model = DiffLlamaForCausalLM.from_pretrained(directory, dtype=torch_dtype, device=torch_device,
+                                                     attn_implementation=attn)
+        tokenizer = Tokenizer.from_pretrained(directory)
+        model.generation_config = read_generation_config(directory)
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise _GenerateError(f"MODEL_DIR_OR_REPO {model_dir!r}: {error}") from error
+    except (ValueError, ImportError) as error:
+        raise _GenerateError(f"cannot load {model_dir!r}: {error}") from error
+    if tokenizer.eos_token_id is not None and model.generation_config.get("eos_token_id") is None \
+            and model.config.eos_token_id is None:
+        model.generation_config["eos_token_id"] = tokenizer.eos_token_id
+    print(f"loaded {model_dir} ({model.num_parameters() / 1e6:.1f}M parameters, {model.dtype}, {torch_device}) in "
+          f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else 1.0,
+                  top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                  static_cache=compile, compile=compile)
+    limit = model.config.max_position_embeddings
+
+    def check_length(n_tokens: int, where: str) -> None:
+        if n_tokens + max_new_tokens > limit:
+            print(f"warning: {where} has {n_tokens} tokens; with --max-new-tokens {max_new_tokens} it runs past "
+                  f"max_position_embeddings={limit}, where the model was not trained", file=sys.stderr)
+
+    def stream_one(text: str) -> None:
+        check_length(len(tokenizer.encode(text)), "the prompt")
+        t0 = time.perf_counter()
+        for piece in stream_text(model, tokenizer, text, **kwargs):
+            _write(piece)
+        _write("\n")
+        print(f"[{time.perf_counter() - t0:.2f} s]", file=sys.stderr)
+
+    if prompt is not None:
+        stream_one(prompt)
+    elif interactive:
+        while True:
+            print("> ", end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            if not line or not line.strip():
+                break
+            stream_one(line.rstrip("\n"))
+    else:
+        eos_default = model.generation_config.get("eos_token_id", model.config.eos_token_id)
+        eos = eos_default if eos_default is not None else tokenizer.eos_token_id
+        pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            encoded = tokenizer.encode_batch(chunk)
+            check_length(max(len(e) for e in encoded), f"prompt batch {start // batch_size}")
+            ids, mask = pad_batch(encoded, pad_token_id=pad or 0, device=torch_device)
+            out = model.generate(ids, mask, eos_token_id=eos, pad_token_id=pad, **kwargs)
+            stops = set([eos] if isinstance(eos, int) else eos or [])
+            for row in out[:, ids.shape[1]:].tolist():
+                cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+                text = tokenizer.decode(row[:cut])
+                _write(text.replace("\\", "\\\\").replace("\n", "\\n") + "\n")
+
 # ---- train / plot (training) ------------------------------------------------------------------------------------
 
 @app.command()
@@ -112,6 +312,138 @@ def plot(
 
 
 # ---- finetune / predict (task heads) ----------------------------------------------------------------------------
+
+_TASK_HELP = "sequence-classification, token-classification or question-answering."
+
+
+def _task_options(task_name, text_column, label_column, tokens_column, tags_column, labels, max_length, stride):
+    from diffllama.finetune.tasks import TaskOptions, get_task
+
+    options = TaskOptions(text_column=text_column, label_column=label_column, tokens_column=tokens_column,
+                          tags_column=tags_column, labels=[s.strip() for s in labels.split(",")] if labels else None,
+                          max_length=max_length, stride=stride)
+    return get_task(task_name, options)
+
+
+@app.command()
+def finetune(
+    task: str = typer.Argument(..., help="Task: " + _TASK_HELP),
+    model: str = typer.Option(..., "--model", help="Pretrained checkpoint directory (weights + tokenizer)."),
+    data: str = typer.Option(..., "--data", help="Labelled training data: CSV/TSV/JSONL (classification), "
+                             "CoNLL or JSONL token/tag lists (tagging), SQuAD JSON (QA)."),
+    eval_data: str = typer.Option(None, "--eval-data", help="Labelled evaluation data (default: 10% of --data)."),
+    test_data: str = typer.Option(None, "--test-data", help="Labelled test data, scored once after training."),
+    text_column: str = typer.Option("text", help="Text column / key (classification)."),
+    label_column: str = typer.Option("label", help="Label column / key (classification)."),
+    tokens_column: str = typer.Option("tokens", help="JSONL key of the token list (tagging)."),
+    tags_column: str = typer.Option("tags", help="JSONL key of the tag list (tagging)."),
+    labels: str = typer.Option(None, help="Comma-separated label set, in order (default: sorted labels of --data)."),
+    max_length: int = typer.Option(256, help="Tokens per sequence (per window for QA)."),
+    stride: int = typer.Option(64, help="Overlap in tokens of consecutive QA context windows."),
+    out: str = typer.Option(None, "--out", help="Run folder. Default: runs/finetune-TASK."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    max_steps: int = typer.Option(None, help="Optimizer steps (default 300)."),
+    batch_size: int = typer.Option(None, help="Sequences per micro-batch per process (default 16)."),
+    grad_accum: int = typer.Option(None, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(None, help="Peak learning rate (default 2e-4)."),
+    warmup_steps: int = typer.Option(None, help="Linear warm-up steps (default 30)."),
+    weight_decay: float = typer.Option(None, help="AdamW weight decay (default 0)."),
+    eval_every: int = typer.Option(None, help="Steps between evaluations (default 100)."),
+    save_every: int = typer.Option(None, help="Steps between checkpoints (default 0: at the end only)."),
+    seed: int = typer.Option(None, help="Seed for the head's initialisation, data order and dropout."),
+    device: str = typer.Option(None, help="auto, cpu, cuda."),
+    dtype: str = typer.Option(None, help="auto (bf16 autocast on CUDA), float32, bfloat16."),
+    parallel: str = typer.Option(None, help="auto (DDP under torchrun), none, ddp, fsdp."),
+    num_threads: int = typer.Option(None, help="CPU threads for torch (0 = default)."),
+) -> None:
+    """Fine-tune a pretrained DiffLlama checkpoint on labelled data; prints metrics and writes them to JSON.
+
+    The checkpoint's weights load into the task's head (the new head weights are listed); training uses the
+    `diffllama train` loop (progress, checkpoints, --resume, bf16, torchrun). RUN_DIR/model is the fine-tuned
+    model (config.json with id2label/label2id, transformers' Auto classes load it); RUN_DIR/finetune_metrics.json
+    holds the metrics. Example: diffllama finetune sequence-classification --model runs/tiny/model --data train.csv
+    """
+    import json
+    import sys
+    from pathlib import Path
+
+    from diffllama.finetune.data import DataError
+    from diffllama.finetune.run import finetune_config, run_finetune
+    from diffllama.train.distributed import cleanup
+
+    run_dir = Path(out or f"runs/finetune-{task}")
+    try:
+        task_obj = _task_options(task, text_column, label_column, tokens_column, tags_column, labels, max_length,
+                                 stride)
+        cfg = finetune_config(dict(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                                   warmup_steps=warmup_steps, weight_decay=weight_decay, eval_every=eval_every,
+                                   save_every=save_every, seed=seed, device=device, dtype=dtype, parallel=parallel,
+                                   num_threads=num_threads))
+        result = run_finetune(task_obj, cfg, run_dir, model_dir=model, train_path=data, eval_path=eval_data,
+                              test_path=test_data, resume=resume)
+    except (DataError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(1)
+    finally:
+        cleanup()
+    if result.interrupted:
+        print(f"interrupted by {result.interrupted} at step {result.step}; continue with: diffllama finetune "
+              f"{task} --model {model} --data {data} --out {run_dir} --resume", file=sys.stderr)
+        raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
+    summary = result.metrics.get("summary")
+    if summary:
+        brief = {k: summary[k] for k in ("task", "steps", "baseline", "eval", "test", "test_baseline", "model_dir")
+                 if k in summary}
+        for split in ("eval", "test"):  # per-label tables stay in the JSON file
+            if split in brief:
+                brief[split] = {k: v for k, v in brief[split].items() if k not in ("per_label", "per_tag")}
+        print(json.dumps(brief, indent=2))
+        print(f"metrics: {run_dir / 'finetune_metrics.json'}")
+
+
+@app.command()
+def predict(
+    task: str = typer.Argument(..., help="Task: " + _TASK_HELP),
+    source: str = typer.Argument("-", help="Input file, or - for standard input (text lines or JSONL)."),
+    model: str = typer.Option(..., "--model", help="A fine-tuned checkpoint directory (e.g. RUN_DIR/model)."),
+    text_column: str = typer.Option("text", help="Text column / key (classification)."),
+    label_column: str = typer.Option("label", help="Label column / key, used for metrics when present."),
+    tokens_column: str = typer.Option("tokens", help="JSONL key of the token list (tagging)."),
+    tags_column: str = typer.Option("tags", help="JSONL key of the tag list (tagging)."),
+    max_length: int = typer.Option(256, help="Tokens per sequence (per window for QA)."),
+    stride: int = typer.Option(64, help="Overlap of QA context windows."),
+    batch_size: int = typer.Option(16, help="Sequences per forward pass."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    metrics_out: str = typer.Option(None, "--metrics-out", help="Write metrics JSON here (input with gold labels)."),
+) -> None:
+    """Predict with a fine-tuned model: one JSON line per input (label with scores, tags per word, answer span).
+
+    When the input carries gold labels, metrics are printed to stderr (and written to --metrics-out).
+    Example: echo "A triumph of a film." | diffllama predict sequence-classification --model runs/ft/model -
+    """
+    import json
+    import sys
+
+    from diffllama.finetune.data import DataError
+    from diffllama.finetune.predict import gold_metrics, output_records, predict as run_predict, read_input
+
+    try:
+        task_obj = _task_options(task, text_column, label_column, tokens_column, tags_column, None, max_length,
+                                 stride)
+        examples = read_input(task_obj, source, sys.stdin.read() if source == "-" else None)
+        predictions = run_predict(task_obj, model, examples, batch_size=batch_size, device=device)
+    except (DataError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(1)
+    for record in output_records(task_obj, examples, predictions):
+        print(json.dumps(record, ensure_ascii=False))
+    scores = gold_metrics(task_obj, examples, predictions)
+    if scores is not None:
+        brief = {k: v for k, v in scores.items() if k not in ("per_label", "per_tag")}
+        print(json.dumps({"metrics": brief}), file=sys.stderr)
+        if metrics_out:
+            with open(metrics_out, "w") as handle:
+                json.dump(scores, handle, indent=2)
 
 
 def main() -> None:

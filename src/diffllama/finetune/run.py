@@ -1,0 +1,211 @@
+"""Fine-tuning with the training loop: :class:`FineTuneTrainer` is :class:`diffllama.train.loop.Trainer` with its
+data, model and evaluation taken from a :class:`diffllama.finetune.tasks.Task`.
+
+Everything else is the pretraining loop's: the step function (micro-batches, loss normalised by the global count of
+labelled targets, gradient clipping, AdamW, warm-up + cosine), the driver (tqdm progress bar, ``metrics.jsonl``,
+evaluation every ``eval_every`` steps, atomic checkpoints with optimizer/RNG state, ``--resume``, SIGINT/SIGTERM
+saves), bf16 autocast on CUDA, DDP/FSDP2 under torchrun. Each checkpoint and the final ``RUN_DIR/model`` are
+complete model directories: config.json (with ``id2label``/``label2id`` for the classification heads) +
+safetensors + tokenizer, loadable by this library's head classes and by transformers' matching Auto classes.
+
+Evaluation runs the whole evaluation set on every rank through the wrapped module (identical work per rank, so it
+is correct under DDP and FSDP alike; evaluation sets are small next to training).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffllama.finetune.data import DataError
+from diffllama.finetune.tasks import Task
+from diffllama.train.config import TrainConfig, resolve_config
+from diffllama.train.loop import Trainer
+
+FINETUNE_DEFAULTS = dict(max_steps=300, batch_size=16, grad_accum=1, lr=2e-4, warmup_steps=30, min_lr_ratio=0.1,
+                         weight_decay=0.0, eval_every=100, log_every=10, save_every=0, keep_last=1,
+                         tensorboard=False)
+
+
+def finetune_config(overrides: dict | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` for fine-tuning: :data:`FINETUNE_DEFAULTS` < ``overrides`` (None values skipped).
+
+    Raises:
+        ValueError: unknown keys or bad values (from :func:`diffllama.train.config.resolve_config`).
+    """
+    settings = dict(FINETUNE_DEFAULTS)
+    settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return resolve_config("tiny", overrides=settings)
+
+
+class TaskModule(nn.Module):
+    """The head model plus its task's loss: ``forward(inputs (B, S) int64, targets, scale)`` returns
+    ``scale × Σ loss`` (float32 scalar); with ``targets=None`` it returns the task's raw logits."""
+
+    def __init__(self, model: nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None, scale=1.0) -> torch.Tensor:
+        if targets is None:
+            return self.task.forward(self.model, inputs)
+        return self.task.loss(self.model, inputs, targets, scale)
+
+
+class FineTuneTrainer(Trainer):
+    """A :class:`Trainer` whose data, model and evaluation come from ``task``.
+
+    Args:
+        cfg: training settings (:func:`finetune_config`); ``seq_len`` is set to the task's ``max_length``.
+        run_dir: output folder. task: the task (with its :class:`TaskOptions`).
+        model_dir: a pretrained checkpoint (a causal LM, or a head checkpoint) with its tokenizer.
+        train_path: labelled training data. eval_path: labelled evaluation data; default: ``eval_fraction`` of the
+            training rows, held out with the run's seed. test_path: optional data scored once after training.
+
+    Raises:
+        DataError: bad data (names file and row). FileNotFoundError / ValueError: a bad model directory.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir, *, task: Task, model_dir, train_path, eval_path=None,
+                 test_path=None, eval_fraction: float = 0.1, resume: bool = False, info=None,
+                 quiet: bool = False) -> None:
+        self.task = task
+        self.model_dir = Path(model_dir)
+        self.paths = {"train": Path(train_path), "eval": Path(eval_path) if eval_path else None,
+                      "test": Path(test_path) if test_path else None}
+        self.eval_fraction = eval_fraction
+        self.last_eval: dict = {}
+        cfg.seq_len = task.options.max_length
+        super().__init__(cfg, run_dir, resume=resume, info=info, quiet=quiet)
+
+    # ---- hooks of the Trainer ------------------------------------------------------------------------------------
+
+    def _setup_data(self) -> None:
+        from diffllama.tokenizer import Tokenizer
+
+        task, paths = self.task, self.paths
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(f"model directory {str(self.model_dir)!r} does not exist")
+        self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
+        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer in {self.model_dir} has neither a pad nor an EOS token")
+        self.train_examples = task.read(paths["train"])
+        if paths["eval"] is not None:
+            self.eval_examples = task.read(paths["eval"])
+        else:
+            order = list(range(len(self.train_examples)))
+            random.Random(self.cfg.seed).shuffle(order)
+            held = max(1, int(len(order) * self.eval_fraction))
+            if held >= len(order):
+                raise DataError(f"{paths['train']}: {len(order)} rows are too few to hold out an evaluation split; "
+                                f"pass --eval-data")
+            self.eval_examples = [self.train_examples[i] for i in sorted(order[:held])]
+            self.train_examples = [self.train_examples[i] for i in sorted(order[held:])]
+            self.paths["eval"] = paths["train"]
+        self.test_examples = task.read(paths["test"]) if paths["test"] is not None else None
+        self.labels = task.label_set(self.train_examples)
+        self.label2id = None if self.labels is None else {label: i for i, label in enumerate(self.labels)}
+        for split, examples in (("train", self.train_examples), ("eval", self.eval_examples),
+                                ("test", self.test_examples)):
+            if examples is not None:
+                task.check(self.paths[split], examples, self.label2id)
+        self.train_data = task.encode(self.tokenizer, self.train_examples, self.label2id)
+        self.val_data = task.encode(self.tokenizer, self.eval_examples, self.label2id)
+        self.meta = None
+
+    def _build_model(self):
+        from diffllama.config import DiffLlamaConfig
+
+        overrides = {}
+        if self.labels is not None:
+            overrides["id2label"] = dict(enumerate(self.labels))
+            overrides["label2id"] = dict(self.label2id)
+        if DiffLlamaConfig.from_pretrained(self.model_dir).pad_token_id is None:
+            pad = self.tokenizer.pad_token_id
+            overrides["pad_token_id"] = pad if pad is not None else self.tokenizer.eos_token_id
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the new-weights warning: reported below instead
+            model = self.task.model_class.from_pretrained(self.model_dir, dtype=torch.float32, device=self.device,
+                                                          **overrides)
+        self.loading_report = getattr(model, "loading_report", {"new": [], "dropped": []})
+        self.model_config = model.config
+        return model, TaskModule(model, self.task)
+
+    def _count_targets(self, batch) -> int:
+        return int((batch[1] != -100).sum())
+
+    def _to_device(self, batch):
+        inputs, targets = batch
+        if self.device.type == "cuda":
+            return (inputs.pin_memory().to(self.device, non_blocking=True),
+                    targets.pin_memory().to(self.device, non_blocking=True))
+        return inputs, targets
+
+    def _batch(self, indices, data):
+        return self._to_device(data.batch(indices))
+
+    # ---- evaluation ------------------------------------------------------------------------------------------------
+
+    def predict(self, examples) -> list:
+        """The task's predictions for ``examples`` with the model as it is now (eval mode, autocast, no grad)."""
+        self.wrapped.eval()
+        id2label = None if self.labels is None else dict(enumerate(self.labels))
+
+        def forward(inputs):
+            with torch.no_grad(), self._autocast():
+                return self.wrapped(inputs)
+        return self.task.predict(forward, self.tokenizer, examples, id2label, self.cfg.batch_size, self.device)
+
+    def evaluate(self) -> dict:
+        """Score the evaluation set: ``{"eval_<metric>": float}`` for the scalar metrics (full result in
+        ``self.last_eval``)."""
+        scores = self.task.score(self.eval_examples, self.predict(self.eval_examples))
+        self.last_eval = scores
+        return {f"eval_{k}": v for k, v in scores.items() if isinstance(v, (int, float))}
+
+    def describe_eval(self, val: dict) -> str:
+        return ", ".join(f"{k} {v:.4f}" for k, v in val.items() if not k.endswith("count"))
+
+    def _write_summary(self, result) -> None:
+        if not self.info.is_main:
+            return
+        summary = self.report()
+        (self.run_dir / "finetune_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        result.metrics["summary"] = summary
+
+    def report(self) -> dict:
+        """Task, data sizes, label set, loading report, baseline and the last evaluation (and test) metrics."""
+        out = {"task": self.task.name, "model": str(self.model_dir), "steps": self.step,
+               "train_examples": len(self.train_examples), "eval_examples": len(self.eval_examples),
+               "labels": self.labels, "loading_report": self.loading_report,
+               "baseline": self.task.baseline(self.train_examples, self.eval_examples), "eval": self.last_eval,
+               "model_dir": str(self.run_dir / "model")}
+        if self.test_examples is not None:
+            out["test"] = self.task.score(self.test_examples, self.predict(self.test_examples))
+            out["test_baseline"] = self.task.baseline(self.train_examples, self.test_examples)
+        return out
+
+
+def run_finetune(task: Task, cfg: TrainConfig, run_dir, *, model_dir, train_path, eval_path=None, test_path=None,
+                 resume: bool = False, quiet: bool = False):
+    """Build a :class:`FineTuneTrainer`, print what was loaded, fit, and return the :class:`FitResult`
+    (``result.metrics["summary"]`` holds :meth:`FineTuneTrainer.report`, also written to
+    ``RUN_DIR/finetune_metrics.json``)."""
+    trainer = FineTuneTrainer(cfg, run_dir, task=task, model_dir=model_dir, train_path=train_path,
+                              eval_path=eval_path, test_path=test_path, resume=resume, quiet=quiet)
+    if trainer.info.is_main and not quiet:
+        report = trainer.loading_report
+        print(f"{task.name}: {trainer.model.num_parameters() / 1e6:.2f}M parameters from {model_dir}; "
+              f"new weights (initialised): {report.get('new')}; dropped: {report.get('dropped')}; "
+              f"{len(trainer.train_examples)} train / {len(trainer.eval_examples)} eval examples "
+              f"({len(trainer.train_data)} / {len(trainer.val_data)} sequences)"
+              + (f"; labels: {trainer.labels if len(trainer.labels) <= 20 else len(trainer.labels)}"
+                 if trainer.labels else ""), flush=True)
+    result = trainer.fit()
+    return result
