@@ -11,14 +11,15 @@ Sections (each in its own try/except, printed as it goes, JSON to DIR/attention.
 1. peak: an 8192³ bf16 matmul on random data (median of do_bench), the "measured bf16 matmul peak".
 2. core attention, causal, bf16, B = tokens / S, H heads (KV = H), head_dim d; forward and forward + backward
    (torch.autograd.grad of a random dO) median times, peak memory of forward + backward above the inputs:
-     flash     ours, ``diffllama.attention.flash.attention`` (returns o1 − λ·o2)
+     flash     ours, ``diffllama.attention.flash.attention`` (returns o1 − λ·o2); dQ by atomics in the dK/dV kernel
+     flash-dqk the same with dQ from a separate kernel (``flash.DQ_MODE = "kernel"``)
      sdpa      ours, ``diffllama.attention.sdpa.attention`` (one SDPA call, 2d-wide value)
      hf-2call  transformers' DiffLlama form: two calls of transformers' ``sdpa_attention_forward`` over the two
                value halves, cat, o1 − λ·o2 (the lines of ``DiffLlamaAttention.forward``)
      llama     ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` at the same H and d: no differential cost
    TFLOP/s counts 1.5× a Llama causal attention's FLOPs for the differential rows (forward 1.5·2·B·H·S²·d,
    forward + backward 3.5× that) and 1× for the llama row, so every row's TFLOP/s is useful work per second.
-3. layer: whole attention modules (projections, RoPE, norm): transformers' ``DiffLlamaAttention`` (sdpa),
+3. train (below), then layer: whole attention modules (projections, RoPE, norm): transformers' ``DiffLlamaAttention`` (sdpa),
    ours with flash and with sdpa, transformers' ``LlamaAttention`` (sdpa), forward + backward.
 4. train: one optimizer step (AdamW, bf16 weights) of ``DiffLlamaForCausalLM`` at the 0.4b shape (hidden 1024,
    24 layers, 16 heads, intermediate 2816, vocab 32000), batch 8 × 2048 tokens, flash vs sdpa.
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 RESULTS: dict = {"core": [], "layer": [], "train": []}
 
 
-def bench(fn, warmup=25, rep=100) -> float:
+def bench(fn, warmup=10, rep=50) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
@@ -75,11 +76,12 @@ def _core_impls(h: int, d: int):
     def llama(q, k, v, mask, scale, lam):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
-    return {"flash": ours(flash.attention), "sdpa": ours(sdpa.attention), "hf-2call": hf_two_call, "llama": llama}
+    return {"flash": ours(flash.attention), "flash-dqk": ours(flash.attention), "sdpa": ours(sdpa.attention),
+            "hf-2call": hf_two_call, "llama": llama}
 
 
 def core(dims, seqs, tokens, heads, peak) -> None:
-    from diffllama.attention import AttentionMask
+    from diffllama.attention import AttentionMask, flash
 
     print(f"\n== core attention, causal bf16, H={heads}, B=tokens/S (tokens={tokens}); matmul peak {peak:.0f} TFLOP/s")
     print(f"{'d':>4} {'S':>6} {'B':>3} {'impl':>9} {'fwd ms':>8} {'TF/s':>6} {'%peak':>6} {'f+b ms':>8} {'TF/s':>6} "
@@ -96,12 +98,14 @@ def core(dims, seqs, tokens, heads, peak) -> None:
             llama_flops = 2 * b * heads * s * s * d  # causal: half of 4·B·H·S²·d
             ref_outs = None
             llama_fb = None
-            for name in ("llama", "flash", "sdpa", "hf-2call"):
+            douts = {"llama": mk(b, heads, s, d), "diff": mk(b, s, heads // 2, 2 * d)}
+            for name in ("llama", "flash", "flash-dqk", "sdpa", "hf-2call"):
                 fn = impls[name]
+                flash.DQ_MODE = "kernel" if name == "flash-dqk" else "atomic"
                 row = dict(d=d, S=s, B=b, H=heads, impl=name)
                 try:
                     out = fn(q, k, v, mask, d ** -0.5, lam)
-                    dout = torch.randn_like(out)
+                    dout = douts["llama" if name == "llama" else "diff"]
                     inputs = (q, k, v) if name == "llama" else (q, k, v, lam)
                     check = ""
                     if name != "llama":
@@ -236,11 +240,11 @@ def train_step() -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dims", default="64,128")
+    parser.add_argument("--dims", default="128,64")
     parser.add_argument("--seqs", default="1024,2048,4096,8192,16384")
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--layer-seqs", default="4096,8192")
+    parser.add_argument("--layer-seqs", default="8192")
     parser.add_argument("--no-layer", action="store_true")
     parser.add_argument("--no-train", action="store_true")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks"))
@@ -252,10 +256,10 @@ def main(argv=None) -> None:
     RESULTS["matmul_peak_tflops"] = peak
     print(f"bf16 matmul peak (8192^3, random, median): {peak:.0f} TFLOP/s", flush=True)
     sections = [lambda: core(dims, seqs, args.tokens, args.heads, peak)]
-    if not args.no_layer:
-        sections.append(lambda: layer(128, [int(x) for x in args.layer_seqs.split(",")], args.tokens, args.heads))
     if not args.no_train:
         sections.append(train_step)
+    if not args.no_layer:
+        sections.append(lambda: layer(128, [int(x) for x in args.layer_seqs.split(",")], args.tokens, args.heads))
     for section in sections:
         try:
             section()

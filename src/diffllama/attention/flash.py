@@ -3,7 +3,8 @@
 Same contract as :func:`diffllama.attention.eager.attention`. Per head pair the forward program runs both
 online softmaxes (one per query head, each over the pair's 2·head_dim wide value) and writes ``o1 − λ·o2``: 1.5×
 a Llama attention's FLOPs instead of the 2× of two attention calls. The backward is the FlashAttention-2 split
-(Dao, arXiv 2307.08691): a row-sum preprocess, a dK/dV kernel over key blocks, a dQ kernel over query blocks, with
+(Dao, arXiv 2307.08691): a row-sum preprocess, a dK/dV kernel over key blocks that also adds dQ with float32
+atomics (or, with ``DQ_MODE = "kernel"``, a separate dQ kernel over query blocks: deterministic, more FLOPs), with
 ``dO1 = dO``, ``dO2 = −λ·dO`` and ``dλ = −Σ dO·o2``. Ideas from FlashAttention (Dao et al., arXiv 2205.14135) and
 the Differential Transformer (Ye et al., arXiv 2410.05258); the code is written for this project.
 
@@ -39,6 +40,9 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 LOG2E = 1.4426950408889634
 POISON = False  # tests set this: every output buffer starts as NaN, so an unwritten element shows
+# How the backward gets dQ: "atomic" adds it from the dK/dV kernel (float32 relaxed atomics, no recomputation),
+# "kernel" runs a separate dQ kernel that recomputes the scores (deterministic, 30% more FLOPs).
+DQ_MODE = os.environ.get("DIFFLLAMA_FLASH_DQ", "atomic")
 
 
 def _interpreting() -> bool:
@@ -60,11 +64,11 @@ def _configs(kind: str, dp: int):
                  64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)],
                  128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
                  256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2)]}[dp]
-    elif kind == "dkdv":
-        table = {32: [(64, 128, 8, 3), (32, 64, 4, 3)],
-                 64: [(64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 8, 3)],
-                 128: [(64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2)],
-                 256: [(32, 64, 8, 2), (32, 32, 4, 2), (16, 64, 8, 2)]}[dp]
+    elif kind == "dkdv":  # accumulators dK, dV_a, dV_b (and the dQ share): keep BLOCK_N·3·d fp32 in registers
+        table = {32: [(64, 128, 8, 3), (64, 64, 4, 3)],
+                 64: [(64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
+                 128: [(64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 3), (128, 64, 8, 2)],
+                 256: [(32, 32, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)]}[dp]
     else:  # dq
         table = {32: [(128, 64, 8, 3), (64, 64, 4, 3)],
                  64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
@@ -90,7 +94,12 @@ def _launch(kind: str, kernel, grid, dp: int, *args, **kwargs) -> None:
         return
     key = (kind, dp)
     if key not in _TUNED:
-        _TUNED[key] = triton.autotune(_configs(kind, dp), key=["HEAD_DIM", "HAS_PAD", "SEQ_BUCKET"])(kernel)
+        if kind == "dkdv":  # the dQ buffer is accumulated into: zero it before every trial run
+            tuner = triton.autotune(_configs(kind, dp), key=["HEAD_DIM", "HAS_PAD", "SEQ_BUCKET", "DQ_ATOMIC"],
+                                    reset_to_zero=["DQACC"])
+        else:
+            tuner = triton.autotune(_configs(kind, dp), key=["HEAD_DIM", "HAS_PAD", "SEQ_BUCKET"])
+        _TUNED[key] = tuner(kernel)
     compiled = _TUNED[key][grid](*args, **kwargs)
     if os.environ.get("DIFFLLAMA_FLASH_DEBUG") == "1":
         best = _TUNED[key].best_config
@@ -142,10 +151,15 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), pad.stride(0) if pad is not None else 0,
               h, kv // 2, h // kv, sq, sk, scale * LOG2E, scale, _seq_bucket(sk))
     meta = dict(HEAD_DIM=d, DP=dp, HAS_PAD=pad is not None)
+    atomic = DQ_MODE == "atomic"
+    dq_acc = torch.zeros((b, h, sq, dp) if atomic else (1,), dtype=torch.float32, device=q.device)
     _launch("dkdv", kernels.attn_bwd_dkdv, lambda m: (triton.cdiv(sk, m["BLOCK_N"]), b * kv // 2), dp,
-            q, k, v, dout, lse, r, qpos, pad_t, dk, dv, lam, *common, **meta)
-    _launch("dq", kernels.attn_bwd_dq, lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h), dp,
-            q, k, v, dout, lse, r, qpos, pad_t, dq, lam, *common, **meta)
+            q, k, v, dout, lse, r, qpos, pad_t, dk, dv, dq_acc, lam, *common, DQ_ATOMIC=atomic, **meta)
+    if atomic:
+        dq.copy_(dq_acc[..., :d].mul_(scale))
+    else:
+        _launch("dq", kernels.attn_bwd_dq, lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h), dp,
+                q, k, v, dout, lse, r, qpos, pad_t, dq, lam, *common, **meta)
     dlam = -r[:, h // 2:].sum()
     return dq, dk, dv, dlam
 

@@ -248,12 +248,13 @@ def _first_query(QPOS, Sq, target):
 
 
 @triton.jit
-def _dkdv_loop(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, QPOS, offs_n, offs_d,
+def _dkdv_loop(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, dq_base, QPOS, offs_n, col_keep, offs_d,
                stride_qm, stride_dm, lo, hi, Sq, qk_scale, c,
                HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-               SCALED: tl.constexpr):
+               SCALED: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """Accumulate one query head's contribution over query rows [lo, hi) into dK (this head's key head) and dV'.
-    Works on transposed scores (BN, BM) so the accumulators stay key-major."""
+    Works on transposed scores (BN, BM) so the accumulators stay key-major. With DQ_ATOMIC, also adds this key
+    block's share of dQ/scale (c·dS·K) into the float32 (rows, DP) buffer at ``dq_base`` (relaxed atomics)."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Sq
@@ -267,6 +268,8 @@ def _dkdv_loop(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, QPOS,
         if MASKED:
             qp = tl.load(QPOS + offs_m, mask=row_ok, other=-1)
             p_t = tl.where(offs_n[:, None] <= qp[None, :], p_t, 0.0)
+        if DQ_ATOMIC:  # padding and out-of-range keys must not reach dQ (their own dK/dV rows are zeroed later)
+            p_t = tl.where(col_keep[:, None], p_t, 0.0)
         dp_t = tl.dot(va, tl.trans(doa))
         dp_t = tl.dot(vb, tl.trans(dob), dp_t)
         ds_t = p_t * (dp_t - r[None, :])
@@ -276,33 +279,42 @@ def _dkdv_loop(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, QPOS,
         p16 = p_t.to(q.dtype)
         dva = tl.dot(p16, doa, dva)
         dvb = tl.dot(p16, dob, dvb)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+        ds16 = ds_t.to(q.dtype)
+        dk = tl.dot(ds16, q, dk)
+        if DQ_ATOMIC:
+            dq = tl.dot(tl.trans(ds16), k)  # (BM, DP)
+            tl.atomic_add(dq_base + offs_m[:, None] * DP + offs_d[None, :], dq, mask=row_ok[:, None],
+                          sem="relaxed")
     return dk, dva, dvb
 
 
 @triton.jit
-def _dkdv_head(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, QPOS, offs_n, offs_d,
+def _dkdv_head(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, dq_base, QPOS, offs_n, col_keep, offs_d,
                stride_qm, stride_dm, lo, full, Sq, qk_scale, c,
-               HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, SCALED: tl.constexpr):
+               HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, SCALED: tl.constexpr,
+               DQ_ATOMIC: tl.constexpr):
     # Rows [lo, full) may see only part of the key block; rows from there on see all of it.
     n_masked = tl.cdiv(full - lo, BLOCK_M)
     mid = lo + n_masked * BLOCK_M
-    dk, dva, dvb = _dkdv_loop(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, QPOS, offs_n, offs_d,
-                              stride_qm, stride_dm, lo, mid, Sq, qk_scale, c, HEAD_DIM, DP, BLOCK_M, True, SCALED)
-    dk, dva, dvb = _dkdv_loop(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, QPOS, offs_n, offs_d,
-                              stride_qm, stride_dm, mid, Sq, Sq, qk_scale, c, HEAD_DIM, DP, BLOCK_M, False, SCALED)
+    dk, dva, dvb = _dkdv_loop(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, dq_base, QPOS, offs_n,
+                              col_keep, offs_d, stride_qm, stride_dm, lo, mid, Sq, qk_scale, c, HEAD_DIM, DP, BLOCK_M, True,
+                              SCALED, DQ_ATOMIC)
+    dk, dva, dvb = _dkdv_loop(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, dq_base, QPOS, offs_n,
+                              col_keep, offs_d, stride_qm, stride_dm, mid, Sq, Sq, qk_scale, c, HEAD_DIM, DP, BLOCK_M, False,
+                              SCALED, DQ_ATOMIC)
     return dk, dva, dvb
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, LAM,
+def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, DQACC, LAM,
                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_db, stride_dm, stride_dh, stride_pb,
                   H, KV_HALF, GROUP, Sq, Sk, qk_scale, scale, SEQ_BUCKET,
-                  HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr, DQ_ATOMIC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (key block, batch · g), g < KV/2: dK of key heads g and g + KV/2, dV of value heads g and
-    g + KV/2, summed over the 2G query heads that use them. DK and DV have K's and V's shapes, contiguous."""
+    g + KV/2, summed over the 2G query heads that use them. DK and DV have K's and V's shapes, contiguous.
+    With DQ_ATOMIC, dQ/scale is accumulated too, into DQACC (B, H, Sq, DP) float32, zeroed by the caller."""
     pid_n = tl.program_id(0)
     bg = tl.program_id(1)
     b = (bg // KV_HALF).to(tl.int64)
@@ -319,8 +331,10 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, LAM,
                     True)
     dva = tl.zeros([BLOCK_N, DP], tl.float32)
     dvb = tl.zeros([BLOCK_N, DP], tl.float32)
+    col_keep = col_ok
     if HAS_PAD:
         keep = tl.load(PAD + b * stride_pb + offs_n, mask=col_ok, other=0) != 0
+        col_keep = col_keep & keep
     neg_lam = -tl.load(LAM)
 
     # Heads g·G .. g·G+G-1 read K[g]; heads H/2 + the same read K[g + KV/2]; all of them read V' = [V[g], V[g+KV/2]].
@@ -330,8 +344,9 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, LAM,
         pair = g * GROUP + jj
         dk, dva, dvb = _dkdv_head(dk, dva, dvb, k, va, vb, Q + b * stride_qb + pair * stride_qh,
                                   DO + b * stride_db + pair * stride_dh, LSE + (b * H + pair) * Sq,
-                                  R + (b * H + pair) * Sq, QPOS, offs_n, offs_d, stride_qm, stride_dm, lo, full, Sq,
-                                  qk_scale, 1.0, HEAD_DIM, DP, BLOCK_M, False)
+                                  R + (b * H + pair) * Sq, DQACC + (b * H + pair) * Sq * DP, QPOS, offs_n, col_keep, offs_d,
+                                  stride_qm, stride_dm, lo, full, Sq, qk_scale, 1.0, HEAD_DIM, DP, BLOCK_M, False,
+                                  DQ_ATOMIC)
     dk = dk * scale
     if HAS_PAD:
         dk = tl.where(keep[:, None], dk, 0.0)
@@ -344,8 +359,9 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, LAM,
         pair = g * GROUP + jj
         dk, dva, dvb = _dkdv_head(dk, dva, dvb, k, va, vb, Q + b * stride_qb + (pair + half_h) * stride_qh,
                                   DO + b * stride_db + pair * stride_dh, LSE + (b * H + pair + half_h) * Sq,
-                                  R + (b * H + pair + half_h) * Sq, QPOS, offs_n, offs_d, stride_qm, stride_dm, lo,
-                                  full, Sq, qk_scale, neg_lam, HEAD_DIM, DP, BLOCK_M, True)
+                                  R + (b * H + pair + half_h) * Sq, DQACC + (b * H + pair + half_h) * Sq * DP, QPOS,
+                                  offs_n, col_keep, offs_d, stride_qm, stride_dm, lo, full, Sq, qk_scale, neg_lam, HEAD_DIM, DP,
+                                  BLOCK_M, True, DQ_ATOMIC)
     dk = dk * scale
     if HAS_PAD:
         dk = tl.where(keep[:, None], dk, 0.0)
