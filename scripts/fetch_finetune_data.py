@@ -13,10 +13,11 @@ finetune` reads, into a git-ignored folder (default ``data/finetune``). Nothing 
   package ``allennlp==0.9.0`` (Apache-2.0; the SQuAD text is CC BY-SA 4.0) — a format check, 5 questions.
 - ``retrieval_qa/{train,test}.json``: the key-information-retrieval QA set of
   :mod:`diffllama.finetune.retrieval`, from passages of the bundled State of the Union corpus (training
-  questions from 4 of every 5 addresses, test questions from the 5th).
+  questions from 4 of every 5 addresses, test questions from the 5th), 200-word passages with the fact and 3
+  distractor facts about other keys.
 
 Usage: python scripts/fetch_finetune_data.py [--out data/finetune] [--retrieval-train 4000 --retrieval-test 500
---passage-words 200]
+--passage-words 200 --distractors 3]
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def squad_sample(out: Path, tmp: Path) -> None:
     print(f"squad_sample: {len(data)} bytes -> {folder / 'squad.json'}")
 
 
-def retrieval(out: Path, train_count: int, test_count: int, passage_words: int) -> None:
+def retrieval(out: Path, train_count: int, test_count: int, passage_words: int, distractors: int) -> None:
     from diffllama.finetune.retrieval import write_retrieval_qa
     from diffllama.train.data import bundled_corpus
 
@@ -150,10 +151,10 @@ def retrieval(out: Path, train_count: int, test_count: int, passage_words: int) 
     test_docs = [d for i, d in enumerate(documents) if i % 5 == 4]
     folder = out / "retrieval_qa"
     write_retrieval_qa(folder / "train.json", train_docs, train_count, passage_words=passage_words, seed=1,
-                       prefix="train")
+                       prefix="train", distractors=distractors)
     write_retrieval_qa(folder / "test.json", test_docs, test_count, passage_words=passage_words, seed=2,
-                       prefix="test")
-    print(f"retrieval_qa: {train_count} train / {test_count} test questions, {passage_words}-word passages -> "
+                       prefix="test", distractors=distractors)
+    print(f"retrieval_qa: {train_count} train / {test_count} test questions, {passage_words}-word passages, {distractors} distractor facts -> "
           f"{folder}")
 
 
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--retrieval-train", type=int, default=4000)
     parser.add_argument("--retrieval-test", type=int, default=500)
     parser.add_argument("--passage-words", type=int, default=200)
+    parser.add_argument("--distractors", type=int, default=3)
     args = parser.parse_args()
     out = Path(args.out)
     wanted = set(args.only or ["rotten_tomatoes", "brown", "squad", "retrieval"])
@@ -176,7 +178,7 @@ def main() -> None:
         if "squad" in wanted:
             squad_sample(out, tmp)
         if "retrieval" in wanted:
-            retrieval(out, args.retrieval_train, args.retrieval_test, args.passage_words)
+            retrieval(out, args.retrieval_train, args.retrieval_test, args.passage_words, args.distractors)
 
 
 if __name__ == "__main__":
