@@ -1,0 +1,128 @@
+"""`diffllama generate` end to end on a small checkpoint made here: streaming, batches, stdin, errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import diffllama
+import diffllama.cli as cli
+from conftest import tiny_config
+from diffllama.generation import stream_text
+from test_tokenizer import make_bytelevel
+
+PROMPTS = ["Hello world", "The quick brown fox", "Unicode: 日本"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random 3-layer model saved with a byte-level BPE tokenizer (EOS = a token it never emits greedily)."""
+    directory = tmp_path_factory.mktemp("ckpt")
+    tok = make_bytelevel()
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=tok.vocab_size, initializer_range=0.15, max_position_embeddings=128,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = diffllama.DiffLlamaForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli.app, ["generate", *map(str, args)], input=input)
+
+
+def expected_text(directory, prompt, dtype=torch.float64, **kwargs) -> str:
+    model = diffllama.DiffLlamaForCausalLM.from_pretrained(directory, dtype=dtype)
+    tok = diffllama.Tokenizer.from_pretrained(directory)
+    return "".join(stream_text(model, tok, prompt, **kwargs))
+
+
+def test_streams_greedy_continuation(checkpoint, monkeypatch):
+    pieces = []
+    real_write = cli._write
+    monkeypatch.setattr(cli, "_write", lambda text: (pieces.append(text), real_write(text)))
+    result = run(checkpoint, PROMPTS[0], "-n", 24, "--dtype", "float64", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    want = expected_text(checkpoint, PROMPTS[0], max_new_tokens=24)
+    assert result.stdout == want + "\n"
+    assert len(pieces) > 3, "text must be written piece by piece as tokens arrive"
+    assert "loaded" in result.stderr
+
+
+def test_seeded_sampling_reproducible(checkpoint):
+    args = (checkpoint, PROMPTS[1], "-n", 20, "--temperature", "1.3", "--top-k", 50, "--top-p", "0.95")
+    first, second = run(*args, "--seed", 7), run(*args, "--seed", 7)
+    other = run(*args, "--seed", 8)
+    assert first.exit_code == 0, first.output
+    assert first.stdout == second.stdout != other.stdout
+
+
+@pytest.mark.parametrize("source", ["file", "stdin"])
+def test_batched_prompts(checkpoint, tmp_path, source):
+    if source == "file":
+        path = tmp_path / "prompts.txt"
+        path.write_text("\n".join(PROMPTS) + "\n\n", encoding="utf-8")
+        result = run(checkpoint, "--prompts-file", path, "-n", 12, "--dtype", "float64", "--batch-size", 2)
+    else:
+        result = run(checkpoint, "-f", "-", "-n", 12, "--dtype", "float64", input="\n".join(PROMPTS))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.split("\n")[:-1]
+    assert len(lines) == len(PROMPTS)
+    for prompt, line in zip(PROMPTS, lines):
+        assert line == expected_text(checkpoint, prompt, max_new_tokens=12).replace("\n", "\\n")
+
+
+def test_interactive(checkpoint):
+    result = run(checkpoint, "--interactive", "-n", 8, "--dtype", "float64", input=f"{PROMPTS[0]}\n\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == expected_text(checkpoint, PROMPTS[0], max_new_tokens=8) + "\n"
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["MISSING", "hi"], 1, "MODEL_DIR_OR_REPO"),
+    (["CKPT", "hi", "--device", "tpu"], 2, "--device must be auto, cpu, cuda"),
+    (["CKPT", "hi", "--dtype", "int8"], 2, "--dtype must be auto or one of"),
+    (["CKPT", "hi", "-n", "0"], 2, "--max-new-tokens"),
+    (["CKPT", "hi", "--temperature", "-1"], 2, "--temperature must be >= 0"),
+    (["CKPT", "hi", "--top-p", "0.5"], 2, "--top-k/--top-p apply to sampling"),
+    (["CKPT", "hi", "-t", "1", "--top-p", "1.5"], 2, "top_p must be None or in (0, 1]"),
+    (["CKPT", "hi", "-t", "1", "--top-k", "0"], 2, "top_k must be None or an int >= 1"),
+    (["CKPT"], 2, "exactly one of PROMPT, --interactive or --prompts-file"),
+    (["CKPT", "-f", "nowhere.txt"], 2, "--prompts-file 'nowhere.txt' does not exist"),
+])
+def test_errors(checkpoint, tmp_path, args, code, message):
+    args = [str(checkpoint) if a == "CKPT" else str(tmp_path / "missing") if a == "MISSING" else a for a in args]
+    result = run(*args)
+    assert result.exit_code == code, result.output
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")
+def test_cuda_unavailable(checkpoint):
+    result = run(checkpoint, "hi", "--device", "cuda")
+    assert result.exit_code == 1 and "CUDA is not available" in result.stderr
+
+
+def test_checkpoint_without_tokenizer(checkpoint, tmp_path):
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((checkpoint / name).read_bytes())
+    result = run(tmp_path, "hi")
+    assert result.exit_code == 1
+    assert "no tokenizer" in result.stderr and "tokenizer.json" in result.stderr
+
+
+def test_console_entry_point(checkpoint):
+    """`python -m diffllama generate` in a fresh process: only the generated text on stdout."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(["src", os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "diffllama", "generate", str(checkpoint), PROMPTS[0], "-n", "10",
+                           "--dtype", "float32"], capture_output=True, text=True, env=env, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected_text(checkpoint, PROMPTS[0], torch.float32, max_new_tokens=10) + "\n"
