@@ -238,3 +238,15 @@ def test_bad_inputs():
         model.generate(ids.float(), max_new_tokens=2)
     with pytest.raises(ValueError, match="shape \\(batch, seq\\)"):
         model.generate(ids[0], max_new_tokens=2)
+
+
+@pytest.mark.slow
+def test_compiled_static_decode_matches_eager():
+    """The compiled decode path (what runs on GPU, there also CUDA-graphed) computes the eager step's function."""
+    torch.manual_seed(0)
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(num_hidden_layers=1, num_key_value_heads=2,
+                                                       initializer_range=0.15)).eval()
+    ids, mask = padded_batch(96, "left", seq=6)
+    eager = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    compiled = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[], static_cache=True, compile=True)
+    assert torch.equal(compiled, eager)
