@@ -213,3 +213,10 @@ def test_failed_save_into_new_directory_leaves_nothing_loadable(tmp_path, monkey
     monkeypatch.undo()
     with pytest.raises(FileNotFoundError):
         diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path / "new")
+
+
+def test_generation_config_is_read(saved):
+    assert diffllama.DiffLlamaForCausalLM.from_pretrained(saved).generation_config == {}
+    (saved / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "pad_token_id": 0}))
+    model = diffllama.DiffLlamaForCausalLM.from_pretrained(saved)
+    assert model.generation_config["eos_token_id"] == [2, 7]

@@ -490,6 +490,9 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
     model.to(dtype=target_dtype)
     report = _load_into(model, state, str(directory))
     model.loading_report = report
+    from diffllama.generation import read_generation_config
+
+    model.generation_config = read_generation_config(directory)
     return model.eval()
 
 

@@ -126,7 +126,7 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
     import torch
 
     from diffllama.checkpoint import resolve_checkpoint_dir
-    from diffllama.generation import check_sampling_args, pad_batch, read_generation_config, stream_text
+    from diffllama.generation import check_sampling_args, pad_batch, stream_text
     from diffllama.modeling import DiffLlamaForCausalLM
     from diffllama.tokenizer import Tokenizer
 
@@ -156,7 +156,6 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
         model = DiffLlamaForCausalLM.from_pretrained(directory, dtype=torch_dtype, device=torch_device,
                                                      attn_implementation=attn)
         tokenizer = Tokenizer.from_pretrained(directory)
-        model.generation_config = read_generation_config(directory)
     except (FileNotFoundError, NotADirectoryError) as error:
         raise _GenerateError(f"MODEL_DIR_OR_REPO {model_dir!r}: {error}") from error
     except (ValueError, ImportError) as error:

@@ -265,6 +265,7 @@ class DiffLlamaPreTrainedModel(nn.Module):
             dtype: torch dtype or its name ("float32", "bfloat16", "float16", "float64"); default: the
                 checkpoint's ``dtype``/``torch_dtype`` entry, else float32.
             device: where to put the weights. attn_implementation: "eager", "sdpa", "flash" or "auto".
+            ``generation_config.json``, when present, is read into ``model.generation_config`` (a dict).
 
         Raises:
             FileNotFoundError: no such directory / cached repo, or no weights. ValueError: wrong model_type,
