@@ -1,0 +1,125 @@
+"""Fine-tuning data readers, label alignment and metrics: formats, and errors that name the file and row."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from diffllama.finetune import data as D
+from diffllama.finetune import metrics as M
+from diffllama.finetune.tasks import TaskOptions, get_task
+from diffllama.train.data import train_bpe
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_bpe(iter(["The jury said the Fulton County election was fair and 48213 people voted."] * 20), 300)
+
+
+def test_csv_missing_column_names_file_and_columns(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("review,label\ngood,pos\n")
+    with pytest.raises(D.DataError, match=r"d\.csv.*no text column 'text'.*\['review', 'label'\]"):
+        D.read_text_classification(path)
+    assert D.read_text_classification(path, text_column="review")[0].label == "pos"
+
+
+def test_jsonl_missing_key_names_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')
+    with pytest.raises(D.DataError, match=r"d\.jsonl: row 2 has no 'label' key"):
+        D.read_text_classification(path)
+
+
+def test_empty_files(tmp_path):
+    for name, reader in (("e.csv", D.read_text_classification), ("e.conll", D.read_tagged),
+                         ("e.json", D.read_squad)):
+        (tmp_path / name).write_text("")
+        with pytest.raises(D.DataError, match=rf"{name} is empty"):
+            reader(tmp_path / name)
+    (tmp_path / "h.csv").write_text("text,label\n")
+    with pytest.raises(D.DataError, match=r"h\.csv is empty: no data rows"):
+        D.read_text_classification(tmp_path / "h.csv")
+
+
+def test_missing_file():
+    with pytest.raises(D.DataError, match="does not exist"):
+        D.read_text_classification("/nonexistent/x.csv")
+
+
+def test_label_not_in_label_set_names_file_and_row(tmp_path):
+    path = tmp_path / "eval.csv"
+    path.write_text("text,label\nfine,fresh\nodd,meh\n")
+    task = get_task("sequence-classification")
+    examples = task.read(path)
+    with pytest.raises(D.DataError, match=r"eval\.csv: row 2: label 'meh' is not in the label set \['fresh', 'rotten'\]"):
+        task.check(path, examples, {"fresh": 0, "rotten": 1})
+    tags = tmp_path / "t.conll"
+    tags.write_text("The\tDET\ncat\tNOUN\n\nA\tDET\ndog\tWEIRD\n")
+    task = get_task("token-classification")
+    with pytest.raises(D.DataError, match=r"t\.conll: row 4: label 'WEIRD'"):
+        task.check(tags, task.read(tags), {"DET": 0, "NOUN": 1})
+
+
+def test_conll_line_without_tag(tmp_path):
+    path = tmp_path / "t.conll"
+    path.write_text("The\tDET\ncat\n")
+    with pytest.raises(D.DataError, match=r"t\.conll: line 2 has no tag"):
+        D.read_tagged(path)
+
+
+def test_jsonl_tags_length_mismatch(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"tokens": ["a", "b"], "tags": ["X"]}) + "\n")
+    with pytest.raises(D.DataError, match=r"t\.jsonl: row 1 has 2 tokens but 1 tags"):
+        D.read_tagged(path)
+
+
+def test_squad_answer_not_in_context(tmp_path):
+    path = tmp_path / "q.json"
+    data = {"data": [{"paragraphs": [{"context": "Paris is in France.", "qas": [
+        {"id": "a", "question": "Where?", "answers": [{"text": "France", "answer_start": 12}]},
+        {"id": "b", "question": "What?", "answers": [{"text": "Spain", "answer_start": 0}]}]}]}]}
+    path.write_text(json.dumps(data))
+    with pytest.raises(D.DataError, match=r"q\.json: row 2 \(question id 'b'\): answer 'Spain' is not found"):
+        D.read_squad(path)
+
+
+def test_first_subtoken_labelled_rest_ignored(tokenizer):
+    task = get_task("token-classification", TaskOptions(max_length=64))
+    example = D.TaggedExample(["The", "Fultonish", "jury"], ["DET", "ADJ", "NOUN"], 1)
+    features = task.encode(tokenizer, [example], {"DET": 0, "ADJ": 1, "NOUN": 2})
+    ids, labels, word_ids, first = features.items[0]
+    assert len(ids) > 3  # "Fultonish" splits into several sub-tokens
+    assert [label for label in labels if label != -100] == [0, 1, 2]
+    for label, f in zip(labels, first):
+        assert (label != -100) == f
+    assert sorted(set(word_ids)) == [0, 1, 2]
+
+
+def test_qa_windows_cover_answer_with_stride(tokenizer):
+    context = " ".join(["the jury said"] * 30) + " and 48213 people voted"
+    example = D.QAExample("q", "How many voted?", context, ["48213"], [context.index("48213")], 1)
+    features = D.encode_qa(tokenizer, [example], max_length=40, stride=10)
+    assert len(features) > 2
+    labelled = [f for f in features if f.start]
+    assert labelled
+    for f in labelled:
+        a, b = f.offsets[f.start - f.context_start][0], f.offsets[f.end - f.context_start][1]
+        assert context[a:b].strip() == "48213"
+    with pytest.raises(ValueError, match="must exceed the stride"):
+        D.encode_qa(tokenizer, [example], max_length=20, stride=15)
+
+
+def test_metrics():
+    scores = M.classification_metrics(["a", "a", "b", "b"], ["a", "b", "b", "b"])
+    assert scores["accuracy"] == 0.75
+    assert scores["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    tags = M.tagging_metrics([["D", "N"], ["V"]], [["D", "V"], ["V"]])
+    assert tags["token_accuracy"] == pytest.approx(2 / 3) and tags["per_tag"]["N"]["f1"] == 0
+    assert M.normalize_answer("The  Eiffel, Tower!") == "eiffel tower"
+    qa = M.qa_metrics([["Eiffel Tower"], ["1889"]], ["the eiffel tower", "in 1889"], groups=[0.0, 1.0])
+    assert qa["exact_match"] == 50.0 and qa["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    assert qa["by_group"][1.0]["exact_match"] == 0.0
+    assert M.majority_baseline(["x", "x", "y"], ["x", "y"]) == 0.5
