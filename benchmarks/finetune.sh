@@ -13,7 +13,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 mkdir -p "$RUNS"
 quiet() { tr '\r' '\n' | grep -v -E "^(train|  )|it/s|s/it" ; }
 t0=$(date +%s)
-python -m diffllama train --preset small --out "$RUNS/pretrain" --max-steps 700 --warmup-steps 50 --eval-every 700 \
+python -m diffllama train --preset small --out "$RUNS/pretrain" --max-steps 500 --warmup-steps 50 --eval-every 500 \
   --save-every 0 --cache-dir "$RUNS/cache" 2>&1 | quiet
 echo "pretrain done after $(( $(date +%s) - t0 )) s"
 BASE="$RUNS/pretrain/model"
@@ -25,12 +25,12 @@ ft() {  # name task args...
 }
 ft sentiment sequence-classification --data "$DATA/rotten_tomatoes/train.csv" \
   --eval-data "$DATA/rotten_tomatoes/validation.csv" --test-data "$DATA/rotten_tomatoes/test.csv" \
-  --max-length 128 --batch-size 64 --max-steps 500 --eval-every 250 --lr 1e-4 --warmup-steps 50
+  --max-length 128 --batch-size 64 --max-steps 400 --eval-every 400 --lr 1e-4 --warmup-steps 50
 ft pos token-classification --data "$DATA/brown/train.conll" --eval-data "$DATA/brown/validation.conll" \
-  --test-data "$DATA/brown/test.conll" --max-length 128 --batch-size 64 --max-steps 700 --eval-every 700 \
+  --test-data "$DATA/brown/test.conll" --max-length 128 --batch-size 64 --max-steps 500 --eval-every 500 \
   --lr 3e-4 --warmup-steps 50
 ft retrieval question-answering --data "$DATA/retrieval_qa/train.json" --test-data "$DATA/retrieval_qa/test.json" \
-  --max-length 384 --stride 64 --batch-size 32 --max-steps 700 --eval-every 700 --lr 3e-4 --warmup-steps 50
+  --max-length 384 --stride 64 --batch-size 32 --max-steps 500 --eval-every 500 --lr 3e-4 --warmup-steps 50
 python - "$RUNS" <<'PY'
 import json, sys
 from pathlib import Path
