@@ -285,7 +285,9 @@ def train(
               f"continue with: diffllama train --out {run_dir} --resume", file=sys.stderr)
         raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
     summary = result.metrics.get("summary")
-    if summary:
+    if not summary:
+        print(f"nothing to do: {run_dir} is already at step {result.step} (raise --max-steps to train on)")
+    else:
         print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens; validation loss "
               f"{summary['val_loss']:.4f} nats/token = {summary['val_bits_per_byte']:.3f} bits/byte "
               f"(unigram entropy of the corpus: {summary['unigram_entropy_bits_per_byte']:.3f} bits/byte)\n"

@@ -9,6 +9,9 @@ A YAML/TOML config file and CLI flags override a preset field by field (see :mod
 - ``0.4b``: hidden 1024, 24 layers, 16 heads, intermediate 2816, sequence 2048 (the throughput benchmark shape).
 - ``1b``: hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 8192, vocab 128256 (about 1.2 B parameters).
 
+The two GPU presets compile each decoder layer (``compile: true``): on an H200 that took the 0.4b shape from 74.7k
+to 136.6k tokens/s (benchmarks/RESULTS.md); pass ``--no-compile`` to skip the ~20 s compile.
+
 A model ``vocab_size`` of ``None`` means "the tokenizer's vocabulary, rounded up to a multiple of 64".
 """
 
@@ -37,7 +40,7 @@ PRESETS: dict[str, dict[str, dict]] = {
                       num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
                       tie_word_embeddings=False),
         "train": dict(tokenizer_vocab_size=32000, seq_len=2048, batch_size=8, grad_accum=1, max_steps=10000,
-                      lr=6e-4, warmup_steps=500, eval_every=500, eval_batches=20, save_every=1000),
+                      lr=6e-4, warmup_steps=500, eval_every=500, eval_batches=20, save_every=1000, compile=True),
     },
     "1b": {
         "model": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -45,7 +48,7 @@ PRESETS: dict[str, dict[str, dict]] = {
                       rope_theta=500000.0, tie_word_embeddings=False),
         "train": dict(tokenizer_vocab_size=32000, seq_len=4096, batch_size=4, grad_accum=1, max_steps=20000,
                       lr=3e-4, warmup_steps=1000, eval_every=1000, eval_batches=20, save_every=1000,
-                      activation_checkpointing=False),
+                      activation_checkpointing=False, compile=True),
     },
 }
 

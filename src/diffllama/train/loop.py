@@ -382,6 +382,10 @@ class Trainer:
             BatchTooLargeError: the first step ran out of memory (names batch size and sequence length).
         """
         cfg, info = self.cfg, self.info
+        if self.resume_from is not None and self.step >= cfg.max_steps:  # a finished run: nothing to do
+            final = self.run_dir / "model"
+            return FitResult(step=self.step, checkpoint=self.resume_from,
+                             model_dir=final if final.is_dir() else None)
         created = self._prepare_run_dir()
         writer = self._tensorboard()
         previous = self._install_signal_handlers()

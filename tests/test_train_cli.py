@@ -1,0 +1,91 @@
+"""`diffllama train` and `diffllama plot` through the CLI: a micro run, clear errors, SIGTERM saves and resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from diffllama.cli import app
+from train_utils import MICRO_MODEL, small_corpus
+
+runner = CliRunner()
+
+
+def _config(tmp_path, **extra):
+    corpus = small_corpus(tmp_path / "corpus")
+    settings = dict(preset="tiny", data=[str(corpus)], cache_dir=str(tmp_path / "cache"), tokenizer_vocab_size=320,
+                    seq_len=32, batch_size=4, max_steps=4, warmup_steps=1, eval_every=2, eval_batches=2, log_every=1,
+                    save_every=2, device="cpu", val_fraction=0.1, tensorboard=False, model=MICRO_MODEL)
+    settings.update(extra)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def test_train_then_plot(tmp_path):
+    config = _config(tmp_path)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out), "--lr", "0.002"])
+    assert result.exit_code == 0, result.output
+    assert "bits/byte" in result.output and "unigram entropy" in result.output
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["lr"] == 0.002 and saved["model"]["hidden_size"] == 32 and saved["max_steps"] == 4
+    assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    result = runner.invoke(app, ["plot", str(out)])
+    assert result.exit_code == 0 and (out / "loss.png").stat().st_size > 1000
+    # Rerunning into the same folder without --resume is refused; --resume on a finished run is a no-op.
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 1 and "--resume" in result.output
+    result = runner.invoke(app, ["train", "--out", str(out), "--resume"])
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--data", "/nonexistent/corpus"], "does not exist"),
+    (["--lr", "-1"], "lr must be > 0"),
+    (["--batch-size", "0"], "batch_size must be a positive integer"),
+    (["--seq-len", "100000"], "fewer than seq_len"),
+    (["--preset", "huge"], "unknown preset"),
+], ids=["missing-corpus", "bad-lr", "bad-batch", "seq-too-long", "bad-preset"])
+def test_clear_errors_and_nothing_written(tmp_path, args, message):
+    config = _config(tmp_path)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out), *args])
+    assert result.exit_code == 1
+    assert message in result.output
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_finishes(tmp_path):
+    config = _config(tmp_path, max_steps=400, save_every=0, eval_every=1000)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "diffllama", "train", "--config", str(config), "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        metrics = out / "metrics.jsonl"
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output
+    assert "interrupted by SIGTERM" in output
+    checkpoints = sorted((out / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.pt").is_file()
+    stopped = int(checkpoints[0].name.split("-")[1])
+    assert 3 <= stopped < 400
+    result = runner.invoke(app, ["train", "--out", str(out), "--resume", "--max-steps", str(stopped + 2)])
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == stopped + 2
