@@ -11,7 +11,7 @@ RUNS=${1:-/tmp/ft_runs}
 DATA=${DATA:-data/finetune}
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 mkdir -p "$RUNS"
-quiet() { tr '\r' '\n' | grep -v -E "^(train|  )|it/s|s/it" ; }
+quiet() { tr '\r' '\n' | grep -v -E "^train|it/s|s/it" ; }
 t0=$(date +%s)
 python -m diffllama train --preset small --out "$RUNS/pretrain" --max-steps 500 --warmup-steps 50 --eval-every 500 \
   --save-every 0 --cache-dir "$RUNS/cache" 2>&1 | quiet
