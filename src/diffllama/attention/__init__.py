@@ -106,11 +106,15 @@ def get_backend(name: str):
     return attention
 
 
-def resolve_implementation(name: str, device: torch.device | str) -> str:
-    """Turn ``"auto"`` into the fastest backend for ``device``: flash on a CUDA GPU with Triton, else sdpa."""
+def resolve_implementation(name: str, device: torch.device | str, needs_grad: bool = False) -> str:
+    """Turn ``"auto"`` into a backend for ``device``: flash on a CUDA GPU with Triton for inference, else sdpa.
+
+    Training (``needs_grad``) stays on sdpa: the flash backward's speed and its tuned configs are not yet
+    where they should be (benchmarks/RESULTS.md); ask for ``"flash"`` explicitly to train with it.
+    """
     if name != "auto":
         return name
-    if torch.device(device).type == "cuda":
+    if torch.device(device).type == "cuda" and not needs_grad:
         try:
             import triton  # noqa: F401
         except ImportError:
