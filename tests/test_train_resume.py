@@ -80,3 +80,17 @@ def test_failure_before_first_checkpoint_leaves_nothing(corpus, tmp_path):
     with pytest.raises(RuntimeError, match="simulated"):
         trainer.fit()
     assert not (tmp_path / "run").exists()
+
+
+def test_batch_that_does_not_fit_is_a_clear_error(corpus, tmp_path, monkeypatch):
+    from diffllama.train.loop import BatchTooLargeError
+
+    cfg = micro_config(corpus, tmp_path / "cache", max_steps=2)
+    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
+
+    def out_of_memory(step):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(trainer, "train_step", out_of_memory)
+    with pytest.raises(BatchTooLargeError, match="does not fit.*--batch-size"):
+        trainer.fit()
+    assert not (tmp_path / "run").exists()

@@ -91,6 +91,14 @@ class BatchTooLargeError(RuntimeError):
     """A micro-batch does not fit in memory."""
 
 
+def _is_out_of_memory(error: BaseException) -> bool:
+    """True for CUDA out-of-memory errors, MemoryError and torch's CPU allocator failures."""
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
 @dataclass
 class FitResult:
     """What :meth:`Trainer.fit` returns: the last step, final metrics, the checkpoint and model paths,
@@ -403,7 +411,9 @@ class Trainer:
             while self.step < cfg.max_steps:
                 try:
                     out = self.train_step(self.step)
-                except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+                except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as error:
+                    if not _is_out_of_memory(error):
+                        raise
                     raise BatchTooLargeError(
                         f"a micro-batch of {cfg.batch_size} x {cfg.seq_len} tokens does not fit in "
                         f"{self.device.type} memory: lower --batch-size (raise --grad-accum to keep the global "
