@@ -252,6 +252,11 @@ def attention(
     """
     if output_attentions:
         raise ValueError("output_attentions=True needs attn_implementation='eager'; flash has no probabilities")
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):
+        # Under autocast RoPE leaves q and k in float32 while v is bf16; run the kernel in the autocast dtype,
+        # as SDPA does.
+        dtype = torch.get_autocast_dtype("cuda")
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     _check(query, key, value, mask)
     if query.device.type != "cuda" and not _interpreting():
         raise RuntimeError(f"attn_implementation='flash' needs a CUDA GPU (got {query.device.type} tensors); "
