@@ -251,6 +251,7 @@ def train(
     Works on CPU, one GPU, or many GPUs under torchrun (torchrun --nproc_per_node=N -m diffllama train ...).
     Example: diffllama train --preset tiny --out runs/tiny
     """
+    import os
     import sys
     from pathlib import Path
 
@@ -285,6 +286,8 @@ def train(
               f"continue with: diffllama train --out {run_dir} --resume", file=sys.stderr)
         raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
     summary = result.metrics.get("summary")
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     if not summary:
         print(f"nothing to do: {run_dir} is already at step {result.step} (raise --max-steps to train on)")
     else:
