@@ -395,7 +395,11 @@ def finetune(
               f"{task} --model {model} --data {data} --out {run_dir} --resume", file=sys.stderr)
         raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
     summary = result.metrics.get("summary")
-    if summary:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
+    if not summary:
+        print(f"nothing to do: {run_dir} is already at step {result.step} (raise --max-steps to train on)")
+    else:
         brief = {k: summary[k] for k in ("task", "steps", "baseline", "eval", "test", "test_baseline", "model_dir")
                  if k in summary}
         for split in ("eval", "test"):  # per-label tables stay in the JSON file
