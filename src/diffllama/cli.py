@@ -368,6 +368,7 @@ def finetune(
     holds the metrics. Example: diffllama finetune sequence-classification --model runs/tiny/model --data train.csv
     """
     import json
+    import os
     import sys
     from pathlib import Path
 
