@@ -102,14 +102,12 @@ class TrainConfig:
         """Check every field; raise ValueError naming the first bad one."""
         positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "log_every",
                     "keep_last", "tokenizer_vocab_size")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "save_every", "loss_chunk_size", "num_threads", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        non_negative = ("warmup_steps", "save_every", "loss_chunk_size", "num_threads", "seed")
+        for names, least, kind in ((positive, 1, "positive"), (non_negative, 0, "non-negative")):
+            for name in names:
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                    raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
         if self.tokenizer_vocab_size < 300:
             raise ValueError(f"tokenizer_vocab_size must be >= 300 (256 bytes + special tokens + merges), "
                              f"got {self.tokenizer_vocab_size}")
