@@ -37,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffllama.train.data import jsonl_records
+
 
 class DataError(ValueError):
     """Bad fine-tuning data: a missing file or column, an empty file, an unknown label, an answer not in its
@@ -90,13 +92,9 @@ def _jsonl_rows(path: Path, lines=None):
     """(line number, dict) for each non-blank line of a JSONL file (or of ``lines``)."""
     handle = lines if lines is not None else open(path, encoding="utf-8")
     try:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: line {number} is not valid JSON: {error}") from error
+        records = jsonl_records(handle, lambda number, error: DataError(
+            f"{path}: line {number} is not valid JSON: {error}"))
+        for number, record in records:
             if not isinstance(record, dict):
                 raise DataError(f"{path}: line {number} is not a JSON object")
             yield number, record

@@ -100,6 +100,22 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8", errors="replace")
 
 
+def jsonl_records(lines, invalid) -> Iterator[tuple[int, object]]:
+    """(line number from 1, parsed JSON value) for each non-blank line of ``lines``.
+
+    A line that is not valid JSON raises ``invalid(number, error)`` (chained to the ``JSONDecodeError``), so each
+    caller raises its own error type, naming the file and line its own way.
+    """
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise invalid(number, error) from error
+        yield number, record
+
+
 def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]:
     """Yield each document's text, in file order; empty documents are skipped.
 
@@ -114,13 +130,9 @@ def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]
                 yield text
             continue
         with _open_text(path) as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise CorpusError(f"{path}:{number}: not valid JSON ({error})") from error
+            records = jsonl_records(handle, lambda number, error: CorpusError(
+                f"{path}:{number}: not valid JSON ({error})"))
+            for number, record in records:
                 text = record.get(text_field) if isinstance(record, dict) else None
                 if not isinstance(text, str):
                     raise CorpusError(f"{path}:{number}: no string field {text_field!r} "
