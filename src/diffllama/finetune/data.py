@@ -31,6 +31,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,19 +89,25 @@ def _is_jsonl(path: Path) -> bool:
     return path.suffix.lower() in (".jsonl", ".ndjson")
 
 
+@contextmanager
+def _open_lines(path: Path, lines=None, **open_args):
+    """``lines`` when given (left open), else ``path`` opened for reading as UTF-8 (closed on leaving)."""
+    if lines is not None:
+        yield lines
+    else:
+        with open(path, encoding="utf-8", **open_args) as handle:
+            yield handle
+
+
 def _jsonl_rows(path: Path, lines=None):
     """(line number, dict) for each non-blank line of a JSONL file (or of ``lines``)."""
-    handle = lines if lines is not None else open(path, encoding="utf-8")
-    try:
+    with _open_lines(path, lines) as handle:
         records = jsonl_records(handle, lambda number, error: DataError(
             f"{path}: line {number} is not valid JSON: {error}"))
         for number, record in records:
             if not isinstance(record, dict):
                 raise DataError(f"{path}: line {number} is not a JSON object")
             yield number, record
-    finally:
-        if lines is None:
-            handle.close()
 
 
 def read_text_classification(path: str | Path, text_column: str = "text", label_column: str = "label", *,
@@ -125,8 +132,7 @@ def read_text_classification(path: str | Path, text_column: str = "text", label_
     if lines is None:
         _check_file(path)
     if suffix in (".csv", ".tsv"):
-        handle = lines if lines is not None else open(path, encoding="utf-8", newline="")
-        try:
+        with _open_lines(path, lines, newline="") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
             columns = reader.fieldnames or []
             if not columns:
@@ -142,9 +148,6 @@ def read_text_classification(path: str | Path, text_column: str = "text", label_
             for number, record in enumerate(reader, 1):
                 examples.append(_text_example(path, number, record, text_column, label_column,
                                               require_labels and has_labels, has_labels))
-        finally:
-            if lines is None:
-                handle.close()
     elif _is_jsonl(path) or suffix == ".json":
         for number, record in _jsonl_rows(path, lines):
             if text_column not in record:
@@ -158,14 +161,10 @@ def read_text_classification(path: str | Path, text_column: str = "text", label_
     else:
         if require_labels:
             raise DataError(f"{path}: labelled data must be .csv, .tsv or .jsonl, got {path.name!r}")
-        handle = lines if lines is not None else open(path, encoding="utf-8")
-        try:
+        with _open_lines(path, lines) as handle:
             for number, line in enumerate(handle, 1):
                 if line.strip():
                     examples.append(TextExample(line.rstrip("\n"), None, number))
-        finally:
-            if lines is None:
-                handle.close()
     if not examples:
         raise DataError(f"{path} is empty: no data rows")
     return examples
@@ -221,16 +220,11 @@ def read_tagged(path: str | Path, tokens_column: str = "tokens", tags_column: st
                 examples.append(TaggedExample([str(w) for w in words],
                                               None if tags is None else [str(t) for t in tags], number))
     elif path.suffix.lower() == ".txt" and not require_tags:
-        handle = lines if lines is not None else open(path, encoding="utf-8")
-        try:
+        with _open_lines(path, lines) as handle:
             for number, line in enumerate(handle, 1):
                 if line.split():
                     examples.append(TaggedExample(line.split(), None, number))
-        finally:
-            if lines is None:
-                handle.close()
     else:
-        handle = lines if lines is not None else open(path, encoding="utf-8")
         words: list[str] = []
         tags: list[str] = []
         start = 0
@@ -240,7 +234,7 @@ def read_tagged(path: str | Path, tokens_column: str = "tokens", tags_column: st
                 examples.append(TaggedExample(list(words), list(tags) if len(tags) == len(words) else None, start))
             words.clear()
             tags.clear()
-        try:
+        with _open_lines(path, lines) as handle:
             for number, line in enumerate(handle, 1):
                 parts = line.split()
                 if not parts or parts[0] == "-DOCSTART-":
@@ -255,9 +249,6 @@ def read_tagged(path: str | Path, tokens_column: str = "tokens", tags_column: st
                     tags.append(parts[-1])
                 words.append(parts[0])
             flush()
-        finally:
-            if lines is None:
-                handle.close()
     if not examples:
         raise DataError(f"{path} is empty: no sentences")
     return examples
