@@ -1,7 +1,9 @@
 """GPU check of the flash and sdpa backends' gradients at benchmark-sized shapes (head_dim 64, MHA and GQA).
 
-The attention benchmark saw flash's q/k/v gradients disagree with sdpa at head_dim 64 (RESULTS.md); this script
-settles which one is right by comparing both with the eager backend in float32 on the same bf16 inputs.
+The attention benchmark saw flash's q/k/v gradients disagree with sdpa (then free to use cuDNN attention) at
+head_dim 64 and with transformers' two-call form (RESULTS.md); this script settles which is right by comparing
+flash, sdpa (no cuDNN, as shipped) and sdpa forced onto cuDNN with the eager backend in float32 on the same bf16
+inputs.
 Prints relative L2 errors per tensor.
 Run on the device machine from the repo root:  PYTHONPATH=src python benchmarks/check_flash_grads.py
 """
@@ -9,6 +11,7 @@ Run on the device machine from the repo root:  PYTHONPATH=src python benchmarks/
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend
 
 from diffllama.attention import AttentionMask
 from diffllama.attention import flash, sdpa
@@ -37,6 +40,13 @@ def main() -> None:
                              plain_causal=True)
         ref = grads(eager, q.float(), k.float(), v.float(), lam.float(), mask, dout, d ** -0.5)
         rows = {"sdpa": grads(sdpa.attention, q, k, v, lam, mask, dout, d ** -0.5)}
+        # The same call with SDPA forced onto cuDNN (torch 2.11's default on Hopper, excluded by our backend).
+        sdpa.CUDA_BACKENDS, saved = [SDPBackend.CUDNN_ATTENTION], sdpa.CUDA_BACKENDS
+        try:
+            rows["sdpa-cudnn-only"] = grads(sdpa.attention, q, k, v, lam, mask, dout, d ** -0.5)
+        except RuntimeError as error:
+            print(f"cuDNN SDPA not available here: {error}")
+        sdpa.CUDA_BACKENDS = saved
         rows["flash"] = grads(flash.attention, q, k, v, lam, mask, dout, d ** -0.5)
         rows["flash-again"] = grads(flash.attention, q, k, v, lam, mask, dout, d ** -0.5)
         for name, got in rows.items():

@@ -277,18 +277,9 @@ class DecodeStep:
         self.cuda_graph = cuda_graph
         self.graph = None
         self._static: tuple | None = None
-        self._no_cudnn = compile and model.device.type == "cuda"
 
     def _run(self, *args) -> torch.Tensor:
-        if not self._no_cudnn:
-            return self.fn(self.model, self.cache, *args)
-        # cuDNN's SDPA costs ~9.5 us per layer for one query on an H200; the efficient-attention kernel less:
-        # 1.164 -> 1.057 ms per token for the 0.37B shape at batch 1 (benchmarks/RESULTS.md). The choice is made
-        # when the step is traced, so the context matters at compilation and capture only.
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-            return self.fn(self.model, self.cache, *args)
+        return self.fn(self.model, self.cache, *args)
 
     def __call__(self, input_ids, position_ids, cache_position, attention_mask=None) -> torch.Tensor:
         """(B, 1), (B, 1), (1,), mask or None -> (B, V) float32 logits (see :func:`decode_one_token`)."""

@@ -8,17 +8,22 @@ query and value head dims and PyTorch's GQA support exists only in its flash and
   leaves every score unchanged (the scale is passed explicitly) and lets the flash kernel run, GQA included;
 - a padding mask: flash takes no mask, so K and V are expanded to all heads for the memory-efficient kernel.
 
-On CPU the plain call is used.
+cuDNN attention is left out of SDPA's choices on CUDA: in our H200 benchmark (torch 2.11, where it is the
+default) its gradients disagreed with FlashAttention's, our Triton kernel's and eager's
+(benchmarks/RESULTS.md; pytorch/pytorch#150700 reports wrong cuDNN gradients on H100 too), and for a single
+decode query it is slower. On CPU the plain call is used.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffllama.attention import AttentionMask, combine_pairs, pair_values, repeat_kv
 
 FLASH_MAX_HEAD_DIM = 256
+CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 
 
 def attention(
@@ -44,8 +49,8 @@ def attention(
         causal = query.shape[2] > 1
         if query.is_cuda and value2.shape[-1] <= FLASH_MAX_HEAD_DIM:
             query, key = pad_head_dim(query, key, value2.shape[-1])
-        out = F.scaled_dot_product_attention(query, key, value2, is_causal=causal, dropout_p=dropout_p, scale=scale,
-                                             enable_gqa=key.shape[1] != query.shape[1])
+        out = _sdpa(query, key, value2, is_causal=causal, dropout_p=dropout_p, scale=scale,
+                    enable_gqa=key.shape[1] != query.shape[1])
         return combine_pairs(out, lambda_full), None
     allowed, has_keys = mask.dense(), mask.query_has_keys()
     if has_keys is not None:
@@ -54,11 +59,18 @@ def attention(
     if query.is_cuda and key.shape[1] != query.shape[1]:  # the memory-efficient kernel has no GQA
         n_rep = query.shape[1] // key.shape[1]
         key, value2 = repeat_kv(key, n_rep), repeat_kv(value2, n_rep)
-    out = F.scaled_dot_product_attention(query, key, value2, attn_mask=allowed, dropout_p=dropout_p, scale=scale,
-                                         enable_gqa=key.shape[1] != query.shape[1])
+    out = _sdpa(query, key, value2, attn_mask=allowed, dropout_p=dropout_p, scale=scale,
+                enable_gqa=key.shape[1] != query.shape[1])
     if has_keys is not None:
         out = out * has_keys
     return combine_pairs(out, lambda_full), None
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs) -> torch.Tensor:
+    if not query.is_cuda:
+        return F.scaled_dot_product_attention(query, key, value, **kwargs)
+    with sdpa_kernel(CUDA_BACKENDS):
+        return F.scaled_dot_product_attention(query, key, value, **kwargs)
 
 
 def pad_head_dim(query: torch.Tensor, key: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
