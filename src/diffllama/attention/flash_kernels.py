@@ -60,6 +60,23 @@ def _key_bounds(qpos, row_ok, Sk, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _mask_keys(x, FILL: tl.constexpr, offs_n, qpos, pad_base, Sk, MASKED: tl.constexpr, HAS_PAD: tl.constexpr):
+    """``x`` (BM, BN) with ``FILL`` where a query may not see a key: a later position or past Sk (MASKED blocks
+    only) and padding (HAS_PAD). Unmasked blocks without padding pass through untouched."""
+    if MASKED:
+        ok = (offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] < Sk)
+        if HAS_PAD:
+            keep = tl.load(pad_base + offs_n, mask=offs_n < Sk, other=0) != 0
+            ok = ok & keep[None, :]
+        x = tl.where(ok, x, FILL)
+    else:
+        if HAS_PAD:
+            keep = tl.load(pad_base + offs_n) != 0
+            x = tl.where(keep[None, :], x, FILL)
+    return x
+
+
+@triton.jit
 def _fwd_loop(acc_a, acc_b, m_i, l_i, q, k_base, va_base, vb_base, stride_kn, stride_vn, pad_base, qpos,
               offs_n0, offs_d, lo, hi, Sk, qk_scale,
               HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
@@ -70,16 +87,7 @@ def _fwd_loop(acc_a, acc_b, m_i, l_i, q, k_base, va_base, vb_base, stride_kn, st
         offs_n = start_n + offs_n0
         k = _load_tile(k_base, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, MASKED)  # (BN, DP)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # (BM, BN), base-2 logits
-        if MASKED:
-            ok = (offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] < Sk)
-            if HAS_PAD:
-                keep = tl.load(pad_base + offs_n, mask=offs_n < Sk, other=0) != 0
-                ok = ok & keep[None, :]
-            s = tl.where(ok, s, float("-inf"))
-        else:
-            if HAS_PAD:
-                keep = tl.load(pad_base + offs_n) != 0
-                s = tl.where(keep[None, :], s, float("-inf"))
+        s = _mask_keys(s, float("-inf"), offs_n, qpos, pad_base, Sk, MASKED, HAS_PAD)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -388,16 +396,7 @@ def _dq_loop(dq, q, doa, dob, lse, r, k_base, va_base, vb_base, stride_kn, strid
         vb = _load_tile(vb_base, offs_n, stride_vn, offs_d, Sk, HEAD_DIM, DP, MASKED)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
-        if MASKED:
-            ok = (offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] < Sk)
-            if HAS_PAD:
-                keep = tl.load(pad_base + offs_n, mask=offs_n < Sk, other=0) != 0
-                ok = ok & keep[None, :]
-            p = tl.where(ok, p, 0.0)
-        else:
-            if HAS_PAD:
-                keep = tl.load(pad_base + offs_n) != 0
-                p = tl.where(keep[None, :], p, 0.0)
+        p = _mask_keys(p, 0.0, offs_n, qpos, pad_base, Sk, MASKED, HAS_PAD)
         dp = tl.dot(doa, tl.trans(va))
         dp = tl.dot(dob, tl.trans(vb), dp)
         ds = p * (dp - r[:, None])
