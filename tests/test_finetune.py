@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from diffllama.config import DiffLlamaConfig
-from diffllama.finetune.data import DataError
 from diffllama.finetune.retrieval import write_retrieval_qa
 from diffllama.finetune.run import finetune_config, run_finetune
 from diffllama.finetune.tasks import TaskOptions, get_task

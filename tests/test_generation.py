@@ -10,7 +10,6 @@ from conftest import hf_model, padded_batch, tiny_config
 from diffllama.generation import (
     apply_repetition_penalty,
     filter_logits,
-    generate,
     next_tokens,
     pad_batch,
     position_ids_from_mask,

@@ -123,7 +123,6 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
     import sys
     import time
 
-    import torch
 
     from diffllama.checkpoint import resolve_checkpoint_dir
     from diffllama.generation import check_sampling_args, pad_batch, stream_text
@@ -209,6 +208,41 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
                 _write(text.replace("\\", "\\\\").replace("\n", "\\n") + "\n")
 
 # ---- train / plot (training) ------------------------------------------------------------------------------------
+def _run_reporting_errors(run, errors: tuple):
+    """``run()``; the expected ``errors`` become one 'error: ...' line and exit code 1. Releases torch.distributed."""
+    import sys
+
+    from diffllama.train.distributed import cleanup
+
+    try:
+        return run()
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(1)
+    finally:
+        cleanup()
+
+
+def _finished_summary(result, run_dir, resume_command: str) -> dict | None:
+    """The run's summary to print, or None (ranks > 0, or a finished run resumed with nothing to do).
+
+    An interrupted run exits 130 (SIGINT) or 143 (SIGTERM) after saying how to continue.
+    """
+    import os
+    import sys
+
+    if result.interrupted:
+        saved = getattr(result, "checkpoint", None)
+        print(f"interrupted by {result.interrupted} at step {result.step}; checkpoint: {saved or 'saved'}; "
+              f"continue with: {resume_command}", file=sys.stderr)
+        raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return None
+    summary = result.metrics.get("summary")
+    if not summary:
+        print(f"nothing to do: {run_dir} is already at step {result.step} (raise --max-steps to train on)")
+    return summary or None
+
 
 @app.command()
 def train(
@@ -251,13 +285,10 @@ def train(
     Works on CPU, one GPU, or many GPUs under torchrun (torchrun --nproc_per_node=N -m diffllama train ...).
     Example: diffllama train --preset tiny --out runs/tiny
     """
-    import os
-    import sys
     from pathlib import Path
 
     from diffllama.train.config import read_config_file, resolve_config
     from diffllama.train.data import CorpusError
-    from diffllama.train.distributed import cleanup
     from diffllama.train.loop import BatchTooLargeError, run_training
 
     flags = dict(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
@@ -268,29 +299,17 @@ def train(
                  tokenizer_vocab_size=vocab_size, text_field=text_field, val_fraction=val_fraction,
                  cache_dir=cache_dir, num_threads=num_threads, data=list(data) if data else None,
                  model={"attn_implementation": attn_implementation} if attn_implementation else None)
-    try:
+    def run():
         name = preset or (read_config_file(config).get("preset") if config else None)
         run_dir = Path(out or f"runs/{name or 'tiny'}")
-        saved = run_dir / "config.yaml"
+        saved, config_file = run_dir / "config.yaml", config
         if resume and not config and not preset and saved.is_file():
-            config = str(saved)  # resuming: the run's own resolved config, then any flags given now
-        cfg = resolve_config(preset, config, flags)
-        result = run_training(cfg, run_dir, resume=resume)
-    except (CorpusError, ValueError, FileNotFoundError, BatchTooLargeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(1)
-    finally:
-        cleanup()
-    if result.interrupted:
-        print(f"interrupted by {result.interrupted} at step {result.step}; checkpoint: {result.checkpoint}; "
-              f"continue with: diffllama train --out {run_dir} --resume", file=sys.stderr)
-        raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
-    summary = result.metrics.get("summary")
-    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
-        return
-    if not summary:
-        print(f"nothing to do: {run_dir} is already at step {result.step} (raise --max-steps to train on)")
-    else:
+            config_file = str(saved)  # resuming: the run's own resolved config, then any flags given now
+        return run_dir, run_training(resolve_config(preset, config_file, flags), run_dir, resume=resume)
+
+    run_dir, result = _run_reporting_errors(run, (CorpusError, ValueError, FileNotFoundError, BatchTooLargeError))
+    summary = _finished_summary(result, run_dir, f"diffllama train --out {run_dir} --resume")
+    if summary:
         print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens; validation loss "
               f"{summary['val_loss']:.4f} nats/token = {summary['val_bits_per_byte']:.3f} bits/byte "
               f"(unigram entropy of the corpus: {summary['unigram_entropy_bits_per_byte']:.3f} bits/byte)\n"
@@ -368,39 +387,27 @@ def finetune(
     holds the metrics. Example: diffllama finetune sequence-classification --model runs/tiny/model --data train.csv
     """
     import json
-    import os
-    import sys
     from pathlib import Path
 
     from diffllama.finetune.data import DataError
     from diffllama.finetune.run import finetune_config, run_finetune
-    from diffllama.train.distributed import cleanup
 
     run_dir = Path(out or f"runs/finetune-{task}")
-    try:
+
+    def run():
         task_obj = _task_options(task, text_column, label_column, tokens_column, tags_column, labels, max_length,
                                  stride)
         cfg = finetune_config(dict(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                                    warmup_steps=warmup_steps, weight_decay=weight_decay, eval_every=eval_every,
                                    save_every=save_every, seed=seed, device=device, dtype=dtype, parallel=parallel,
                                    num_threads=num_threads))
-        result = run_finetune(task_obj, cfg, run_dir, model_dir=model, train_path=data, eval_path=eval_data,
-                              test_path=test_data, resume=resume)
-    except (DataError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(1)
-    finally:
-        cleanup()
-    if result.interrupted:
-        print(f"interrupted by {result.interrupted} at step {result.step}; continue with: diffllama finetune "
-              f"{task} --model {model} --data {data} --out {run_dir} --resume", file=sys.stderr)
-        raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
-    summary = result.metrics.get("summary")
-    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
-        return
-    if not summary:
-        print(f"nothing to do: {run_dir} is already at step {result.step} (raise --max-steps to train on)")
-    else:
+        return run_finetune(task_obj, cfg, run_dir, model_dir=model, train_path=data, eval_path=eval_data,
+                            test_path=test_data, resume=resume)
+
+    result = _run_reporting_errors(run, (DataError, ValueError, FileNotFoundError))
+    summary = _finished_summary(result, run_dir, f"diffllama finetune {task} --model {model} --data {data} "
+                                                 f"--out {run_dir} --resume")
+    if summary:
         brief = {k: summary[k] for k in ("task", "steps", "baseline", "eval", "test", "test_baseline", "model_dir")
                  if k in summary}
         for split in ("eval", "test"):  # per-label tables stay in the JSON file

@@ -23,7 +23,6 @@ Untested here: head_dim other than 32/64/96/128/256; tensors over 2^31 elements 
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch

@@ -16,7 +16,7 @@ targets however the batch is split over micro-batches and ranks:
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
