@@ -178,6 +178,8 @@ def test_missing_directory_and_bad_dtype(saved, tmp_path):
         diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path / "does-not-exist")
     with pytest.raises(ValueError, match="dtype must be one of"):
         diffllama.DiffLlamaForCausalLM.from_pretrained(saved, dtype="int8")
+    with pytest.raises(ValueError, match="device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got 'tpu0'"):
+        diffllama.DiffLlamaForCausalLM.from_pretrained(saved, device="tpu0")
     with pytest.raises(ValueError, match="attn_implementation must be one of"):
         diffllama.DiffLlamaForCausalLM.from_pretrained(saved, attn_implementation="flash3")
 

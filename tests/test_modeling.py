@@ -303,6 +303,16 @@ def test_bad_forward_inputs_raise_clear_errors():
         model(inputs_embeds=torch.zeros(2, 5, 7))
     with pytest.raises(ValueError, match=r"labels must have shape \(2, 5\)"):
         model(ids, labels=ids[:, :4])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 96\) or be -100 \(ignored\), got 500"):
+        model(ids, labels=torch.full_like(ids, 500))
+    with pytest.raises(ValueError, match="attention_mask must hold only 0 \\(padding\\) and 1"):
+        model(ids, attention_mask=torch.full_like(ids, 2))
+    classifier = diffllama.DiffLlamaForSequenceClassification(tiny_config())
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\) or be -100 \(ignored\), got 7"):
+        classifier(ids, labels=torch.tensor([1, 7]))
+    tagger = diffllama.DiffLlamaForTokenClassification(tiny_config())
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\)"):
+        tagger(ids, labels=torch.full_like(ids, 2))
     with pytest.raises(ValueError, match="position_ids must be an integer tensor"):
         model(ids, position_ids=torch.arange(4)[None])
     classifier = diffllama.DiffLlamaForSequenceClassification(tiny_config(pad_token_id=None))

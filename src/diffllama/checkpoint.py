@@ -481,7 +481,10 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
         config_overrides["attn_implementation"] = attn_implementation
     config = DiffLlamaConfig.from_pretrained(directory, **config_overrides)
     target_dtype = parse_dtype(dtype, default=parse_dtype(config.extra.get("dtype") or config.extra.get("torch_dtype")))
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    try:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but CUDA is not available on this machine")
     state = load_state_dict(directory)

@@ -411,6 +411,8 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
                     or attention_mask.shape[1] not in (total, k_len):
                 raise ValueError(f"attention_mask must have shape (batch={batch}, past + seq={total}), "
                                  f"got {tuple(attention_mask.shape)}")
+            if not torch.compiler.is_compiling() and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
             key_padding = attention_mask.to(device=cache_position.device, dtype=torch.bool)
             if key_padding.shape[1] < k_len:  # a static cache's unwritten tail; causality hides it anyway
                 key_padding = F.pad(key_padding, (0, k_len - key_padding.shape[1]), value=False)
@@ -430,9 +432,17 @@ def _check_position_ids(position_ids: torch.Tensor, batch: int, seq: int) -> Non
 
 # ---- heads ------------------------------------------------------------------------------------------------------
 
-def _check_labels(labels: torch.Tensor, shape: tuple, name: str = "labels") -> None:
+def _check_labels(labels: torch.Tensor, shape: tuple, num_classes: int) -> None:
+    """Token-level labels: shape ``shape``, integer, each in [0, num_classes) or -100 (ignored)."""
     if labels.shape != shape:
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(labels.shape)}")
+        raise ValueError(f"labels must have shape {tuple(shape)}, got {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    if not torch.compiler.is_compiling():
+        bad = (labels != -100) & ((labels < 0) | (labels >= num_classes))
+        if bool(bad.any()):
+            raise ValueError(f"labels must lie in [0, {num_classes}) or be -100 (ignored), "
+                             f"got {int(labels[bad][0])}")
 
 
 class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
@@ -478,7 +488,7 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         logits = self.lm_head(hidden[:, keep, :])
         loss = None
         if labels is not None:
-            _check_labels(labels, hidden.shape[:2])
+            _check_labels(labels, hidden.shape[:2], self.config.vocab_size)
             loss = causal_lm_loss(logits if logits.shape[1] == hidden.shape[1] else self.lm_head(hidden),
                                   labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss, logits, outputs.past_key_values, outputs.hidden_states,
@@ -557,6 +567,7 @@ class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
         if problem == "regression":
             return F.mse_loss(pooled.squeeze(), labels.squeeze()) if n == 1 else F.mse_loss(pooled, labels)
         if problem == "single_label_classification":
+            _check_labels(labels.view(-1), (pooled.shape[0],), n)
             return F.cross_entropy(pooled.view(-1, n), labels.view(-1), ignore_index=-100)
         return F.binary_cross_entropy_with_logits(pooled, labels)
 
@@ -587,7 +598,7 @@ class DiffLlamaForTokenClassification(DiffLlamaPreTrainedModel):
         logits = self.score(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
-            _check_labels(labels, logits.shape[:2])
+            _check_labels(labels, logits.shape[:2], logits.shape[-1])
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1).to(logits.device),
                                    ignore_index=-100)
         return TokenClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
