@@ -144,3 +144,134 @@ def test_predict_cli_reads_stdin(base_model, tmp_path):
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 2 and lines[0]["label"] in ("fresh", "rotten")
     assert abs(sum(lines[0]["scores"].values()) - 1) < 1e-4
+
+
+# ---- `diffllama predict` / `diffllama finetune` argument and checkpoint checks: one 'error: ...' line, no work ----
+
+@pytest.fixture(scope="module")
+def classifier(base_model, tmp_path_factory) -> Path:
+    """A sequence-classification checkpoint (2 steps on the small test set): RUN_DIR/model."""
+    run_dir = tmp_path_factory.mktemp("classifier") / "run"
+    _finetune("sequence-classification", base_model, run_dir, DATA / "rt_test.csv", None, steps=2, lr=1e-3,
+              max_length=64)
+    return run_dir / "model"
+
+
+def _cli(*args, input=None):
+    from typer.testing import CliRunner
+
+    from diffllama.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def _refused(result, code: int, message: str) -> None:
+    assert result.exit_code == code, result.output
+    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_predict_refuses_batch_size_below_one(classifier, value):
+    _refused(_cli("predict", "sequence-classification", "--model", classifier, "--batch-size", value, "-",
+                  input="A triumph.\n"), 2, f"--batch-size must be >= 1 (sequences per forward pass), got {value}")
+
+
+def test_predict_refuses_a_checkpoint_of_another_task(base_model, classifier):
+    _refused(_cli("predict", "sequence-classification", "--model", base_model, "-", input="A triumph.\n"), 1,
+             f"--model {base_model} holds a DiffLlamaForCausalLM; predict sequence-classification needs a "
+             f"checkpoint written by `diffllama finetune sequence-classification`")
+    for task in ("token-classification", "question-answering"):
+        _refused(_cli("predict", task, "--model", classifier, "-", input='{"question": "q", "context": "c d"}\n'),
+                 1, f"--model {classifier} holds a DiffLlamaForSequenceClassification; predict {task} needs a "
+                    f"checkpoint written by `diffllama finetune {task}`")
+
+
+def test_predict_refuses_a_checkpoint_without_the_head_weights(base_model, tmp_path):
+    """No `architectures` in config.json: the loading report's new (random) head weights refuse it."""
+    for item in base_model.iterdir():
+        (tmp_path / item.name).write_bytes(item.read_bytes())
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["architectures"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _refused(_cli("predict", "sequence-classification", "--model", tmp_path, "-", input="A triumph.\n"), 1,
+             f"--model {tmp_path} lacks the sequence-classification head's weights (score.weight would be random); "
+             f"predict sequence-classification needs a checkpoint written by "
+             f"`diffllama finetune sequence-classification`")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-length", "0"], "--max-length must be a positive number of tokens per sequence, got 0"),
+    (["--max-length", "-5"], "--max-length must be a positive number of tokens per sequence, got -5"),
+])
+@pytest.mark.parametrize("command", ["predict", "finetune"])
+def test_max_length_must_be_positive(base_model, classifier, tmp_path, command, args, message):
+    if command == "predict":
+        result = _cli("predict", "sequence-classification", "--model", classifier, *args, "-", input="A triumph.\n")
+    else:
+        result = _cli("finetune", "sequence-classification", "--model", base_model, "--data", DATA / "rt_test.csv",
+                      "--out", tmp_path / "run", *args)
+    _refused(result, 2, message)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stride", "-1"], "--stride must be >= 0 (overlap in tokens of consecutive QA context windows), got -1"),
+    (["--max-length", "64", "--stride", "64"], "--max-length must be at least --stride + 3 = 67 for question-answering"),
+])
+def test_finetune_qa_checks_stride(base_model, tmp_path, args, message):
+    result = _cli("finetune", "question-answering", "--model", base_model, "--data", DATA / "squad_sample.json",
+                  "--out", tmp_path / "run", *args)
+    _refused(result, 2, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_qa_window_error_names_the_flags(base_model, tmp_path):
+    """The data-dependent check (question longer than the window allows) names --max-length and --stride."""
+    result = _cli("finetune", "question-answering", "--model", base_model, "--data", DATA / "squad_sample.json",
+                  "--out", tmp_path / "run", "--max-length", "12", "--stride", "8", "--device", "cpu")
+    assert result.exit_code == 1 and "(raise --max-length or lower --stride)" in result.stderr, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_finetune_refuses_out_that_is_a_file(base_model, tmp_path, where):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    out = afile if where == "file" else afile / "run"
+    result = _cli("finetune", "sequence-classification", "--model", base_model, "--data", DATA / "rt_test.csv",
+                  "--out", out)
+    expected = "is an existing file" if where == "file" else f"cannot be created: {afile} is a file"
+    _refused(result, 2, f"--out {out} {expected}; expected a run folder")
+    assert afile.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_predict_refuses_bad_device(classifier, monkeypatch):
+    _refused(_cli("predict", "sequence-classification", "--model", classifier, "--device", "tpu", "-",
+                  input="A triumph.\n"), 2, "--device must be auto, cpu, cuda or cuda:N, got 'tpu'")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _refused(_cli("predict", "sequence-classification", "--model", classifier, "--device", "cuda", "-",
+                  input="A triumph.\n"), 1, "--device cuda was requested but CUDA is not available on this machine")
+
+
+def test_predict_metrics_out(classifier, tmp_path):
+    data = tmp_path / "gold.csv"
+    data.write_text("text,label\nA triumph.,fresh\nA mess.,rotten\n")
+    missing = tmp_path / "nonexistent" / "m.json"
+    _refused(_cli("predict", "sequence-classification", "--model", classifier, "--metrics-out", missing, data), 2,
+             f"--metrics-out {missing}: its folder {missing.parent} does not exist")
+    _refused(_cli("predict", "sequence-classification", "--model", classifier, "--metrics-out", tmp_path, data), 2,
+             f"--metrics-out {tmp_path} is a directory")
+    target = tmp_path / "m.json"
+    result = _cli("predict", "sequence-classification", "--model", classifier, "--metrics-out", target, data)
+    assert result.exit_code == 0, result.output
+    assert "accuracy" in json.loads(target.read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gold.csv", "m.json"]  # no temporary file left
+
+
+def test_predict_names_stdin(classifier):
+    _refused(_cli("predict", "sequence-classification", "--model", classifier, "-", input="\n"), 1,
+             "error: <stdin> is empty: no data rows")
+    _refused(_cli("predict", "sequence-classification", "--model", classifier, "-", input='{"text": 1\n'), 1,
+             "error: <stdin>: line 1 is not valid JSON")

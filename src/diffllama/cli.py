@@ -348,6 +348,43 @@ def _task_options(task_name, text_column, label_column, tokens_column, tags_colu
     return get_task(task_name, options)
 
 
+def _check_task_args(task_name, max_length, stride) -> None:
+    """Refuse a bad --max-length / --stride before any work: :class:`_GenerateError` with exit code 2."""
+    if max_length < 1:
+        raise _GenerateError(f"--max-length must be a positive number of tokens per sequence, got {max_length}", 2)
+    if task_name == "question-answering":  # --stride is only used by the QA windows
+        if stride < 0:
+            raise _GenerateError(f"--stride must be >= 0 (overlap in tokens of consecutive QA context windows), "
+                                 f"got {stride}", 2)
+        if max_length < stride + 3:
+            raise _GenerateError(f"--max-length must be at least --stride + 3 = {stride + 3} for question-answering "
+                                 f"(each window holds the question, a separator and more than --stride context "
+                                 f"tokens), got {max_length}", 2)
+
+
+def _check_out_dir(flag: str, run_dir) -> None:
+    """Refuse a run folder that is, or lies under, an existing file (exit code 2)."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    for path in (run_dir, *run_dir.parents):
+        if path.exists() and not path.is_dir():
+            where = "is an existing file" if path == run_dir else f"cannot be created: {path} is a file"
+            raise _GenerateError(f"{flag} {run_dir} {where}; expected a run folder (a new or existing directory)", 2)
+
+
+def _check_out_file(flag: str, file) -> None:
+    """Refuse an output file whose folder does not exist, or that is a directory (exit code 2)."""
+    from pathlib import Path
+
+    path = Path(file)
+    if path.is_dir():
+        raise _GenerateError(f"{flag} {file} is a directory; expected a file path", 2)
+    parent = path.parent
+    if not parent.is_dir():
+        raise _GenerateError(f"{flag} {file}: its folder {parent} does not exist (create it first)", 2)
+
+
 @app.command()
 def finetune(
     task: str = typer.Argument(..., help="Task: " + _TASK_HELP),
@@ -387,16 +424,26 @@ def finetune(
     holds the metrics. Example: diffllama finetune sequence-classification --model runs/tiny/model --data train.csv
     """
     import json
+    import sys
     from pathlib import Path
 
     from diffllama.finetune.data import DataError
     from diffllama.finetune.run import finetune_config, run_finetune
 
     run_dir = Path(out or f"runs/finetune-{task}")
-
-    def run():
+    try:  # arguments first, before any data is read or anything written
         task_obj = _task_options(task, text_column, label_column, tokens_column, tags_column, labels, max_length,
                                  stride)
+        _check_task_args(task, max_length, stride)
+        _check_out_dir("--out", run_dir)
+    except _GenerateError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(error.code)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(1)
+
+    def run():
         cfg = finetune_config(dict(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                                    warmup_steps=warmup_steps, weight_decay=weight_decay, eval_every=eval_every,
                                    save_every=save_every, seed=seed, device=device, dtype=dtype, parallel=parallel,
@@ -428,8 +475,8 @@ def predict(
     tags_column: str = typer.Option("tags", help="JSONL key of the tag list (tagging)."),
     max_length: int = typer.Option(256, help="Tokens per sequence (per window for QA)."),
     stride: int = typer.Option(64, help="Overlap of QA context windows."),
-    batch_size: int = typer.Option(16, help="Sequences per forward pass."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    batch_size: int = typer.Option(16, help="Sequences per forward pass (>= 1)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto (cuda when available)."),
     metrics_out: str = typer.Option(None, "--metrics-out", help="Write metrics JSON here (input with gold labels)."),
 ) -> None:
     """Predict with a fine-tuned model: one JSON line per input (label with scores, tags per word, answer span).
@@ -441,14 +488,25 @@ def predict(
     import sys
 
     from diffllama.finetune.data import DataError
-    from diffllama.finetune.predict import gold_metrics, output_records, predict as run_predict, read_input
+    from diffllama.finetune.predict import (check_checkpoint, gold_metrics, output_records, predict as run_predict,
+                                            read_input, write_metrics)
 
-    try:
+    try:  # arguments and the checkpoint's class first, before any input is read or anything printed
         task_obj = _task_options(task, text_column, label_column, tokens_column, tags_column, None, max_length,
                                  stride)
+        _check_task_args(task, max_length, stride)
+        if batch_size < 1:
+            raise _GenerateError(f"--batch-size must be >= 1 (sequences per forward pass), got {batch_size}", 2)
+        torch_device = _generation_device(device)
+        if metrics_out:
+            _check_out_file("--metrics-out", metrics_out)
+        check_checkpoint(task_obj, model)
         examples = read_input(task_obj, source, sys.stdin.read() if source == "-" else None)
-        predictions = run_predict(task_obj, model, examples, batch_size=batch_size, device=device)
-    except (DataError, ValueError, FileNotFoundError) as error:
+        predictions = run_predict(task_obj, model, examples, batch_size=batch_size, device=torch_device)
+    except _GenerateError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(error.code)
+    except (DataError, ValueError, FileNotFoundError, NotADirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise typer.Exit(1)
     for record in output_records(task_obj, examples, predictions):
@@ -458,8 +516,7 @@ def predict(
         brief = {k: v for k, v in scores.items() if k not in ("per_label", "per_tag")}
         print(json.dumps({"metrics": brief}), file=sys.stderr)
         if metrics_out:
-            with open(metrics_out, "w") as handle:
-                json.dump(scores, handle, indent=2)
+            write_metrics(metrics_out, scores)
 
 
 def main() -> None:

@@ -426,8 +426,9 @@ def encode_qa(tokenizer, examples: list[QAExample], max_length: int, stride: int
         prefix = question + [sep]
         room = max_length - len(prefix)
         if room - stride <= 0:
-            raise ValueError(f"max_length {max_length} leaves {room} context tokens per window after the question; "
-                             f"that must exceed the stride {stride}")
+            raise ValueError(f"max_length {max_length} leaves {room} context tokens per window after the "
+                             f"{len(question)}-token question of example {index + 1}; that must exceed the stride "
+                             f"{stride} (raise --max-length or lower --stride)")
         ids, offsets = tokenizer.encode_with_offsets(example.context)
         span = None
         if example.answers:

@@ -9,10 +9,13 @@ When every input example carries gold labels, metrics are computed as well.
 from __future__ import annotations
 
 import io
+import json
+import os
 from pathlib import Path
 
 import torch
 
+from diffllama.finetune.data import DataError
 from diffllama.finetune.tasks import Task
 
 
@@ -22,12 +25,55 @@ def load_for_task(task: Task, model_dir, *, device="cpu", dtype=None):
     Raises:
         FileNotFoundError / ValueError: from the checkpoint and tokenizer loaders.
     """
+    import warnings
+
     from diffllama.tokenizer import Tokenizer
 
-    model = task.model_class.from_pretrained(model_dir, device=device, dtype=dtype).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the new-weights warning: refused below instead
+        model = task.model_class.from_pretrained(model_dir, device=device, dtype=dtype).eval()
+    new = list(getattr(model, "loading_report", {}).get("new") or [])
+    if new:
+        raise ValueError(f"--model {model_dir} lacks the {task.name} head's weights ({', '.join(new)} would be "
+                         f"random); predict {task.name} needs a checkpoint written by "
+                         f"`diffllama finetune {task.name}`")
     tokenizer = Tokenizer.from_pretrained(model_dir)
     id2label = model.config.id2label if task.model_class.__name__ != "DiffLlamaForQuestionAnswering" else None
+    if task.model_class.__name__ != "DiffLlamaForQuestionAnswering" and not id2label:
+        raise ValueError(f"--model {model_dir}: config.json has no id2label label names; predict {task.name} "
+                         f"needs a checkpoint written by `diffllama finetune {task.name}`")
     return model, tokenizer, id2label
+
+
+def check_checkpoint(task: Task, model_dir) -> Path:
+    """The checkpoint directory of ``model_dir`` after checking that its config.json ``architectures`` names the
+    task's head class (a checkpoint without ``architectures`` passes here; :func:`load_for_task` still refuses one
+    whose head weights are missing).
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: no such checkpoint. ValueError: another model class, or an
+        unreadable config.json.
+    """
+    from diffllama.checkpoint import resolve_checkpoint_dir
+
+    try:
+        directory = resolve_checkpoint_dir(model_dir)
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise type(error)(f"--model: {error}") from None
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"--model {model_dir} has no config.json; expected a checkpoint directory written "
+                                f"by `diffllama finetune {task.name}`")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--model {model_dir}: cannot read config.json: {error}") from error
+    architectures = config.get("architectures") if isinstance(config, dict) else None
+    expected = task.model_class.__name__
+    if architectures and expected not in architectures:
+        raise ValueError(f"--model {model_dir} holds a {', '.join(map(str, architectures))}; predict {task.name} "
+                         f"needs a checkpoint written by `diffllama finetune {task.name}` ({expected})")
+    return directory
 
 
 def read_input(task: Task, source: str, stdin_text: str | None = None) -> list:
@@ -40,18 +86,41 @@ def read_input(task: Task, source: str, stdin_text: str | None = None) -> list:
         return task.read(Path(source), labelled=False)
     text = stdin_text or ""
     first = next((line for line in text.splitlines() if line.strip()), "")
-    name = "<stdin>.jsonl" if first.lstrip().startswith("{") else "<stdin>.txt"
-    return task.read(Path(name), labelled=False, lines=io.StringIO(text))
+    name = "<stdin>.jsonl" if first.lstrip().startswith("{") else "<stdin>.txt"  # the suffix picks the format
+    try:
+        return task.read(Path(name), labelled=False, lines=io.StringIO(text))
+    except DataError as error:  # the messages name standard input "<stdin>", not the format-picking file name
+        raise DataError(str(error).replace(name, "<stdin>")) from None
 
 
 def predict(task: Task, model_dir, examples: list, *, batch_size: int = 16, device: str = "cpu") -> list:
-    """Predictions for ``examples`` (the task's dicts: label + scores, tags per word, or answer spans)."""
+    """Predictions for ``examples`` (the task's dicts: label + scores, tags per word, or answer spans).
+
+    Raises:
+        ValueError: ``batch_size`` < 1, or a checkpoint without the task's head (see :func:`load_for_task`).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     model, tokenizer, id2label = load_for_task(task, model_dir, device=device)
 
     def forward(inputs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return task.forward(model, inputs)
     return task.predict(forward, tokenizer, examples, id2label, batch_size, torch.device(device))
+
+
+def write_metrics(path, scores: dict) -> None:
+    """Write ``scores`` as JSON to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as out:
+            json.dump(scores, out, indent=2)
+            out.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def output_records(task: Task, examples: list, predictions: list) -> list[dict]:
