@@ -95,6 +95,13 @@ def test_interactive(checkpoint):
     (["CKPT", "hi", "-t", "1", "--top-k", "0"], 2, "top_k must be None or an int >= 1"),
     (["CKPT"], 2, "exactly one of PROMPT, --interactive or --prompts-file"),
     (["CKPT", "-f", "nowhere.txt"], 2, "--prompts-file 'nowhere.txt' does not exist"),
+    (["CKPT", "hi", "--temperature", "nan"], 2, "--temperature: temperature must be a finite number, got nan"),
+    (["CKPT", "hi", "-t", "1", "--top-p", "nan"], 2, "--top-p: top_p must be a finite number, got nan"),
+    (["CKPT", "hi", "--repetition-penalty", "inf"], 2,
+     "--repetition-penalty: repetition_penalty must be a finite number, got inf"),
+    (["CKPT", "hi", "--attn", "fast"], 2, "--attn must be one of eager, sdpa, flash, auto, got 'fast'"),
+    (["CKPT", "The", "--attn", "flash", "--device", "cpu"], 1, "--attn flash needs a CUDA GPU, but generation runs "
+                                                               "on cpu"),
 ])
 def test_errors(checkpoint, tmp_path, args, code, message):
     args = [str(checkpoint) if a == "CKPT" else str(tmp_path / "missing") if a == "MISSING" else a for a in args]
@@ -116,6 +123,50 @@ def test_checkpoint_without_tokenizer(checkpoint, tmp_path):
     result = run(tmp_path, "hi")
     assert result.exit_code == 1
     assert "no tokenizer" in result.stderr and "tokenizer.json" in result.stderr
+
+
+def test_run_folder_suggests_its_model(checkpoint, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "model").mkdir(parents=True)
+    for path in checkpoint.iterdir():
+        (run_dir / "model" / path.name).write_bytes(path.read_bytes())
+    result = run(run_dir, "hi")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"looks like a training run folder: its final model is in {run_dir / 'model'}" in result.stderr
+
+
+def _without_bos_template(checkpoint, folder, keep_bos: bool):
+    """The checkpoint with a tokenizer that adds no BOS (like `diffllama train`'s), with or without a BOS token."""
+    import json
+
+    folder.mkdir()
+    for path in checkpoint.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    tok["post_processor"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    if not keep_bos:
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            config = json.loads((folder / name).read_text())
+            config.pop("bos_token", None)
+            (folder / name).write_text(json.dumps(config))
+    return folder
+
+
+def test_empty_prompt_starts_from_bos_or_is_refused(checkpoint, tmp_path):
+    with_bos = _without_bos_template(checkpoint, tmp_path / "bos", keep_bos=True)
+    result = run(with_bos, "", "-n", 6, "--dtype", "float64")
+    assert result.exit_code == 0, result.output
+    assert diffllama.Tokenizer.from_pretrained(with_bos).encode("") == []
+    # The same as the original checkpoint, whose tokenizer template encodes "" as [BOS].
+    assert result.stdout_bytes.decode() == expected_text(checkpoint, "", max_new_tokens=6) + "\n"
+    model = diffllama.DiffLlamaForCausalLM.from_pretrained(with_bos)
+    no_bos = _without_bos_template(checkpoint, tmp_path / "nobos", keep_bos=False)
+    result = run(no_bos, "", "-n", 6)
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.startswith("error: prompt is empty (after tokenization the prompt has no tokens")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        next(stream_text(model, diffllama.Tokenizer.from_pretrained(no_bos), "", max_new_tokens=2))
 
 
 def test_console_entry_point(checkpoint):

@@ -214,6 +214,10 @@ def test_pad_batch_and_positions():
     (dict(do_sample=True, top_p=1.5), ValueError, "top_p must be None or in"),
     (dict(do_sample=True, top_k=0), ValueError, "top_k must be None or an int >= 1"),
     (dict(repetition_penalty=0.0), ValueError, "repetition_penalty must be > 0"),
+    (dict(temperature=float("nan")), ValueError, "temperature must be a finite number, got nan"),
+    (dict(do_sample=True, temperature=float("inf")), ValueError, "temperature must be a finite number, got inf"),
+    (dict(do_sample=True, top_p=float("nan")), ValueError, "top_p must be a finite number, got nan"),
+    (dict(repetition_penalty=float("inf")), ValueError, "repetition_penalty must be a finite number, got inf"),
     (dict(compile=True), ValueError, "compile=True needs static_cache=True"),
     (dict(streamer=object()), TypeError, "streamer must have put"),
 ])

@@ -46,15 +46,30 @@ def test_train_then_plot(tmp_path):
     assert result.exit_code == 1 and "--resume" in result.output
     result = runner.invoke(app, ["train", "--out", str(out), "--resume"])
     assert result.exit_code == 0, result.output
+    # --resume with another model shape is refused before any work, naming the fields; the run is untouched.
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    result = runner.invoke(app, ["train", "--out", str(out), "--resume", "--preset", "small"])
+    assert result.exit_code == 1 and result.output.startswith("error: --resume:"), result.output
+    assert "hidden_size 32 in the checkpoint vs 512 now" in result.output
+    assert "--resume keeps the run's model settings" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    # Resuming with a shorter sequence: the token count is the running total, not steps x the new tokens/step.
+    result = runner.invoke(app, ["train", "--out", str(out), "--resume", "--max-steps", "6", "--seq-len", "16"])
+    assert result.exit_code == 0, result.output
+    want = 4 * 4 * 32 + 2 * 4 * 16
+    assert json.loads((out / "summary.json").read_text())["tokens"] == want
+    assert f"6 steps, {want:,} tokens" in result.output
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-2])["tokens"] == want
 
 
 @pytest.mark.parametrize("args,message", [
     (["--data", "/nonexistent/corpus"], "does not exist"),
-    (["--lr", "-1"], "lr must be > 0"),
+    (["--lr", "-1"], "lr must be a number > 0"),
+    (["--val-fraction", "1.5"], "val_fraction must be a number with 0 < val_fraction < 1"),
     (["--batch-size", "0"], "batch_size must be a positive integer"),
     (["--seq-len", "100000"], "fewer than seq_len"),
     (["--preset", "huge"], "unknown preset"),
-], ids=["missing-corpus", "bad-lr", "bad-batch", "seq-too-long", "bad-preset"])
+], ids=["missing-corpus", "bad-lr", "bad-val-fraction", "bad-batch", "seq-too-long", "bad-preset"])
 def test_clear_errors_and_nothing_written(tmp_path, args, message):
     config = _config(tmp_path)
     out = tmp_path / "run"
@@ -62,6 +77,26 @@ def test_clear_errors_and_nothing_written(tmp_path, args, message):
     assert result.exit_code == 1
     assert message in result.output
     assert not out.exists()
+
+
+def test_out_is_a_file_refused_up_front(tmp_path):
+    config = _config(tmp_path)
+    out = tmp_path / "afile"
+    out.write_text("keep me")
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: --out '{out}' is a file, expected a run folder"), result.output
+    assert out.read_text() == "keep me" and not (tmp_path / "cache").exists()  # no data prepared
+
+
+def test_resume_without_checkpoint_refused(tmp_path):
+    config = _config(tmp_path)
+    out = tmp_path / "x"
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out), "--resume"])
+    assert result.exit_code == 1
+    assert result.output.strip() == f"error: --resume: no checkpoint in {out} to resume from (drop --resume to " \
+                                    f"start a new run)"
+    assert not out.exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.slow

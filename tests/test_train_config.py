@@ -56,3 +56,22 @@ def test_unknown_keys_and_files(tmp_path):
     with pytest.raises(ValueError, match=r"\.yaml"):
         resolve_config(None, _write(tmp_path / "x.ini", "a=1"))
     assert isinstance(TrainConfig(), TrainConfig)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("val_fraction", 1.5, "val_fraction must be a number with 0 < val_fraction < 1"),
+    ("val_fraction", 0, "val_fraction must be a number with 0 < val_fraction < 1"),
+    ("min_lr_ratio", 2.0, "min_lr_ratio must be a number in [0, 1]"),
+    ("beta1", 1.0, "beta1 must be a number in [0, 1)"),
+    ("beta2", -0.1, "beta2 must be a number in [0, 1)"),
+    ("adam_eps", 0.0, "adam_eps must be a number > 0"),
+    ("weight_decay", -1.0, "weight_decay must be a number >= 0"),
+    ("grad_clip", float("nan"), "grad_clip must be a number >= 0 (0 = off)"),
+    ("lr", float("inf"), "lr must be a number > 0"),
+    ("lr", "fast", "lr must be a number > 0"),
+    ("device", "tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+])
+def test_bad_value_messages_state_the_expected_range(field, value, expected):
+    with pytest.raises(ValueError) as caught:
+        resolve_config("tiny", overrides={field: value})
+    assert expected in str(caught.value) and repr(value) in str(caught.value)

@@ -56,6 +56,42 @@ def _generation_dtype(dtype: str, device):
     return dtype
 
 
+def _check_attn(attn, device) -> None:
+    """Refuse an unknown --attn, and flash where it cannot run (no CUDA device, no Triton), before any loading."""
+    from diffllama.config import ATTN_IMPLEMENTATIONS
+
+    if attn is None:
+        return
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise _GenerateError(f"--attn must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn!r}", 2)
+    if attn == "flash":
+        from diffllama.attention import flash
+
+        if device.type != "cuda" and not flash._interpreting():
+            raise _GenerateError(f"--attn flash needs a CUDA GPU, but generation runs on {device}: use --attn sdpa "
+                                 f"(or auto), or --device cuda on a machine with a GPU")
+        if flash.triton is None:
+            raise _GenerateError(f"--attn flash needs Triton (pip install triton), which failed to import: "
+                                 f"{flash._IMPORT_ERROR}; use --attn sdpa (or auto)")
+
+
+def _run_folder_hint(model_dir: str) -> str:
+    """'; did you mean RUN/model?' when ``model_dir`` is a `diffllama train` run folder rather than a model folder."""
+    from pathlib import Path
+
+    folder = Path(model_dir).expanduser()
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return ""
+    if (folder / "model" / "config.json").is_file():
+        return f"; {model_dir} looks like a training run folder: its final model is in {folder / 'model'}"
+    from diffllama.train.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(folder)
+    if latest is not None:
+        return f"; {model_dir} looks like an unfinished training run folder: its newest checkpoint is {latest}"
+    return ""
+
+
 def _read_prompts(prompts_file: str) -> list[str]:
     import sys
     from pathlib import Path
@@ -123,7 +159,6 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
     import sys
     import time
 
-
     from diffllama.checkpoint import resolve_checkpoint_dir
     from diffllama.generation import check_sampling_args, pad_batch, stream_text
     from diffllama.modeling import DiffLlamaForCausalLM
@@ -132,6 +167,11 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
     sources = sum([prompt is not None, interactive, prompts_file is not None])
     if sources != 1:
         raise _GenerateError("give exactly one of PROMPT, --interactive or --prompts-file", 2)
+    try:  # the shared checks first: they refuse NaN/inf, which the comparisons below would let through
+        check_sampling_args(max_new_tokens=max_new_tokens, do_sample=False, temperature=temperature, top_k=top_k,
+                            top_p=top_p, repetition_penalty=repetition_penalty)
+    except (ValueError, TypeError) as error:
+        raise _GenerateError(f"--{str(error).split(' ')[0].replace('_', '-')}: {error}", 2) from error
     if temperature < 0:
         raise _GenerateError(f"--temperature must be >= 0 (0 = greedy), got {temperature}", 2)
     do_sample = temperature > 0
@@ -147,16 +187,20 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
         raise _GenerateError(f"--{str(error).split(' ')[0].replace('_', '-')}: {error}", 2) from error
     torch_device = _generation_device(device)
     torch_dtype = _generation_dtype(dtype, torch_device)
+    _check_attn(attn, torch_device)
     prompts = _read_prompts(prompts_file) if prompts_file is not None else None
 
     started = time.perf_counter()
-    try:
+    try:  # the tokenizer first (cheap): an empty prompt is refused before the weights load
         directory = resolve_checkpoint_dir(model_dir)
+        tokenizer = Tokenizer.from_pretrained(directory)
+        if prompt is not None and not tokenizer.encode(prompt) and tokenizer.bos_token_id is None:
+            raise _GenerateError("prompt is empty (after tokenization the prompt has no tokens, and the tokenizer "
+                                 "has no BOS token to start from): give PROMPT some text", 2)
         model = DiffLlamaForCausalLM.from_pretrained(directory, dtype=torch_dtype, device=torch_device,
                                                      attn_implementation=attn)
-        tokenizer = Tokenizer.from_pretrained(directory)
     except (FileNotFoundError, NotADirectoryError) as error:
-        raise _GenerateError(f"MODEL_DIR_OR_REPO {model_dir!r}: {error}") from error
+        raise _GenerateError(f"MODEL_DIR_OR_REPO {model_dir!r}: {error}{_run_folder_hint(model_dir)}") from error
     except (ValueError, ImportError) as error:
         raise _GenerateError(f"cannot load {model_dir!r}: {error}") from error
     if tokenizer.eos_token_id is not None and model.generation_config.get("eos_token_id") is None \
@@ -287,6 +331,7 @@ def train(
     """
     from pathlib import Path
 
+    from diffllama.train.checkpoint import describe_model_mismatch, latest_checkpoint, model_config_differences
     from diffllama.train.config import read_config_file, resolve_config
     from diffllama.train.data import CorpusError
     from diffllama.train.loop import BatchTooLargeError, run_training
@@ -302,10 +347,21 @@ def train(
     def run():
         name = preset or (read_config_file(config).get("preset") if config else None)
         run_dir = Path(out or f"runs/{name or 'tiny'}")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"--out {str(run_dir)!r} is a file, expected a run folder (a new folder, or an existing "
+                             f"run's folder with --resume)")
+        checkpoint = latest_checkpoint(run_dir) if resume else None
+        if resume and checkpoint is None:
+            raise ValueError(f"--resume: no checkpoint in {run_dir} to resume from (drop --resume to start a new run)")
         saved, config_file = run_dir / "config.yaml", config
         if resume and not config and not preset and saved.is_file():
             config_file = str(saved)  # resuming: the run's own resolved config, then any flags given now
-        return run_dir, run_training(resolve_config(preset, config_file, flags), run_dir, resume=resume)
+        cfg = resolve_config(preset, config_file, flags)
+        if checkpoint is not None:  # before any data work: the checkpoint must load into the model asked for
+            differences = model_config_differences(cfg.model, checkpoint)
+            if differences:
+                raise ValueError(describe_model_mismatch(differences, checkpoint))
+        return run_dir, run_training(cfg, run_dir, resume=resume)
 
     run_dir, result = _run_reporting_errors(run, (CorpusError, ValueError, FileNotFoundError, BatchTooLargeError))
     summary = _finished_summary(result, run_dir, f"diffllama train --out {run_dir} --resume")

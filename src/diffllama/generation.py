@@ -21,6 +21,7 @@ later positions of that row hold ``pad_token_id``; generation ends when every ro
 from __future__ import annotations
 
 import json
+import math
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -36,15 +37,24 @@ GENERATION_CONFIG = "generation_config.json"
 # ---- arguments ------------------------------------------------------------------------------------------------------
 
 def check_sampling_args(*, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty) -> None:
-    """Validate generation arguments. Raises ValueError (or TypeError) naming the argument and its bad value."""
+    """Validate generation arguments. Raises ValueError (or TypeError) naming the argument and its bad value.
+
+    ``temperature``, ``top_p`` and ``repetition_penalty`` must be finite numbers (NaN or infinity is refused even
+    when not sampling: a NaN temperature would otherwise silently mean greedy decoding).
+    """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
         raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
-    if not isinstance(temperature, (int, float)) or temperature != temperature:
-        raise TypeError(f"temperature must be a number, got {temperature!r}")
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+        if value is None and name == "top_p":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling (do_sample=True), got {temperature}; "
                          f"use do_sample=False for greedy decoding")
@@ -469,11 +479,19 @@ def stream_text(model, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
     """Yield the continuation of one text ``prompt`` piece by piece, as it is generated.
 
     ``tokenizer`` is a :class:`diffllama.tokenizer.Tokenizer`; its EOS/PAD ids are the defaults after the model's.
-    Multi-byte characters split across tokens are held back until complete. ``kwargs`` as :func:`generate`.
+    Multi-byte characters split across tokens are held back until complete. ``kwargs`` as :func:`generate`. A prompt
+    that tokenizes to nothing starts from the tokenizer's BOS token (as transformers' ``generate()`` does without
+    input); without a BOS token it raises ValueError.
     """
     from diffllama.tokenizer import IncrementalDetokenizer
 
-    ids = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long)
+    tokens = tokenizer.encode(prompt)
+    if not tokens:  # as transformers' generate() without input: start from BOS
+        if tokenizer.bos_token_id is None:
+            raise ValueError("prompt is empty (after tokenization the prompt has no tokens, and the tokenizer has no "
+                             "BOS token to start from)")
+        tokens = [tokenizer.bos_token_id]
+    ids = torch.tensor([tokens], dtype=torch.long)
     eos, _ = resolve_special_ids(model, kwargs.get("eos_token_id"))
     if kwargs.get("eos_token_id") is None and not eos and tokenizer.eos_token_id is not None:
         eos = [tokenizer.eos_token_id]

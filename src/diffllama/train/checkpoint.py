@@ -67,6 +67,42 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+# DiffLlamaConfig fields that set parameter shapes: a checkpoint only loads into a model that agrees on all of them.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias")
+
+
+def model_config_differences(wanted, checkpoint: str | os.PathLike) -> dict[str, tuple]:
+    """``{field: (checkpoint's value, wanted value)}`` for the shape-setting fields that differ.
+
+    ``wanted``: a :class:`~diffllama.config.DiffLlamaConfig`, or a dict of its fields (a run config's ``model``
+    mapping; a ``vocab_size`` of None means the checkpoint's, as the run's tokenizer is reused on resume). A dict that
+    does not make a valid config gives {} (the model build reports it).
+    """
+    from diffllama.config import DiffLlamaConfig
+
+    saved = DiffLlamaConfig.from_pretrained(checkpoint)
+    if isinstance(wanted, dict):
+        fields = dict(wanted)
+        if fields.get("vocab_size") is None:
+            fields["vocab_size"] = saved.vocab_size
+        try:
+            wanted = DiffLlamaConfig(**fields)
+        except (TypeError, ValueError):
+            return {}
+    return {name: (getattr(saved, name), getattr(wanted, name)) for name in SHAPE_FIELDS
+            if getattr(saved, name) != getattr(wanted, name)}
+
+
+def describe_model_mismatch(differences: dict[str, tuple], checkpoint) -> str:
+    """The error message for :func:`model_config_differences`' result on resume."""
+    listed = ", ".join(f"{name} {old!r} in the checkpoint vs {new!r} now" for name, (old, new) in
+                       differences.items())
+    return (f"--resume: the model settings given now differ from those of the run's checkpoint {checkpoint} "
+            f"({listed}); --resume keeps the run's model settings: drop --preset/--config (or the model: entries "
+            f"that changed) to continue the run, or choose another --out to start a new one")
+
+
 def full_state_dicts(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, fsdp: bool):
     """(model state dict, optimizer state dict) of the *training module*, unsharded, on CPU under FSDP2.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,16 +112,23 @@ class TrainConfig:
         if self.tokenizer_vocab_size < 300:
             raise ValueError(f"tokenizer_vocab_size must be >= 300 (256 bytes + special tokens + merges), "
                              f"got {self.tokenizer_vocab_size}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        checks = {"min_lr_ratio": 0 <= self.min_lr_ratio <= 1, "weight_decay": self.weight_decay >= 0,
-                  "beta1": 0 <= self.beta1 < 1, "beta2": 0 <= self.beta2 < 1, "adam_eps": self.adam_eps > 0,
-                  "grad_clip": self.grad_clip >= 0, "val_fraction": 0 < self.val_fraction < 1}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"{name} has a bad value {getattr(self, name)!r}")
+        # name: (test, the expected value as the message states it)
+        ranges = {"lr": (lambda v: v > 0, "a number > 0 (the peak learning rate, e.g. 3e-3)"),
+                  "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1] (final lr / peak lr)"),
+                  "weight_decay": (lambda v: v >= 0, "a number >= 0"),
+                  "beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                  "beta2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                  "adam_eps": (lambda v: v > 0, "a number > 0"),
+                  "grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+                  "val_fraction": (lambda v: 0 < v < 1, "a number with 0 < val_fraction < 1 (the share of "
+                                                        "documents held out for validation, e.g. 0.02)")}
+        for name, (ok, expected) in ranges.items():
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                    or not ok(value)):
+                raise ValueError(f"{name} must be {expected}, got {value!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.parallel not in PARALLEL:

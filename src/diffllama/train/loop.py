@@ -116,20 +116,25 @@ class Trainer:
 
     Args:
         cfg: the resolved config. run_dir: output folder (metrics, checkpoints, final model).
-        resume: continue from the newest checkpoint in ``run_dir`` (fresh start when there is none).
+        resume: continue from the newest checkpoint in ``run_dir`` (fresh start when there is none; ``diffllama
+            train`` refuses that case). The model settings must match the checkpoint's.
         info: process placement; default: from the environment (:func:`init_distributed`).
         quiet: no progress bar or prints.
 
     Raises:
         CorpusError: missing/empty corpus, splits too small for ``seq_len``.
         ValueError: bad settings (e.g. a model vocabulary smaller than the tokenizer's); ``run_dir`` already
-            holding checkpoints without ``resume``.
+            holding checkpoints without ``resume``; ``run_dir`` being a file; on resume, model settings whose
+            shapes differ from the checkpoint's (naming the fields).
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                  info: DistInfo | None = None, quiet: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"run folder {str(self.run_dir)!r} is a file, expected a folder (a new or existing run "
+                             f"folder): choose another --out")
         self.info = info or init_distributed(cfg.device)
         self.quiet = quiet or not self.info.is_main
         self.device = self.info.device
@@ -156,6 +161,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         self.step = 0
+        self.tokens = 0  # tokens trained on so far (a running total: tokens per step may change on resume)
         self.history: list[dict] = []
         self._stop_signal: str | None = None
         self.callbacks: list = []  # called as cb(trainer, metrics) after each step
@@ -163,6 +169,13 @@ class Trainer:
             state = ckpt.load_checkpoint(self.resume_from, module=self.module, optimizer=self.optimizer,
                                          scheduler=self.scheduler, info=self.info, fsdp=self.mode == "fsdp")
             self.step = state["step"]
+            extra = state.get("extra") or {}
+            if extra.get("tokens") is not None:
+                self.tokens = int(extra["tokens"])
+            else:  # a checkpoint from before the running count: its last metrics record, else steps x tokens/step
+                last = extra.get("metrics") or {}
+                self.tokens = int(last["tokens"]) if last.get("step") == self.step and "tokens" in last \
+                    else self.step * self.tokens_per_step
 
     # ---- set-up helpers --------------------------------------------------------------------------------------------
 
@@ -214,9 +227,14 @@ class Trainer:
         fields.update(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
                       pad_token_id=self.tokenizer.pad_token_id)
         try:
-            return DiffLlamaConfig(**fields)
+            config = DiffLlamaConfig(**fields)
         except TypeError as error:
             raise ValueError(f"bad model setting: {error}") from error
+        if self.resume_from is not None:
+            differences = ckpt.model_config_differences(config, self.resume_from)
+            if differences:
+                raise ValueError(ckpt.describe_model_mismatch(differences, self.resume_from))
+        return config
 
     @property
     def tokens_per_step(self) -> int:
@@ -342,7 +360,8 @@ class Trainer:
         return ckpt.save_checkpoint(self.run_dir, self.step, module=unwrapped, model=self.model,
                                     optimizer=self.optimizer, scheduler=self.scheduler, tokenizer=self.tokenizer,
                                     config_yaml=self.cfg.to_yaml(), info=self.info, fsdp=self.mode == "fsdp",
-                                    keep_last=self.cfg.keep_last, extra={"metrics": metrics})
+                                    keep_last=self.cfg.keep_last,
+                                    extra={"metrics": metrics, "tokens": self.tokens})
 
     def _log(self, record: dict, writer) -> None:
         self.history.append(record)
@@ -419,6 +438,7 @@ class Trainer:
                         f"{self.device.type} memory: lower --batch-size (raise --grad-accum to keep the global "
                         f"batch), or pass --activation-checkpointing") from error
                 self.step += 1
+                self.tokens += self.tokens_per_step
                 window_steps += 1
                 done = self.step == cfg.max_steps
                 if self.step % cfg.log_every == 0 or done:
@@ -427,7 +447,7 @@ class Trainer:
                     tps = window_steps * self.tokens_per_step / max(now - window_time, 1e-9)
                     window_time, window_steps = now, 0
                     metrics = {"step": self.step, "loss": loss, "lr": out["lr"],
-                               "grad_norm": float(out["grad_norm"]), "tokens": self.step * self.tokens_per_step,
+                               "grad_norm": float(out["grad_norm"]), "tokens": self.tokens,
                                "tokens_per_s": tps, "epoch": self.plan.epoch(self.step),
                                "elapsed_s": now - start_time}
                     self._log(metrics, writer)
@@ -490,7 +510,7 @@ class Trainer:
             return
         meta: DataMeta = self.meta
         summary = {
-            "steps": result.step, "tokens": result.step * self.tokens_per_step,
+            "steps": result.step, "tokens": self.tokens,
             "parameters": self.model.num_parameters(),
             "final_loss": result.metrics.get("loss"), "val_loss": result.metrics.get("val_loss"),
             "val_ppl": result.metrics.get("val_ppl"), "val_bits_per_byte": result.metrics.get("val_bpb"),
