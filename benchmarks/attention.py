@@ -17,6 +17,8 @@ Sections (each in its own try/except, printed as it goes, JSON to DIR/attention.
      hf-2call  transformers' DiffLlama form: two calls of transformers' ``sdpa_attention_forward`` over the two
                value halves, cat, o1 − λ·o2 (the lines of ``DiffLlamaAttention.forward``)
      llama     ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` at the same H and d: no differential cost
+   check: relative L2 difference of (out, dq, dk, dv, dλ) from float32 eager on the same bf16 inputs (S <= 4096),
+   else from the flash row.
    TFLOP/s counts 1.5× a Llama causal attention's FLOPs for the differential rows (forward 1.5·2·B·H·S²·d,
    forward + backward 3.5× that) and 1× for the llama row, so every row's TFLOP/s is useful work per second.
 3. train (below), then layer: whole attention modules (projections, RoPE, norm): transformers' ``DiffLlamaAttention`` (sdpa),
@@ -80,6 +82,22 @@ def _core_impls(h: int, d: int):
             "hf-2call": hf_two_call, "llama": llama}
 
 
+EAGER_MAX_S = 4096  # float32 eager materialises (B, H, S, S) scores: 4.3 GB each at 16384 tokens, S = 4096
+
+
+def _eager_reference(q, k, v, lam, mask, dout):
+    """(out, dq, dk, dv, dλ) of this project's eager backend in float32 on the same bf16 inputs."""
+    from diffllama.attention.eager import attention as eager
+
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v, lam)]
+    out, _ = eager(*leaves[:3], mask, scale=q.shape[-1] ** -0.5, lambda_full=leaves[3])
+    grads = torch.autograd.grad(out, leaves, dout.float())
+    result = (out.detach(), *grads)
+    del out, leaves
+    torch.cuda.empty_cache()
+    return result
+
+
 def core(dims, seqs, tokens, heads, peak) -> None:
     from diffllama.attention import AttentionMask, flash
 
@@ -96,9 +114,11 @@ def core(dims, seqs, tokens, heads, peak) -> None:
             lam = torch.tensor(0.3, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             mask = AttentionMask(torch.arange(s, device="cuda"), None, s, plain_causal=True)
             llama_flops = 2 * b * heads * s * s * d  # causal: half of 4·B·H·S²·d
-            ref_outs = None
             llama_fb = None
             douts = {"llama": mk(b, heads, s, d), "diff": mk(b, s, heads // 2, 2 * d)}
+            ref_outs, ref_name = None, "flash"
+            if s <= EAGER_MAX_S:  # the float32 eager reference decides which gradients are right
+                ref_outs, ref_name = _eager_reference(q, k, v, lam, mask, douts["diff"]), "eager32"
             for name in ("llama", "flash", "flash-dqk", "sdpa", "hf-2call"):
                 fn = impls[name]
                 flash.DQ_MODE = "kernel" if name == "flash-dqk" else "atomic"
@@ -115,7 +135,7 @@ def core(dims, seqs, tokens, heads, peak) -> None:
                         else:
                             errs = [((x.float() - r.float()).norm() / r.float().norm()).item()
                                     for x, r in zip((out, *grads), ref_outs)]
-                            check = "vs flash: " + " ".join(f"{e:.1e}" for e in errs)
+                            check = f"vs {ref_name}: " + " ".join(f"{e:.1e}" for e in errs)
                         del grads
                     fwd = bench(lambda: fn(q, k, v, mask, d ** -0.5, lam))
                     fb = bench(lambda: torch.autograd.grad(fn(q, k, v, mask, d ** -0.5, lam), inputs, dout))

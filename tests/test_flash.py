@@ -152,6 +152,18 @@ def test_flash_separate_dq_kernel(name, monkeypatch):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("mode", ["fused", "split"])
+@pytest.mark.parametrize("name", ["mha-63-d64", "gqa2-63-d128", "right-pad-111-gqa", "cache-37of200-leftpad"])
+def test_flash_backward_launch_modes(name, mode, monkeypatch):
+    """The same checks with dK/dV' from one launch (four accumulators) and from two (dK, then dV')."""
+    from diffllama.attention import flash
+
+    monkeypatch.setattr(flash, "BWD_MODE", mode)
+    test_flash_matches_float64_eager(name, monkeypatch)
+
+
+@pytest.mark.gpu
+@gpu
 def test_rows_without_keys_are_zero_not_nan(monkeypatch):
     from diffllama.attention import flash
 

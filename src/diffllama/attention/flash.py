@@ -42,6 +42,9 @@ POISON = False  # tests set this: every output buffer starts as NaN, so an unwri
 # How the backward gets dQ: "atomic" adds it from the dK/dV kernel (float32 relaxed atomics, no recomputation),
 # "kernel" runs a separate dQ kernel that recomputes the scores (deterministic, 30% more FLOPs).
 DQ_MODE = os.environ.get("DIFFLLAMA_FLASH_DQ", "atomic")
+# How the dK/dV' work is launched: "fused" (one kernel, four accumulators per program), "split" (one kernel for
+# dK (+ dQ atomics), one for dV': two accumulators each, P computed twice), "auto" (by head_dim, see _bwd_split).
+BWD_MODE = os.environ.get("DIFFLLAMA_FLASH_BWD", "auto")
 
 
 def _interpreting() -> bool:
@@ -63,16 +66,26 @@ def _configs(kind: str, dp: int):
                  64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)],
                  128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
                  256: [(64, 32, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2)]}[dp]
-    elif kind == "dkdv":  # accumulators dK, dV_a, dV_b (and the dQ share): keep BLOCK_N·3·d fp32 in registers
-        table = {32: [(64, 128, 8, 3), (64, 64, 4, 3)],
-                 64: [(64, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
-                 128: [(64, 64, 8, 2), (32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)],
+    elif kind == "dkdv":  # one launch for dK and dV': four BLOCK_N x d float32 accumulators per program
+        table = {32: [(64, 64, 4, 3), (64, 128, 8, 2)],
+                 64: [(64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)],
+                 128: [(64, 64, 8, 2), (32, 64, 8, 2), (32, 128, 8, 2)],
+                 256: [(32, 32, 4, 1), (16, 32, 4, 2)]}[dp]
+    elif kind == "dk":  # split backward, dK (+ dQ atomics): two accumulators per program
+        table = {32: [(64, 64, 4, 3), (64, 128, 8, 2)],
+                 64: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 8, 2)],
+                 128: [(64, 64, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 2)],
                  256: [(32, 32, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)]}[dp]
-    else:  # dq
+    elif kind == "dv":  # split backward, dV': two accumulators per program
+        table = {32: [(64, 64, 4, 3), (64, 128, 8, 2)],
+                 64: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 2)],
+                 128: [(64, 128, 8, 2), (32, 64, 4, 2), (32, 128, 8, 3), (64, 64, 8, 2)],
+                 256: [(32, 32, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)]}[dp]
+    else:  # dq, one head pair per program: two BLOCK_M x d accumulators
         table = {32: [(128, 64, 8, 3), (64, 64, 4, 3)],
-                 64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-                 128: [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-                 256: [(64, 32, 8, 2), (32, 64, 4, 2), (64, 64, 8, 2)]}[dp]
+                 64: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+                 128: [(64, 32, 4, 3), (64, 64, 4, 2), (32, 64, 4, 3)],
+                 256: [(32, 32, 4, 2), (64, 32, 8, 2), (32, 64, 4, 2)]}[dp]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
 
 
@@ -80,31 +93,29 @@ _TUNED: dict = {}
 
 
 def _launch(kind: str, kernel, grid, dp: int, *args, **kwargs) -> None:
-    """Run ``kernel`` with a config from ``_configs(kind, dp)``: the forward autotuned (only its first candidate
-    when the environment sets ``DIFFLLAMA_FLASH_AUTOTUNE=0``), the backward kernels their first candidate; a fixed
-    small config under the interpreter."""
+    """Run ``kernel`` with a config from ``_configs(kind, dp)``: autotuned (Triton's autotuner, once per kernel,
+    head_dim, padding and sequence-length bucket), or only the first candidate when the environment sets
+    ``DIFFLLAMA_FLASH_AUTOTUNE=0``; a fixed small config under the interpreter. Every candidate's gradients were
+    checked on the H200 by benchmarks/tune_flash_bwd.py."""
     if _interpreting():
         meta = {"BLOCK_M": 16, "BLOCK_N": 16}
         kernel[grid(meta)](*args, **kwargs, **meta)
         return
-    # The backward kernels always take their first candidate: those are the configs the GPU gradient tests
-    # verified; the tuned backward configs disagreed with sdpa at head_dim 64 in the benchmark (RESULTS.md).
-    if kind != "fwd" or os.environ.get("DIFFLLAMA_FLASH_AUTOTUNE", "1") == "0":
-        config = _configs(kind, dp)[0]
-        kernel[grid(config.kwargs)](*args, **kwargs, **config.kwargs, num_warps=config.num_warps,
-                                    num_stages=config.num_stages)
-        return
-    key = (kind, dp)
-    if key not in _TUNED:
-        if kind == "dkdv":  # the dQ buffer is accumulated into: zero it before every trial run
-            tuner = triton.autotune(_configs(kind, dp), key=["HEAD_DIM", "HAS_PAD", "SEQ_BUCKET", "DQ_ATOMIC"],
-                                    reset_to_zero=["DQACC"])
-        else:
-            tuner = triton.autotune(_configs(kind, dp), key=["HEAD_DIM", "HAS_PAD", "SEQ_BUCKET"])
-        _TUNED[key] = tuner(kernel)
-    compiled = _TUNED[key][grid](*args, **kwargs)
-    if os.environ.get("DIFFLLAMA_FLASH_DEBUG") == "1":
+    if os.environ.get("DIFFLLAMA_FLASH_AUTOTUNE", "1") == "0":
+        best = _configs(kind, dp)[0]
+        compiled = kernel[grid(best.kwargs)](*args, **kwargs, **best.kwargs, num_warps=best.num_warps,
+                                             num_stages=best.num_stages)
+    else:
+        key = (kind, dp)
+        if key not in _TUNED:
+            # The dK launch adds dQ into DQACC: the autotuner must zero it before each trial (and the real run).
+            accumulates = kind in ("dkdv", "dk")
+            _TUNED[key] = triton.autotune(_configs(kind, dp),
+                                          key=["HEAD_DIM", "HAS_PAD", "SEQ_BUCKET"] + ["DQ_ATOMIC"] * accumulates,
+                                          reset_to_zero=["DQACC"] if accumulates else None)(kernel)
+        compiled = _TUNED[key][grid](*args, **kwargs)
         best = _TUNED[key].best_config
+    if os.environ.get("DIFFLLAMA_FLASH_DEBUG") == "1":
         print(f"[flash] {kind} d{dp} {kwargs.get('HAS_PAD')} {best} regs {getattr(compiled, 'n_regs', '?')} "
               f"spills {getattr(compiled, 'n_spills', '?')}", flush=True)
 
@@ -136,6 +147,13 @@ def _forward(q, k, v, qpos, pad, lam, scale):
     return out, o2, lse
 
 
+def _bwd_split(dp: int) -> bool:
+    """Whether the backward runs dK and dV' as two launches (see BWD_MODE)."""
+    if BWD_MODE not in ("auto", "fused", "split"):
+        raise ValueError(f"DIFFLLAMA_FLASH_BWD must be 'auto', 'fused' or 'split', got {BWD_MODE!r}")
+    return BWD_MODE == "split" or (BWD_MODE == "auto" and dp > 64)
+
+
 def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
     b, h, sq, d = q.shape
     kv, sk = k.shape[1], k.shape[2]
@@ -155,12 +173,17 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
     meta = dict(HEAD_DIM=d, DP=dp, HAS_PAD=pad is not None)
     atomic = DQ_MODE == "atomic"
     dq_acc = torch.zeros((b, h, sq, dp) if atomic else (1,), dtype=torch.float32, device=q.device)
-    _launch("dkdv", kernels.attn_bwd_dkdv, lambda m: (triton.cdiv(sk, m["BLOCK_N"]), b * kv // 2), dp,
-            q, k, v, dout, lse, r, qpos, pad_t, dk, dv, dq_acc, lam, *common, DQ_ATOMIC=atomic, **meta)
+    args = (q, k, v, dout, lse, r, qpos, pad_t, dk, dv, dq_acc, lam, *common)
+    grid = lambda m: (triton.cdiv(sk, m["BLOCK_N"]), b * kv // 2)  # noqa: E731
+    if _bwd_split(dp):
+        _launch("dk", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=False, **meta)
+        _launch("dv", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=False, DO_DK=False, DO_DV=True, **meta)
+    else:
+        _launch("dkdv", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=True, **meta)
     if atomic:
         dq.copy_(dq_acc[..., :d].mul_(scale))
     else:
-        _launch("dq", kernels.attn_bwd_dq, lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h), dp,
+        _launch("dq", kernels.attn_bwd_dq, lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h // 2), dp,
                 q, k, v, dout, lse, r, qpos, pad_t, dq, lam, *common, **meta)
     dlam = -r[:, h // 2:].sum()
     return dq, dk, dv, dlam
@@ -181,35 +204,6 @@ class _DiffFlashAttention(torch.autograd.Function):
         q, k, v, out, o2, lse, qpos, pad, lam = ctx.saved_tensors
         dq, dk, dv, dlam = _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, ctx.scale)
         return dq, dk, dv, dlam.to(ctx.lambda_dtype), None, None, None
-
-
-def _decode(q, k, v, qpos, pad, lam, scale):
-    """Forward only, keys split over programs so that a few query rows still fill the GPU."""
-    b, h, sq, d = q.shape
-    kv, sk = k.shape[1], k.shape[2]
-    dp = triton.next_power_of_2(d)
-    block_m = 16
-    block_n = 16 if _interpreting() else (64 if dp <= 128 else 32)
-    programs = b * h * triton.cdiv(sq, block_m)
-    sms = 1 if _interpreting() else torch.cuda.get_device_properties(q.device).multi_processor_count
-    splits = max(1, min(triton.cdiv(sk, block_n), triton.cdiv(2 * sms, programs), 128))
-    chunk = triton.cdiv(triton.cdiv(sk, splits), block_n) * block_n
-    splits = triton.cdiv(sk, chunk)
-    opart = _empty((splits, b, h, sq, 2 * dp), torch.float32, q.device)
-    lpart = _empty((splits, b, h, sq), torch.float32, q.device)
-    pad_t = pad if pad is not None else qpos
-    kernels.attn_fwd_split[(splits, b * h, triton.cdiv(sq, block_m))](
-        q, k, v, opart, lpart, qpos, pad_t, *_strides(q), *_strides(k), *_strides(v),
-        pad.stride(0) if pad is not None else 0, b, h, kv // 2, h // kv, sq, sk, chunk, scale * LOG2E,
-        HEAD_DIM=d, DP=dp, HAS_PAD=pad is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=4, num_stages=2)
-    top = lpart.amax(0, keepdim=True)  # (1, B, H, Sq)
-    weight = torch.exp2(lpart - top.clamp_min(-1e30)).nan_to_num_(0.0)  # chunks with no key weigh 0
-    total = weight.sum(0)
-    per_head = (weight[..., None] * opart).sum(0) / total.clamp_min(1e-30)[..., None]  # (B, H, Sq, 2·DP)
-    per_head = torch.cat((per_head[..., :d], per_head[..., dp:dp + d]), -1).to(q.dtype)
-    out1, out2 = per_head.transpose(1, 2).chunk(2, dim=2)  # each (B, Sq, H/2, 2d)
-    return out1 - lam.to(q.dtype) * out2
 
 
 # ---- the public function --------------------------------------------------------------------------------------
@@ -279,7 +273,8 @@ def attention(
     lambda_full = lambda_full.reshape(())
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, lambda_full))
-    if not needs_grad and query.shape[2] <= 64:
-        lam = lambda_full.detach().to(torch.float32).reshape(1)
-        return _decode(query, key, value, qpos, pad, lam, scale), None
+    if not needs_grad and query.shape[2] <= 64:  # decode: a custom op, so compiled and CUDA-graphed steps use it
+        from diffllama.attention.flash_decode import decode
+
+        return decode(query, key, value, qpos, pad, lambda_full, scale), None
     return _DiffFlashAttention.apply(query, key, value, lambda_full, qpos, pad, float(scale)), None

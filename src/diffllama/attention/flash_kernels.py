@@ -256,61 +256,60 @@ def _first_query(QPOS, Sq, target):
 
 
 @triton.jit
-def _dkdv_loop(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, dq_base, QPOS, offs_n, col_keep, offs_d,
-               stride_qm, stride_dm, lo, hi, Sq, qk_scale, c,
-               HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-               SCALED: tl.constexpr, DQ_ATOMIC: tl.constexpr):
-    """Accumulate one query head's contribution over query rows [lo, hi) into dK (this head's key head) and dV'.
-    Works on transposed scores (BN, BM) so the accumulators stay key-major. With DQ_ATOMIC, also adds this key
-    block's share of dQ/scale (c·dS·K) into the float32 (rows, DP) buffer at ``dq_base`` (relaxed atomics)."""
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < Sq
-        q = _load_tile(q_base, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
-        doa = _load_tile(do_base, offs_m, stride_dm, offs_d, Sq, HEAD_DIM, DP, True)
-        dob = _load_tile(do_base + HEAD_DIM, offs_m, stride_dm, offs_d, Sq, HEAD_DIM, DP, True)
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=float("inf"))
-        r = tl.load(r_base + offs_m, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BN, BM)
-        p_t = tl.math.exp2(s_t - lse[None, :])
-        if MASKED:
-            qp = tl.load(QPOS + offs_m, mask=row_ok, other=-1)
-            p_t = tl.where(offs_n[:, None] <= qp[None, :], p_t, 0.0)
-        if DQ_ATOMIC:  # padding and out-of-range keys must not reach dQ (their own dK/dV rows are zeroed later)
-            p_t = tl.where(col_keep[:, None], p_t, 0.0)
-        dp_t = tl.dot(va, tl.trans(doa))
-        dp_t = tl.dot(vb, tl.trans(dob), dp_t)
-        ds_t = p_t * (dp_t - r[None, :])
-        if SCALED:
-            p_t = p_t * c
-            ds_t = ds_t * c
-        p16 = p_t.to(q.dtype)
-        dva = tl.dot(p16, doa, dva)
-        dvb = tl.dot(p16, dob, dvb)
-        ds16 = ds_t.to(q.dtype)
-        dk = tl.dot(ds16, q, dk)
-        if DQ_ATOMIC:
-            dq = tl.dot(tl.trans(ds16), k)  # (BM, DP)
-            tl.atomic_add(dq_base + offs_m[:, None] * DP + offs_d[None, :], dq, mask=row_ok[:, None],
-                          sem="relaxed")
-    return dk, dva, dvb
+def _pair_probs_t(ka, kb, q1, q2, lse1, lse2, qk_scale):
+    """Transposed probabilities (BN, BM) of both heads of a pair for one key block and one query block."""
+    p1 = tl.math.exp2(tl.dot(ka, tl.trans(q1)) * qk_scale - lse1[None, :])
+    p2 = tl.math.exp2(tl.dot(kb, tl.trans(q2)) * qk_scale - lse2[None, :])
+    return p1, p2
 
 
 @triton.jit
-def _dkdv_head(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, dq_base, QPOS, offs_n, col_keep, offs_d,
-               stride_qm, stride_dm, lo, full, Sq, qk_scale, c,
-               HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, SCALED: tl.constexpr,
-               DQ_ATOMIC: tl.constexpr):
-    # Rows [lo, full) may see only part of the key block; rows from there on see all of it.
-    n_masked = tl.cdiv(full - lo, BLOCK_M)
-    mid = lo + n_masked * BLOCK_M
-    dk, dva, dvb = _dkdv_loop(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, dq_base, QPOS, offs_n,
-                              col_keep, offs_d, stride_qm, stride_dm, lo, mid, Sq, qk_scale, c, HEAD_DIM, DP, BLOCK_M, True,
-                              SCALED, DQ_ATOMIC)
-    dk, dva, dvb = _dkdv_loop(dk, dva, dvb, k, va, vb, q_base, do_base, lse_base, r_base, dq_base, QPOS, offs_n,
-                              col_keep, offs_d, stride_qm, stride_dm, mid, Sq, Sq, qk_scale, c, HEAD_DIM, DP, BLOCK_M, False,
-                              SCALED, DQ_ATOMIC)
-    return dk, dva, dvb
+def _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base, lse1_base, lse2_base, r1_base,
+               r2_base, dq1_base, dq2_base, QPOS, offs_n, col_keep, offs_d, stride_qm, stride_dm, lo, hi, Sq,
+               qk_scale, neg_lam,
+               HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+               DO_DK: tl.constexpr, DO_DV: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+    """One head pair's contribution over query rows [lo, hi) to this key block's gradients. Both heads share dO
+    and V', so ``dP = dO·V'ᵀ`` is computed once for the pair and ``dV' = (P1 − λ·P2)ᵀ·dO`` is one product: 10·d
+    multiply-adds per (query, key) for the pair instead of 14·d for two separate heads.
+    DO_DK: accumulate dK of both key heads (and, with DQ_ATOMIC, add c·dS·K into the float32 dQ buffers).
+    DO_DV: accumulate dV' = [dV_a, dV_b]. Scores are kept transposed (BN, BM) so the accumulators stay key-major."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Sq
+        q1 = _load_tile(q1_base, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
+        q2 = _load_tile(q2_base, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
+        doa = _load_tile(do_base, offs_m, stride_dm, offs_d, Sq, HEAD_DIM, DP, True)
+        dob = _load_tile(do_base + HEAD_DIM, offs_m, stride_dm, offs_d, Sq, HEAD_DIM, DP, True)
+        lse1 = tl.load(lse1_base + offs_m, mask=row_ok, other=float("inf"))
+        lse2 = tl.load(lse2_base + offs_m, mask=row_ok, other=float("inf"))
+        p1, p2 = _pair_probs_t(ka, kb, q1, q2, lse1, lse2, qk_scale)
+        if MASKED:
+            qp = tl.load(QPOS + offs_m, mask=row_ok, other=-1)
+            seen = offs_n[:, None] <= qp[None, :]
+            p1 = tl.where(seen, p1, 0.0)
+            p2 = tl.where(seen, p2, 0.0)
+        if DQ_ATOMIC:  # padding and out-of-range keys must not reach dQ (their own dK/dV rows are zeroed later)
+            p1 = tl.where(col_keep[:, None], p1, 0.0)
+            p2 = tl.where(col_keep[:, None], p2, 0.0)
+        if DO_DV:
+            pc = (p1 + neg_lam * p2).to(q1.dtype)
+            dva = tl.dot(pc, doa, dva)
+            dvb = tl.dot(pc, dob, dvb)
+        if DO_DK:
+            r1 = tl.load(r1_base + offs_m, mask=row_ok, other=0.0)
+            r2 = tl.load(r2_base + offs_m, mask=row_ok, other=0.0)
+            dp = tl.dot(va, tl.trans(doa))
+            dp = tl.dot(vb, tl.trans(dob), dp)
+            ds1 = (p1 * (dp - r1[None, :])).to(q1.dtype)
+            ds2 = (p2 * (dp - r2[None, :]) * neg_lam).to(q1.dtype)
+            dka = tl.dot(ds1, q1, dka)
+            dkb = tl.dot(ds2, q2, dkb)
+            if DQ_ATOMIC:
+                dq_ptrs = offs_m[:, None] * DP + offs_d[None, :]
+                tl.atomic_add(dq1_base + dq_ptrs, tl.dot(tl.trans(ds1), ka), mask=row_ok[:, None], sem="relaxed")
+                tl.atomic_add(dq2_base + dq_ptrs, tl.dot(tl.trans(ds2), kb), mask=row_ok[:, None], sem="relaxed")
+    return dka, dkb, dva, dvb
 
 
 @triton.jit
@@ -319,10 +318,13 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, DQACC, LAM,
                   stride_db, stride_dm, stride_dh, stride_pb,
                   H, KV_HALF, GROUP, Sq, Sk, qk_scale, scale, SEQ_BUCKET,
                   HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (key block, batch · g), g < KV/2: dK of key heads g and g + KV/2, dV of value heads g and
-    g + KV/2, summed over the 2G query heads that use them. DK and DV have K's and V's shapes, contiguous.
-    With DQ_ATOMIC, dQ/scale is accumulated too, into DQACC (B, H, Sq, DP) float32, zeroed by the caller."""
+                  DO_DK: tl.constexpr, DO_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (key block, batch · g), g < KV/2, owning key/value heads g and g + KV/2: the G head pairs
+    that read them (pair i reads K[g] for head i, K[g + KV/2] for head i + H/2, and V' = [V[g], V[g + KV/2]]).
+    DO_DK writes dK of both key heads, DO_DV dV of both value heads (one launch may do both, or two launches one
+    each: fewer accumulators per program, at the cost of computing P twice). DK and DV have K's and V's shapes,
+    contiguous. With DQ_ATOMIC (needs DO_DK), dQ/scale is accumulated too, into DQACC (B, H, Sq, DP) float32,
+    zeroed by the caller."""
     pid_n = tl.program_id(0)
     bg = tl.program_id(1)
     b = (bg // KV_HALF).to(tl.int64)
@@ -334,9 +336,14 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, DQACC, LAM,
     col_ok = offs_n < Sk
     lo = _first_query(QPOS, Sq, pid_n * BLOCK_N)
     full = tl.maximum(_first_query(QPOS, Sq, pid_n * BLOCK_N + BLOCK_N - 1), lo)
+    mid = lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M  # rows [lo, mid) may see part of the block, later rows all
+    ka = _load_tile(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, True)
+    kb = _load_tile(K + b * stride_kb + (g + KV_HALF) * stride_kh, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, True)
     va = _load_tile(V + b * stride_vb + g * stride_vh, offs_n, stride_vn, offs_d, Sk, HEAD_DIM, DP, True)
     vb = _load_tile(V + b * stride_vb + (g + KV_HALF) * stride_vh, offs_n, stride_vn, offs_d, Sk, HEAD_DIM, DP,
                     True)
+    dka = tl.zeros([BLOCK_N, DP], tl.float32)
+    dkb = tl.zeros([BLOCK_N, DP], tl.float32)
     dva = tl.zeros([BLOCK_N, DP], tl.float32)
     dvb = tl.zeros([BLOCK_N, DP], tl.float32)
     col_keep = col_ok
@@ -345,63 +352,66 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, DQACC, LAM,
         col_keep = col_keep & keep
     neg_lam = -tl.load(LAM)
 
-    # Heads g·G .. g·G+G-1 read K[g]; heads H/2 + the same read K[g + KV/2]; all of them read V' = [V[g], V[g+KV/2]].
-    k = _load_tile(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, True)
-    dk = tl.zeros([BLOCK_N, DP], tl.float32)
     for jj in range(0, GROUP):
-        pair = g * GROUP + jj
-        dk, dva, dvb = _dkdv_head(dk, dva, dvb, k, va, vb, Q + b * stride_qb + pair * stride_qh,
-                                  DO + b * stride_db + pair * stride_dh, LSE + (b * H + pair) * Sq,
-                                  R + (b * H + pair) * Sq, DQACC + (b * H + pair) * Sq * DP, QPOS, offs_n, col_keep, offs_d,
-                                  stride_qm, stride_dm, lo, full, Sq, qk_scale, 1.0, HEAD_DIM, DP, BLOCK_M, False,
-                                  DQ_ATOMIC)
-    dk = dk * scale
-    if HAS_PAD:
-        dk = tl.where(keep[:, None], dk, 0.0)
-    _store_tile(DK + ((b * kv + g) * Sk) * HEAD_DIM, offs_n, HEAD_DIM, offs_d, Sk, dk.to(DK.dtype.element_ty),
-                HEAD_DIM, DP)
+        h1 = g * GROUP + jj
+        h2 = h1 + half_h
+        q1_base = Q + b * stride_qb + h1 * stride_qh
+        q2_base = Q + b * stride_qb + h2 * stride_qh
+        do_base = DO + b * stride_db + h1 * stride_dh
+        lse1_base = LSE + (b * H + h1) * Sq
+        lse2_base = LSE + (b * H + h2) * Sq
+        r1_base = R + (b * H + h1) * Sq
+        r2_base = R + (b * H + h2) * Sq
+        dq1_base = DQACC + (b * H + h1) * Sq * DP
+        dq2_base = DQACC + (b * H + h2) * Sq * DP
+        dka, dkb, dva, dvb = _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base, lse1_base,
+                                        lse2_base, r1_base, r2_base, dq1_base, dq2_base, QPOS, offs_n, col_keep,
+                                        offs_d, stride_qm, stride_dm, lo, mid, Sq, qk_scale, neg_lam,
+                                        HEAD_DIM, DP, BLOCK_M, True, DO_DK, DO_DV, DQ_ATOMIC)
+        dka, dkb, dva, dvb = _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base, lse1_base,
+                                        lse2_base, r1_base, r2_base, dq1_base, dq2_base, QPOS, offs_n, col_keep,
+                                        offs_d, stride_qm, stride_dm, mid, Sq, Sq, qk_scale, neg_lam,
+                                        HEAD_DIM, DP, BLOCK_M, False, DO_DK, DO_DV, DQ_ATOMIC)
 
-    k = _load_tile(K + b * stride_kb + (g + KV_HALF) * stride_kh, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, True)
-    dk = tl.zeros([BLOCK_N, DP], tl.float32)
-    for jj in range(0, GROUP):
-        pair = g * GROUP + jj
-        dk, dva, dvb = _dkdv_head(dk, dva, dvb, k, va, vb, Q + b * stride_qb + (pair + half_h) * stride_qh,
-                                  DO + b * stride_db + pair * stride_dh, LSE + (b * H + pair + half_h) * Sq,
-                                  R + (b * H + pair + half_h) * Sq, DQACC + (b * H + pair + half_h) * Sq * DP, QPOS,
-                                  offs_n, col_keep, offs_d, stride_qm, stride_dm, lo, full, Sq, qk_scale, neg_lam, HEAD_DIM, DP,
-                                  BLOCK_M, True, DQ_ATOMIC)
-    dk = dk * scale
-    if HAS_PAD:
-        dk = tl.where(keep[:, None], dk, 0.0)
+    if HAS_PAD:  # padding keys got garbage probabilities (their LSE excluded them): their gradients are 0
+        dka = tl.where(keep[:, None], dka, 0.0)
+        dkb = tl.where(keep[:, None], dkb, 0.0)
         dva = tl.where(keep[:, None], dva, 0.0)
         dvb = tl.where(keep[:, None], dvb, 0.0)
-    _store_tile(DK + ((b * kv + g + KV_HALF) * Sk) * HEAD_DIM, offs_n, HEAD_DIM, offs_d, Sk,
-                dk.to(DK.dtype.element_ty), HEAD_DIM, DP)
-    _store_tile(DV + ((b * kv + g) * Sk) * HEAD_DIM, offs_n, HEAD_DIM, offs_d, Sk, dva.to(DV.dtype.element_ty),
-                HEAD_DIM, DP)
-    _store_tile(DV + ((b * kv + g + KV_HALF) * Sk) * HEAD_DIM, offs_n, HEAD_DIM, offs_d, Sk,
-                dvb.to(DV.dtype.element_ty), HEAD_DIM, DP)
+    if DO_DK:
+        _store_tile(DK + ((b * kv + g) * Sk) * HEAD_DIM, offs_n, HEAD_DIM, offs_d, Sk,
+                    (dka * scale).to(DK.dtype.element_ty), HEAD_DIM, DP)
+        _store_tile(DK + ((b * kv + g + KV_HALF) * Sk) * HEAD_DIM, offs_n, HEAD_DIM, offs_d, Sk,
+                    (dkb * scale).to(DK.dtype.element_ty), HEAD_DIM, DP)
+    if DO_DV:
+        _store_tile(DV + ((b * kv + g) * Sk) * HEAD_DIM, offs_n, HEAD_DIM, offs_d, Sk, dva.to(DV.dtype.element_ty),
+                    HEAD_DIM, DP)
+        _store_tile(DV + ((b * kv + g + KV_HALF) * Sk) * HEAD_DIM, offs_n, HEAD_DIM, offs_d, Sk,
+                    dvb.to(DV.dtype.element_ty), HEAD_DIM, DP)
 
 
 @triton.jit
-def _dq_loop(dq, q, doa, dob, lse, r, k_base, va_base, vb_base, stride_kn, stride_vn, pad_base, qpos,
-             offs_n0, offs_d, lo, hi, Sk, qk_scale,
+def _dq_loop(dq1, dq2, q1, q2, doa, dob, lse1, lse2, r1, r2, ka_base, kb_base, va_base, vb_base, stride_kn,
+             stride_vn, pad_base, qpos, offs_n0, offs_d, lo, hi, Sk, qk_scale,
              HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
              HAS_PAD: tl.constexpr):
+    """dQ of both heads of a pair over key blocks [lo, hi), sharing ``dP = dO·V'ᵀ`` between them."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
-        k = _load_tile(k_base, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, MASKED)
+        ka = _load_tile(ka_base, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, MASKED)
+        kb = _load_tile(kb_base, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, MASKED)
         va = _load_tile(va_base, offs_n, stride_vn, offs_d, Sk, HEAD_DIM, DP, MASKED)
         vb = _load_tile(vb_base, offs_n, stride_vn, offs_d, Sk, HEAD_DIM, DP, MASKED)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        p = _mask_keys(p, 0.0, offs_n, qpos, pad_base, Sk, MASKED, HAS_PAD)
+        p1 = tl.math.exp2(tl.dot(q1, tl.trans(ka)) * qk_scale - lse1[:, None])
+        p2 = tl.math.exp2(tl.dot(q2, tl.trans(kb)) * qk_scale - lse2[:, None])
+        p1 = _mask_keys(p1, 0.0, offs_n, qpos, pad_base, Sk, MASKED, HAS_PAD)
+        p2 = _mask_keys(p2, 0.0, offs_n, qpos, pad_base, Sk, MASKED, HAS_PAD)
         dp = tl.dot(doa, tl.trans(va))
         dp = tl.dot(dob, tl.trans(vb), dp)
-        ds = p * (dp - r[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
-    return dq
+        dq1 = tl.dot((p1 * (dp - r1[:, None])).to(ka.dtype), ka, dq1)
+        dq2 = tl.dot((p2 * (dp - r2[:, None])).to(kb.dtype), kb, dq2)
+    return dq1, dq2
 
 
 @triton.jit
@@ -411,37 +421,43 @@ def attn_bwd_dq(Q, K, V, DO, LSE, R, QPOS, PAD, DQ, LAM,
                 H, KV_HALF, GROUP, Sq, Sk, qk_scale, scale, SEQ_BUCKET,
                 HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (query block, batch · head): dQ = scale · c · Σ dS K, c = 1 (first head) or −λ (second).
-    DQ has Q's shape, contiguous."""
+    """One program per (query block, batch · head pair): dQ of heads i and i + H/2, ``scale · c · Σ dS K`` with
+    c = 1 (first head) or −λ (second). DQ has Q's shape, contiguous."""
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    j = bh % H
+    bp = tl.program_id(1)
     half_h = H // 2
-    pair = j % half_h
-    va_h = pair // GROUP
+    b = (bp // half_h).to(tl.int64)
+    i = bp % half_h
+    ka_h = i // GROUP
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
     row_ok = offs_m < Sq
     qpos = tl.load(QPOS + offs_m, mask=row_ok, other=0)
     full, hi = _key_bounds(qpos, row_ok, Sk, BLOCK_N)
-    q = _load_tile(Q + b * stride_qb + j * stride_qh, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
-    do_base = DO + b * stride_db + pair * stride_dh
+    q1 = _load_tile(Q + b * stride_qb + i * stride_qh, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
+    q2 = _load_tile(Q + b * stride_qb + (i + half_h) * stride_qh, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
+    do_base = DO + b * stride_db + i * stride_dh
     doa = _load_tile(do_base, offs_m, stride_dm, offs_d, Sq, HEAD_DIM, DP, True)
     dob = _load_tile(do_base + HEAD_DIM, offs_m, stride_dm, offs_d, Sq, HEAD_DIM, DP, True)
-    lse = tl.load(LSE + (b * H + j) * Sq + offs_m, mask=row_ok, other=float("inf"))
-    r = tl.load(R + (b * H + j) * Sq + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b * stride_kb + (j // GROUP) * stride_kh
-    va_base = V + b * stride_vb + va_h * stride_vh
-    vb_base = V + b * stride_vb + (va_h + KV_HALF) * stride_vh
+    lse1 = tl.load(LSE + (b * H + i) * Sq + offs_m, mask=row_ok, other=float("inf"))
+    lse2 = tl.load(LSE + (b * H + i + half_h) * Sq + offs_m, mask=row_ok, other=float("inf"))
+    r1 = tl.load(R + (b * H + i) * Sq + offs_m, mask=row_ok, other=0.0)
+    r2 = tl.load(R + (b * H + i + half_h) * Sq + offs_m, mask=row_ok, other=0.0)
+    ka_base = K + b * stride_kb + ka_h * stride_kh
+    kb_base = K + b * stride_kb + (ka_h + KV_HALF) * stride_kh
+    va_base = V + b * stride_vb + ka_h * stride_vh
+    vb_base = V + b * stride_vb + (ka_h + KV_HALF) * stride_vh
     pad_base = PAD + b * stride_pb
-    dq = tl.zeros([BLOCK_M, DP], tl.float32)
-    dq = _dq_loop(dq, q, doa, dob, lse, r, k_base, va_base, vb_base, stride_kn, stride_vn, pad_base, qpos,
-                  offs_n0, offs_d, 0, full, Sk, qk_scale, HEAD_DIM, DP, BLOCK_N, False, HAS_PAD)
-    dq = _dq_loop(dq, q, doa, dob, lse, r, k_base, va_base, vb_base, stride_kn, stride_vn, pad_base, qpos,
-                  offs_n0, offs_d, full, hi, Sk, qk_scale, HEAD_DIM, DP, BLOCK_N, True, HAS_PAD)
-    c = tl.where(j >= half_h, -tl.load(LAM), 1.0)
-    dq = dq * (scale * c)
-    _store_tile(DQ + ((b * H + j) * Sq) * HEAD_DIM, offs_m, HEAD_DIM, offs_d, Sq, dq.to(DQ.dtype.element_ty),
-                HEAD_DIM, DP)
+    dq1 = tl.zeros([BLOCK_M, DP], tl.float32)
+    dq2 = tl.zeros([BLOCK_M, DP], tl.float32)
+    dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, doa, dob, lse1, lse2, r1, r2, ka_base, kb_base, va_base, vb_base,
+                        stride_kn, stride_vn, pad_base, qpos, offs_n0, offs_d, 0, full, Sk, qk_scale,
+                        HEAD_DIM, DP, BLOCK_N, False, HAS_PAD)
+    dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, doa, dob, lse1, lse2, r1, r2, ka_base, kb_base, va_base, vb_base,
+                        stride_kn, stride_vn, pad_base, qpos, offs_n0, offs_d, full, hi, Sk, qk_scale,
+                        HEAD_DIM, DP, BLOCK_N, True, HAS_PAD)
+    _store_tile(DQ + ((b * H + i) * Sq) * HEAD_DIM, offs_m, HEAD_DIM, offs_d, Sq,
+                (dq1 * scale).to(DQ.dtype.element_ty), HEAD_DIM, DP)
+    _store_tile(DQ + ((b * H + i + half_h) * Sq) * HEAD_DIM, offs_m, HEAD_DIM, offs_d, Sq,
+                (dq2 * (-scale * tl.load(LAM))).to(DQ.dtype.element_ty), HEAD_DIM, DP)

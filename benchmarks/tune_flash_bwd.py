@@ -1,0 +1,95 @@
+"""Pick the flash backward's launch configurations: every candidate checked against float32 eager, then timed.
+
+For each head_dim, each backward form (``fused``: dK and dV' in one launch; ``split``: a dK launch then a dV' launch;
+``dq-kernel``: dQ from its own kernel instead of atomics) and each candidate configuration in
+``flash._configs``, this script
+1. checks q/k/v/λ gradients against float32 eager on a GQA, left-padded problem (relative L2 error, must be < 2e-2);
+2. times the backward alone (``flash._backward`` on saved forward outputs; ``triton.testing.do_bench``, median)
+   at H=16 heads, causal, bf16, 16384 tokens per batch (B = 16384 / S).
+Per form, one configuration varies while the other kernels keep their first candidate. The fastest passing
+configurations go first in ``_configs``; the table printed here is recorded in RESULTS.md.
+
+Run on the device machine from the repo root:
+    PYTHONPATH=src python benchmarks/tune_flash_bwd.py [--dims 128,64] [--seqs 8192,4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import triton
+
+from diffllama.attention import AttentionMask, flash
+from diffllama.attention.eager import attention as eager
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check(d: int) -> list[float]:
+    """Max relative error of (dq, dk, dv, dλ) of the current settings against float32 eager."""
+    gen = torch.Generator(device="cuda").manual_seed(d)
+    b, h, kv, s = 2, 8, 4, 777
+    q, k, v = (torch.randn(b, n, s, d, device="cuda", generator=gen) for n in (h, kv, kv))
+    lam = torch.tensor(0.4, device="cuda")
+    dout = torch.randn(b, s, h // 2, 2 * d, device="cuda", generator=gen)
+    pad = torch.ones(b, s, dtype=torch.bool, device="cuda")
+    pad[1, :100] = False
+    mask = AttentionMask(torch.arange(s, device="cuda"), pad, s)
+    errs = []
+    grads = {}
+    for name, fn, dtype in (("ref", eager, torch.float32), ("flash", flash.attention, torch.bfloat16)):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, lam)]
+        out, _ = fn(*leaves[:3], mask, scale=d ** -0.5, lambda_full=leaves[3])
+        grads[name] = torch.autograd.grad(out, leaves, dout.to(dtype))
+    for got, ref in zip(grads["flash"], grads["ref"]):
+        errs.append(_rel(got, ref))
+    return errs
+
+
+def time_backward(d: int, s: int) -> float:
+    b, h = 16384 // s, 16
+    q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    lam = torch.tensor([0.4], device="cuda")
+    qpos = torch.arange(s, device="cuda")
+    out, o2, lse = flash._forward(q, k, v, qpos, None, lam, d ** -0.5)
+    dout = torch.randn_like(out)
+    return triton.testing.do_bench(lambda: flash._backward(dout, q, k, v, out, o2, lse, qpos, None, lam, d ** -0.5),
+                                   warmup=50, rep=200)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", default="128,64")
+    parser.add_argument("--seqs", default="8192,4096")
+    args = parser.parse_args()
+    os.environ["DIFFLLAMA_FLASH_AUTOTUNE"] = "0"  # each trial below must run the one candidate it sets
+    seqs = [int(x) for x in args.seqs.split(",")]
+    base_configs = flash._configs
+    forms = {"fused": ("fused", "atomic", ["dkdv"]), "split": ("split", "atomic", ["dk", "dv"]),
+             "dq-kernel": ("auto", "kernel", ["dq"])}
+    print(f"{'d':>4} {'form':>9} {'kernel':>6} {'config (BM, BN, warps, stages)':>32} {'max err':>8} "
+          + " ".join(f"{'bwd ms S=' + str(s):>14}" for s in seqs), flush=True)
+    for d in (int(x) for x in args.dims.split(",")):
+        for form, (mode, dq_mode, kinds) in forms.items():
+            flash.BWD_MODE, flash.DQ_MODE = mode, dq_mode
+            for kind in kinds:
+                for cfg in base_configs(kind, d):
+                    flash._configs = lambda k, dp, _c=cfg, _k=kind: [_c] if k == _k else base_configs(k, dp)
+                    label = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+                    try:
+                        err = max(check(d))
+                        times = [time_backward(d, s) for s in seqs] if err < 2e-2 else []
+                        cols = " ".join(f"{t:14.3f}" for t in times) or "  (failed check: not timed)"
+                    except Exception as error:  # noqa: BLE001 - report and go on to the next candidate
+                        err, cols = float("nan"), f"  error: {type(error).__name__}: {str(error)[:80]}"
+                    print(f"{d:>4} {form:>9} {kind:>6} {str(label):>32} {err:8.1e} {cols}", flush=True)
+                    torch.cuda.empty_cache()
+            flash._configs = base_configs
+
+
+if __name__ == "__main__":
+    main()
