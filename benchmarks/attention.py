@@ -13,6 +13,8 @@ Sections (each in its own try/except, printed as it goes, JSON to DIR/attention.
    (torch.autograd.grad of a random dO) median times, peak memory of forward + backward above the inputs:
      flash     ours, ``diffllama.attention.flash.attention`` (returns o1 − λ·o2); dQ by atomics in the dK/dV kernel
      flash-dqk the same with dQ from a separate kernel (``flash.DQ_MODE = "kernel"``)
+     flash-fused / flash-split  the backward launch form that ``"auto"`` does not pick at this head_dim
+                   (``flash.BWD_MODE``: dK and dV' in one launch, or in two)
      sdpa      ours, ``diffllama.attention.sdpa.attention`` (one SDPA call, 2d-wide value)
      hf-2call  transformers' DiffLlama form: two calls of transformers' ``sdpa_attention_forward`` over the two
                value halves, cat, o1 − λ·o2 (the lines of ``DiffLlamaAttention.forward``)
@@ -78,7 +80,7 @@ def _core_impls(h: int, d: int):
     def llama(q, k, v, mask, scale, lam):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
-    return {"flash": ours(flash.attention), "flash-dqk": ours(flash.attention), "sdpa": ours(sdpa.attention),
+    return {"flash": ours(flash.attention), "sdpa": ours(sdpa.attention),
             "hf-2call": hf_two_call, "llama": llama}
 
 
@@ -99,10 +101,12 @@ def _eager_reference(q, k, v, lam, mask, dout):
 
 
 def core(dims, seqs, tokens, heads, peak) -> None:
+    import triton
+
     from diffllama.attention import AttentionMask, flash
 
     print(f"\n== core attention, causal bf16, H={heads}, B=tokens/S (tokens={tokens}); matmul peak {peak:.0f} TFLOP/s")
-    print(f"{'d':>4} {'S':>6} {'B':>3} {'impl':>9} {'fwd ms':>8} {'TF/s':>6} {'%peak':>6} {'f+b ms':>8} {'TF/s':>6} "
+    print(f"{'d':>4} {'S':>6} {'B':>3} {'impl':>11} {'fwd ms':>8} {'TF/s':>6} {'%peak':>6} {'f+b ms':>8} {'TF/s':>6} "
           f"{'vs llama':>8} {'peak MiB':>9}  check")
     for d in dims:
         impls = _core_impls(heads, d)
@@ -119,9 +123,11 @@ def core(dims, seqs, tokens, heads, peak) -> None:
             ref_outs, ref_name = None, "flash"
             if s <= EAGER_MAX_S:  # the float32 eager reference decides which gradients are right
                 ref_outs, ref_name = _eager_reference(q, k, v, lam, mask, douts["diff"]), "eager32"
-            for name in ("llama", "flash", "flash-dqk", "sdpa", "hf-2call"):
-                fn = impls[name]
+            alt = "flash-fused" if flash._bwd_split(triton.next_power_of_2(d)) else "flash-split"
+            for name in ("llama", "flash", "flash-dqk", alt, "sdpa", "hf-2call"):
+                fn = impls["flash" if name.startswith("flash") else name]
                 flash.DQ_MODE = "kernel" if name == "flash-dqk" else "atomic"
+                flash.BWD_MODE = name.split("-")[1] if name in ("flash-fused", "flash-split") else "auto"
                 row = dict(d=d, S=s, B=b, H=heads, impl=name)
                 try:
                     out = fn(q, k, v, mask, d ** -0.5, lam)
@@ -150,15 +156,19 @@ def core(dims, seqs, tokens, heads, peak) -> None:
                         llama_fb = fb
                     row.update(fwd_ms=fwd, fwd_tflops=flops / fwd / 1e9, fb_ms=fb, fb_tflops=3.5 * flops / fb / 1e9,
                                peak_mib=mem, vs_llama=fb / llama_fb if llama_fb else None, check=check)
-                    print(f"{d:>4} {s:>6} {b:>3} {name:>9} {fwd:8.3f} {row['fwd_tflops']:6.0f} "
+                    print(f"{d:>4} {s:>6} {b:>3} {name:>11} {fwd:8.3f} {row['fwd_tflops']:6.0f} "
                           f"{100 * row['fwd_tflops'] / peak:5.1f}% {fb:8.3f} {row['fb_tflops']:6.0f} "
                           f"{row['vs_llama'] or 0:8.2f} {mem:9.0f}  {check}", flush=True)
                 except Exception as err:  # noqa: BLE001 - one failing row must not stop the table
                     row["error"] = repr(err)[:300]
-                    print(f"{d:>4} {s:>6} {b:>3} {name:>9} ERROR {row['error']}", flush=True)
+                    print(f"{d:>4} {s:>6} {b:>3} {name:>11} ERROR {row['error']}", flush=True)
                 RESULTS["core"].append(row)
             del q, k, v, lam
             torch.cuda.empty_cache()
+    print("\nlaunch configs picked by the autotuner, per (kernel, padded head_dim) and tuning key:")
+    for (kind, dp), tuner in sorted(flash._TUNED.items()):
+        for key, config in tuner.cache.items():
+            print(f"  {kind:>4} d{dp} {key}: {config}")
 
 
 def layer(d: int, seqs, tokens, heads) -> None:
