@@ -266,14 +266,30 @@ class DecodeStep:
     its inputs into the graph's static buffers and replays it: one launch per token instead of hundreds. The
     returned logits then live in a static buffer that the next call overwrites: consume them first.
 
+    The compiled step runs (and is captured) inside ``model.inference_caches()``, so it reads each layer's cached λ
+    and (with ``fuse``) its fused q/k/v and gate/up projections instead of recomputing λ and running five matmuls.
+    Before each graph replay the λ parameters' version counters are compared with the capture's (host-side, no
+    synchronisation) and λ is refreshed in place if they changed; the fused projections are views of the
+    parameters and follow in-place updates by themselves. Replacing parameters (not updating them in place) needs
+    a new DecodeStep: the graph holds their addresses. Attention is the model's ``attn_implementation``:
+    ``"auto"`` (or ``"flash"``) decodes with the fused flash kernel on CUDA (:mod:`diffllama.attention.flash_decode`,
+    which reads the static cache in place), ``"sdpa"`` with SDPA.
+
     Args:
         model: a DiffLlamaForCausalLM. cache: the cache the step reads and writes. compile: see above.
         cuda_graph: capture a CUDA graph (default: when compiling on CUDA with a StaticCache).
+        compile_mode: a ``torch.compile`` mode instead of the default options.
+        fuse: call ``model.fuse_projections()`` first (default: when compiling). It changes no result and
+            no parameter value; see :meth:`~diffllama.modeling.DiffLlamaPreTrainedModel.fuse_projections`.
     """
 
     def __init__(self, model, cache, *, compile: bool = False, cuda_graph: bool | None = None,
-                 compile_mode: str | None = None) -> None:
+                 compile_mode: str | None = None, fuse: bool | None = None) -> None:
         self.model, self.cache = model, cache
+        if fuse is None:
+            fuse = compile
+        if fuse:
+            model.fuse_projections()
         self.fn = decode_one_token
         if compile:
             # Coordinate-descent tuning also makes Inductor turn (1, K) x (K, N) matmuls (batch-1 decode) into its
@@ -287,6 +303,8 @@ class DecodeStep:
         self.cuda_graph = cuda_graph
         self.graph = None
         self._static: tuple | None = None
+        self._lambda_params: list[torch.Tensor] = []  # watched for in-place updates between graph replays
+        self._captured_versions: tuple[int, ...] = ()
 
     def _run(self, *args) -> torch.Tensor:
         return self.fn(self.model, self.cache, *args)
@@ -294,9 +312,16 @@ class DecodeStep:
     def __call__(self, input_ids, position_ids, cache_position, attention_mask=None) -> torch.Tensor:
         """(B, 1), (B, 1), (1,), mask or None -> (B, V) float32 logits (see :func:`decode_one_token`)."""
         if not self.cuda_graph:
-            return self._run(input_ids, position_ids, cache_position, attention_mask)
+            with self.model.inference_caches():
+                return self._run(input_ids, position_ids, cache_position, attention_mask)
         if self.graph is None or (attention_mask is None) != (self._static[3] is None):
-            self._capture(input_ids, position_ids, cache_position, attention_mask)
+            with self.model.inference_caches():
+                self._capture(input_ids, position_ids, cache_position, attention_mask)
+        elif self._lambda_versions() != self._captured_versions:
+            # λ changed in place since the capture: its caches are refreshed in place, where the graph reads them.
+            # (The fused projections are views of the parameters: in-place updates reach them by themselves.)
+            self.model.refresh_inference_caches()
+            self._captured_versions = self._lambda_versions()
         ids, pos, cpos, mask, out = self._static
         ids.copy_(input_ids)
         pos.copy_(position_ids)
@@ -305,6 +330,9 @@ class DecodeStep:
             mask.copy_(attention_mask)
         self.graph.replay()
         return out
+
+    def _lambda_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self._lambda_params)
 
     def _capture(self, input_ids, position_ids, cache_position, attention_mask) -> None:
         # Warm-up runs write the same slot with the same values as the real step that follows: harmless.
@@ -320,6 +348,9 @@ class DecodeStep:
         with torch.cuda.graph(graph):
             out = self._run(*static)
         self.graph, self._static = graph, (*static, out)
+        self._lambda_params = [p for layer in self.model.base_model.layers
+                               for p in layer.self_attn.lambda_parameters() if not p.is_inference()]
+        self._captured_versions = self._lambda_versions()
 
 
 # One reusable (cache, step) per model for the fast path, so repeated calls neither reallocate nor recompile.

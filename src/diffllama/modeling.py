@@ -9,6 +9,8 @@ Shapes: B batch, S new tokens, H query heads, KV key/value heads, d head_dim, D 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from diffllama.attention import AttentionMask, get_backend, resolve_implementation
 from diffllama.cache import DynamicCache
 from diffllama.config import DiffLlamaConfig
+from diffllama.fusion import FusedLinear, TrustSwitch
 from diffllama.rope import RotaryEmbedding, apply_rotary_pos_emb
 
 ACT_FNS = {
@@ -87,7 +90,10 @@ class RMSNorm(nn.Module):
 
 
 class DiffLlamaMLP(nn.Module):
-    """SwiGLU feed-forward: ``down(act(gate(x)) * up(x))``, no biases."""
+    """SwiGLU feed-forward: ``down(act(gate(x)) * up(x))``, no biases.
+
+    After :meth:`DiffLlamaPreTrainedModel.fuse_projections`, gate and up run as one matmul at inference.
+    """
 
     def __init__(self, config: DiffLlamaConfig) -> None:
         super().__init__()
@@ -95,10 +101,26 @@ class DiffLlamaMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT_FNS[config.hidden_act]()
+        self.fused: FusedLinear | None = None  # gate_proj + up_proj, see fuse_projections()
+        self.trust = TrustSwitch()  # on inside DiffLlamaPreTrainedModel.inference_caches()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, S, D) -> (B, S, D)."""
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused is not None and self.fused.active(self.trust.on):
+            gate, up = self.fused(x)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act_fn(gate) * up)
+
+    def fuse(self) -> None:
+        """Build (or rebuild, when its parameters were replaced) the fused gate/up projection."""
+        if self.fused is None or not self.fused.valid():
+            self.fused = FusedLinear([self.gate_proj, self.up_proj])
+
+    def refresh_caches(self) -> None:
+        """Drop a fusion whose parameters were replaced (it would be stale, and it holds their old memory)."""
+        if self.fused is not None and not self.fused.valid():
+            self.fused = None
 
 
 def lambda_init_fn(layer_idx: int) -> float:
@@ -113,6 +135,11 @@ class DiffLlamaAttention(nn.Module):
     pair's outputs combine as ``o1 − λ·o2``, then a weightless RMSNorm over 2d and the (1 − λ_init) scale.
     ``λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init`` is one scalar per layer. The backend (eager, sdpa, flash) is
     chosen once from ``config.attn_implementation``; all share one signature.
+
+    At inference (no gradient needed) λ comes from a cache, and after
+    :meth:`DiffLlamaPreTrainedModel.fuse_projections` q, k and v run as one matmul. Eager code checks both against
+    the parameters on every use; compiled code uses them only inside
+    :meth:`DiffLlamaPreTrainedModel.inference_caches`, which checks them on entry.
     """
 
     def __init__(self, config: DiffLlamaConfig, layer_idx: int) -> None:
@@ -132,12 +159,68 @@ class DiffLlamaAttention(nn.Module):
         self.lambda_k1 = nn.Parameter(torch.zeros(self.head_dim))
         self.lambda_q2 = nn.Parameter(torch.zeros(self.head_dim))
         self.lambda_k2 = nn.Parameter(torch.zeros(self.head_dim))
+        self.fused: FusedLinear | None = None  # q_proj + k_proj + v_proj, see fuse_projections()
+        self.trust = TrustSwitch()  # on inside DiffLlamaPreTrainedModel.inference_caches()
+        self._lambda_cache: torch.Tensor | None = None
+        self._lambda_key: tuple | None = None
 
-    def lambda_full(self, dtype: torch.dtype) -> torch.Tensor:
+    def lambda_parameters(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter]:
+        """``(lambda_q1, lambda_k1, lambda_q2, lambda_k2)``, each (d,)."""
+        return self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2
+
+    def compute_lambda(self, dtype: torch.dtype) -> torch.Tensor:
         """The scalar λ: products in the parameter dtype, sums and exp in float32, cast to ``dtype``."""
         lambda_1 = torch.exp(torch.sum(self.lambda_q1 * self.lambda_k1, dim=-1, dtype=torch.float32)).to(dtype)
         lambda_2 = torch.exp(torch.sum(self.lambda_q2 * self.lambda_k2, dim=-1, dtype=torch.float32)).to(dtype)
         return lambda_1 - lambda_2 + self.lambda_init
+
+    def lambda_full(self, dtype: torch.dtype) -> torch.Tensor:
+        """λ as a 0-d tensor of ``dtype`` (:meth:`compute_lambda`); cached when no gradient is needed.
+
+        λ is constant at inference, yet computing it costs two tiny kernels per layer and step. The cache is keyed on
+        ``dtype`` and the λ parameters' device, addresses and version counters (bumped by every in-place update),
+        so eager code recomputes it exactly when they change. Compiled code cannot read version counters without a
+        graph break: it uses the cache only while ``trust.on`` (inside
+        :meth:`DiffLlamaPreTrainedModel.inference_caches`, which refreshes it first), else computes λ.
+        """
+        params = self.lambda_parameters()
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self.compute_lambda(dtype)
+        if torch.compiler.is_compiling():
+            cache = self._lambda_cache
+            if self.trust.on and cache is not None and cache.dtype == dtype:
+                return cache
+            return self.compute_lambda(dtype)
+        if self.lambda_q1.is_inference():  # inference tensors have no version counter: nothing to key a cache on
+            return self.compute_lambda(dtype)
+        return self._cached_lambda(dtype)
+
+    def _cached_lambda(self, dtype: torch.dtype) -> torch.Tensor:
+        params = self.lambda_parameters()
+        key = (dtype, params[0].device, *(p.data_ptr() for p in params), *(p._version for p in params))
+        if key != self._lambda_key:
+            with torch.no_grad(), torch.inference_mode(False):  # a normal tensor, updatable outside inference mode
+                value = self.compute_lambda(dtype)
+                cache = self._lambda_cache
+                if cache is not None and cache.dtype == value.dtype and cache.device == value.device:
+                    cache.copy_(value)  # same address: a captured CUDA graph reads the new value
+                else:
+                    self._lambda_cache = value
+            self._lambda_key = key
+        return self._lambda_cache
+
+    def fuse(self) -> None:
+        """Build (or rebuild, when its parameters were replaced) the fused q/k/v projection."""
+        if self.fused is None or not self.fused.valid():
+            self.fused = FusedLinear([self.q_proj, self.k_proj, self.v_proj])
+
+    def refresh_caches(self, dtype: torch.dtype) -> None:
+        """Bring the inference caches up to date for activations of ``dtype``: recompute λ if its parameters
+        changed; drop a fusion whose parameters were replaced (stale, and holding their old memory)."""
+        if self.fused is not None and not self.fused.valid():
+            self.fused = None
+        if not self.lambda_q1.is_inference():
+            self._cached_lambda(dtype)
 
     def forward(
         self,
@@ -150,9 +233,13 @@ class DiffLlamaAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, S, D) -> (B, S, D), plus the attention probabilities (B, H, S, Sk) when asked (eager only)."""
         b, s, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, H, S, d)
-        k = self.k_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KV, S, d)
-        v = self.v_proj(hidden_states).view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KV, S, d)
+        if self.fused is not None and self.fused.active(self.trust.on):
+            q, k, v = self.fused(hidden_states)
+        else:
+            q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, H, S, d)
+        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KV, S, d)
+        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KV, S, d)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if past_key_values is not None:
@@ -235,6 +322,59 @@ class DiffLlamaPreTrainedModel(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         """Turn activation recomputation off again."""
         self.base_model.gradient_checkpointing = False
+
+    def fuse_projections(self) -> DiffLlamaPreTrainedModel:
+        """Compute each layer's q/k/v with one matmul, and gate/up with one, whenever no gradient is needed.
+
+        For fast decoding (:class:`diffllama.generation.DecodeStep` calls it when compiling): at batch 1 fewer,
+        larger matrix-vector products stream the weights faster. Each layer's ``q_proj``/``k_proj``/``v_proj``
+        weights (and biases) become views of one concatenated tensor, as do ``gate_proj``/``up_proj``'s
+        (:class:`diffllama.fusion.FusedLinear`): parameter names, values, the state dict and the checkpoint layout
+        do not change, and no memory is added. In-place updates (training steps, ``load_state_dict``) stay
+        visible to the fused matmul, and whenever a gradient is needed the separate projections run, so training a
+        fused model is correct. Replacing parameters (``.to(dtype)``, ``load_state_dict(assign=True)``) ends the
+        fusion of those layers (eager code notices, compiled code inside :meth:`inference_caches` too); call this
+        again to re-fuse, or :meth:`unfuse_projections`. Idempotent. Returns ``self``.
+        """
+        for layer in self.base_model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
+
+    def unfuse_projections(self) -> DiffLlamaPreTrainedModel:
+        """Go back to separate projection matmuls (the weights keep their values). Returns ``self``."""
+        for layer in self.base_model.layers:
+            layer.self_attn.fused = None
+            layer.mlp.fused = None
+        return self
+
+    def refresh_inference_caches(self) -> None:
+        """Bring every layer's inference caches up to date (host-side checks, no GPU synchronisation): λ is
+        recomputed, in place, where its parameters changed; a fusion whose parameters were replaced is dropped."""
+        dtype = self.base_model.embed_tokens.weight.dtype  # the activation dtype outside autocast
+        for layer in self.base_model.layers:
+            layer.self_attn.refresh_caches(dtype)
+            layer.mlp.refresh_caches()
+
+    @contextmanager
+    def inference_caches(self) -> Iterator[None]:
+        """Let compiled code use the cached λ and fused projections while the context is open.
+
+        Compiled code cannot check the caches against the parameters (version counters and addresses are host
+        state that ``torch.compile(fullgraph=True)`` cannot branch on), so outside this context it computes λ and
+        runs separate projections. On entry the caches are refreshed (:meth:`refresh_inference_caches`); do not
+        change parameters while the context is open. :class:`diffllama.generation.DecodeStep` enters it around
+        its compiled calls.
+        """
+        self.refresh_inference_caches()
+        switches = [module.trust for layer in self.base_model.layers for module in (layer.self_attn, layer.mlp)]
+        for switch in switches:
+            switch.on = True
+        try:
+            yield
+        finally:
+            for switch in switches:
+                switch.on = False
 
     @property
     def dtype(self) -> torch.dtype:
