@@ -3,17 +3,22 @@
 Usage (on a CUDA machine, from the repo root):
 
     PYTHONPATH=src python benchmarks/decode.py [--shapes 0.37b,1.2b] [--batches 1,16] [--prompt 128] [--new 256]
-                                               [--hf-new 32] [--no-hf] [--profile] [--out DIR]
+                                               [--hf-new 32] [--no-hf] [--profile] [--attn auto] [--no-fuse]
+                                               [--out DIR]
 
 For each shape (random bf16 weights) and batch size it reports:
 
-- ours prefill: one eager forward over a (B, prompt) batch into a StaticCache (sdpa), tokens/s = B·prompt / time;
-- ours decode: the compiled decode step (StaticCache + ``torch.compile`` + one CUDA graph per step), greedy,
-  ``--new`` steps timed with CUDA events after warm-up, tokens/s = B·new / time;
+- ours prefill: one eager forward over a (B, prompt) batch into a StaticCache, tokens/s = B·prompt / time;
+- ours decode: the fast path ``generate(..., compile=True)`` takes: the compiled decode step (StaticCache +
+  ``torch.compile`` + one CUDA graph per step) with fused q/k/v and gate/up projections (``--no-fuse``: separate),
+  cached λ and the ``--attn`` backend (default ``auto``: the flash decode kernel on CUDA; ``sdpa`` for the SDPA
+  path), greedy, ``--new`` steps timed with CUDA events after warm-up, tokens/s = B·new / time;
 - transformers: ``DiffLlamaForCausalLM.generate`` (sdpa, its default cache) on the same weights, greedy; prefill from
   a 1-token call, decode from the difference between a (1 + hf_new)-token call and the 1-token call;
 - the roofline: bytes read per decode step (every matmul weight, lm_head included, plus the KV cache at the mean
-  context) over the copy bandwidth measured here (bytes read + written by a 2 GiB device-to-device copy).
+  context) over the copy bandwidth measured here (bytes read + written by a 2 GiB device-to-device copy);
+- with ``--profile``, for every shape at batch 1: the kernel table of one compiled step (the same compiled code,
+  run without its CUDA graph), written to ``DIR/profile_<shape>_b1.txt``.
 
 Each section runs in its own try/except and prints as it goes; results go to ``DIR/decode.json`` (default $OUT, else
 benchmarks/). Sources of method: gpt-fast's decode benchmark idea (compile the one-token step, time tokens/s), the
@@ -71,10 +76,10 @@ def copy_bandwidth() -> float:
     return 2 * 2 * n / t
 
 
-def build_models(shape: str, with_hf: bool):
+def build_models(shape: str, with_hf: bool, attn: str):
     from diffllama import DiffLlamaConfig, DiffLlamaForCausalLM
 
-    fields = dict(SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa", pad_token_id=0)
+    fields = dict(SHAPES[shape], max_position_embeddings=4096, attn_implementation=attn, pad_token_id=0)
     config = DiffLlamaConfig(**fields)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -112,7 +117,7 @@ def decode_bytes(model, batch: int, context: float) -> float:
     return weights + kv
 
 
-def bench_ours(model, batch: int, prompt: int, new: int) -> dict:
+def bench_ours(model, batch: int, prompt: int, new: int, *, fuse: bool, profile_path: str | None) -> dict:
     from diffllama.cache import StaticCache
     from diffllama.generation import DecodeStep, decode_n, prefill
 
@@ -129,7 +134,7 @@ def bench_ours(model, batch: int, prompt: int, new: int) -> dict:
         log(f"  ours prefill  B={batch:<3d} S={prompt}: {t * 1e3:8.2f} ms  {row['prefill_tok_s']:10.0f} tok/s")
         logits = prefill(model, ids, None, positions, cache)
         first = logits.argmax(-1, keepdim=True)
-        step = DecodeStep(model, cache, compile=True)
+        step = DecodeStep(model, cache, compile=True, fuse=fuse)
         t0 = time.perf_counter()
         decode_n(step, first, positions[:, -1:] + 1, prompt, 4)  # compile + capture
         torch.cuda.synchronize()
@@ -157,6 +162,8 @@ def bench_ours(model, batch: int, prompt: int, new: int) -> dict:
         eager = decode_n(DecodeStep(model, cache), first, positions[:, -1:] + 1, prompt, 16)
         row["greedy_agreement_vs_eager_16"] = float((fast == eager).float().mean())
         log(f"  compiled vs eager greedy agreement over 16 steps: {row['greedy_agreement_vs_eager_16']:.3f}")
+        if profile_path is not None:
+            row["profile"] = profile_step(step, first, positions[:, -1:] + 1, prompt, profile_path)
     del cache, step
     return row
 
@@ -183,32 +190,31 @@ def bench_hf(hf, batch: int, prompt: int, new: int) -> dict:
     return row
 
 
-def profile_step(model, batch: int, prompt: int, out_dir: str) -> None:
-    """Kernel list of one compiled decode step (no CUDA graph), for the gap analysis."""
+def profile_step(step, token, position, slot: int, path: str) -> dict:
+    """Kernel table of ``step``'s compiled code run without its CUDA graph (the graph's kernels, launched one by
+    one: no recompilation), averaged over 4 steps; written to ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
-    from diffllama.cache import StaticCache
-    from diffllama.generation import DecodeStep, decode_n
-
-    cache = StaticCache.from_config(model.config, batch, 512, torch.bfloat16, "cuda")
-    step = DecodeStep(model, cache, compile=True, cuda_graph=False)
-    token = torch.randint(3, model.config.vocab_size, (batch, 1), device="cuda")
-    pos = torch.full((batch, 1), prompt, device="cuda")
-    with torch.inference_mode():
-        decode_n(step, token, pos, prompt, 3)
+    model = step.model
+    slots = torch.arange(slot, slot + 7, device="cuda")
+    with torch.inference_mode(), model.inference_caches():
+        for t in range(3):
+            step._run(token, position + t, slots[t:t + 1], None)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decode_n(step, token, pos, prompt, 4)
+            for t in range(3, 7):
+                step._run(token, position + t, slots[t:t + 1], None)
             torch.cuda.synchronize()
     events = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
     per_step = len(events) / 4
     total_us = sum(getattr(e, "device_time_total", 0.0) for e in events) / 4
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
     log(f"  profile: {per_step:.0f} kernels per step, {total_us:.0f} us of kernel time per step")
     log(table)
-    RESULTS["profile"] = {"kernels_per_step": per_step, "kernel_us_per_step": total_us}
-    with open(os.path.join(out_dir, "profile.txt"), "w") as f:
+    with open(path, "w") as f:
+        f.write(f"{per_step:.0f} kernels per step, {total_us:.0f} us of kernel time per step (4 steps)\n")
         f.write(table)
+    return {"kernels_per_step": per_step, "kernel_us_per_step": total_us}
 
 
 def main() -> None:
@@ -219,9 +225,10 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--hf-new", type=int, default=32)
     parser.add_argument("--no-hf", action="store_true")
-    parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--no-cudnn-variant", action="store_true",
-                        help="last: batch 1 of the first shape again with cuDNN attention disabled in SDPA")
+    parser.add_argument("--profile", action="store_true", help="kernel table of one step, every shape at batch 1")
+    parser.add_argument("--attn", default="auto", choices=["auto", "flash", "sdpa", "eager"],
+                        help="our attn_implementation (auto: flash decode on CUDA)")
+    parser.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up projections")
     parser.add_argument("--out", default=os.environ.get("OUT") or os.path.dirname(os.path.abspath(__file__)))
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -254,7 +261,7 @@ def main() -> None:
     models = {}
     for shape in args.shapes.split(","):
         try:
-            models[shape] = build_models(shape, with_hf=not args.no_hf)
+            models[shape] = build_models(shape, with_hf=not args.no_hf, attn=args.attn)
             n_params = sum(p.numel() for p in {id(p): p for p in models[shape][0].parameters()}.values())
             log(f"built {shape}: {n_params / 1e6:.1f} M parameters")
         except Exception:  # noqa: BLE001
@@ -270,7 +277,10 @@ def main() -> None:
             row["bytes_per_step"] = decode_bytes(ours, batch, context)
             row["roofline_tok_s"] = batch * bw / row["bytes_per_step"]
             try:
-                row["ours"] = bench_ours(ours, batch, args.prompt, args.new)
+                profile_path = os.path.join(args.out, f"profile_{shape}_b1.txt") if args.profile and batch == 1 \
+                    else None
+                row["ours"] = bench_ours(ours, batch, args.prompt, args.new, fuse=not args.no_fuse,
+                                         profile_path=profile_path)
                 row["fraction_of_roofline"] = row["ours"]["decode_tok_s"] / row["roofline_tok_s"]
             except Exception:  # noqa: BLE001
                 log(traceback.format_exc())
@@ -284,30 +294,6 @@ def main() -> None:
                 f"tok/s; ours at {row.get('fraction_of_roofline', float('nan')):.1%}")
             RESULTS["rows"].append(row)
             save()
-            if args.profile and batch == 1 and "profile" not in RESULTS:
-                try:
-                    profile_step(ours, 1, args.prompt, args.out)
-                except Exception:  # noqa: BLE001
-                    log(traceback.format_exc())
-                save()
-
-    if args.no_cudnn_variant and models:
-        shape, (ours, _) = next(iter(models.items()))
-        log(f"== variant: shape {shape}, batch 1, SDPA without cuDNN attention ==")
-        try:
-            torch._dynamo.reset()
-            torch.backends.cuda.enable_cudnn_sdp(False)
-            row = dict(shape=shape, batch=1, variant="no-cudnn-sdpa", prompt=args.prompt, new=args.new)
-            row["bytes_per_step"] = decode_bytes(ours, 1, args.prompt + args.new / 2)
-            row["roofline_tok_s"] = bw / row["bytes_per_step"]
-            row["ours"] = bench_ours(ours, 1, args.prompt, args.new)
-            row["fraction_of_roofline"] = row["ours"]["decode_tok_s"] / row["roofline_tok_s"]
-            RESULTS["rows"].append(row)
-        except Exception:  # noqa: BLE001
-            log(traceback.format_exc())
-        finally:
-            torch.backends.cuda.enable_cudnn_sdp(True)
-        save()
 
     log("\n| shape | B | ours prefill tok/s | ours decode tok/s | ms/step | transformers decode tok/s | speed-up |"
         " roofline tok/s | % roofline |")
@@ -315,7 +301,7 @@ def main() -> None:
     for row in RESULTS["rows"]:
         o, h = row.get("ours", {}), row.get("transformers", {})
         speed = o.get("decode_tok_s", float("nan")) / h["decode_tok_s"] if h else float("nan")
-        log(f"| {row['shape']}{' ' + row['variant'] if 'variant' in row else ''} | {row['batch']} | {o.get('prefill_tok_s', float('nan')):.0f} | "
+        log(f"| {row['shape']} | {row['batch']} | {o.get('prefill_tok_s', float('nan')):.0f} | "
             f"{o.get('decode_tok_s', float('nan')):.0f} | {o.get('decode_ms_per_step', float('nan')):.3f} | "
             f"{h.get('decode_tok_s', float('nan')):.1f} | {speed:.1f}x | {row['roofline_tok_s']:.0f} | "
             f"{row.get('fraction_of_roofline', float('nan')):.1%} |")
