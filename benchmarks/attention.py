@@ -11,8 +11,8 @@ Sections (each in its own try/except, printed as it goes, JSON to DIR/attention.
 1. peak: an 8192³ bf16 matmul on random data (median of do_bench), the "measured bf16 matmul peak".
 2. core attention, causal, bf16, B = tokens / S, H heads (KV = H), head_dim d; forward and forward + backward
    (torch.autograd.grad of a random dO) median times, peak memory of forward + backward above the inputs:
-     flash     ours, ``diffllama.attention.flash.attention`` (returns o1 − λ·o2); dQ by atomics in the dK/dV kernel
-     flash-dqk the same with dQ from a separate kernel (``flash.DQ_MODE = "kernel"``)
+     flash     ours, ``diffllama.attention.flash.attention`` (returns o1 − λ·o2), default settings
+     flash-atomic the same with dQ added by float32 atomics in the dK/dV' kernel (``flash.DQ_MODE = "atomic"``)
      flash-fused / flash-split  the backward launch form that ``"auto"`` does not pick at this head_dim
                    (``flash.BWD_MODE``: dK and dV' in one launch, or in two)
      sdpa      ours, ``diffllama.attention.sdpa.attention`` (one SDPA call, 2d-wide value)
@@ -124,9 +124,9 @@ def core(dims, seqs, tokens, heads, peak) -> None:
             if s <= EAGER_MAX_S:  # the float32 eager reference decides which gradients are right
                 ref_outs, ref_name = _eager_reference(q, k, v, lam, mask, douts["diff"]), "eager32"
             alt = "flash-fused" if flash._bwd_split(triton.next_power_of_2(d)) else "flash-split"
-            for name in ("llama", "flash", "flash-dqk", alt, "sdpa", "hf-2call"):
+            for name in ("llama", "flash", "flash-atomic", alt, "sdpa", "hf-2call"):
                 fn = impls["flash" if name.startswith("flash") else name]
-                flash.DQ_MODE = "kernel" if name == "flash-dqk" else "atomic"
+                flash.DQ_MODE = "atomic" if name == "flash-atomic" else "kernel"
                 flash.BWD_MODE = name.split("-")[1] if name in ("flash-fused", "flash-split") else "auto"
                 row = dict(d=d, S=s, B=b, H=heads, impl=name)
                 try:

@@ -4,7 +4,7 @@ The comparisons are GPU-only (skipped without CUDA); the CPU error check runs ev
 ``TRITON_INTERPRET=1`` on a CPU the same tests run through Triton's interpreter on the smaller cases.
 
 Bounds are relative to what this project's sdpa backend achieves in the same precision: for each tensor,
-``‖flash − ref‖ / ‖ref‖ <= 2·(the same for sdpa) + 2e-3`` and under 2e-2 outright (METHOD.md: bf16 operands land
+``‖flash − ref‖ / ‖ref‖ <= 2·(the same for sdpa) + 2e-3`` and under 2e-2 outright (dλ: under 2e-2) (METHOD.md: bf16 operands land
 between 1e-3 and 1e-2). Every output buffer the kernels allocate starts as NaN (``flash.POISON``), so an element
 that is never written fails the test.
 """
@@ -135,18 +135,22 @@ def test_flash_matches_float64_eager(name, monkeypatch):
     for key in ref:
         err, err_base = _rel(got[key], ref[key], scales.get(key)), _rel(base[key], ref[key], scales.get(key))
         report.append(f"{key}: flash {err:.2e} sdpa {err_base:.2e}")
-        assert err <= min(2 * err_base + 2e-3, 2e-2), f"{name} seed {seed} {key}: flash {err:.3e} vs sdpa {err_base:.3e}"
+        # dλ is one number: its error depends on where the roundings of dO and o2 land, and sdpa's own ranged from
+        # 1e-4 to 1.4e-2 over seeds on the H200; it gets the plain bf16 bound (METHOD.md) instead of sdpa's.
+        bound = 2e-2 if key == "dlam" else min(2 * err_base + 2e-3, 2e-2)
+        assert err <= bound, f"{name} seed {seed} {key}: flash {err:.3e} vs sdpa {err_base:.3e}"
     print(name, "; ".join(report))
 
 
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("name", ["mha-111-d128", "gqa4-111", "left-pad-111", "cache-37of200-leftpad", "d96-77"])
-def test_flash_separate_dq_kernel(name, monkeypatch):
-    """The same checks with dQ from its own kernel (DQ_MODE="kernel") instead of atomics in the dK/dV kernel."""
+def test_flash_atomic_dq(name, monkeypatch):
+    """The same checks with dQ added by float32 atomics in the dK/dV kernel (DQ_MODE="atomic") instead of its own
+    kernel."""
     from diffllama.attention import flash
 
-    monkeypatch.setattr(flash, "DQ_MODE", "kernel")
+    monkeypatch.setattr(flash, "DQ_MODE", "atomic")
     test_flash_matches_float64_eager(name, monkeypatch)
 
 

@@ -3,9 +3,10 @@
 Same contract as :func:`diffllama.attention.eager.attention`. Per head pair the forward program runs both
 online softmaxes (one per query head, each over the pair's 2·head_dim wide value) and writes ``o1 − λ·o2``: 1.5×
 a Llama attention's FLOPs instead of the 2× of two attention calls. The backward is the FlashAttention-2 split
-(Dao, arXiv 2307.08691): a row-sum preprocess, a dK/dV kernel over key blocks that also adds dQ with float32
-atomics (or, with ``DQ_MODE = "kernel"``, a separate dQ kernel over query blocks: deterministic, more FLOPs), with
-``dO1 = dO``, ``dO2 = −λ·dO`` and ``dλ = −Σ dO·o2``. Ideas from FlashAttention (Dao et al., arXiv 2205.14135) and
+(Dao, arXiv 2307.08691): a row-sum preprocess, a dK/dV' kernel over key blocks and a dQ kernel over query blocks
+(or, with ``DQ_MODE = "atomic"``, dQ added with float32 atomics by the dK/dV' kernel), with ``dO1 = dO``,
+``dO2 = −λ·dO`` and ``dλ = −Σ dO·o2``. Both heads of a pair share dO and V', so their ``dP = dO·V'ᵀ`` is computed
+once and ``dV' = (P1 − λ·P2)ᵀ·dO`` is one product. Ideas from FlashAttention (Dao et al., arXiv 2205.14135) and
 the Differential Transformer (Ye et al., arXiv 2410.05258); the code is written for this project.
 
 Supported: bf16 and fp16 on CUDA; head_dim up to 256 (powers of two run unpadded, others such as 96 are padded to
@@ -39,9 +40,10 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 LOG2E = 1.4426950408889634
 POISON = False  # tests set this: every output buffer starts as NaN, so an unwritten element shows
-# How the backward gets dQ: "atomic" adds it from the dK/dV kernel (float32 relaxed atomics, no recomputation),
-# "kernel" runs a separate dQ kernel that recomputes the scores (deterministic, 30% more FLOPs).
-DQ_MODE = os.environ.get("DIFFLLAMA_FLASH_DQ", "atomic")
+# How the backward gets dQ: "kernel" runs a separate dQ kernel that recomputes the scores (deterministic; the faster
+# form on the H200 at head_dim 128 and at 64 for S >= 2048, benchmarks/RESULTS.md), "atomic" adds it from the dK/dV
+# kernel (float32 relaxed atomics, no recomputation).
+DQ_MODE = os.environ.get("DIFFLLAMA_FLASH_DQ", "kernel")
 # How the dK/dV' work is launched: "fused" (one kernel, four accumulators per program), "split" (one kernel for
 # dK (+ dQ atomics), one for dV': two accumulators each, P computed twice), "auto" (by head_dim, see _bwd_split).
 BWD_MODE = os.environ.get("DIFFLLAMA_FLASH_BWD", "auto")
