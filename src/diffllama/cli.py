@@ -124,7 +124,8 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype",
                               help="auto (checkpoint's on CUDA, float32 on CPU), float32, bfloat16, float16, float64."),
-    attn: str = typer.Option(None, "--attn", help="Attention backend: eager, sdpa, flash, auto (default: config's)."),
+    attn: str = typer.Option("auto", "--attn", help="Attention backend: eager, sdpa, flash, auto (flash on a CUDA "
+                             "GPU with Triton, else sdpa)."),
     compile: bool = typer.Option(False, "--compile", help="Static KV cache + torch.compile'd decode step "
                                  "(CUDA graphs on GPU); the first prompt pays the compilation."),
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Prompt loop on stdin; empty line or EOF ends."),

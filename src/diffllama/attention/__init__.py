@@ -109,8 +109,9 @@ def get_backend(name: str):
 def resolve_implementation(name: str, device: torch.device | str, needs_grad: bool = False) -> str:
     """Turn ``"auto"`` into a backend for ``device``: flash on a CUDA GPU with Triton for inference, else sdpa.
 
-    Training (``needs_grad``) stays on sdpa: the flash backward's speed and its tuned configs are not yet
-    where they should be (benchmarks/RESULTS.md); ask for ``"flash"`` explicitly to train with it.
+    Training (``needs_grad``) stays on sdpa: the training presets compile each decoder layer, and flash inside a
+    compiled layer has not been measured on the GPU yet (uncompiled, flash trains the 0.4b shape 15% faster than
+    sdpa: benchmarks/RESULTS.md); ask for ``"flash"`` explicitly to train with it.
     """
     if name != "auto":
         return name

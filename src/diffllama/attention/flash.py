@@ -271,7 +271,7 @@ def attention(
     qpos = mask.query_positions.to(device=query.device, dtype=torch.int64).contiguous()
     pad = mask.key_padding
     if pad is not None:
-        pad = pad.to(device=query.device, dtype=torch.bool).contiguous().view(torch.uint8)
+        pad = pad.to(device=query.device, dtype=torch.uint8).contiguous()  # a copy: Inductor cannot lower bool.view(uint8)
     lambda_full = lambda_full.reshape(())
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, lambda_full))
