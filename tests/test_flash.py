@@ -191,3 +191,13 @@ def test_cpu_tensors_raise_clear_error():
     mask = AttentionMask(mask.query_positions.cpu(), None, mask.k_len)
     with pytest.raises(RuntimeError, match="CUDA GPU"):
         flash.attention(q, k, v, mask, scale=0.125, lambda_full=lam)
+
+
+@pytest.mark.parametrize("setting, value, variable", [("BWD_MODE", "both", "DIFFLLAMA_FLASH_BWD"),
+                                                      ("DQ_MODE", "atomics", "DIFFLLAMA_FLASH_DQ")])
+def test_unknown_backward_mode_is_refused(setting, value, variable, monkeypatch):
+    from diffllama.attention import flash
+
+    monkeypatch.setattr(flash, setting, value)
+    with pytest.raises(ValueError, match=f"{variable} must be .*got '{value}'"):
+        flash._bwd_split(64)

@@ -150,9 +150,15 @@ def _forward(q, k, v, qpos, pad, lam, scale):
 
 
 def _bwd_split(dp: int) -> bool:
-    """Whether the backward runs dK and dV' as two launches (see BWD_MODE)."""
+    """Whether the backward runs dK and dV' as two launches (see BWD_MODE).
+
+    Raises:
+        ValueError: when BWD_MODE (``DIFFLLAMA_FLASH_BWD``) or DQ_MODE (``DIFFLLAMA_FLASH_DQ``) has an unknown value.
+    """
     if BWD_MODE not in ("auto", "fused", "split"):
         raise ValueError(f"DIFFLLAMA_FLASH_BWD must be 'auto', 'fused' or 'split', got {BWD_MODE!r}")
+    if DQ_MODE not in ("kernel", "atomic"):
+        raise ValueError(f"DIFFLLAMA_FLASH_DQ must be 'kernel' or 'atomic', got {DQ_MODE!r}")
     return BWD_MODE == "split" or (BWD_MODE == "auto" and dp > 64)
 
 
@@ -160,6 +166,7 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
     b, h, sq, d = q.shape
     kv, sk = k.shape[1], k.shape[2]
     dp = triton.next_power_of_2(d)
+    split = _bwd_split(dp)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     r = _empty((b, h, sq), torch.float32, q.device)
@@ -177,7 +184,7 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
     dq_acc = torch.zeros((b, h, sq, dp) if atomic else (1,), dtype=torch.float32, device=q.device)
     args = (q, k, v, dout, lse, r, qpos, pad_t, dk, dv, dq_acc, lam, *common)
     grid = lambda m: (triton.cdiv(sk, m["BLOCK_N"]), b * kv // 2)  # noqa: E731
-    if _bwd_split(dp):
+    if split:
         _launch("dk", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=False, **meta)
         _launch("dv", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=False, DO_DK=False, DO_DV=True, **meta)
     else:
@@ -242,7 +249,8 @@ def attention(
     """Same contract as :func:`diffllama.attention.eager.attention`; never returns probabilities.
 
     Raises:
-        ValueError: for ``output_attentions=True`` or inconsistent shapes.
+        ValueError: for ``output_attentions=True``, inconsistent shapes, or (when a gradient is needed) an unknown
+            ``DIFFLLAMA_FLASH_BWD`` / ``DIFFLLAMA_FLASH_DQ`` setting.
         RuntimeError: for CPU tensors (flash needs a CUDA GPU), or when Triton is not installed.
     """
     if output_attentions:
@@ -275,6 +283,8 @@ def attention(
     lambda_full = lambda_full.reshape(())
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, lambda_full))
+    if needs_grad:
+        _bwd_split(d)  # refuse a bad backward setting before the forward runs
     if not needs_grad and query.shape[2] <= 64:  # decode: a custom op, so compiled and CUDA-graphed steps use it
         from diffllama.attention.flash_decode import decode
 
