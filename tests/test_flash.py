@@ -201,3 +201,51 @@ def test_unknown_backward_mode_is_refused(setting, value, variable, monkeypatch)
     monkeypatch.setattr(flash, setting, value)
     with pytest.raises(ValueError, match=f"{variable} must be .*got '{value}'"):
         flash._bwd_split(64)
+
+
+@pytest.mark.gpu
+@gpu
+def test_training_ops_trace_under_compile_fullgraph_and_pass_opcheck():
+    """The forward/backward custom ops: a compiled (fullgraph) function gives the eager values and gradients, and
+    torch.library.opcheck accepts both ops (schema, fake implementation, autograd registration)."""
+    from diffllama.attention import flash
+
+    c = Case(b=2, h=4, kv=2, sq=40, padding="left")
+    (q, k, v, lam), dout, mask = _inputs(c, torch.Generator().manual_seed(3))
+    dtype = torch.float16 if INTERPRET else torch.bfloat16
+    leaves = [t.to(dtype) for t in (q, k, v, lam)]
+
+    def loss(q, k, v, lam):
+        out, _ = flash.attention(q, k, v, mask, scale=c.d ** -0.5, lambda_full=lam)
+        return (out.float() * dout).sum()
+
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True, dynamic=False)):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        value = fn(*inputs)
+        results.append([value.detach(), *torch.autograd.grad(value, inputs)])
+    for got, ref in zip(*reversed(results)):
+        torch.testing.assert_close(got, ref)  # the same kernels; only the loss sum may be reordered
+
+    pad = mask.key_padding.to(torch.uint8)
+    lam32 = leaves[3].float().reshape(1).requires_grad_()
+    args = (*[t.contiguous() for t in leaves[:3]], mask.query_positions, pad, lam32, c.d ** -0.5)
+    torch.library.opcheck(flash.flash_attn_forward, args)
+    with torch.no_grad():  # the backward op has no autograd formula of its own (no double backward)
+        out, o2, lse = flash.flash_attn_forward(*args)
+    torch.library.opcheck(flash.flash_attn_backward,
+                          (dout.to(dtype), *args[:3], out, o2, lse, *args[3:5], lam32.detach(), args[6]))
+
+
+def test_auto_picks_flash_on_cuda_for_training_and_inference(monkeypatch):
+    import sys
+    import types
+
+    from diffllama.attention import resolve_implementation
+
+    assert resolve_implementation("auto", "cpu") == "sdpa"
+    assert resolve_implementation("eager", "cuda") == "eager"
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    assert resolve_implementation("auto", "cuda:0") == "flash"
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    assert resolve_implementation("auto", "cuda") == "sdpa"

@@ -245,8 +245,7 @@ class DiffLlamaAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(self.layer_idx, k, v, cache_position)
 
-        implementation = resolve_implementation(self.config.attn_implementation, q.device,
-                                                needs_grad=torch.is_grad_enabled() and q.requires_grad)
+        implementation = resolve_implementation(self.config.attn_implementation, q.device)
         dropout_p = self.config.attention_dropout if self.training else 0.0
         out, probs = get_backend(implementation)(  # out: (B, S, H/2, 2d) = o1 − λ·o2
             q, k, v, mask, scale=self.scaling, lambda_full=self.lambda_full(q.dtype), dropout_p=dropout_p,

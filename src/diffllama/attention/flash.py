@@ -198,21 +198,55 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
     return dq, dk, dv, dlam
 
 
-class _DiffFlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, lambda_full, qpos, pad, scale):
-        lam = lambda_full.detach().to(torch.float32).reshape(1)
-        out, o2, lse = _forward(q, k, v, qpos, pad, lam, scale)
-        ctx.save_for_backward(q, k, v, out, o2, lse, qpos, pad, lam)
-        ctx.scale = scale
-        ctx.lambda_dtype = lambda_full.dtype
-        return out
+# The forward and backward are torch.library custom ops with fake implementations, joined by register_autograd, so
+# that torch.compile (a compiled decoder layer, fullgraph) treats each as one opaque call instead of tracing into
+# the Triton launches.
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, o2, lse, qpos, pad, lam = ctx.saved_tensors
-        dq, dk, dv, dlam = _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, ctx.scale)
-        return dq, dk, dv, dlam.to(ctx.lambda_dtype), None, None, None
+@torch.library.custom_op("diffllama::flash_attn_forward", mutates_args=())
+def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor,
+                       pad: torch.Tensor | None, lam: torch.Tensor, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, o2, lse)``: out = o1 − λ·o2 and the second heads' o2, both (B, Sq, H/2, 2d) in q's dtype, and the
+    base-2 log-sum-exp (B, H, Sq) float32 (+inf for rows that see no key). q (B, H, Sq, d), k/v (B, KV, Sk, d)
+    with KV even; qpos (Sq,) int64; pad (B, Sk) uint8 or None; lam (1,) float32."""
+    return _forward(q, k, v, qpos, pad, lam, scale)
+
+
+@flash_attn_forward.register_fake
+def _flash_attn_forward_fake(q, k, v, qpos, pad, lam, scale):
+    b, h, sq, d = q.shape
+    out = q.new_empty((b, sq, h // 2, 2 * d))
+    return out, torch.empty_like(out), q.new_empty((b, h, sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("diffllama::flash_attn_backward", mutates_args=())
+def flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        o2: torch.Tensor, lse: torch.Tensor, qpos: torch.Tensor, pad: torch.Tensor | None,
+                        lam: torch.Tensor, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dλ)`` for :func:`flash_attn_forward`'s inputs (dλ a 0-d float32) given dout = ∂L/∂out."""
+    return _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale)
+
+
+@flash_attn_backward.register_fake
+def _flash_attn_backward_fake(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), lam.new_empty(())
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, qpos, pad, lam, scale = inputs
+    out, o2, lse = output
+    ctx.save_for_backward(q, k, v, out, o2, lse, qpos, pad, lam)
+    ctx.scale = scale
+
+
+def _flash_attn_autograd(ctx, dout, _grad_o2, _grad_lse):
+    q, k, v, out, o2, lse, qpos, pad, lam = ctx.saved_tensors
+    dq, dk, dv, dlam = flash_attn_backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, ctx.scale)
+    return dq, dk, dv, None, None, dlam.reshape(lam.shape), None
+
+
+flash_attn_forward.register_autograd(_flash_attn_autograd, setup_context=_setup_context)
 
 
 # ---- the public function --------------------------------------------------------------------------------------
@@ -289,4 +323,5 @@ def attention(
         from diffllama.attention.flash_decode import decode
 
         return decode(query, key, value, qpos, pad, lambda_full, scale), None
-    return _DiffFlashAttention.apply(query, key, value, lambda_full, qpos, pad, float(scale)), None
+    lam = lambda_full.to(torch.float32).reshape(1)  # differentiable: dλ flows back to lambda_full's dtype
+    return flash_attn_forward(query, key, value, qpos, pad, lam, float(scale))[0], None
