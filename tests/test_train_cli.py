@@ -89,6 +89,18 @@ def test_out_is_a_file_refused_up_front(tmp_path):
     assert out.read_text() == "keep me" and not (tmp_path / "cache").exists()  # no data prepared
 
 
+def test_flash_on_cpu_refused_before_any_data_work(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    config = _config(tmp_path)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out),
+                                 "--attn-implementation", "flash"])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: attn_implementation 'flash' needs a CUDA GPU"), result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, RuntimeError)
+    assert not out.exists() and not (tmp_path / "cache").exists()  # refused before the data was prepared
+
+
 def test_resume_without_checkpoint_refused(tmp_path):
     config = _config(tmp_path)
     out = tmp_path / "x"

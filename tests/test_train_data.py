@@ -51,6 +51,17 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
     assert not (tmp_path / "cache" / "tokenizers").exists() or not any((tmp_path / "cache" / "tokenizers").iterdir())
 
 
+@pytest.mark.parametrize("content", [b"not gzip at all", gzip.compress(os.urandom(4000))[:200]],
+                         ids=["not-gzip", "truncated"])
+def test_corrupt_gzip_is_a_corpus_error(tmp_path, content):
+    (tmp_path / "bad.txt.gz").write_bytes(content)
+    files = list_input_files([str(tmp_path / "bad.txt.gz")])
+    with pytest.raises(CorpusError, match="bad.txt.gz' is a corrupt or truncated gzip file"):
+        list(iter_documents(files))
+    with pytest.raises(CorpusError, match="corrupt or truncated gzip"):
+        load_or_train_tokenizer(files, "text", 320, tmp_path / "cache")
+
+
 def test_prepare_packs_with_eos_and_caches(tmp_path):
     corpus = small_corpus(tmp_path / "corpus", documents=25, chars=800)
     files = list_input_files([str(corpus)])

@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -123,22 +124,30 @@ def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]
         CorpusError: a JSONL line that is not a JSON object with a string ``text_field`` (names file and line).
     """
     for path in files:
-        if _kind(path) == "text":
-            with _open_text(path) as handle:
-                text = handle.read()
+        try:
+            yield from _file_documents(path, text_field)
+        except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
+            what = "a corrupt or truncated gzip file" if path.name.lower().endswith(".gz") else "unreadable"
+            raise CorpusError(f"corpus file {str(path)!r} is {what}: {error}") from error
+
+
+def _file_documents(path: Path, text_field: str) -> Iterator[str]:
+    if _kind(path) == "text":
+        with _open_text(path) as handle:
+            text = handle.read()
+        if text.strip():
+            yield text
+        return
+    with _open_text(path) as handle:
+        records = jsonl_records(handle, lambda number, error: CorpusError(
+            f"{path}:{number}: not valid JSON ({error})"))
+        for number, record in records:
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise CorpusError(f"{path}:{number}: no string field {text_field!r} "
+                                  f"(set --text-field to the key holding the text)")
             if text.strip():
                 yield text
-            continue
-        with _open_text(path) as handle:
-            records = jsonl_records(handle, lambda number, error: CorpusError(
-                f"{path}:{number}: not valid JSON ({error})"))
-            for number, record in records:
-                text = record.get(text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise CorpusError(f"{path}:{number}: no string field {text_field!r} "
-                                      f"(set --text-field to the key holding the text)")
-                if text.strip():
-                    yield text
 
 
 CONTENT_HASH_LIMIT = 256 << 20  # files up to this size are identified by content, larger ones by path/size/mtime

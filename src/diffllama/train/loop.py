@@ -138,6 +138,13 @@ class Trainer:
         self.info = info or init_distributed(cfg.device)
         self.quiet = quiet or not self.info.is_main
         self.device = self.info.device
+        attn = (cfg.model or {}).get("attn_implementation")
+        if attn == "flash" and self.device.type != "cuda":  # before any data work: the first step would fail
+            from diffllama.attention import flash
+
+            if not flash._interpreting():
+                raise ValueError(f"attn_implementation 'flash' needs a CUDA GPU, but this run is on {self.device}: "
+                                 f"use --attn-implementation sdpa (or auto), or --device cuda")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
