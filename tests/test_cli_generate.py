@@ -111,6 +111,16 @@ def test_errors(checkpoint, tmp_path, args, code, message):
     assert result.stdout == ""
 
 
+def test_prompts_file_not_utf8_or_a_folder(checkpoint, tmp_path):
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"The people\n\xff\xfe not UTF-8\n")
+    result = run(checkpoint, "-f", bad, "-n", 2)
+    assert result.exit_code == 2 and not isinstance(result.exception, UnicodeDecodeError), result.output
+    assert f"error: --prompts-file '{bad}' is not UTF-8 text" in result.stderr and result.stdout == ""
+    result = run(checkpoint, "-f", tmp_path, "-n", 2)
+    assert result.exit_code == 2 and f"--prompts-file '{tmp_path}' is a directory" in result.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")
 def test_cuda_unavailable(checkpoint):
     result = run(checkpoint, "hi", "--device", "cuda")

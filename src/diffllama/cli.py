@@ -96,13 +96,19 @@ def _read_prompts(prompts_file: str) -> list[str]:
     import sys
     from pathlib import Path
 
-    if prompts_file == "-":
-        text = sys.stdin.read()
-    else:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise _GenerateError(f"--prompts-file {prompts_file!r} does not exist", 2)
-        text = path.read_text(encoding="utf-8")
+    try:
+        if prompts_file == "-":
+            text = sys.stdin.read()
+        else:
+            path = Path(prompts_file)
+            if path.is_dir():
+                raise _GenerateError(f"--prompts-file {prompts_file!r} is a directory; expected a text file with "
+                                     f"one prompt per line", 2)
+            if not path.is_file():
+                raise _GenerateError(f"--prompts-file {prompts_file!r} does not exist", 2)
+            text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise _GenerateError(f"--prompts-file {prompts_file!r} is not UTF-8 text: {error}", 2) from error
     prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise _GenerateError(f"--prompts-file {prompts_file!r} holds no prompts (one per non-empty line)", 2)
