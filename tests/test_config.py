@@ -82,6 +82,10 @@ def test_derived_fields():
     ({"rms_norm_eps": 0.0}, "rms_norm_eps must be > 0"),
     ({"head_dim": 7}, "head_dim must be a positive even integer"),
     ({"problem_type": "ranking"}, "problem_type must be None"),
+    ({"initializer_range": -1.0}, r"initializer_range must be a finite number >= 0 \(a standard deviation\), got -1.0"),
+    ({"lambda_std_dev": float("nan")}, "lambda_std_dev must be a finite number >= 0"),
+    ({"vocab_size": 128, "pad_token_id": 500}, "pad_token_id must be None or a token id below vocab_size=128"),
+    ({"rope_scaling": "linear"}, "rope_scaling must be None or a dict"),
 ])
 def test_validation_names_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -96,3 +100,12 @@ def test_wrong_model_type_and_bad_json(tmp_path):
         DiffLlamaConfig.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         DiffLlamaConfig.from_pretrained(tmp_path / "missing")
+
+
+def test_a_config_that_validates_builds_a_model():
+    """Values the model constructor would reject with torch's own message are refused by the config first."""
+    from diffllama import DiffLlamaForCausalLM
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    for fields in ({"pad_token_id": 63}, {"pad_token_id": -1}, {"initializer_range": 0.0, "lambda_std_dev": 0.0}):
+        DiffLlamaForCausalLM(DiffLlamaConfig(**small, **fields))

@@ -220,12 +220,30 @@ def test_pad_batch_and_positions():
     (dict(repetition_penalty=float("inf")), ValueError, "repetition_penalty must be a finite number, got inf"),
     (dict(compile=True), ValueError, "compile=True needs static_cache=True"),
     (dict(streamer=object()), TypeError, "streamer must have put"),
+    (dict(pad_token_id=-5), ValueError, r"pad_token_id must lie in \[0, vocab_size=96\)"),
+    (dict(pad_token_id=96), ValueError, r"pad_token_id must lie in \[0, vocab_size=96\)"),
+    (dict(do_sample=True, seed="a"), TypeError, "seed must be None or an int, got 'a'"),
 ])
 def test_bad_arguments(kwargs, error, match):
     model = diffllama.DiffLlamaForCausalLM(tiny_config()).eval()
     kwargs = {"max_new_tokens": 3, **kwargs}
     with pytest.raises(error, match=match):
         model.generate(torch.ones(1, 3, dtype=torch.long), **kwargs)
+
+
+def test_pad_is_checked_before_any_step_and_a_config_minus_one_falls_back():
+    model = diffllama.DiffLlamaForCausalLM(tiny_config()).eval()
+    ids = torch.ones(2, 3, dtype=torch.long)
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match="pad_token_id must lie in"):  # every id is EOS: rows stop, then pad
+        model.generate(ids, max_new_tokens=4, eos_token_id=list(range(96)), pad_token_id=-5)
+    assert calls == []  # refused before the prefill
+    model.config.pad_token_id = -1  # "no pad" in some configs: generation pads with the first EOS id
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    first = int(model(ids).logits[0, -1].argmax())  # row 0 stops at once; row 1 may go on, row 0 then padded
+    out = model.generate(ids, max_new_tokens=4, eos_token_id=[first])
+    assert out.min() >= 0 and out[0, 3] == first and (out[0, 4:] == first).all()
 
 
 def test_bad_inputs():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -105,6 +106,21 @@ class DiffLlamaConfig:
             raise ValueError(f"head_dim must be a positive even integer (RoPE rotates pairs), got {self.head_dim!r}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        for name in ("initializer_range", "lambda_std_dev"):  # standard deviations of the initial weights
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or value < 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (a standard deviation), got {value!r}")
+        pad = self.pad_token_id
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)
+                                or not -self.vocab_size <= pad < self.vocab_size):
+            raise ValueError(f"pad_token_id must be None or a token id below vocab_size={self.vocab_size} (a "
+                             f"negative id counts from the end, down to -vocab_size), got {pad!r}")
+        for name in ("rope_parameters", "rope_scaling"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"{name} must be None or a dict such as {{'rope_type': 'linear', 'factor': 2.0}}, "
+                                 f"got {value!r}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if not 0.0 <= self.attention_dropout < 1.0:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import weakref
 from collections.abc import Iterator, Sequence
@@ -400,8 +401,16 @@ def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     mask = _check_inputs(input_ids, attention_mask, model.config.vocab_size)
     input_ids = input_ids.long()
     eos, pad = resolve_special_ids(model, eos_token_id, pad_token_id)
+    vocab = model.config.vocab_size
+    if not 0 <= pad < vocab:  # written after a row's EOS and fed back to the model: it must embed
+        if pad_token_id is not None:
+            raise ValueError(f"pad_token_id must lie in [0, vocab_size={vocab}) (it follows a row's EOS and is fed "
+                             f"to the model), got {pad_token_id!r}")
+        pad = eos[0] if eos and 0 <= eos[0] < vocab else 0  # a config's -1 ("no pad"): as when unset
     if compile and not static_cache:
         raise ValueError("compile=True needs static_cache=True (the compiled step must see fixed shapes)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"seed must be None or an int, got {seed!r}")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
