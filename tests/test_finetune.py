@@ -235,6 +235,27 @@ def test_finetune_qa_window_error_names_the_flags(base_model, tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / "run").exists()
 
 
+def test_label_set_comes_from_all_of_data_before_the_eval_split(base_model, tmp_path):
+    """A label whose only row lands in the held-out evaluation split is still in the label set (it is in --data)."""
+    import random
+
+    rows = [("good film", "fresh")] * 20 + [("bad film", "rotten")] * 20 + [("odd film", "mixed")]
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{l}\n" for t, l in rows))
+    held = max(1, int(len(rows) * 0.1))  # FineTuneTrainer's default hold-out: 10% of the rows, shuffled by seed
+
+    def held_out(seed):
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        return order[:held]
+    seed = next(s for s in range(100) if len(rows) - 1 in held_out(s))
+    task = get_task("sequence-classification", TaskOptions(max_length=16))
+    cfg = finetune_config(dict(max_steps=1, eval_every=1, batch_size=4, device="cpu", seed=seed, log_every=1,
+                               num_threads=1))
+    result = run_finetune(task, cfg, tmp_path / "run", model_dir=base_model, train_path=data, quiet=True)
+    assert result.metrics["summary"]["labels"] == ["fresh", "mixed", "rotten"]
+
+
 @pytest.mark.parametrize("where", ["file", "under-file"])
 def test_finetune_refuses_out_that_is_a_file(base_model, tmp_path, where):
     afile = tmp_path / "afile"

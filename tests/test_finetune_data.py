@@ -43,6 +43,17 @@ def test_empty_files(tmp_path):
         D.read_text_classification(tmp_path / "h.csv")
 
 
+def test_not_utf8_names_the_file(tmp_path):
+    bad = "caf\xe9".encode("latin-1")  # a Latin-1 byte that is not UTF-8
+    for name, reader, content in (("b.csv", D.read_text_classification, b"text,label\n" + bad + b",x\n"),
+                                  ("b.jsonl", D.read_text_classification, b'{"text": "' + bad + b'"}\n'),
+                                  ("b.conll", D.read_tagged, bad + b"\tNOUN\n"),
+                                  ("b.json", D.read_squad, b'{"data": "' + bad + b'"}')):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(D.DataError, match=rf"{name} is not UTF-8 text"):
+            reader(tmp_path / name)
+
+
 def test_missing_file():
     with pytest.raises(D.DataError, match="does not exist"):
         D.read_text_classification("/nonexistent/x.csv")

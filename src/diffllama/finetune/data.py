@@ -96,7 +96,10 @@ def _open_lines(path: Path, lines=None, **open_args):
         yield lines
     else:
         with open(path, encoding="utf-8", **open_args) as handle:
-            yield handle
+            try:
+                yield handle
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path} is not UTF-8 text: {error}") from error
 
 
 def _jsonl_rows(path: Path, lines=None):
@@ -280,7 +283,10 @@ def read_squad(path: str | Path, *, require_answers: bool = True, lines=None) ->
             examples.append(_qa_example(path, number, str(record.get("id", number)), record["question"],
                                         record["context"], answers, require_answers, record.get("depth")))
     else:
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path} is not UTF-8 text: {error}") from error
         if not text.strip():
             raise DataError(f"{path} is empty")
         try:

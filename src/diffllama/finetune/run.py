@@ -96,6 +96,8 @@ class FineTuneTrainer(Trainer):
         if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is None:
             raise ValueError(f"the tokenizer in {self.model_dir} has neither a pad nor an EOS token")
         self.train_examples = task.read(paths["train"])
+        # The label set comes from every row of --data, before an evaluation split is held out of it.
+        self.labels = task.label_set(self.train_examples)
         if paths["eval"] is not None:
             self.eval_examples = task.read(paths["eval"])
         else:
@@ -109,7 +111,6 @@ class FineTuneTrainer(Trainer):
             self.train_examples = [self.train_examples[i] for i in sorted(order[held:])]
             self.paths["eval"] = paths["train"]
         self.test_examples = task.read(paths["test"]) if paths["test"] is not None else None
-        self.labels = task.label_set(self.train_examples)
         self.label2id = None if self.labels is None else {label: i for i, label in enumerate(self.labels)}
         for split, examples in (("train", self.train_examples), ("eval", self.eval_examples),
                                 ("test", self.test_examples)):
