@@ -101,6 +101,20 @@ def test_flash_on_cpu_refused_before_any_data_work(tmp_path, monkeypatch):
     assert not out.exists() and not (tmp_path / "cache").exists()  # refused before the data was prepared
 
 
+@pytest.mark.parametrize("model_extra, message", [
+    (dict(num_attention_heads=3), "num_attention_heads"),
+    (dict(hidden_sizee=64), "hidden_sizee"),
+])
+def test_bad_model_setting_refused_before_any_data_work(tmp_path, model_extra, message):
+    config = _config(tmp_path, model=dict(MICRO_MODEL, **model_extra))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith("error: ") and message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not out.exists() and not (tmp_path / "cache").exists()  # no tokenizer trained, no shards written
+
+
 def test_resume_without_checkpoint_refused(tmp_path):
     config = _config(tmp_path)
     out = tmp_path / "x"

@@ -70,6 +70,7 @@ def test_unknown_keys_and_files(tmp_path):
     ("lr", float("inf"), "lr must be a number > 0"),
     ("lr", "fast", "lr must be a number > 0"),
     ("device", "tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("device", "cuda:x", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
 ])
 def test_bad_value_messages_state_the_expected_range(field, value, expected):
     with pytest.raises(ValueError) as caught:

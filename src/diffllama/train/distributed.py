@@ -53,7 +53,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but no CUDA GPU is available (use --device cpu)")
+            raise ValueError(f"device {device!r} was asked for but no CUDA GPU is available (use --device cpu)")
         if device == "cuda":
             if world > 1 and local_rank >= torch.cuda.device_count():
                 raise ValueError(f"local rank {local_rank} has no GPU: only {torch.cuda.device_count()} visible")

@@ -153,6 +153,7 @@ class Trainer:
                              f"or choose another --out")
 
         # ---- data, tokenizer and model: hooks a subclass may replace (diffllama.finetune.run.FineTuneTrainer)
+        self._check_model_settings()
         self._setup_data()
         self.plan = BatchPlan(len(self.train_data), cfg.batch_size, cfg.grad_accum, self.info.world_size, cfg.seed)
 
@@ -222,21 +223,30 @@ class Trainer:
         """The progress line printed after an evaluation."""
         return f"val loss {val['val_loss']:.4f}, ppl {val['val_ppl']:.1f}, {val['val_bpb']:.3f} bits/byte"
 
-    def _model_config(self) -> DiffLlamaConfig:
-        fields = dict(self.cfg.model)
-        tok_vocab = self.tokenizer.vocab_size
-        vocab = fields.get("vocab_size") or -(-tok_vocab // 64) * 64
-        if vocab < tok_vocab:
-            raise ValueError(f"model vocab_size {vocab} is smaller than the tokenizer's {tok_vocab} tokens")
-        fields["vocab_size"] = vocab
+    def _config_with(self, vocab_size: int, special_ids: dict) -> DiffLlamaConfig:
+        """The run's model config (``cfg.model`` fields) with this vocabulary size and bos/eos/pad ids."""
+        fields = dict(self.cfg.model, vocab_size=vocab_size, **special_ids)
         fields["max_position_embeddings"] = max(fields.get("max_position_embeddings") or 0, self.cfg.seq_len)
         fields.setdefault("attn_implementation", "sdpa")
-        fields.update(bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
-                      pad_token_id=self.tokenizer.pad_token_id)
         try:
-            config = DiffLlamaConfig(**fields)
+            return DiffLlamaConfig(**fields)
         except TypeError as error:
             raise ValueError(f"bad model setting: {error}") from error
+
+    def _check_model_settings(self) -> None:
+        """Build the config once before any data work, so that a bad ``model:`` setting (an unknown field, heads
+        that do not divide the hidden size) fails at once; the tokenizer's vocabulary and ids come later."""
+        self._config_with(self.cfg.model.get("vocab_size") or 1 << 16,
+                          dict(bos_token_id=None, eos_token_id=None, pad_token_id=None))
+
+    def _model_config(self) -> DiffLlamaConfig:
+        tok_vocab = self.tokenizer.vocab_size
+        vocab = self.cfg.model.get("vocab_size") or -(-tok_vocab // 64) * 64
+        if vocab < tok_vocab:
+            raise ValueError(f"model vocab_size {vocab} is smaller than the tokenizer's {tok_vocab} tokens")
+        config = self._config_with(vocab, dict(bos_token_id=self.tokenizer.bos_token_id,
+                                               eos_token_id=self.tokenizer.eos_token_id,
+                                               pad_token_id=self.tokenizer.pad_token_id))
         if self.resume_from is not None:
             differences = ckpt.model_config_differences(config, self.resume_from)
             if differences:
