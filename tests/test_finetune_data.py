@@ -25,6 +25,14 @@ def test_csv_missing_column_names_file_and_columns(tmp_path):
     assert D.read_text_classification(path, text_column="review")[0].label == "pos"
 
 
+def test_csv_row_with_extra_fields_names_row(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\ngood film,pos\nbad, really bad,neg\n")  # unquoted comma: 3 fields
+    with pytest.raises(D.DataError, match=r"d\.csv: row 2 has 3 fields but the header has 2 .*quote fields that "
+                                          r"contain ','"):
+        D.read_text_classification(path)
+
+
 def test_jsonl_missing_key_names_row(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "a", "label": "x"}\n{"text": "b"}\n')

@@ -127,7 +127,8 @@ def read_text_classification(path: str | Path, text_column: str = "text", label_
         The examples in file order.
 
     Raises:
-        DataError: missing file, empty file, missing column (naming the columns found), empty text or label.
+        DataError: missing file, empty file, missing column (naming the columns found), a CSV row with more fields
+            than the header, empty text or label.
     """
     path = Path(path)
     examples: list[TextExample] = []
@@ -136,7 +137,8 @@ def read_text_classification(path: str | Path, text_column: str = "text", label_
         _check_file(path)
     if suffix in (".csv", ".tsv"):
         with _open_lines(path, lines, newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+            delimiter = "\t" if suffix == ".tsv" else ","
+            reader = csv.DictReader(handle, delimiter=delimiter)
             columns = reader.fieldnames or []
             if not columns:
                 raise DataError(f"{path} is empty: expected a header row with columns "
@@ -149,6 +151,10 @@ def read_text_classification(path: str | Path, text_column: str = "text", label_
                 raise DataError(f"{path}: row 0 (header) has no label column {label_column!r}; columns: {columns} "
                                 f"(choose one with --label-column)")
             for number, record in enumerate(reader, 1):
+                if None in record:  # DictReader files fields beyond the header under the key None
+                    raise DataError(f"{path}: row {number} has {len(columns) + len(record[None])} fields but the "
+                                    f"header has {len(columns)} ({columns}); quote fields that contain "
+                                    f"{delimiter!r}")
                 examples.append(_text_example(path, number, record, text_column, label_column,
                                               require_labels and has_labels, has_labels))
     elif _is_jsonl(path) or suffix == ".json":
