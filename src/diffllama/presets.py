@@ -3,9 +3,9 @@
 Each preset is a dict with two parts: ``model`` (``DiffLlamaConfig`` fields) and ``train`` (``TrainConfig`` fields).
 A YAML/TOML config file and CLI flags override a preset field by field (see :mod:`diffllama.train.config`).
 
-- ``tiny``: 5.3 M parameters, vocab 4096, sequence 256, 320 steps of 16 x 256 tokens (1.3 M tokens). Built to
-  train on 2 CPU cores in about 6 minutes on the bundled corpus to a validation loss well below the corpus'
-  unigram entropy (measured figures: benchmarks/RESULTS.md). Untied embeddings: in a tied model this small the
+- ``tiny``: 5.3 M parameters, vocab 4096, sequence 256, 160 steps of 16 x 256 tokens (0.66 M tokens). Built to
+  train on 2 CPU cores in about 6.5 minutes (on the slower of the two machines it was measured on) on the bundled
+  corpus to a validation loss well below the corpus' unigram entropy (measured figures: benchmarks/RESULTS.md). Untied embeddings: in a tied model this small the
   direct embedding-to-logit path favours repeating the current token, and it stayed on the unigram plateau longer
   (5.82 vs 5.58 nats after 614 k tokens in a side-by-side measurement).
 - ``small``: about 40 M parameters, a quick single-GPU run.
@@ -27,9 +27,9 @@ PRESETS: dict[str, dict[str, dict]] = {
         "model": dict(vocab_size=None, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                       tie_word_embeddings=False),
-        "train": dict(tokenizer_vocab_size=4096, seq_len=256, batch_size=16, grad_accum=1, max_steps=320,
-                      lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1, eval_every=80, eval_batches=8,
-                      save_every=160, log_every=10),
+        "train": dict(tokenizer_vocab_size=4096, seq_len=256, batch_size=16, grad_accum=1, max_steps=160,
+                      lr=3e-3, warmup_steps=16, min_lr_ratio=0.1, weight_decay=0.1, eval_every=40, eval_batches=8,
+                      save_every=80, log_every=10),
     },
     "small": {
         "model": dict(vocab_size=None, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
