@@ -229,7 +229,9 @@ def test_training_ops_trace_under_compile_fullgraph_and_pass_opcheck():
 
     pad = mask.key_padding.to(torch.uint8)
     lam32 = leaves[3].float().reshape(1).requires_grad_()
-    args = (*[t.contiguous() for t in leaves[:3]], mask.query_positions, pad, lam32, c.d ** -0.5)
+    # (B, H, S, d) views of (B, S, H, d) tensors, as the model passes them: the fakes must give the real strides.
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in leaves[:3])
+    args = (q, k, v, mask.query_positions, pad, lam32, c.d ** -0.5)
     torch.library.opcheck(flash.flash_attn_forward, args)
     with torch.no_grad():  # the backward op has no autograd formula of its own (no double backward)
         out, o2, lse = flash.flash_attn_forward(*args)

@@ -230,7 +230,8 @@ def flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
 
 @flash_attn_backward.register_fake
 def _flash_attn_backward_fake(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), lam.new_empty(())
+    # Contiguous like the real outputs (empty_like would copy the strides of a transposed q).
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(())
 
 
 def _setup_context(ctx, inputs, output) -> None:
