@@ -76,3 +76,17 @@ def test_bad_value_messages_state_the_expected_range(field, value, expected):
     with pytest.raises(ValueError) as caught:
         resolve_config("tiny", overrides={field: value})
     assert expected in str(caught.value) and repr(value) in str(caught.value)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("bad.yaml", "model:\n  hidden_size: 64\n bad_indent: 1\n"),
+    ("bad.json", "{\"max_steps\": }"),
+    ("bad.toml", "max_steps = = 3\n"),
+])
+def test_unparsable_config_file_is_one_line_naming_the_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError) as caught:
+        resolve_config("tiny", path)
+    message = str(caught.value)
+    assert message.startswith(f"cannot parse config file {str(path)!r}: ") and "\n" not in message, message

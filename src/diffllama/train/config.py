@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,23 +162,24 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ValueError(f"config file {str(path)!r} must end in .yaml, .yml, .toml or .json")
+    if suffix == ".toml" and sys.version_info < (3, 11):
+        raise ValueError(f"config file {str(path)!r}: TOML needs Python >= 3.11 (tomllib); use YAML or JSON")
     try:
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        elif suffix == ".toml":
+        if suffix == ".toml":
             import tomllib
 
             data = tomllib.loads(text)
         elif suffix == ".json":
             data = json.loads(text)
         else:
-            raise ValueError(f"config file {str(path)!r} must end in .yaml, .yml, .toml or .json")
-    except ValueError:
-        raise
-    except Exception as error:  # yaml.YAMLError, tomllib.TOMLDecodeError
-        raise ValueError(f"cannot parse config file {str(path)!r}: {error}") from error
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as error:  # yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError
+        detail = " ".join(str(error).split())  # one line: yaml's messages span several
+        raise ValueError(f"cannot parse config file {str(path)!r}: {detail}") from error
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of settings, got {type(data).__name__}")
     return data
