@@ -405,6 +405,25 @@ def test_resolve_uncached_repo_offline(hub_cache):
         resolve_checkpoint_dir("org/not-cached", revision="v2")
 
 
+def test_unreachable_repo_error_is_one_line(tmp_path, monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def unreachable(*args, **kwargs):  # the hub's own messages span several lines
+        raise OSError("Got: ConnectError\nAn error happened while trying to locate the files on the Hub.")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    with pytest.raises(FileNotFoundError) as caught:
+        resolve_checkpoint_dir("org/unreachable")
+    message = str(caught.value)
+    assert "could not be downloaded" in message and "\n" not in message
+    assert message.endswith("OSError: Got: ConnectError An error happened while trying to locate the files on the Hub.)")
+
+
 def test_resolve_missing_paths(tmp_path, monkeypatch, hub_cache):
     _, calls = hub_cache
     monkeypatch.chdir(tmp_path)

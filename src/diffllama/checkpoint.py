@@ -169,9 +169,10 @@ def _resolve_hub_repo(repo_id: str, revision: str | None) -> Path:
         if offline
         else "it is not in the local hub cache and could not be downloaded"
     )
+    detail = " ".join(str(last_error).split())  # one line: huggingface_hub's messages span several
     raise FileNotFoundError(
         f"{repo_id!r} is neither a local directory nor a cached or reachable hub repo id: {how} "
-        f"({where}{repo_id}; cache: HF_HUB_CACHE / HF_HOME; last error: {type(last_error).__name__}: {last_error})"
+        f"({where}{repo_id}; cache: HF_HUB_CACHE / HF_HOME; last error: {type(last_error).__name__}: {detail})"
     ) from last_error
 
 
