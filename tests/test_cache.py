@@ -79,6 +79,20 @@ def test_static_cache_errors():
         model(torch.ones(2, 2, dtype=torch.long), past_key_values=cache, use_cache=True)
 
 
+def test_oversized_static_cache_refused_before_allocating(monkeypatch):
+    import diffllama.cache as cache_module
+
+    model = model_for(2)
+    monkeypatch.setattr(cache_module, "_memory_bytes", lambda device: 1 << 20)  # pretend the host has 1 MiB
+    with pytest.raises(ValueError, match=r"batch_size=2 x max_length=100000 slots needs .* GiB .*more than the 0\.0 "
+                                         r"GiB available on cpu: lower max_length \(max_new_tokens\)"):
+        StaticCache.from_config(model.config, 2, 100_000, torch.float32)
+    ids = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_length=100003 slots"):  # generate sizes the cache from its arguments
+        model.generate(ids, max_new_tokens=100_000, static_cache=True)
+    assert StaticCache.from_config(model.config, 1, 64).max_length == 64  # 64 slots fit in 1 MiB
+
+
 def test_static_cache_shapes_and_reset():
     model = model_for(2)
     cache = StaticCache.from_config(model.config, 3, 10, torch.float64)

@@ -9,6 +9,8 @@ need no mask: they lie after every query's position and the causal mask hides th
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -42,6 +44,18 @@ class DynamicCache:
         self.values = [v.index_select(0, beam_idx) for v in self.values]
 
 
+def _memory_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device, the physical memory of the host for CPU tensors; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):  # a platform without these names
+            return None
+    return None
+
+
 class StaticCache:
     """Preallocated keys and values, (B, KV, max_length, d) per layer, written in place at ``cache_position``.
 
@@ -61,7 +75,8 @@ class StaticCache:
         dtype, device: of the stored tensors (the model's activation dtype and device).
 
     Raises:
-        ValueError: a non-positive size.
+        ValueError: a non-positive size, or keys and values that would not fit in the device's free memory (the
+            host's physical memory for CPU tensors).
     """
 
     def __init__(self, *, num_layers: int, num_key_value_heads: int, head_dim: int, batch_size: int,
@@ -70,9 +85,15 @@ class StaticCache:
                             ("head_dim", head_dim), ("batch_size", batch_size), ("max_length", max_length)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"StaticCache {name} must be a positive int, got {value!r}")
+        shape = (batch_size, num_key_value_heads, max_length, head_dim)
+        needed = 2 * num_layers * batch_size * num_key_value_heads * max_length * head_dim * dtype.itemsize
+        available = _memory_bytes(torch.device(device) if device is not None else torch.device("cpu"))
+        if available is not None and needed > available:
+            raise ValueError(f"StaticCache of batch_size={batch_size} x max_length={max_length} slots needs "
+                             f"{needed / 2**30:.1f} GiB for keys and values, more than the {available / 2**30:.1f} "
+                             f"GiB available on {device or 'cpu'}: lower max_length (max_new_tokens) or the batch")
         self.max_length = max_length
         self.batch_size = batch_size
-        shape = (batch_size, num_key_value_heads, max_length, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._length = 0
