@@ -45,9 +45,11 @@ class DynamicCache:
 
 
 def _memory_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA device, the physical memory of the host for CPU tensors; None where unknown."""
+    """Free memory of a CUDA device (counting what PyTorch's allocator holds unused), the physical memory of the
+    host for CPU tensors; None where unknown."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + idle
     if device.type == "cpu" and hasattr(os, "sysconf"):
         try:
             return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
