@@ -232,10 +232,10 @@ def test_training_ops_trace_under_compile_fullgraph_and_pass_opcheck():
     # (B, H, S, d) views of (B, S, H, d) tensors, as the model passes them: the fakes must give the real strides.
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in leaves[:3])
     args = (q, k, v, mask.query_positions, pad, lam32, c.d ** -0.5)
-    torch.library.opcheck(flash.flash_attn_forward, args)
+    torch.library.opcheck(flash._flash_attn_forward, args)
     with torch.no_grad():  # the backward op has no autograd formula of its own (no double backward)
-        out, o2, lse = flash.flash_attn_forward(*args)
-    torch.library.opcheck(flash.flash_attn_backward,
+        out, o2, lse = flash._flash_attn_forward(*args)
+    torch.library.opcheck(flash._flash_attn_backward,
                           (dout.to(dtype), *args[:3], out, o2, lse, *args[3:5], lam32.detach(), args[6]))
 
 

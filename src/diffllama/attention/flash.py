@@ -203,7 +203,7 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
 # the Triton launches.
 
 @torch.library.custom_op("diffllama::flash_attn_forward", mutates_args=())
-def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor,
+def _flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor,
                        pad: torch.Tensor | None, lam: torch.Tensor, scale: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, o2, lse)``: out = o1 − λ·o2 and the second heads' o2, both (B, Sq, H/2, 2d) in q's dtype, and the
@@ -212,7 +212,7 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: 
     return _forward(q, k, v, qpos, pad, lam, scale)
 
 
-@flash_attn_forward.register_fake
+@_flash_attn_forward.register_fake
 def _flash_attn_forward_fake(q, k, v, qpos, pad, lam, scale):
     b, h, sq, d = q.shape
     out = q.new_empty((b, sq, h // 2, 2 * d))
@@ -220,15 +220,15 @@ def _flash_attn_forward_fake(q, k, v, qpos, pad, lam, scale):
 
 
 @torch.library.custom_op("diffllama::flash_attn_backward", mutates_args=())
-def flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+def _flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         o2: torch.Tensor, lse: torch.Tensor, qpos: torch.Tensor, pad: torch.Tensor | None,
                         lam: torch.Tensor, scale: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dv, dλ)`` for :func:`flash_attn_forward`'s inputs (dλ a 0-d float32) given dout = ∂L/∂out."""
+    """``(dq, dk, dv, dλ)`` for :func:`_flash_attn_forward`'s inputs (dλ a 0-d float32) given dout = ∂L/∂out."""
     return _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale)
 
 
-@flash_attn_backward.register_fake
+@_flash_attn_backward.register_fake
 def _flash_attn_backward_fake(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
     # Contiguous like the real outputs (empty_like would copy the strides of a transposed q).
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(())
@@ -243,11 +243,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _flash_attn_autograd(ctx, dout, _grad_o2, _grad_lse):
     q, k, v, out, o2, lse, qpos, pad, lam = ctx.saved_tensors
-    dq, dk, dv, dlam = flash_attn_backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, ctx.scale)
+    dq, dk, dv, dlam = _flash_attn_backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, ctx.scale)
     return dq, dk, dv, None, None, dlam.reshape(lam.shape), None
 
 
-flash_attn_forward.register_autograd(_flash_attn_autograd, setup_context=_setup_context)
+_flash_attn_forward.register_autograd(_flash_attn_autograd, setup_context=_setup_context)
 
 
 # ---- the public function --------------------------------------------------------------------------------------
@@ -325,4 +325,4 @@ def attention(
 
         return decode(query, key, value, qpos, pad, lambda_full, scale), None
     lam = lambda_full.to(torch.float32).reshape(1)  # differentiable: dλ flows back to lambda_full's dtype
-    return flash_attn_forward(query, key, value, qpos, pad, lam, float(scale))[0], None
+    return _flash_attn_forward(query, key, value, qpos, pad, lam, float(scale))[0], None

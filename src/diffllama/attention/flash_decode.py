@@ -12,24 +12,18 @@ The kernel launch is the custom op ``diffllama::flash_decode_partials`` with a f
 input shapes and never reads a value back to the host. The merge and the differential combination stay plain
 PyTorch, which Inductor fuses with the RMSNorm that follows.
 
-Same inputs as the flash backend's forward (:mod:`diffllama.attention.flash`): bf16/fp16, head_dim <= 256, an even
+Internal to the flash backend: :func:`diffllama.attention.flash.attention` checks shapes, dtypes and the mask
+before it calls :func:`decode`; these functions do not repeat the checks. Same inputs as the flash backend's forward (:mod:`diffllama.attention.flash`): bf16/fp16, head_dim <= 256, an even
 number of KV heads (the caller expands an odd KV). Runs on CPU only under ``TRITON_INTERPRET=1`` (development).
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
 from diffllama.attention import flash_kernels as kernels
-
-LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from diffllama.attention.flash import LOG2E, _empty, _interpreting
 
 
 def split_plan(b: int, h: int, sq: int, sk: int, dp: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -70,8 +64,6 @@ def decode_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: tor
         (splits, B, H, Sq) float32, the chunk's base-2 log-sum-exp of the scaled scores, -inf for a chunk with no
         visible key. ``splits`` is :func:`split_plan`'s.
     """
-    from diffllama.attention.flash import _empty  # honours flash.POISON: an unwritten element shows as NaN
-
     b, h, sq, d = q.shape
     kv, sk = k.shape[1], k.shape[2]
     opart_shape, lpart_shape, (splits, chunk, block_m, block_n) = _partial_shapes(q, k)
