@@ -95,9 +95,9 @@ def test_replaced_parameters_end_the_fusion():
 
 def test_fused_linear_refuses_layers_that_cannot_share_a_matmul():
     with pytest.raises(ValueError, match="in_features"):
-        FusedLinear([nn.Linear(4, 3), nn.Linear(5, 3)])
+        FusedLinear([nn.Linear(4, 3), nn.Linear(5, 3)], site="qkv")
     with pytest.raises(ValueError, match="bias"):
-        FusedLinear([nn.Linear(4, 3), nn.Linear(4, 3, bias=False)])
+        FusedLinear([nn.Linear(4, 3), nn.Linear(4, 3, bias=False)], site="qkv")
 
 
 # ---- λ --------------------------------------------------------------------------------------------------------

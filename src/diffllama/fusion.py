@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from diffllama import gemv
 
 
 class FusedLinear:
@@ -28,18 +29,20 @@ class FusedLinear:
 
     Args:
         linears: two or more layers with equal ``in_features``, dtype and device, all with or all without bias.
+        site: the product's name for :func:`diffllama.gemv.linear` (``"qkv"`` or ``"gate_up"``).
 
     Raises:
         ValueError: layers that cannot share one matmul (different inputs, dtypes, devices or bias settings).
     """
 
-    def __init__(self, linears: Sequence[nn.Linear]) -> None:
+    def __init__(self, linears: Sequence[nn.Linear], site: str) -> None:
         first = linears[0]
         for layer in linears:
             if layer.in_features != first.in_features or layer.weight.dtype != first.weight.dtype \
                     or layer.weight.device != first.weight.device or (layer.bias is None) != (first.bias is None):
                 raise ValueError("FusedLinear needs layers with equal in_features, dtype, device and bias setting")
         self.linears = list(linears)
+        self.site = site
         self.sizes = [layer.out_features for layer in linears]
         # Normal (not inference) tensors even when built under inference_mode: training may update them in place.
         with torch.no_grad(), torch.inference_mode(False):
@@ -78,7 +81,7 @@ class FusedLinear:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(..., D) -> one (..., N_i) output per layer, equal to ``layer(x)`` for each."""
-        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return gemv.linear(x, self.weight, self.bias, self.site).split(self.sizes, dim=-1)
 
 
 class TrustSwitch:

@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffllama.attention import AttentionMask, get_backend, resolve_implementation
 from diffllama.cache import DynamicCache
+from diffllama import gemv
 from diffllama.config import DiffLlamaConfig
 from diffllama.fusion import FusedLinear, TrustSwitch
 from diffllama.rope import RotaryEmbedding, apply_rotary_pos_emb
@@ -110,12 +111,12 @@ class DiffLlamaMLP(nn.Module):
             gate, up = self.fused(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(self.act_fn(gate) * up)
+        return gemv.call(self.down_proj, self.act_fn(gate) * up, "down")
 
     def fuse(self) -> None:
         """Build (or rebuild, when its parameters were replaced) the fused gate/up projection."""
         if self.fused is None or not self.fused.valid():
-            self.fused = FusedLinear([self.gate_proj, self.up_proj])
+            self.fused = FusedLinear([self.gate_proj, self.up_proj], site="gate_up")
 
     def refresh_caches(self) -> None:
         """Drop a fusion whose parameters were replaced (it would be stale, and it holds their old memory)."""
@@ -212,7 +213,7 @@ class DiffLlamaAttention(nn.Module):
     def fuse(self) -> None:
         """Build (or rebuild, when its parameters were replaced) the fused q/k/v projection."""
         if self.fused is None or not self.fused.valid():
-            self.fused = FusedLinear([self.q_proj, self.k_proj, self.v_proj])
+            self.fused = FusedLinear([self.q_proj, self.k_proj, self.v_proj], site="qkv")
 
     def refresh_caches(self, dtype: torch.dtype) -> None:
         """Bring the inference caches up to date for activations of ``dtype``: recompute λ if its parameters
@@ -251,7 +252,7 @@ class DiffLlamaAttention(nn.Module):
             q, k, v, mask, scale=self.scaling, lambda_full=self.lambda_full(q.dtype), dropout_p=dropout_p,
             output_attentions=output_attentions)
         out = (1 - self.lambda_init) * F.rms_norm(out, (2 * self.head_dim,), eps=self.config.rms_norm_eps)
-        return self.o_proj(out.reshape(b, s, -1)), probs
+        return gemv.call(self.o_proj, out.reshape(b, s, -1), "o"), probs
 
 
 class DiffLlamaDecoderLayer(nn.Module):
@@ -624,7 +625,7 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
                              output_attentions, output_hidden_states, cache_position)
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
+        logits = gemv.call(self.lm_head, hidden[:, keep, :], "lm_head")
         loss = None
         if labels is not None:
             _check_labels(labels, hidden.shape[:2], self.config.vocab_size)

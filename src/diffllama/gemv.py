@@ -1,0 +1,140 @@
+"""Batch-1 matrix-vector products for decoding: a Triton GEMV as the custom op ``diffllama::gemv``.
+
+Decoding one sequence is a chain of ``(1, K) @ (K, N)`` products whose cost is reading the weights once. With
+coordinate-descent tuning, Inductor turns each into its own reduction kernel and fuses the neighbouring
+elementwise work into it; that reads the fused gate/up weights at 4.5 TB/s on the H200, but a product whose
+neighbour is itself a reduction (``down_proj`` followed by the next layer's RMSNorm, the final RMSNorm followed by
+``lm_head``) comes out at 1.9-2.4 TB/s (benchmarks/RESULTS.md). :func:`linear` sends chosen one-row products to
+this kernel instead, which Inductor sees as an opaque op and leaves unfused: every program streams a few whole
+rows of the weight with wide loads and reduces them in float32 registers (the layout of gpt-fast's and
+vLLM's batch-1 GEMVs, written here from scratch).
+
+Which products use it is :data:`SITES`, from the environment variable ``DIFFLLAMA_GEMV``: a comma-separated subset
+of ``qkv, o, gate_up, down, lm_head``, or ``none``. It only ever changes the kernel, never the result beyond
+float32 summation order.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+
+_ALL_SITES = ("qkv", "o", "gate_up", "down", "lm_head")
+_DEFAULT_SITES = "down,lm_head"
+
+
+def _parse_sites(value: str) -> frozenset[str]:
+    sites = frozenset(s.strip() for s in value.split(",") if s.strip()) - {"none"}
+    unknown = sites - set(_ALL_SITES)
+    if unknown:
+        raise ValueError(f"DIFFLLAMA_GEMV: unknown site(s) {sorted(unknown)}; expected a comma-separated subset "
+                         f"of {', '.join(_ALL_SITES)}, or none")
+    return sites
+
+
+SITES = _parse_sites(os.environ.get("DIFFLLAMA_GEMV", _DEFAULT_SITES))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if triton is not None:
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        """y[n] = Σ_k w[n, k]·x[k] for BLOCK_N rows n per program; float32 sums, one reduction at the end."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        row_ok = rows < N
+        w_ptrs = w_ptr + rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptr + k0 + cols)
+                w = tl.load(w_ptrs + k0, mask=row_ok[:, None], other=0.0, eviction_policy="evict_first")
+            else:
+                col_ok = k0 + cols < K
+                x = tl.load(x_ptr + k0 + cols, mask=col_ok, other=0.0)
+                w = tl.load(w_ptrs + k0, mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                            eviction_policy="evict_first")
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        tl.store(y_ptr + rows, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    # (BLOCK_N, BLOCK_K, num_warps, num_stages): a few rows per program so that even N = 2048 gives hundreds of
+    # programs, each keeping several wide loads in flight.
+    _CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                for n, k, w, s in [(2, 1024, 4, 3), (4, 512, 4, 3), (4, 1024, 4, 3), (8, 512, 4, 3),
+                                   (8, 256, 4, 4), (8, 1024, 8, 3), (16, 256, 4, 3), (16, 512, 8, 3),
+                                   (32, 256, 8, 3), (4, 512, 2, 4)]]
+    _gemv_tuned = triton.autotune(_CONFIGS, key=["N", "K", "EVEN_K"])(_gemv_kernel)
+
+
+@torch.library.custom_op("diffllama::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``weight @ x`` for one input row: x (K,) contiguous, weight (N, K) with unit column stride, both bf16,
+    fp16 or float32 on CUDA (or CPU under ``TRITON_INTERPRET=1``) -> (N,) in x's dtype, float32 sums.
+
+    Internal to :func:`linear`, which checks shapes and devices; autotuned per (N, K) on first use (Triton's
+    autotuner), so call it once outside CUDA graph capture first (``DecodeStep`` warms up before capturing).
+    """
+    n, k = weight.shape
+    y = torch.empty(n, dtype=x.dtype, device=x.device)
+    if _interpreting():
+        _gemv_kernel[(triton.cdiv(n, 4),)](x, weight, y, n, k, weight.stride(0), BLOCK_N=4, BLOCK_K=32,
+                                           EVEN_K=k % 32 == 0)
+    else:
+        _gemv_tuned[lambda m: (triton.cdiv(n, m["BLOCK_N"]),)](x, weight, y, n, k, weight.stride(0),
+                                                              EVEN_K=k % 1024 == 0)
+    return y
+
+
+@gemv.register_fake
+def _gemv_fake(x, weight):
+    return x.new_empty(weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: str) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, computed by :func:`gemv` when it applies: ``site`` is in :data:`SITES`,
+    x holds one row (shape (..., K) with one row in all), x and weight are on CUDA (any device under
+    ``TRITON_INTERPRET=1``) in the same floating dtype, and no gradient is needed. Otherwise plain ``F.linear``. The choice depends on shapes, devices and grad mode only,
+    so ``torch.compile`` makes it at trace time.
+
+    Args:
+        x: (..., K). weight: (N, K). bias: (N,) or None. site: which product this is, one of
+            ``qkv, o, gate_up, down, lm_head``.
+
+    Returns:
+        (..., N) in x's dtype.
+    """
+    if (site in SITES and triton is not None and (x.is_cuda or _interpreting()) and x.numel() == x.shape[-1]
+            and weight.stride(-1) == 1 and x.dtype == weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))):
+        y = gemv(x.reshape(-1).contiguous(), weight).reshape(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
+def call(module: nn.Module, x: torch.Tensor, site: str) -> torch.Tensor:
+    """``module(x)``, through :func:`linear` when ``module`` is a plain ``nn.Linear`` without hooks (a wrapped or
+    subclassed layer, e.g. an adapter, or one with hooks, is called as it is).
+
+    Args:
+        module: the layer. x: (..., in_features). site: as for :func:`linear`.
+
+    Returns:
+        (..., out_features).
+    """
+    if type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks:
+        return linear(x, module.weight, module.bias, site)
+    return module(x)

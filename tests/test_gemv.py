@@ -1,0 +1,101 @@
+"""The batch-1 decode GEMV (diffllama.gemv): values against float64, routing, and the custom op's contract.
+
+Value tests need a CUDA GPU or Triton's interpreter (``TRITON_INTERPRET=1 python -m pytest tests/test_gemv.py``);
+the routing tests run anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffllama import gemv
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(gemv.triton is None or (not CUDA and not INTERPRET),
+                         reason="needs a CUDA GPU (or TRITON_INTERPRET=1)")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32] if CUDA else [torch.float16, torch.float32]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n, k", [(37, 100), (64, 2048), (130, 96)])
+def test_gemv_matches_float64(n, k, dtype, monkeypatch):
+    gen = torch.Generator().manual_seed(n * k)
+    x = torch.randn(k, generator=gen, dtype=torch.float64)
+    # A weight with padded rows (row stride > K), as a slice of a larger tensor: the stride must be honoured.
+    w = torch.randn(n, k + 8, generator=gen, dtype=torch.float64)[:, :k]
+    expected = w @ x
+    got = gemv.gemv(x.to(DEVICE, dtype), w.to(DEVICE, dtype))
+    assert got.shape == (n,) and got.dtype == dtype
+    # Inputs rounded to dtype; float32 sums: the error is the inputs' rounding, about 2**-8 relative for bf16.
+    bound = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}[dtype]
+    assert ((got.double().cpu() - expected).norm() / expected.norm()).item() < bound
+
+
+@gpu
+@pytest.mark.gpu
+def test_gemv_passes_opcheck():
+    x = torch.randn(96, device=DEVICE, dtype=torch.float16)
+    w = torch.randn(40, 96, device=DEVICE, dtype=torch.float16)
+    torch.library.opcheck(gemv.gemv, (x, w))
+
+
+@gpu
+@pytest.mark.gpu
+def test_linear_routes_one_row_without_grad_to_the_kernel(monkeypatch):
+    calls = []
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda x, w: calls.append(x.shape) or real(x, w))
+    monkeypatch.setattr(gemv, "SITES", frozenset({"down"}))
+    dtype = torch.float32
+    w = torch.randn(24, 64, device=DEVICE, dtype=dtype, requires_grad=True)
+    bias = torch.randn(24, device=DEVICE, dtype=dtype)
+    one = torch.randn(1, 1, 64, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        got = gemv.linear(one, w, bias, "down")
+        torch.testing.assert_close(got, F.linear(one, w, bias), rtol=1e-5, atol=1e-5)
+        assert got.shape == (1, 1, 24) and calls == [(64,)]
+        gemv.linear(one, w, None, "lm_head")  # a site not chosen
+        gemv.linear(torch.randn(2, 1, 64, device=DEVICE, dtype=dtype), w, None, "down")  # two rows
+        assert len(calls) == 1
+    # A gradient is needed: F.linear, so autograd reaches the weight.
+    gemv.linear(one, w, None, "down").sum().backward()
+    assert len(calls) == 1 and torch.allclose(w.grad, one.reshape(1, 64).expand(24, 64))
+
+
+def test_call_keeps_wrapped_and_hooked_layers_as_they_are(monkeypatch):
+    monkeypatch.setattr(gemv, "SITES", frozenset({"down"}))
+    routed = []
+    monkeypatch.setattr(gemv, "linear", lambda x, w, b, site: routed.append(site) or F.linear(x, w, b))
+    x = torch.randn(1, 1, 8)
+    plain = nn.Linear(8, 4, bias=False)
+    torch.testing.assert_close(gemv.call(plain, x, "down"), plain(x), rtol=0, atol=0)
+    assert routed == ["down"]
+
+    seen = []
+    hooked = nn.Linear(8, 4)
+    hooked.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    gemv.call(hooked, x, "down")
+
+    class Adapter(nn.Linear):  # e.g. a low-rank adapter: its own forward must run
+        def forward(self, x):
+            return super().forward(x) + 1
+
+    adapter = Adapter(8, 4)
+    torch.testing.assert_close(gemv.call(adapter, x, "down"), F.linear(x, adapter.weight, adapter.bias) + 1)
+    assert routed == ["down"] and seen == [(1, 1, 4)]
+
+
+def test_sites_from_the_environment_are_checked():
+    assert gemv._parse_sites("down, lm_head") == {"down", "lm_head"}
+    assert gemv._parse_sites("none") == frozenset()
+    with pytest.raises(ValueError, match="DIFFLLAMA_GEMV.*'mlp'.*qkv, o, gate_up, down, lm_head"):
+        gemv._parse_sites("down,mlp")
