@@ -10,6 +10,7 @@ projection inside the elementwise work it sits in within the model (its RMSNorm,
 - ``inductor``: the whole context compiled as ``DecodeStep`` compiles it (coordinate-descent tuning, which makes
   Inductor write its own GEMV reduction and fuse the context into it);
 - ``gemv``: the same context compiled, with the product as the opaque custom op ``diffllama::gemv``;
+- ``cublas-op``: the same context compiled, with the product as an opaque custom op calling ``F.linear`` (cuBLAS);
 - ``cublas``: the bare product through ``F.linear`` (cuBLAS), no context.
 
 Each is captured in a CUDA graph of 50 calls and timed over replays (CUDA events, median of 5), so launch gaps are
@@ -31,6 +32,17 @@ from decode import SHAPES, cuda_time  # noqa: E402
 from diffllama import gemv as gemv_mod  # noqa: E402
 
 CALLS = 50
+
+
+@torch.library.custom_op("bench::cublas_linear", mutates_args=())
+def cublas_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear that Inductor cannot decompose or fuse."""
+    return F.linear(x, w)
+
+
+@cublas_linear.register_fake
+def _(x, w):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
 def contexts(cfg: dict) -> dict:
@@ -80,20 +92,18 @@ def main() -> None:
     cublas = F.linear
     triton_mm = lambda x, w: gemv_mod.gemv(x.reshape(-1), w).reshape(*x.shape[:-1], w.shape[0])  # noqa: E731
     for shape in args.shapes.split(","):
-        print(f"\n{shape}: site, weight MB, then us and TB/s for inductor | gemv | cublas; max rel err vs fp32")
+        print(f"\n{shape}: site, weight MB, then us and TB/s for inductor | gemv | cublas-op | cublas; max rel err vs fp32")
         for site, (fn, make) in contexts(SHAPES[shape]).items():
             inputs = make()
             weight = weight_of(site, inputs)
             mb = weight.numel() * weight.element_size()
             reference = fn([t.float() for t in inputs], F.linear)
             row = [f"{site:8s} {mb / 1e6:7.1f} MB"]
-            runs = {
-                "inductor": torch.compile(lambda t: fn(t, cublas), fullgraph=True, dynamic=False,
-                                          options={"coordinate_descent_tuning": True}),
-                "gemv": torch.compile(lambda t: fn(t, triton_mm), fullgraph=True, dynamic=False,
-                                      options={"coordinate_descent_tuning": True}),
-                "cublas": lambda t: F.linear(t[0], weight),
-            }
+            torch._dynamo.reset()  # every site compiles the same lambdas afresh
+            runs = {name: torch.compile(lambda t, mm=mm: fn(t, mm), fullgraph=True, dynamic=False,
+                                        options={"coordinate_descent_tuning": True})
+                    for name, mm in [("inductor", cublas), ("gemv", triton_mm), ("cublas-op", cublas_linear)]}
+            runs["cublas"] = lambda t: F.linear(t[0], weight)
             errors = []
             with torch.inference_mode():
                 for name, run in runs.items():
