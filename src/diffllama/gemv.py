@@ -2,16 +2,17 @@
 
 Decoding one sequence is a chain of ``(1, K) @ (K, N)`` products whose cost is reading the weights once. With
 coordinate-descent tuning, Inductor turns each into its own reduction kernel and fuses the neighbouring
-elementwise work into it; that reads the fused gate/up weights at 4.5 TB/s on the H200, but a product whose
-neighbour is itself a reduction (``down_proj`` followed by the next layer's RMSNorm, the final RMSNorm followed by
-``lm_head``) comes out at 1.9-2.4 TB/s (benchmarks/RESULTS.md). :func:`linear` sends chosen one-row products to
-this kernel instead, which Inductor sees as an opaque op and leaves unfused: every program streams a few whole
-rows of the weight with wide loads and reduces them in float32 registers (the layout of gpt-fast's and
-vLLM's batch-1 GEMVs, written here from scratch).
+elementwise work into it. That is usually the fastest form, but not for the fused q/k/v product of the 1.2B shape:
+with the input RMSNorm fused in, Inductor's kernel reads its 12.6 MB at 1.5 TB/s on the H200, while the RMSNorm as
+its own small kernel followed by this GEMV takes 4.9 instead of 8.4 us, and the whole decode step goes from 853 to
+916 tokens/s (benchmarks/gemv.py and benchmarks/decode.py, benchmarks/RESULTS.md). :func:`linear` sends the chosen
+one-row products to this kernel, which Inductor sees as an opaque op: every program streams a few whole rows of
+the weight with wide loads and reduces them in float32 registers (the layout of gpt-fast's and vLLM's batch-1
+GEMVs, written here from scratch).
 
 Which products use it is :data:`SITES`, from the environment variable ``DIFFLLAMA_GEMV``: a comma-separated subset
-of ``qkv, o, gate_up, down, lm_head``, or ``none``. It only ever changes the kernel, never the result beyond
-float32 summation order.
+of ``qkv, o, gate_up, down, lm_head``, or ``none`` (default ``qkv``, the only one that measured faster). It only
+ever changes the kernel, never the result beyond float32 summation order.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
 _ALL_SITES = ("qkv", "o", "gate_up", "down", "lm_head")
-_DEFAULT_SITES = "down,lm_head"
+_DEFAULT_SITES = "qkv"
 
 
 def _parse_sites(value: str) -> frozenset[str]:
