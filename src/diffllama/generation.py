@@ -262,7 +262,8 @@ class DecodeStep:
     ``compile=False``: plain eager calls. ``compile=True``: ``torch.compile(fullgraph=True, dynamic=False)`` of the
     step with Inductor's coordinate-descent tuning (``compile_mode`` replaces those options by a mode); Inductor
     fuses the norms, RoPE and the differential combination, and at batch 1 computes the projections with its own
-    GEMV kernels. On CUDA with a StaticCache the compiled
+    GEMV kernels, except those :mod:`diffllama.gemv` takes (the fused q/k/v product by default). On CUDA with a
+    StaticCache the compiled
     step is then captured once in a ``torch.cuda.CUDAGraph`` (after warm-up on a side stream) and every call copies
     its inputs into the graph's static buffers and replays it: one launch per token instead of hundreds. The
     returned logits then live in a static buffer that the next call overwrites: consume them first.
