@@ -259,6 +259,8 @@ def test_bad_inputs():
         model.generate(ids.float(), max_new_tokens=2)
     with pytest.raises(ValueError, match="shape \\(batch, seq\\)"):
         model.generate(ids[0], max_new_tokens=2)
+    with pytest.raises(TypeError, match="bool or integer \\(0/1\\) tensor, got torch.float32"):  # as forward
+        model.generate(ids, torch.full((2, 4), 0.5), max_new_tokens=2)
 
 
 @pytest.mark.slow

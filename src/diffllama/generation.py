@@ -156,6 +156,8 @@ def _check_inputs(input_ids, attention_mask, vocab_size: int) -> torch.Tensor:
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, got "
                          f"{tuple(getattr(attention_mask, 'shape', ()))}")
+    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:  # as the model's forward
+        raise TypeError(f"attention_mask must be a bool or integer (0/1) tensor, got {attention_mask.dtype}")
     mask = attention_mask.to(device=input_ids.device).long()
     if bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
