@@ -99,3 +99,20 @@ def test_sites_from_the_environment_are_checked():
     assert gemv._parse_sites("none") == frozenset()
     with pytest.raises(ValueError, match="DIFFLLAMA_GEMV.*'mlp'.*qkv, o, gate_up, down, lm_head"):
         gemv._parse_sites("down,mlp")
+
+
+@gpu
+@pytest.mark.gpu
+def test_gemv_refuses_mismatched_inputs():
+    x = torch.randn(64, device=DEVICE, dtype=torch.float16)
+    w = torch.randn(8, 64, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"weight must be \(N, 64\)"):
+        gemv.gemv(x, w[:, :32])
+    with pytest.raises(ValueError, match=r"x must be a contiguous \(K,\) tensor, got shape \(1, 64\)"):
+        gemv.gemv(x[None], w)
+    with pytest.raises(ValueError, match="share one of bf16, fp16, float32, got torch.float16 and torch.float32"):
+        gemv.gemv(x, w.float())
+    # Through linear, a mismatched weight is F.linear's error, never an out-of-bounds read.
+    with pytest.raises(RuntimeError):
+        with torch.no_grad():
+            gemv.linear(x[None], w[:, :32], None, "qkv")

@@ -85,9 +85,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``weight @ x`` for one input row: x (K,) contiguous, weight (N, K) with unit column stride, both bf16,
     fp16 or float32 on CUDA (or CPU under ``TRITON_INTERPRET=1``) -> (N,) in x's dtype, float32 sums.
 
-    Internal to :func:`linear`, which checks shapes and devices; autotuned per (N, K) on first use (Triton's
-    autotuner), so call it once outside CUDA graph capture first (``DecodeStep`` warms up before capturing).
+    Normally reached through :func:`linear`. Autotuned per (N, K) on first use (Triton's autotuner), so call it
+    once outside CUDA graph capture first (``DecodeStep`` warms up before capturing).
+
+    Raises:
+        ValueError: x not 1-D and contiguous, weight not (N, x.shape[0]) with unit column stride, or the dtypes
+            differ or are not floating point.
     """
+    if x.dim() != 1 or not x.is_contiguous():
+        raise ValueError(f"gemv: x must be a contiguous (K,) tensor, got shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[0] or weight.stride(1) != 1:
+        raise ValueError(f"gemv: weight must be (N, {x.shape[0]}) with unit column stride, got shape "
+                         f"{tuple(weight.shape)} and strides {weight.stride()}")
+    if x.dtype != weight.dtype or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"gemv: x and weight must share one of bf16, fp16, float32, got {x.dtype} and {weight.dtype}")
     n, k = weight.shape
     y = torch.empty(n, dtype=x.dtype, device=x.device)
     if _interpreting():
@@ -106,9 +117,10 @@ def _gemv_fake(x, weight):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: str) -> torch.Tensor:
     """``F.linear(x, weight, bias)``, computed by :func:`gemv` when it applies: ``site`` is in :data:`SITES`,
-    x holds one row (shape (..., K) with one row in all), x and weight are on CUDA (any device under
-    ``TRITON_INTERPRET=1``) in the same floating dtype, and no gradient is needed. Otherwise plain ``F.linear``. The choice depends on shapes, devices and grad mode only,
-    so ``torch.compile`` makes it at trace time.
+    x holds one row (shape (..., K) with one row in all), weight is (N, K) with unit column stride, x, weight and
+    bias are on CUDA (any device under ``TRITON_INTERPRET=1``) in one floating dtype, and no gradient is needed.
+    Otherwise plain ``F.linear`` (which raises its own errors for mismatched inputs). The choice depends on shapes,
+    devices, dtypes and grad mode only, so ``torch.compile`` makes it at trace time.
 
     Args:
         x: (..., K). weight: (N, K). bias: (N,) or None. site: which product this is, one of
@@ -118,7 +130,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sit
         (..., N) in x's dtype.
     """
     if (site in SITES and triton is not None and (x.is_cuda or _interpreting()) and x.numel() == x.shape[-1]
-            and weight.stride(-1) == 1 and x.dtype == weight.dtype
+            and weight.dim() == 2 and weight.shape[1] == x.shape[-1] and weight.stride(1) == 1
+            and weight.device == x.device and x.dtype == weight.dtype
+            and (bias is None or (bias.dtype == x.dtype and bias.shape == weight.shape[:1]))
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)))):
         y = gemv(x.reshape(-1).contiguous(), weight).reshape(*x.shape[:-1], weight.shape[0])
