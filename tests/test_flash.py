@@ -193,16 +193,6 @@ def test_cpu_tensors_raise_clear_error():
         flash.attention(q, k, v, mask, scale=0.125, lambda_full=lam)
 
 
-@pytest.mark.parametrize("setting, value, variable", [("BWD_MODE", "both", "DIFFLLAMA_FLASH_BWD"),
-                                                      ("DQ_MODE", "atomics", "DIFFLLAMA_FLASH_DQ")])
-def test_unknown_backward_mode_is_refused(setting, value, variable, monkeypatch):
-    from diffllama.attention import flash
-
-    monkeypatch.setattr(flash, setting, value)
-    with pytest.raises(ValueError, match=f"{variable} must be .*got '{value}'"):
-        flash._bwd_split(64)
-
-
 @pytest.mark.gpu
 @gpu
 def test_training_ops_trace_under_compile_fullgraph_and_pass_opcheck():

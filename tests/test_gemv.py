@@ -94,13 +94,6 @@ def test_call_keeps_wrapped_and_hooked_layers_as_they_are(monkeypatch):
     assert routed == ["down"] and seen == [(1, 1, 4)]
 
 
-def test_sites_from_the_environment_are_checked():
-    assert gemv._parse_sites("down, lm_head") == {"down", "lm_head"}
-    assert gemv._parse_sites("none") == frozenset()
-    with pytest.raises(ValueError, match="DIFFLLAMA_GEMV.*'mlp'.*qkv, o, gate_up, down, lm_head"):
-        gemv._parse_sites("down,mlp")
-
-
 @gpu
 @pytest.mark.gpu
 def test_gemv_refuses_mismatched_inputs():

@@ -7,6 +7,18 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="DiffLlama: train, generate with and fine-tune differential-attention language models.")
 
+
+@app.callback()
+def _check_environment() -> None:
+    # Bad DIFFLLAMA_* kernel settings (diffllama.settings) are one error line before any command's work.
+    from diffllama import settings
+
+    try:
+        settings.check()
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
 # ---- generate (inference) ---------------------------------------------------------------------------------------
 
 class _GenerateError(Exception):

@@ -10,9 +10,10 @@ one-row products to this kernel, which Inductor sees as an opaque op: every prog
 the weight with wide loads and reduces them in float32 registers (the layout of gpt-fast's and vLLM's batch-1
 GEMVs, written here from scratch).
 
-Which products use it is :data:`SITES`, from the environment variable ``DIFFLLAMA_GEMV``: a comma-separated subset
-of ``qkv, o, gate_up, down, lm_head``, or ``none`` (default ``qkv``, the only one that measured faster). It only
-ever changes the kernel, never the result beyond float32 summation order.
+Which products use it is :data:`SITES`, from the environment variable ``DIFFLLAMA_GEMV``
+(:mod:`diffllama.settings`): a comma-separated subset of ``qkv, o, gate_up, down, lm_head``, or ``none`` (default
+``qkv``, the only one that measured faster). It only ever changes the kernel, never the result beyond float32
+summation order.
 """
 
 from __future__ import annotations
@@ -23,26 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffllama import settings
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
-_ALL_SITES = ("qkv", "o", "gate_up", "down", "lm_head")
-_DEFAULT_SITES = "qkv"
-
-
-def _parse_sites(value: str) -> frozenset[str]:
-    sites = frozenset(s.strip() for s in value.split(",") if s.strip()) - {"none"}
-    unknown = sites - set(_ALL_SITES)
-    if unknown:
-        raise ValueError(f"DIFFLLAMA_GEMV: unknown site(s) {sorted(unknown)}; expected a comma-separated subset "
-                         f"of {', '.join(_ALL_SITES)}, or none")
-    return sites
-
-
-SITES = _parse_sites(os.environ.get("DIFFLLAMA_GEMV", _DEFAULT_SITES))
+# The products that use the kernel (``DIFFLLAMA_GEMV``, see :mod:`diffllama.settings`).
+SITES: frozenset[str] = settings.VALUES["DIFFLLAMA_GEMV"]
 
 
 def _interpreting() -> bool:

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffllama.attention import AttentionMask, get_backend, resolve_implementation
 from diffllama.cache import DynamicCache
-from diffllama import gemv
+from diffllama import gemv, settings
 from diffllama.config import DiffLlamaConfig
 from diffllama.fusion import FusedLinear, TrustSwitch
 from diffllama.rope import RotaryEmbedding, apply_rotary_pos_emb
@@ -286,6 +286,7 @@ class DiffLlamaPreTrainedModel(nn.Module):
         super().__init__()
         if not isinstance(config, DiffLlamaConfig):
             raise TypeError(f"config must be a DiffLlamaConfig, got {type(config).__name__}")
+        settings.check()  # a bad DIFFLLAMA_* kernel setting is refused before any weight is made
         self.config = config
 
     def init_weights(self) -> None:

@@ -28,6 +28,7 @@ import os
 
 import torch
 
+from diffllama import settings
 from diffllama.attention import AttentionMask, repeat_kv
 
 try:
@@ -43,10 +44,10 @@ POISON = False  # tests set this: every output buffer starts as NaN, so an unwri
 # How the backward gets dQ: "kernel" runs a separate dQ kernel that recomputes the scores (deterministic; the faster
 # form on the H200 at head_dim 128 and at 64 for S >= 2048, benchmarks/RESULTS.md), "atomic" adds it from the dK/dV
 # kernel (float32 relaxed atomics, no recomputation).
-DQ_MODE = os.environ.get("DIFFLLAMA_FLASH_DQ", "kernel")
+DQ_MODE = settings.VALUES["DIFFLLAMA_FLASH_DQ"]
 # How the dK/dV' work is launched: "fused" (one kernel, four accumulators per program), "split" (one kernel for
 # dK (+ dQ atomics), one for dV': two accumulators each, P computed twice), "auto" (by head_dim, see _bwd_split).
-BWD_MODE = os.environ.get("DIFFLLAMA_FLASH_BWD", "auto")
+BWD_MODE = settings.VALUES["DIFFLLAMA_FLASH_BWD"]
 
 
 def _interpreting() -> bool:
@@ -103,7 +104,7 @@ def _launch(kind: str, kernel, grid, dp: int, *args, **kwargs) -> None:
         meta = {"BLOCK_M": 16, "BLOCK_N": 16}
         kernel[grid(meta)](*args, **kwargs, **meta)
         return
-    if os.environ.get("DIFFLLAMA_FLASH_AUTOTUNE", "1") == "0":
+    if settings.VALUES["DIFFLLAMA_FLASH_AUTOTUNE"] == "0":
         best = _configs(kind, dp)[0]
         compiled = kernel[grid(best.kwargs)](*args, **kwargs, **best.kwargs, num_warps=best.num_warps,
                                              num_stages=best.num_stages)
@@ -117,7 +118,7 @@ def _launch(kind: str, kernel, grid, dp: int, *args, **kwargs) -> None:
                                           reset_to_zero=["DQACC"] if accumulates else None)(kernel)
         compiled = _TUNED[key][grid](*args, **kwargs)
         best = _TUNED[key].best_config
-    if os.environ.get("DIFFLLAMA_FLASH_DEBUG") == "1":
+    if settings.VALUES["DIFFLLAMA_FLASH_DEBUG"] == "1":
         print(f"[flash] {kind} d{dp} {kwargs.get('HAS_PAD')} {best} regs {getattr(compiled, 'n_regs', '?')} "
               f"spills {getattr(compiled, 'n_spills', '?')}", flush=True)
 
@@ -150,15 +151,8 @@ def _forward(q, k, v, qpos, pad, lam, scale):
 
 
 def _bwd_split(dp: int) -> bool:
-    """Whether the backward runs dK and dV' as two launches (see BWD_MODE).
-
-    Raises:
-        ValueError: when BWD_MODE (``DIFFLLAMA_FLASH_BWD``) or DQ_MODE (``DIFFLLAMA_FLASH_DQ``) has an unknown value.
-    """
-    if BWD_MODE not in ("auto", "fused", "split"):
-        raise ValueError(f"DIFFLLAMA_FLASH_BWD must be 'auto', 'fused' or 'split', got {BWD_MODE!r}")
-    if DQ_MODE not in ("kernel", "atomic"):
-        raise ValueError(f"DIFFLLAMA_FLASH_DQ must be 'kernel' or 'atomic', got {DQ_MODE!r}")
+    """Whether the backward runs dK and dV' as two launches (see BWD_MODE; its value is checked by
+    :mod:`diffllama.settings`)."""
     return BWD_MODE == "split" or (BWD_MODE == "auto" and dp > 64)
 
 
@@ -284,8 +278,7 @@ def attention(
     """Same contract as :func:`diffllama.attention.eager.attention`; never returns probabilities.
 
     Raises:
-        ValueError: for ``output_attentions=True``, inconsistent shapes, or (when a gradient is needed) an unknown
-            ``DIFFLLAMA_FLASH_BWD`` / ``DIFFLLAMA_FLASH_DQ`` setting.
+        ValueError: for ``output_attentions=True`` or inconsistent shapes.
         RuntimeError: for CPU tensors (flash needs a CUDA GPU), or when Triton is not installed.
     """
     if output_attentions:
@@ -318,8 +311,6 @@ def attention(
     lambda_full = lambda_full.reshape(())
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, lambda_full))
-    if needs_grad:
-        _bwd_split(d)  # refuse a bad backward setting before the forward runs
     if not needs_grad and query.shape[2] <= 64:  # decode: a custom op, so compiled and CUDA-graphed steps use it
         from diffllama.attention.flash_decode import decode
 

@@ -1,0 +1,70 @@
+"""Environment variables that choose kernel variants: read once at import, checked together.
+
+=============================  =========================================================  ===========
+variable                       values                                                     default
+=============================  =========================================================  ===========
+``DIFFLLAMA_GEMV``             comma-separated subset of ``qkv, o, gate_up, down,         ``qkv``
+                               lm_head``, or ``none``: the batch-1 products that run as
+                               diffllama's Triton GEMV (:mod:`diffllama.gemv`)
+``DIFFLLAMA_FLASH_DQ``         ``kernel`` | ``atomic``: how the flash backward gets dQ     ``kernel``
+``DIFFLLAMA_FLASH_BWD``        ``auto`` | ``fused`` | ``split``: how it launches dK/dV'     ``auto``
+``DIFFLLAMA_FLASH_AUTOTUNE``   ``1`` | ``0``: autotune the flash kernels, or take each      ``1``
+                               kernel's first candidate configuration
+``DIFFLLAMA_FLASH_DEBUG``      ``0`` | ``1``: print each flash kernel's chosen config        ``0``
+=============================  =========================================================  ===========
+
+A bad value does not stop the import (the command-line tool must be able to report it as one line): it is
+recorded, the default is used meanwhile, and :func:`check` raises. Building a model calls :func:`check`, and so
+does every ``diffllama`` command before any other work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+GEMV_SITE_NAMES = ("qkv", "o", "gate_up", "down", "lm_head")
+_CHOICES = {
+    "DIFFLLAMA_FLASH_DQ": ("kernel", "atomic"),
+    "DIFFLLAMA_FLASH_BWD": ("auto", "fused", "split"),
+    "DIFFLLAMA_FLASH_AUTOTUNE": ("1", "0"),
+    "DIFFLLAMA_FLASH_DEBUG": ("0", "1"),
+}
+
+
+def read(environ: Mapping[str, str]) -> tuple[dict[str, object], list[str]]:
+    """Parse the variables above from ``environ``: (values by variable name, one error line per bad variable).
+
+    Values: ``DIFFLLAMA_GEMV`` a frozenset of site names, the others their string choice; a bad variable keeps
+    its default and adds an error line naming the variable, the value and what is expected.
+    """
+    values: dict[str, object] = {}
+    errors: list[str] = []
+    for name, allowed in _CHOICES.items():
+        value = environ.get(name, allowed[0]).strip()
+        if value not in allowed:
+            errors.append(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+            value = allowed[0]
+        values[name] = value
+    raw = environ.get("DIFFLLAMA_GEMV", "qkv")
+    sites = frozenset(s.strip() for s in raw.split(",") if s.strip()) - {"none"}
+    unknown = sorted(sites - set(GEMV_SITE_NAMES))
+    if unknown:
+        errors.append(f"DIFFLLAMA_GEMV={raw!r}: unknown site(s) {', '.join(unknown)}; expected a comma-separated "
+                      f"subset of {', '.join(GEMV_SITE_NAMES)}, or none")
+        sites = frozenset({"qkv"})
+    values["DIFFLLAMA_GEMV"] = sites
+    return values, errors
+
+
+VALUES, ERRORS = read(os.environ)
+
+
+def check() -> None:
+    """Raise when an environment variable above had a bad value at import.
+
+    Raises:
+        ValueError: naming every bad variable, its value and the values it accepts.
+    """
+    if ERRORS:
+        raise ValueError("bad environment: " + "; ".join(ERRORS))
