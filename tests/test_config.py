@@ -109,3 +109,14 @@ def test_a_config_that_validates_builds_a_model():
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
     for fields in ({"pad_token_id": 63}, {"pad_token_id": -1}, {"initializer_range": 0.0, "lambda_std_dev": 0.0}):
         DiffLlamaForCausalLM(DiffLlamaConfig(**small, **fields))
+
+
+def test_overrides_must_be_fields(tmp_path):
+    """A misspelt keyword (attn_implmentation=...) is an error, not a silent entry in ``extra``."""
+    DiffLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                    num_attention_heads=4).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['attn_implmentation', 'bogus'\]"):
+        DiffLlamaConfig.from_pretrained(tmp_path, attn_implmentation="eager", bogus=3)
+    config = DiffLlamaConfig.from_pretrained(tmp_path, attn_implementation="eager", num_labels=3, pad_token_id=5)
+    assert config.attn_implementation == "eager" and len(config.id2label) == 3 and config.pad_token_id == 5
+    assert config.extra == DiffLlamaConfig.from_pretrained(tmp_path).extra

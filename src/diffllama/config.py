@@ -176,14 +176,22 @@ class DiffLlamaConfig:
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> DiffLlamaConfig:
         """Build a config from a transformers-style ``config.json`` dict; unknown keys go to ``extra``.
 
+        ``overrides`` replace entries of ``data``; they must be field names (or ``num_labels``, as in
+        transformers), since a misspelt keyword would otherwise land silently in ``extra``.
+
         Raises:
-            ValueError: if ``model_type`` is present and is not ``"diffllama"``, or any field is invalid.
+            ValueError: if ``model_type`` is present and is not ``"diffllama"``, an override is not a field, or any
+                field is invalid.
         """
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(overrides) - names - {"num_labels"})
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}: keyword arguments must be DiffLlamaConfig fields "
+                             f"(e.g. attn_implementation, rope_theta, pad_token_id) or num_labels")
         data = {**data, **overrides}
         model_type = data.pop("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(f"config model_type must be {MODEL_TYPE!r}, got {model_type!r}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in names and k != "extra"}}
         if "num_labels" in extra and known.get("id2label") is None:
