@@ -190,6 +190,11 @@ def test_failed_save_into_new_directory_removes_it(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_state_dict(make_state_dict(), tmp_path / "new", max_shard_size=600)
     assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    monkeypatch.setattr(checkpoint, "save_file", FailOnSecondSave(checkpoint.save_file.real))
+    with pytest.raises(OSError):  # parent folders the call created go too; those that existed stay
+        save_state_dict(make_state_dict(), tmp_path / "old" / "a" / "b", max_shard_size=600)
+    assert list(tmp_path.iterdir()) == [tmp_path / "old"] and not any((tmp_path / "old").iterdir())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -200,7 +200,7 @@ def save_state_dict(
     are they moved in with ``os.replace``: the old index is removed, the new weights moved in, then the new index,
     then weight files of the old checkpoint that the new one does not overwrite are removed, and ``extra_files``
     are moved in last. An exception before that step leaves ``directory`` as it was (a directory created by this
-    call is removed again) and no staging folder behind. During the moves a reader sees the old single-file
+    call is removed again, with any parent folders it created) and no staging folder behind. During the moves a reader sees the old single-file
     checkpoint, the new one, or no index with shards it cannot load, never a mix.
 
     Args:
@@ -227,7 +227,8 @@ def save_state_dict(
     shards = _plan_shards(tensors, shard_limit)
 
     directory = Path(directory)
-    created = not directory.exists()
+    # The outermost folder this call creates (None if the directory exists): removed again on failure.
+    created = next((p for p in reversed([directory, *directory.parents]) if not p.exists()), None)
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
     try:
@@ -240,8 +241,8 @@ def save_state_dict(
             (staging / name).write_text(text)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if created:
-            shutil.rmtree(directory, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
     # Every file is complete: swap them in.
