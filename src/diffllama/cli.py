@@ -145,7 +145,8 @@ def generate(
     attn: str = typer.Option("auto", "--attn", help="Attention backend: eager, sdpa, flash, auto (flash on a CUDA "
                              "GPU with Triton, else sdpa)."),
     compile: bool = typer.Option(False, "--compile", help="Static KV cache + torch.compile'd decode step "
-                                 "(CUDA graphs on GPU); the first prompt pays the compilation."),
+                                 "(CUDA graphs on GPU); the first prompt pays the compilation (tens of seconds), "
+                                 "so it pays off on a GPU for long outputs, rarely on a CPU."),
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Prompt loop on stdin; empty line or EOF ends."),
     prompts_file: str = typer.Option(None, "--prompts-file", "-f",
                                      help="One prompt per line ('-' = stdin), generated in left-padded batches."),
