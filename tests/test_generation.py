@@ -9,6 +9,7 @@ import diffllama
 from conftest import hf_model, padded_batch, tiny_config
 from diffllama.generation import (
     apply_repetition_penalty,
+    check_eos_token_id,
     filter_logits,
     next_tokens,
     pad_batch,
@@ -144,6 +145,29 @@ def test_sampling_stays_in_support_and_follows_probabilities():
     assert (cold == 1).float().mean() > 0.99
 
 
+def test_tiny_temperature_acts_as_greedy():
+    logits = torch.tensor([[100.0, 99.0, -50.0, 99.5], [-3.0, -1.0, -1.5, -80.0]])
+    greedy = next_tokens(logits)
+    gen = torch.Generator().manual_seed(0)
+    for temperature in (1e-45, 1e-46, 1e-300, 1e-30):  # 1e-46 rounds to 0 in float32; the old code overflowed
+        for _ in range(20):
+            assert torch.equal(next_tokens(logits, do_sample=True, temperature=temperature, generator=gen), greedy)
+    # the repetition penalty still sees the raw logits (its sign rule), top-k/top-p the shifted and scaled ones
+    seen = torch.tensor([[True, False, False, False], [False, True, False, False]])
+    penalised = next_tokens(logits, repetition_penalty=2.0, seen=seen)
+    assert penalised.tolist() == [3, 2]
+    tiny = dict(do_sample=True, temperature=1e-45, repetition_penalty=2.0, seen=seen, generator=gen)
+    assert torch.equal(next_tokens(logits, top_k=2, top_p=0.5, **tiny), penalised)
+    torch.manual_seed(0)
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(initializer_range=0.15)).eval()
+    ids, mask = padded_batch(96, "left", seq=6)
+    expected = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
+    for seed in (0, 1):
+        got = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[], do_sample=True, temperature=1e-45,
+                             seed=seed)
+        assert torch.equal(got, expected)
+
+
 def test_seeded_sampling_is_reproducible():
     torch.manual_seed(0)
     model = diffllama.DiffLlamaForCausalLM(tiny_config(initializer_range=0.15)).eval()
@@ -223,12 +247,82 @@ def test_pad_batch_and_positions():
     (dict(pad_token_id=-5), ValueError, r"pad_token_id must lie in \[0, vocab_size=96\)"),
     (dict(pad_token_id=96), ValueError, r"pad_token_id must lie in \[0, vocab_size=96\)"),
     (dict(do_sample=True, seed="a"), TypeError, "seed must be None or an int, got 'a'"),
+    (dict(eos_token_id="12"), TypeError, "eos_token_id must be None, an int, or a list, tuple or 0-d/1-D integer"),
+    (dict(eos_token_id="abc"), TypeError, "eos_token_id must be None, an int, or a list"),
+    (dict(eos_token_id=[1.7]), TypeError, r"eos_token_id must be None, an int, .* got \[1.7\]"),
+    (dict(eos_token_id=True), TypeError, "eos_token_id must be None, an int, .* got True"),
+    (dict(eos_token_id=[1, True]), TypeError, "eos_token_id must be None, an int"),
+    (dict(eos_token_id=2.0), TypeError, "eos_token_id must be None, an int"),
+    (dict(eos_token_id=torch.tensor([1.0])), TypeError, "eos_token_id must be .* got a torch.float32 tensor"),
+    (dict(eos_token_id=torch.ones(2, 2, dtype=torch.long)), ValueError, r"eos_token_id .* tensor of shape \(2, 2\)"),
+    (dict(eos_token_id=-5), ValueError, r"eos_token_id must hold ids in \[0, vocab_size=96\), got \[-5\]"),
+    (dict(eos_token_id=[3, 10**6]), ValueError, r"eos_token_id must hold ids in \[0, vocab_size=96\), got \[1000000\]"),
+    (dict(eos_token_id=torch.tensor(96)), ValueError, r"eos_token_id must hold ids in \[0, vocab_size=96\)"),
+    (dict(pad_token_id=True), TypeError, r"pad_token_id must be None or an int in \[0, vocab_size=96\), got True"),
+    (dict(pad_token_id=1.0), TypeError, r"pad_token_id must be None or an int in \[0, vocab_size=96\), got 1.0"),
+    (dict(pad_token_id="1"), TypeError, "pad_token_id must be None or an int"),
+    (dict(pad_token_id=torch.tensor(1)), TypeError, "pad_token_id must be None or an int"),
 ])
 def test_bad_arguments(kwargs, error, match):
     model = diffllama.DiffLlamaForCausalLM(tiny_config()).eval()
     kwargs = {"max_new_tokens": 3, **kwargs}
     with pytest.raises(error, match=match):
         model.generate(torch.ones(1, 3, dtype=torch.long), **kwargs)
+
+
+def test_special_id_forms_and_config_defaults(tmp_path):
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(eos_token_id=7, pad_token_id=3)).eval()
+    for eos in (5, [5], (5,), torch.tensor(5), torch.tensor([5]), torch.tensor([5], dtype=torch.int32)):
+        assert resolve_special_ids(model, eos) == ([5], 3)
+    assert resolve_special_ids(model, [5, 6], 4) == ([5, 6], 4)
+    assert resolve_special_ids(model, []) == ([], 3)
+    assert check_eos_token_id(None, 96) == []
+    ids = torch.tensor([[1, 2, 3]])
+    free = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    stop = int(free[0, 5])
+    expected = model.generate(ids, max_new_tokens=6, eos_token_id=stop)
+    assert expected.shape[1] <= 6  # stopped at the stop id
+    for eos in ([stop], (stop,), torch.tensor(stop), torch.tensor([stop, 95])):
+        assert torch.equal(model.generate(ids, max_new_tokens=6, eos_token_id=eos), expected)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [5, 6]}')  # a list in a checkpoint: fine
+    model.generation_config = read_generation_config(tmp_path)
+    assert resolve_special_ids(model) == ([5, 6], 3)
+    model.generation_config = {"eos_token_id": "5"}  # the configs' values are checked too, naming their source
+    with pytest.raises(TypeError, match=r"eos_token_id \(from model.generation_config\) must be None, an int"):
+        model.generate(ids, max_new_tokens=2)
+    model.generation_config = {}
+    model.config.eos_token_id = 96
+    with pytest.raises(ValueError, match=r"eos_token_id \(from model.config\) must hold ids in \[0, vocab_size=96\)"):
+        model.generate(ids, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("ids, kwargs, error, match", [
+    (torch.ones(1, 3, dtype=torch.long) + 1000, {}, ValueError, "input_ids must lie in"),
+    ([[1, 2]], {}, TypeError, "input_ids must be an integer tensor"),
+    (torch.ones(1, 3), {}, TypeError, "input_ids must be an integer tensor"),
+    (torch.ones(1, 3, dtype=torch.long), dict(attention_mask=torch.tensor([[1, 1, 0]])), ValueError, "left-padded"),
+    (torch.ones(1, 3, dtype=torch.long), dict(eos_token_id="12"), TypeError, "eos_token_id must be None, an int"),
+    (torch.ones(1, 3, dtype=torch.long), dict(pad_token_id=96), ValueError, "pad_token_id must lie in"),
+    (torch.ones(1, 3, dtype=torch.long), dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1"),
+    (torch.ones(1, 3, dtype=torch.long), dict(seed=1.5), TypeError, "seed must be None or an int"),
+    (torch.ones(1, 3, dtype=torch.long), dict(compile=True), ValueError, "compile=True needs static_cache=True"),
+])
+def test_checks_run_before_the_streamer_and_the_model(ids, kwargs, error, match):
+    model = diffllama.DiffLlamaForCausalLM(tiny_config()).eval()
+    forward_calls = []
+    model.register_forward_pre_hook(lambda *args: forward_calls.append(1))
+    recorder = Recorder()
+    with pytest.raises(error, match=match):
+        model.generate(ids, streamer=recorder, **kwargs)
+    assert recorder.calls == [] and forward_calls == []
+    with pytest.raises(error, match=match):  # stream_generate checks when called, not at its first step
+        stream_generate(model, ids, **kwargs)
+
+
+def test_stream_generate_checks_sync_every():
+    model = diffllama.DiffLlamaForCausalLM(tiny_config()).eval()
+    with pytest.raises(ValueError, match="sync_every must be an int >= 1, got 0"):
+        stream_generate(model, torch.ones(1, 3, dtype=torch.long), sync_every=0)
 
 
 def test_pad_is_checked_before_any_step_and_a_config_minus_one_falls_back():

@@ -85,28 +85,77 @@ def read_generation_config(directory: str | os.PathLike) -> dict:
     return data
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_eos_token_id(value, vocab_size: int, name: str = "eos_token_id") -> list[int]:
+    """``value`` as a list of EOS ids, checked: None (-> ``[]``), an int, or a list, tuple or 0-d/1-D integer tensor
+    of ints; every id in [0, vocab_size). ``[]`` means no stop ids.
+
+    Raises:
+        TypeError: any other type, including bool, float, str, a float or bool tensor, a list holding a non-int.
+        ValueError: a tensor of more than one dimension, or an id outside [0, vocab_size).
+    """
+    expected = "None, an int, or a list, tuple or 0-d/1-D integer tensor of ints"
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be {expected}, got a {value.dtype} tensor")
+        if value.dim() > 1:
+            raise ValueError(f"{name} must be {expected}, got a tensor of shape {tuple(value.shape)}")
+        ids = value.reshape(-1).tolist()
+    elif _is_int(value):
+        ids = [value]
+    elif isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
+        ids = list(value)
+    else:
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"{name} must hold ids in [0, vocab_size={vocab_size}), got {bad}")
+    return ids
+
+
 def resolve_special_ids(model, eos_token_id=None, pad_token_id=None) -> tuple[list[int], int]:
-    """EOS ids (a list, possibly empty) and the pad id for ``model``.
+    """EOS ids (a list, possibly empty) and the pad id for ``model``, checked against ``model.config.vocab_size``.
 
     Order of precedence: the arguments; ``model.generation_config`` (a dict, e.g. from
-    :func:`read_generation_config`, when the attribute exists); ``model.config``. ``eos_token_id=[]`` disables
-    stopping. The pad id falls back to the first EOS id, then 0 (it is only written after a row's EOS).
+    :func:`read_generation_config`, when the attribute exists); ``model.config``. ``eos_token_id``: None, an int,
+    or a list, tuple or 0-d/1-D integer tensor of ints, each in [0, vocab_size); ``[]`` disables stopping.
+    ``pad_token_id``: None or an int in [0, vocab_size). The pad id falls back to the first EOS id, then 0 (it is
+    only written after a row's EOS); a pad id from the configs outside [0, vocab_size) (e.g. -1, "no pad") falls
+    back the same way.
+
+    Raises:
+        TypeError: an id of the wrong type (bool, float, str, ...), naming the argument and where it came from.
+        ValueError: an EOS id, or a ``pad_token_id`` argument, outside [0, vocab_size).
     """
+    vocab = model.config.vocab_size
     gen = getattr(model, "generation_config", None) or {}
     if not isinstance(gen, dict):
         gen = gen.to_dict() if hasattr(gen, "to_dict") else vars(gen)
     config = getattr(model, "config", None)
 
-    def first(name, given):
+    def first(name, given):  # (value, name for errors)
         if given is not None:
-            return given
+            return given, name
         if gen.get(name) is not None:
-            return gen[name]
-        return getattr(config, name, None)
+            return gen[name], f"{name} (from model.generation_config)"
+        return getattr(config, name, None), f"{name} (from model.config)"
 
-    eos = first("eos_token_id", eos_token_id)
-    eos = [] if eos is None else [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
-    pad = first("pad_token_id", pad_token_id)
+    value, name = first("eos_token_id", eos_token_id)
+    eos = check_eos_token_id(value, vocab, name)
+    pad, name = first("pad_token_id", pad_token_id)
+    if pad is not None and not _is_int(pad):
+        raise TypeError(f"{name} must be None or an int in [0, vocab_size={vocab}), got {pad!r}")
+    if pad is not None and not 0 <= pad < vocab:  # written after a row's EOS and fed back to the model: it must embed
+        if pad_token_id is not None:
+            raise ValueError(f"pad_token_id must lie in [0, vocab_size={vocab}) (it follows a row's EOS and is fed "
+                             f"to the model), got {pad_token_id!r}")
+        pad = None  # a config's -1 ("no pad"): as when unset
     if pad is None:
         pad = eos[0] if eos else 0
     return eos, int(pad)
@@ -216,14 +265,18 @@ def next_tokens(logits: torch.Tensor, *, do_sample: bool = False, temperature: f
 
     Order as transformers' logits processors: repetition penalty (needs ``seen`` (B, V) bool), then (sampling
     only) temperature, top-k, top-p, and a draw from the softmax with ``generator``. Greedy: argmax (first index
-    on ties).
+    on ties). Sampling divides the logits minus their row max by ``temperature`` (> 0), so any tiny temperature is
+    safe and picks the argmax (a uniform draw among tied maxima).
     """
     logits = logits.float()
     if repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / temperature, top_k, top_p)
+    # Shifted so the row max is 0: the scaled logits are <= 0 (finite or -inf) and a tiny temperature cannot
+    # overflow them to inf (it then acts as greedy); below float32's smallest normal number it acts as that number.
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    logits = filter_logits(logits / max(temperature, torch.finfo(torch.float32).tiny), top_k, top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
@@ -386,13 +439,15 @@ def _make_cache_and_step(model, batch: int, total: int, static_cache: bool, comp
 def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                     max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                    eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                    eos_token_id: int | Sequence[int] | torch.Tensor | None = None, pad_token_id: int | None = None,
                     seed: int | None = None, static_cache: bool = False, compile: bool = False,
                     sync_every: int = 1) -> Iterator[torch.Tensor]:
-    """Yield the new tokens of each step, (B,) int64 on the model's device, until every row stopped.
+    """Return an iterator that yields the new tokens of each step, (B,) int64 on the model's device, until every row
+    stopped.
 
     Arguments as :func:`generate`. ``sync_every``: how often (in steps) the loop reads back whether every row has
-    stopped (each read waits for the GPU); with no EOS ids it never reads back.
+    stopped (each read waits for the GPU); with no EOS ids it never reads back. Every argument is checked, and the
+    cache allocated, when this is called, before the iterator runs the model.
 
     Raises:
         ValueError/TypeError: see :func:`generate`.
@@ -402,25 +457,31 @@ def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     device = model.device
     input_ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids
     mask = _check_inputs(input_ids, attention_mask, model.config.vocab_size)
-    input_ids = input_ids.long()
     eos, pad = resolve_special_ids(model, eos_token_id, pad_token_id)
-    vocab = model.config.vocab_size
-    if not 0 <= pad < vocab:  # written after a row's EOS and fed back to the model: it must embed
-        if pad_token_id is not None:
-            raise ValueError(f"pad_token_id must lie in [0, vocab_size={vocab}) (it follows a row's EOS and is fed "
-                             f"to the model), got {pad_token_id!r}")
-        pad = eos[0] if eos and 0 <= eos[0] < vocab else 0  # a config's -1 ("no pad"): as when unset
     if compile and not static_cache:
         raise ValueError("compile=True needs static_cache=True (the compiled step must see fixed shapes)")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"seed must be None or an int, got {seed!r}")
+    if not _is_int(sync_every) or sync_every < 1:
+        raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
+    b, s = input_ids.shape
+    cache, step, max_length = _make_cache_and_step(model, b, s + max_new_tokens, static_cache, compile)
+    return _steps(model, input_ids.long(), mask, cache, step, max_length, eos, pad, generator,
+                  max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                  top_p=top_p, repetition_penalty=repetition_penalty, static_cache=static_cache,
+                  sync_every=sync_every)
 
+
+@torch.inference_mode()
+def _steps(model, input_ids, mask, cache, step, max_length, eos, pad, generator, *, max_new_tokens, do_sample,
+           temperature, top_k, top_p, repetition_penalty, static_cache, sync_every) -> Iterator[torch.Tensor]:
+    """The generation loop of :func:`stream_generate`, on checked arguments."""
+    device = input_ids.device
     b, s = input_ids.shape
     has_padding = bool((mask == 0).any())
-    cache, step, max_length = _make_cache_and_step(model, b, s + max_new_tokens, static_cache, compile)
     positions = position_ids_from_mask(mask)
     if static_cache:  # one mask over every slot: real prompt tokens, then all new tokens
         full_mask = torch.ones(b, max_length, dtype=torch.long, device=device)
@@ -475,25 +536,34 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         do_sample: sample (True) or take the argmax (False, the default: greedy).
         temperature, top_k, top_p: sampling controls (temperature > 0, top_k >= 1, top_p in (0, 1]).
         repetition_penalty: CTRL penalty over prompt (non-padding) and generated tokens; 1.0 is off.
-        eos_token_id: an id or list of ids that end a row (kept in the output); None takes
-            ``model.generation_config`` then ``model.config``; ``[]`` never stops early.
-        pad_token_id: written after a row's EOS; None takes the config's, else the first EOS id.
+        eos_token_id: ids that end a row (kept in the output): an int, or a list, tuple or 0-d/1-D integer tensor
+            of ints, each in [0, vocab_size) (bool and float are refused); None takes ``model.generation_config``
+            then ``model.config`` (checked the same way); ``[]`` never stops early.
+        pad_token_id: written after a row's EOS: None or an int in [0, vocab_size); None takes the configs', else
+            the first EOS id.
         seed: seeds a private ``torch.Generator`` for reproducible sampling (None: the global RNG).
         streamer: an object with ``put(tokens)`` and ``end()`` (transformers' ``TextStreamer`` protocol): called
             with the prompt ids (B, S) first, then each step's tokens (B,) on the CPU, then ``end()``.
         static_cache: preallocate a StaticCache (needed for ``compile``). compile: compile the decode step
             (and capture it in a CUDA graph on CUDA); the first call pays the compilation.
 
+    Every check runs before the streamer is called or the model is run.
+
     Raises:
-        ValueError/TypeError: naming the argument: bad ids, shape or dtype of ``input_ids``/``attention_mask``
-        (right padding, all-padding rows, values out of the vocabulary), ``max_new_tokens`` <= 0, ``temperature``
-        <= 0 when sampling, ``top_k`` < 1, ``top_p`` outside (0, 1], ``repetition_penalty`` <= 0, ``compile``
-        without ``static_cache``, a ``streamer`` without ``put``.
+        TypeError: naming the argument: ``input_ids`` not an integer tensor, a float ``attention_mask``, a
+            non-int ``max_new_tokens``/``seed``/``pad_token_id``, an ``eos_token_id`` of another type than above,
+            a non-bool ``do_sample``, a non-number ``temperature``/``top_p``/``repetition_penalty``, a
+            ``streamer`` without ``put``.
+        ValueError: naming the argument: bad shape of ``input_ids``/``attention_mask`` (right padding, all-padding
+            rows), ids outside [0, vocab_size) in ``input_ids``, the EOS ids or ``pad_token_id``,
+            ``max_new_tokens`` <= 0, a NaN or infinite ``temperature``/``top_p``/``repetition_penalty``,
+            ``temperature`` <= 0 when sampling, ``top_k`` not an int >= 1, ``top_p`` outside (0, 1],
+            ``repetition_penalty`` <= 0, ``compile`` without ``static_cache``, a static cache too large for the
+            memory.
     """
     if streamer is not None and not callable(getattr(streamer, "put", None)):
         raise TypeError("streamer must have put(tokens) and end() methods")
-    check_sampling_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                        top_p=top_p, repetition_penalty=repetition_penalty)
+    # stream_generate checks every argument when called: before the streamer is called or the model run
     steps = stream_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                             temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
