@@ -120,3 +120,17 @@ def test_overrides_must_be_fields(tmp_path):
     config = DiffLlamaConfig.from_pretrained(tmp_path, attn_implementation="eager", num_labels=3, pad_token_id=5)
     assert config.attn_implementation == "eager" and len(config.id2label) == 3 and config.pad_token_id == 5
     assert config.extra == DiffLlamaConfig.from_pretrained(tmp_path).extra
+
+
+def test_num_labels_keyword_replaces_a_label_set_of_another_size(tmp_path):
+    DiffLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                    id2label={0: "neg", 1: "pos", 2: "mixed"}).save_pretrained(tmp_path)
+    five = DiffLlamaConfig.from_pretrained(tmp_path, num_labels=5)
+    assert five.id2label == {i: f"LABEL_{i}" for i in range(5)} and five.label2id == {f"LABEL_{i}": i for i in range(5)}
+    same = DiffLlamaConfig.from_pretrained(tmp_path, num_labels=3)  # same count: the checkpoint's names stay
+    assert same.id2label == {0: "neg", 1: "pos", 2: "mixed"} and same.label2id["mixed"] == 2
+    with pytest.raises(ValueError, match="num_labels=3 disagrees with the 2 entries of id2label"):
+        DiffLlamaConfig.from_pretrained(tmp_path, num_labels=3, id2label={0: "a", 1: "b"})
+    for bad in (0, -1, "3", 2.5, True):
+        with pytest.raises(ValueError, match="num_labels must be an int >= 1"):
+            DiffLlamaConfig.from_pretrained(tmp_path, num_labels=bad)

@@ -194,9 +194,17 @@ class DiffLlamaConfig:
             raise ValueError(f"config model_type must be {MODEL_TYPE!r}, got {model_type!r}")
         known = {k: v for k, v in data.items() if k in names}
         extra = {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in names and k != "extra"}}
-        if "num_labels" in extra and known.get("id2label") is None:
-            known["id2label"] = {i: f"LABEL_{i}" for i in range(int(extra["num_labels"]))}
-        extra.pop("num_labels", None)
+        num_labels = extra.pop("num_labels", None)
+        if num_labels is not None:
+            if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+                raise ValueError(f"num_labels must be an int >= 1, got {num_labels!r}")
+            labels = known.get("id2label")
+            if "id2label" in overrides and labels is not None and len(labels) != num_labels:
+                raise ValueError(f"num_labels={num_labels} disagrees with the {len(labels)} entries of id2label")
+            # A num_labels keyword replaces the checkpoint's labels when their count differs (as in transformers).
+            if labels is None or ("num_labels" in overrides and len(labels) != num_labels):
+                known["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
+                known["label2id"] = overrides.get("label2id")
         if "_attn_implementation" in extra:
             extra.pop("_attn_implementation")
         return cls(**known, extra=extra)
