@@ -195,6 +195,20 @@ def test_failed_save_into_new_directory_removes_it(tmp_path, monkeypatch):
     with pytest.raises(OSError):  # parent folders the call created go too; those that existed stay
         save_state_dict(make_state_dict(), tmp_path / "old" / "a" / "b", max_shard_size=600)
     assert list(tmp_path.iterdir()) == [tmp_path / "old"] and not any((tmp_path / "old").iterdir())
+    monkeypatch.setattr(checkpoint, "save_file", FailOnSecondSave(checkpoint.save_file.real))
+    with pytest.raises(OSError):  # a path through "..": what the call made is what it removes
+        save_state_dict(make_state_dict(), tmp_path / "new1" / ".." / "new2" / "sub", max_shard_size=600)
+    assert list(tmp_path.iterdir()) == [tmp_path / "old"]
+
+
+def test_failed_staging_folder_removes_created_parents(tmp_path, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(checkpoint.tempfile, "mkdtemp", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        save_state_dict(make_state_dict(), tmp_path / "p" / "q" / "r")
+    assert not any(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------------------------------------------

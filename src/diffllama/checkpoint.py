@@ -226,12 +226,13 @@ def save_state_dict(
     tensors = _prepare_tensors(state_dict)
     shards = _plan_shards(tensors, shard_limit)
 
-    directory = Path(directory)
-    # The outermost folder this call creates (None if the directory exists): removed again on failure.
+    # Normalised ("a/../b" is "b"), so that the outermost folder this call creates is the one removed on failure.
+    directory = Path(os.path.abspath(directory))
     created = next((p for p in reversed([directory, *directory.parents]) if not p.exists()), None)
-    directory.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+    staging = None
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
         weight_names, index_text = _name_shards(shards, tensors)
         for file_name, names in zip(weight_names, shards):
             save_file({n: tensors[n] for n in names}, staging / file_name, metadata={"format": "pt"})
@@ -240,7 +241,8 @@ def save_state_dict(
         for name, text in extra_files.items():
             (staging / name).write_text(text)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
