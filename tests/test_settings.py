@@ -29,10 +29,17 @@ def test_bad_values_name_the_variable_and_keep_the_default():
     assert errors == [
         "DIFFLLAMA_FLASH_DQ='foo': expected one of kernel, atomic",
         "DIFFLLAMA_FLASH_AUTOTUNE='maybe': expected one of 1, 0",
-        "DIFFLLAMA_GEMV='down,mlp': unknown site(s) mlp; expected a comma-separated subset of qkv, o, gate_up, "
+        "DIFFLLAMA_GEMV='down,mlp': unknown site(s) 'mlp'; expected a comma-separated subset of qkv, o, gate_up, "
         "down, lm_head, or none",
     ]
     assert values["DIFFLLAMA_FLASH_DQ"] == "kernel" and values["DIFFLLAMA_GEMV"] == {"qkv"}
+    # Contradictions, empty values and control characters are errors, each reported on one line.
+    for raw, problem in [("none,qkv", "none mixed with sites"), ("", "unknown site(s) ''"),
+                         ("qkv\nfoo", "unknown site(s) 'qkv\\nfoo'")]:
+        errors = settings.read({"DIFFLLAMA_GEMV": raw})[1]
+        assert len(errors) == 1 and problem in errors[0] and "\n" not in errors[0], errors
+    assert settings.read({"DIFFLLAMA_FLASH_BWD": " "})[1] == ["DIFFLLAMA_FLASH_BWD=' ': expected one of auto, "
+                                                             "fused, split"]
 
 
 def test_a_bad_setting_stops_model_construction_and_every_command(monkeypatch):

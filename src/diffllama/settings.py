@@ -41,18 +41,21 @@ def read(environ: Mapping[str, str]) -> tuple[dict[str, object], list[str]]:
     values: dict[str, object] = {}
     errors: list[str] = []
     for name, allowed in _CHOICES.items():
-        value = environ.get(name, allowed[0]).strip()
+        raw = environ.get(name, allowed[0])
+        value = raw.strip()
         if value not in allowed:
-            errors.append(f"{name}={value!r}: expected one of {', '.join(allowed)}")
+            errors.append(f"{name}={raw!r}: expected one of {', '.join(allowed)}")
             value = allowed[0]
         values[name] = value
     raw = environ.get("DIFFLLAMA_GEMV", "qkv")
-    sites = frozenset(s.strip() for s in raw.split(",") if s.strip()) - {"none"}
-    unknown = sorted(sites - set(GEMV_SITE_NAMES))
-    if unknown:
-        errors.append(f"DIFFLLAMA_GEMV={raw!r}: unknown site(s) {', '.join(unknown)}; expected a comma-separated "
-                      f"subset of {', '.join(GEMV_SITE_NAMES)}, or none")
-        sites = frozenset({"qkv"})
+    names = [s.strip() for s in raw.split(",")]
+    unknown = [n for n in names if n not in GEMV_SITE_NAMES and n != "none"]
+    if unknown or ("none" in names and len(names) > 1):
+        problem = f"unknown site(s) {', '.join(map(repr, unknown))}" if unknown else "none mixed with sites"
+        errors.append(f"DIFFLLAMA_GEMV={raw!r}: {problem}; expected a comma-separated subset of "
+                      f"{', '.join(GEMV_SITE_NAMES)}, or none")
+        names = ["qkv"]
+    sites = frozenset(names) - {"none"}
     values["DIFFLLAMA_GEMV"] = sites
     return values, errors
 
