@@ -244,6 +244,7 @@ def test_pad_batch_and_positions():
     (dict(repetition_penalty=float("inf")), ValueError, "repetition_penalty must be a finite number, got inf"),
     (dict(compile=True), ValueError, "compile=True needs static_cache=True"),
     (dict(streamer=object()), TypeError, "streamer must have put"),
+    (dict(streamer=type("PutOnly", (), {"put": lambda self, tokens: None})()), TypeError, "put\\(tokens\\) and end\\(\\)"),
     (dict(pad_token_id=-5), ValueError, r"pad_token_id must lie in \[0, vocab_size=96\)"),
     (dict(pad_token_id=96), ValueError, r"pad_token_id must lie in \[0, vocab_size=96\)"),
     (dict(do_sample=True, seed="a"), TypeError, "seed must be None or an int, got 'a'"),
@@ -355,6 +356,8 @@ def test_bad_inputs():
         model.generate(ids[0], max_new_tokens=2)
     with pytest.raises(TypeError, match="bool or integer \\(0/1\\) tensor, got torch.float32"):  # as forward
         model.generate(ids, torch.full((2, 4), 0.5), max_new_tokens=2)
+    with pytest.raises(TypeError, match="attention_mask must be None or a torch.Tensor, got list"):
+        model.generate(ids, [[1, 1, 1, 1]] * 2, max_new_tokens=2)
 
 
 @pytest.mark.slow

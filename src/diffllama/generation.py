@@ -202,9 +202,11 @@ def _check_inputs(input_ids, attention_mask, vocab_size: int) -> torch.Tensor:
         raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got values in [{low}, {high}]")
     if attention_mask is None:
         return torch.ones_like(input_ids, dtype=torch.long)
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be None or a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, got "
-                         f"{tuple(getattr(attention_mask, 'shape', ()))}")
+                         f"{tuple(attention_mask.shape)}")
     if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:  # as the model's forward
         raise TypeError(f"attention_mask must be a bool or integer (0/1) tensor, got {attention_mask.dtype}")
     mask = attention_mask.to(device=input_ids.device).long()
@@ -561,7 +563,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             ``repetition_penalty`` <= 0, ``compile`` without ``static_cache``, a static cache too large for the
             memory.
     """
-    if streamer is not None and not callable(getattr(streamer, "put", None)):
+    if streamer is not None and not (callable(getattr(streamer, "put", None))
+                                     and callable(getattr(streamer, "end", None))):
         raise TypeError("streamer must have put(tokens) and end() methods")
     # stream_generate checks every argument when called: before the streamer is called or the model run
     steps = stream_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
