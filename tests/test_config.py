@@ -134,3 +134,15 @@ def test_num_labels_keyword_replaces_a_label_set_of_another_size(tmp_path):
     for bad in (0, -1, "3", 2.5, True):
         with pytest.raises(ValueError, match="num_labels must be an int >= 1"):
             DiffLlamaConfig.from_pretrained(tmp_path, num_labels=bad)
+
+
+def test_failed_config_save_removes_the_folders_it_created(tmp_path, monkeypatch):
+    from diffllama import config as config_module
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(config_module, "atomic_write_text", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        DiffLlamaConfig().save_pretrained(tmp_path / "cfg" / "x" / "y")
+    assert not any(tmp_path.iterdir())

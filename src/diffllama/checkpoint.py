@@ -24,6 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from diffllama.config import new_folder
+
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{index:05d}-of-{total:05d}.safetensors"
@@ -226,25 +228,20 @@ def save_state_dict(
     tensors = _prepare_tensors(state_dict)
     shards = _plan_shards(tensors, shard_limit)
 
-    # Normalised ("a/../b" is "b"), so that the outermost folder this call creates is the one removed on failure.
-    directory = Path(os.path.abspath(directory))
-    created = next((p for p in reversed([directory, *directory.parents]) if not p.exists()), None)
     staging = None
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
-        weight_names, index_text = _name_shards(shards, tensors)
-        for file_name, names in zip(weight_names, shards):
-            save_file({n: tensors[n] for n in names}, staging / file_name, metadata={"format": "pt"})
-        if index_text is not None:
-            (staging / SAFE_WEIGHTS_INDEX_NAME).write_text(index_text)
-        for name, text in extra_files.items():
-            (staging / name).write_text(text)
+        with new_folder(directory) as directory:  # a failure removes the folders it created
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory))
+            weight_names, index_text = _name_shards(shards, tensors)
+            for file_name, names in zip(weight_names, shards):
+                save_file({n: tensors[n] for n in names}, staging / file_name, metadata={"format": "pt"})
+            if index_text is not None:
+                (staging / SAFE_WEIGHTS_INDEX_NAME).write_text(index_text)
+            for name, text in extra_files.items():
+                (staging / name).write_text(text)
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
         raise
 
     # Every file is complete: swap them in.

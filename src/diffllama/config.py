@@ -9,11 +9,14 @@ written back unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,10 +247,27 @@ class DiffLlamaConfig:
         return cls.from_dict(data, **overrides)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` into ``directory`` atomically (temp file, then rename). Returns the file path."""
-        directory = Path(directory)
+        """Write ``config.json`` into ``directory`` atomically (temp file, then rename). Returns the file path.
+
+        On failure the folders this call created are removed again (:func:`new_folder`)."""
+        with new_folder(directory) as folder:
+            return atomic_write_text(folder / "config.json",
+                                     json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def new_folder(directory: str | os.PathLike) -> Iterator[Path]:
+    """Create ``directory`` (and missing parents) and yield it, normalised ("a/../b" is "b"); if the body (or the
+    creation) fails, remove the outermost folder this call created, so a failed write leaves no new folders."""
+    directory = Path(os.path.abspath(directory))
+    created = next((p for p in reversed([directory, *directory.parents]) if not p.exists()), None)
+    try:
         directory.mkdir(parents=True, exist_ok=True)
-        return atomic_write_text(directory / "config.json", json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        yield directory
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
