@@ -77,9 +77,10 @@ def _check_attn(attn, device) -> None:
     if attn not in ATTN_IMPLEMENTATIONS:
         raise _GenerateError(f"--attn must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn!r}", 2)
     if attn == "flash":
+        from diffllama import settings
         from diffllama.attention import flash
 
-        if device.type != "cuda" and not flash._interpreting():
+        if device.type != "cuda" and not settings.triton_interpreting():
             raise _GenerateError(f"--attn flash needs a CUDA GPU, but generation runs on {device}: use --attn sdpa "
                                  f"(or auto), or --device cuda on a machine with a GPU")
         if flash.triton is None:

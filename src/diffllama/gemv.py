@@ -18,8 +18,6 @@ summation order.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,10 +32,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 # The products that use the kernel (``DIFFLLAMA_GEMV``, see :mod:`diffllama.settings`).
 SITES: frozenset[str] = settings.VALUES["DIFFLLAMA_GEMV"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 if triton is not None:
@@ -92,7 +86,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"gemv: x and weight must share one of bf16, fp16, float32, got {x.dtype} and {weight.dtype}")
     n, k = weight.shape
     y = torch.empty(n, dtype=x.dtype, device=x.device)
-    if _interpreting():
+    if settings.triton_interpreting():
         _gemv_kernel[(triton.cdiv(n, 4),)](x, weight, y, n, k, weight.stride(0), BLOCK_N=4, BLOCK_K=32,
                                            EVEN_K=k % 32 == 0)
     else:
@@ -120,7 +114,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sit
     Returns:
         (..., N) in x's dtype.
     """
-    if (site in SITES and triton is not None and (x.is_cuda or _interpreting()) and x.numel() == x.shape[-1]
+    if (site in SITES and triton is not None and (x.is_cuda or settings.triton_interpreting()) and x.numel() == x.shape[-1]
             and weight.dim() == 2 and weight.shape[1] == x.shape[-1] and weight.stride(1) == 1
             and weight.device == x.device and x.dtype == weight.dtype
             and (bias is None or (bias.dtype == x.dtype and bias.shape == weight.shape[:1]))

@@ -63,6 +63,12 @@ def read(environ: Mapping[str, str]) -> tuple[dict[str, object], list[str]]:
 VALUES, ERRORS = read(os.environ)
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET=1``): kernels then run on CPU tensors, for
+    development and tests. Read live, not at import, since tests switch it."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def check() -> None:
     """Raise when an environment variable above had a bad value at import.
 

@@ -24,8 +24,6 @@ Untested here: head_dim other than 32/64/96/128/256; tensors over 2^31 elements 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from diffllama import settings
@@ -48,10 +46,6 @@ DQ_MODE = settings.VALUES["DIFFLLAMA_FLASH_DQ"]
 # How the dK/dV' work is launched: "fused" (one kernel, four accumulators per program), "split" (one kernel for
 # dK (+ dQ atomics), one for dV': two accumulators each, P computed twice), "auto" (by head_dim, see _bwd_split).
 BWD_MODE = settings.VALUES["DIFFLLAMA_FLASH_BWD"]
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -100,7 +94,7 @@ def _launch(kind: str, kernel, grid, dp: int, *args, **kwargs) -> None:
     head_dim, padding and sequence-length bucket), or only the first candidate when the environment sets
     ``DIFFLLAMA_FLASH_AUTOTUNE=0``; a fixed small config under the interpreter. Every candidate's gradients were
     checked on the H200 by benchmarks/tune_flash_bwd.py."""
-    if _interpreting():
+    if settings.triton_interpreting():
         meta = {"BLOCK_M": 16, "BLOCK_N": 16}
         kernel[grid(meta)](*args, **kwargs, **meta)
         return
@@ -164,7 +158,7 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     r = _empty((b, h, sq), torch.float32, q.device)
-    block = 64 if not _interpreting() else 16
+    block = 64 if not settings.triton_interpreting() else 16
     kernels.attn_bwd_pre[(triton.cdiv(sq, block), b * h // 2)](
         out, o2, dout, r, lam, *_strides(out), *_strides(dout), h, sq, HEAD_DIM=d, DP=dp, BLOCK_M=block)
     dq = _empty((b, h, sq, d), q.dtype, q.device)
@@ -289,7 +283,7 @@ def attention(
         dtype = torch.get_autocast_dtype("cuda")
         query, key, value = (t.to(dtype) for t in (query, key, value))
     _check(query, key, value, mask)
-    if query.device.type != "cuda" and not _interpreting():
+    if query.device.type != "cuda" and not settings.triton_interpreting():
         raise RuntimeError(f"attn_implementation='flash' needs a CUDA GPU (got {query.device.type} tensors); "
                            "use 'sdpa' or 'auto'")
     if triton is None:

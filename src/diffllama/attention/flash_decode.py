@@ -23,7 +23,8 @@ import torch
 import triton
 
 from diffllama.attention import flash_kernels as kernels
-from diffllama.attention.flash import LOG2E, _empty, _interpreting
+from diffllama.attention.flash import LOG2E, _empty
+from diffllama.settings import triton_interpreting
 
 
 def split_plan(b: int, h: int, sq: int, sk: int, dp: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -33,9 +34,9 @@ def split_plan(b: int, h: int, sq: int, sk: int, dp: int, device: torch.device) 
     on shapes and the device only, so the fake implementation gets the same output shapes as the real one.
     """
     block_m = 16
-    block_n = 16 if _interpreting() else (64 if dp <= 128 else 32)
+    block_n = 16 if triton_interpreting() else (64 if dp <= 128 else 32)
     programs = b * h * triton.cdiv(sq, block_m)
-    sms = 1 if _interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
+    sms = 1 if triton_interpreting() else torch.cuda.get_device_properties(device).multi_processor_count
     splits = max(1, min(triton.cdiv(sk, block_n), triton.cdiv(2 * sms, programs), 128))
     chunk = triton.cdiv(triton.cdiv(sk, splits), block_n) * block_n
     return triton.cdiv(sk, chunk), chunk, block_m, block_n

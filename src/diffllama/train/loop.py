@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffllama import settings
 from diffllama.config import DiffLlamaConfig
 from diffllama.modeling import DiffLlamaForCausalLM
 from diffllama.train import checkpoint as ckpt
@@ -140,9 +141,7 @@ class Trainer:
         self.device = self.info.device
         attn = (cfg.model or {}).get("attn_implementation")
         if attn == "flash" and self.device.type != "cuda":  # before any data work: the first step would fail
-            from diffllama.attention import flash
-
-            if not flash._interpreting():
+            if not settings.triton_interpreting():
                 raise ValueError(f"attn_implementation 'flash' needs a CUDA GPU, but this run is on {self.device}: "
                                  f"use --attn-implementation sdpa (or auto), or --device cuda")
         if cfg.num_threads:
