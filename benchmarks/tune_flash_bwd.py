@@ -61,11 +61,34 @@ def time_backward(d: int, s: int) -> float:
                                    warmup=50, rep=200)
 
 
+def compare_forms(dims: list[int], seqs: list[int]) -> None:
+    """Every backward form (dK/dV' launch x dQ mode x TMA on/off), each autotuned: gradient check, then time."""
+    print(f"{'d':>4} {'launch':>6} {'dq':>7} {'tma':>4} {'max err':>8} "
+          + " ".join(f"{'bwd ms S=' + str(s):>14}" for s in seqs), flush=True)
+    for d in dims:
+        for mode in ("split", "fused"):
+            for dq_mode in ("kernel", "atomic"):
+                for tma in (False, True):
+                    flash.BWD_MODE, flash.DQ_MODE, flash.TMA = mode, dq_mode, tma
+                    try:
+                        err = max(check(d))
+                        times = [time_backward(d, s) for s in seqs] if err < 2e-2 else []
+                        cols = " ".join(f"{t:14.3f}" for t in times) or "  (failed check: not timed)"
+                    except Exception as error:  # noqa: BLE001 - report and go on
+                        err, cols = float("nan"), f"  error: {type(error).__name__}: {str(error)[:200]}"
+                    print(f"{d:>4} {mode:>6} {dq_mode:>7} {str(tma):>4} {err:8.1e} {cols}", flush=True)
+                    torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", default="128,64")
     parser.add_argument("--seqs", default="8192,4096")
+    parser.add_argument("--forms", action="store_true", help="compare the autotuned backward forms instead")
     args = parser.parse_args()
+    if args.forms:
+        compare_forms([int(x) for x in args.dims.split(",")], [int(x) for x in args.seqs.split(",")])
+        return
     os.environ["DIFFLLAMA_FLASH_AUTOTUNE"] = "0"  # each trial below must run the one candidate it sets
     seqs = [int(x) for x in args.seqs.split(",")]
     base_configs = flash._configs
