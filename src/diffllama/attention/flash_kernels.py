@@ -401,13 +401,13 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, DQACC, LAM,
         dq2_base = DQACC + (b * H + h2) * Sq * DP
         descs = (None, None, None, None, None)
         if TMA:
-            rows = (_rows_desc(q1_base, Sq, HEAD_DIM, stride_qm, BLOCK_M, DP),
-                    _rows_desc(q2_base, Sq, HEAD_DIM, stride_qm, BLOCK_M, DP),
-                    _rows_desc(do_base, Sq, 2 * HEAD_DIM, stride_dm, BLOCK_M, DP))
-            descs = rows + (None, None)
+            q1_desc = _rows_desc(q1_base, Sq, HEAD_DIM, stride_qm, BLOCK_M, DP)
+            q2_desc = _rows_desc(q2_base, Sq, HEAD_DIM, stride_qm, BLOCK_M, DP)
+            do_desc = _rows_desc(do_base, Sq, 2 * HEAD_DIM, stride_dm, BLOCK_M, DP)
+            descs = (q1_desc, q2_desc, do_desc, None, None)
             if DQ_ATOMIC:
-                descs = rows + (_rows_desc(dq1_base, Sq, DP, DP, BLOCK_M, DP),
-                                _rows_desc(dq2_base, Sq, DP, DP, BLOCK_M, DP))
+                descs = (q1_desc, q2_desc, do_desc, _rows_desc(dq1_base, Sq, DP, DP, BLOCK_M, DP),
+                         _rows_desc(dq2_base, Sq, DP, DP, BLOCK_M, DP))
         dka, dkb, dva, dvb = _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, descs, q1_base, q2_base, do_base,
                                         lse1_base, lse2_base, r1_base, r2_base, dq1_base, dq2_base, QPOS, offs_n,
                                         col_keep, offs_d, stride_qm, stride_dm, lo, mid, Sq,
