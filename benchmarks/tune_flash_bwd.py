@@ -9,8 +9,11 @@ For each head_dim, each backward form (``fused``: dK and dV' in one launch; ``sp
 Per form, one configuration varies while the other kernels keep their first candidate. The fastest passing
 configurations go first in ``_configs``; the table printed here is recorded in RESULTS.md.
 
+With ``--forms`` it instead runs each whole form autotuned (dK/dV' in one or two launches x dQ by its own kernel
+or by atomics): the same gradient check, then the backward time.
+
 Run on the device machine from the repo root:
-    PYTHONPATH=src python benchmarks/tune_flash_bwd.py [--dims 128,64] [--seqs 8192,4096]
+    PYTHONPATH=src python benchmarks/tune_flash_bwd.py [--dims 128,64] [--seqs 8192,4096] [--forms]
 """
 
 from __future__ import annotations
@@ -62,22 +65,21 @@ def time_backward(d: int, s: int) -> float:
 
 
 def compare_forms(dims: list[int], seqs: list[int]) -> None:
-    """Every backward form (dK/dV' launch x dQ mode x TMA on/off), each autotuned: gradient check, then time."""
-    print(f"{'d':>4} {'launch':>6} {'dq':>7} {'tma':>4} {'max err':>8} "
-          + " ".join(f"{'bwd ms S=' + str(s):>14}" for s in seqs), flush=True)
+    """Every backward form (dK/dV' launch x dQ mode), each autotuned: gradient check, then time."""
+    print(f"{'d':>4} {'launch':>6} {'dq':>7} {'max err':>8} " + " ".join(f"{'bwd ms S=' + str(s):>14}" for s in seqs),
+          flush=True)
     for d in dims:
         for mode in ("split", "fused"):
             for dq_mode in ("kernel", "atomic"):
-                for tma in (False, True):
-                    flash.BWD_MODE, flash.DQ_MODE, flash.TMA = mode, dq_mode, tma
-                    try:
-                        err = max(check(d))
-                        times = [time_backward(d, s) for s in seqs] if err < 2e-2 else []
-                        cols = " ".join(f"{t:14.3f}" for t in times) or "  (failed check: not timed)"
-                    except Exception as error:  # noqa: BLE001 - report and go on
-                        err, cols = float("nan"), f"  error: {type(error).__name__}: {str(error)[:200]}"
-                    print(f"{d:>4} {mode:>6} {dq_mode:>7} {str(tma):>4} {err:8.1e} {cols}", flush=True)
-                    torch.cuda.empty_cache()
+                flash.BWD_MODE, flash.DQ_MODE = mode, dq_mode
+                try:
+                    err = max(check(d))
+                    times = [time_backward(d, s) for s in seqs] if err < 2e-2 else []
+                    cols = " ".join(f"{t:14.3f}" for t in times) or "  (failed check: not timed)"
+                except Exception as error:  # noqa: BLE001 - report and go on
+                    err, cols = float("nan"), f"  error: {type(error).__name__}: {str(error)[:200]}"
+                print(f"{d:>4} {mode:>6} {dq_mode:>7} {err:8.1e} {cols}", flush=True)
+                torch.cuda.empty_cache()
 
 
 def main() -> None:

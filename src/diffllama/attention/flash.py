@@ -48,26 +48,6 @@ DQ_MODE = settings.VALUES["DIFFLLAMA_FLASH_DQ"]
 BWD_MODE = settings.VALUES["DIFFLLAMA_FLASH_BWD"]
 
 
-# Whether the dK/dV' kernel may read Q/dO rows and add dQ through TMA tensor descriptors on Hopper and later
-# (see _use_tma for the other conditions).
-TMA = True
-
-
-def _use_tma(q: torch.Tensor, dout: torch.Tensor, d: int, dp: int) -> bool:
-    """TMA needs compute capability >= 9.0, an unpadded head_dim, and 16-byte aligned bases and row strides."""
-    if not TMA or settings.triton_interpreting() or dp != d or not q.is_cuda:
-        return False
-    if torch.cuda.get_device_capability(q.device)[0] < 9:
-        return False
-    size = q.element_size()
-    return all(t.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in t.stride()[:-1]) for t in (q, dout))
-
-
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the tensor descriptors that kernels build on the device (``triton.set_allocator``)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
 def _empty(shape, dtype, device) -> torch.Tensor:
     if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
@@ -127,8 +107,8 @@ def _launch(kind: str, kernel, grid, dp: int, *args, **kwargs) -> None:
         if key not in _TUNED:
             # The dK launch adds dQ into DQACC: the autotuner must zero it before each trial (and the real run).
             accumulates = kind in ("dkdv", "dk")
-            flags = ["TMA"] * (kind in ("dkdv", "dk", "dv")) + ["DQ_ATOMIC"] * accumulates
-            _TUNED[key] = triton.autotune(_configs(kind, dp), key=["HEAD_DIM", "HAS_PAD", "SEQ_BUCKET"] + flags,
+            _TUNED[key] = triton.autotune(_configs(kind, dp),
+                                          key=["HEAD_DIM", "HAS_PAD", "SEQ_BUCKET"] + ["DQ_ATOMIC"] * accumulates,
                                           reset_to_zero=["DQACC"] if accumulates else None)(kernel)
         compiled = _TUNED[key][grid](*args, **kwargs)
         best = _TUNED[key].best_config
@@ -192,17 +172,11 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
     dq_acc = torch.zeros((b, h, sq, dp) if atomic else (1,), dtype=torch.float32, device=q.device)
     args = (q, k, v, dout, lse, r, qpos, pad_t, dk, dv, dq_acc, lam, *common)
     grid = lambda m: (triton.cdiv(sk, m["BLOCK_N"]), b * kv // 2)  # noqa: E731
-    tma = _use_tma(q, dout, d, dp)
-    if tma:
-        triton.set_allocator(_scratch)
     if split:
-        _launch("dk", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=False, TMA=tma,
-                **meta)
-        _launch("dv", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=False, DO_DK=False, DO_DV=True, TMA=tma,
-                **meta)
+        _launch("dk", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=False, **meta)
+        _launch("dv", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=False, DO_DK=False, DO_DV=True, **meta)
     else:
-        _launch("dkdv", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=True, TMA=tma,
-                **meta)
+        _launch("dkdv", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=True, **meta)
     if atomic:
         dq.copy_(dq_acc[..., :d].mul_(scale))
     else:

@@ -180,7 +180,7 @@ def attn_fwd(Q, K, V, Out, O2, LSE, QPOS, PAD, LAM,
 def attn_fwd_split(Q, K, V, OPART, LPART, QPOS, PAD,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
                    stride_vn, stride_pb,
-                   H, KV_HALF, GROUP, Sq, Sk, chunk, qk_scale,
+                   B, H, KV_HALF, GROUP, Sq, Sk, chunk, qk_scale,
                    HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Decode path: one program per (key chunk, batch · head, query block) writes its chunk's normalised
@@ -264,57 +264,23 @@ def _pair_probs_t(ka, kb, q1, q2, lse1, lse2, qk_scale):
 
 
 @triton.jit
-def _rows_desc(base, nrows, ncols, stride_r, BLOCK_M: tl.constexpr, DP: tl.constexpr):
-    """Tensor descriptor over a (nrows, ncols) row-major matrix at ``base``, read or updated in (BLOCK_M, DP)
-    blocks; out-of-range elements read as 0 and are not written."""
-    return tl.make_tensor_descriptor(base, shape=[nrows, ncols], strides=[stride_r, 1], block_shape=[BLOCK_M, DP])
-
-
-@triton.jit
-def _pair_rows(descs, q1_base, q2_base, do_base, start_m, offs_m, stride_qm, stride_dm, offs_d, Sq,
-               HEAD_DIM: tl.constexpr, DP: tl.constexpr, TMA: tl.constexpr):
-    """Rows [start_m, start_m + BLOCK_M) of q1, q2 and both halves of dO, (BLOCK_M, DP) each, zeros past Sq:
-    by TMA (tensor descriptors, which also do the bounds) or by masked pointer loads."""
-    if TMA:
-        q1 = descs[0].load([start_m, 0])
-        q2 = descs[1].load([start_m, 0])
-        doa = descs[2].load([start_m, 0])
-        dob = descs[2].load([start_m, HEAD_DIM])
-    else:
-        q1 = _load_tile(q1_base, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
-        q2 = _load_tile(q2_base, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
-        doa = _load_tile(do_base, offs_m, stride_dm, offs_d, Sq, HEAD_DIM, DP, True)
-        dob = _load_tile(do_base + HEAD_DIM, offs_m, stride_dm, offs_d, Sq, HEAD_DIM, DP, True)
-    return q1, q2, doa, dob
-
-
-@triton.jit
-def _add_dq(dq_desc, dq_base, start_m, offs_m, row_ok, offs_d, value, DP: tl.constexpr, TMA: tl.constexpr):
-    """Add a (BLOCK_M, DP) float32 dQ tile into rows [start_m, start_m + BLOCK_M) of one head's accumulator: one
-    TMA reduce-add (as FlashAttention-3 does), or relaxed per-element atomics."""
-    if TMA:
-        dq_desc.atomic_add([start_m, 0], value)
-    else:
-        tl.atomic_add(dq_base + offs_m[:, None] * DP + offs_d[None, :], value, mask=row_ok[:, None], sem="relaxed")
-
-
-@triton.jit
-def _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, descs, q1_base, q2_base, do_base, lse1_base, lse2_base,
-               r1_base, r2_base, dq1_base, dq2_base, QPOS, offs_n, col_keep, offs_d, stride_qm, stride_dm, lo, hi, Sq,
+def _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base, lse1_base, lse2_base, r1_base,
+               r2_base, dq1_base, dq2_base, QPOS, offs_n, col_keep, offs_d, stride_qm, stride_dm, lo, hi, Sq,
                qk_scale, neg_lam,
                HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-               DO_DK: tl.constexpr, DO_DV: tl.constexpr, DQ_ATOMIC: tl.constexpr, TMA: tl.constexpr):
+               DO_DK: tl.constexpr, DO_DV: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """One head pair's contribution over query rows [lo, hi) to this key block's gradients. Both heads share dO
     and V', so ``dP = dO·V'ᵀ`` is computed once for the pair and ``dV' = (P1 − λ·P2)ᵀ·dO`` is one product: 10·d
     multiply-adds per (query, key) for the pair instead of 14·d for two separate heads.
     DO_DK: accumulate dK of both key heads (and, with DQ_ATOMIC, add c·dS·K into the float32 dQ buffers).
-    DO_DV: accumulate dV' = [dV_a, dV_b]. Scores are kept transposed (BN, BM) so the accumulators stay key-major.
-    TMA: rows and dQ additions through tensor descriptors (Hopper and later)."""
+    DO_DV: accumulate dV' = [dV_a, dV_b]. Scores are kept transposed (BN, BM) so the accumulators stay key-major."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Sq
-        q1, q2, doa, dob = _pair_rows(descs, q1_base, q2_base, do_base, start_m, offs_m, stride_qm, stride_dm,
-                                      offs_d, Sq, HEAD_DIM, DP, TMA)
+        q1 = _load_tile(q1_base, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
+        q2 = _load_tile(q2_base, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
+        doa = _load_tile(do_base, offs_m, stride_dm, offs_d, Sq, HEAD_DIM, DP, True)
+        dob = _load_tile(do_base + HEAD_DIM, offs_m, stride_dm, offs_d, Sq, HEAD_DIM, DP, True)
         lse1 = tl.load(lse1_base + offs_m, mask=row_ok, other=float("inf"))
         lse2 = tl.load(lse2_base + offs_m, mask=row_ok, other=float("inf"))
         p1, p2 = _pair_probs_t(ka, kb, q1, q2, lse1, lse2, qk_scale)
@@ -340,8 +306,9 @@ def _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, descs, q1_base, q2_base, do_b
             dka = tl.dot(ds1, q1, dka)
             dkb = tl.dot(ds2, q2, dkb)
             if DQ_ATOMIC:
-                _add_dq(descs[3], dq1_base, start_m, offs_m, row_ok, offs_d, tl.dot(tl.trans(ds1), ka), DP, TMA)
-                _add_dq(descs[4], dq2_base, start_m, offs_m, row_ok, offs_d, tl.dot(tl.trans(ds2), kb), DP, TMA)
+                dq_ptrs = offs_m[:, None] * DP + offs_d[None, :]
+                tl.atomic_add(dq1_base + dq_ptrs, tl.dot(tl.trans(ds1), ka), mask=row_ok[:, None], sem="relaxed")
+                tl.atomic_add(dq2_base + dq_ptrs, tl.dot(tl.trans(ds2), kb), mask=row_ok[:, None], sem="relaxed")
     return dka, dkb, dva, dvb
 
 
@@ -351,15 +318,13 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, DQACC, LAM,
                   stride_db, stride_dm, stride_dh, stride_pb,
                   H, KV_HALF, GROUP, Sq, Sk, qk_scale, scale, SEQ_BUCKET,
                   HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-                  DO_DK: tl.constexpr, DO_DV: tl.constexpr, TMA: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  DO_DK: tl.constexpr, DO_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (key block, batch · g), g < KV/2, owning key/value heads g and g + KV/2: the G head pairs
     that read them (pair i reads K[g] for head i, K[g + KV/2] for head i + H/2, and V' = [V[g], V[g + KV/2]]).
     DO_DK writes dK of both key heads, DO_DV dV of both value heads (one launch may do both, or two launches one
     each: fewer accumulators per program, at the cost of computing P twice). DK and DV have K's and V's shapes,
     contiguous. With DQ_ATOMIC (needs DO_DK), dQ/scale is accumulated too, into DQACC (B, H, Sq, DP) float32,
-    zeroed by the caller. TMA (needs HEAD_DIM == DP, 16-byte aligned Q and dO, and ``triton.set_allocator``): Q
-    and dO rows are read, and dQ added, through tensor descriptors."""
+    zeroed by the caller."""
     pid_n = tl.program_id(0)
     bg = tl.program_id(1)
     b = (bg // KV_HALF).to(tl.int64)
@@ -399,23 +364,14 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, DQACC, LAM,
         r2_base = R + (b * H + h2) * Sq
         dq1_base = DQACC + (b * H + h1) * Sq * DP
         dq2_base = DQACC + (b * H + h2) * Sq * DP
-        descs = (None, None, None, None, None)
-        if TMA:
-            q1_desc = _rows_desc(q1_base, Sq, HEAD_DIM, stride_qm, BLOCK_M, DP)
-            q2_desc = _rows_desc(q2_base, Sq, HEAD_DIM, stride_qm, BLOCK_M, DP)
-            do_desc = _rows_desc(do_base, Sq, 2 * HEAD_DIM, stride_dm, BLOCK_M, DP)
-            descs = (q1_desc, q2_desc, do_desc, None, None)
-            if DQ_ATOMIC:
-                descs = (q1_desc, q2_desc, do_desc, _rows_desc(dq1_base, Sq, DP, DP, BLOCK_M, DP),
-                         _rows_desc(dq2_base, Sq, DP, DP, BLOCK_M, DP))
-        dka, dkb, dva, dvb = _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, descs, q1_base, q2_base, do_base,
-                                        lse1_base, lse2_base, r1_base, r2_base, dq1_base, dq2_base, QPOS, offs_n,
-                                        col_keep, offs_d, stride_qm, stride_dm, lo, mid, Sq,
-                                        qk_scale, neg_lam, HEAD_DIM, DP, BLOCK_M, True, DO_DK, DO_DV, DQ_ATOMIC, TMA)
-        dka, dkb, dva, dvb = _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, descs, q1_base, q2_base, do_base,
-                                        lse1_base, lse2_base, r1_base, r2_base, dq1_base, dq2_base, QPOS, offs_n,
-                                        col_keep, offs_d, stride_qm, stride_dm, mid, Sq, Sq,
-                                        qk_scale, neg_lam, HEAD_DIM, DP, BLOCK_M, False, DO_DK, DO_DV, DQ_ATOMIC, TMA)
+        dka, dkb, dva, dvb = _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base, lse1_base,
+                                        lse2_base, r1_base, r2_base, dq1_base, dq2_base, QPOS, offs_n, col_keep,
+                                        offs_d, stride_qm, stride_dm, lo, mid, Sq, qk_scale, neg_lam,
+                                        HEAD_DIM, DP, BLOCK_M, True, DO_DK, DO_DV, DQ_ATOMIC)
+        dka, dkb, dva, dvb = _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base, lse1_base,
+                                        lse2_base, r1_base, r2_base, dq1_base, dq2_base, QPOS, offs_n, col_keep,
+                                        offs_d, stride_qm, stride_dm, mid, Sq, Sq, qk_scale, neg_lam,
+                                        HEAD_DIM, DP, BLOCK_M, False, DO_DK, DO_DV, DQ_ATOMIC)
 
     if HAS_PAD:  # padding keys got garbage probabilities (their LSE excluded them): their gradients are 0
         dka = tl.where(keep[:, None], dka, 0.0)
