@@ -1,7 +1,7 @@
 """Pick the flash backward's launch configurations: every candidate checked against float32 eager, then timed.
 
 For each head_dim, each backward form (``fused``: dK and dV' in one launch; ``split``: a dK launch then a dV' launch;
-``dq-kernel``: dQ from its own kernel instead of atomics) and each candidate configuration in
+``dq-kernel``: the dQ kernel; dQ always from its own kernel, the default) and each candidate configuration in
 ``flash._configs``, this script
 1. checks q/k/v/λ gradients against float32 eager on a GQA, left-padded problem (relative L2 error, must be < 2e-2);
 2. times the backward alone (``flash._backward`` on saved forward outputs; ``triton.testing.do_bench``, median)
@@ -13,7 +13,7 @@ With ``--forms`` it instead runs each whole form autotuned (dK/dV' in one or two
 or by atomics): the same gradient check, then the backward time.
 
 Run on the device machine from the repo root:
-    PYTHONPATH=src python benchmarks/tune_flash_bwd.py [--dims 128,64] [--seqs 8192,4096] [--forms]
+    PYTHONPATH=src python benchmarks/tune_flash_bwd.py [--dims 128,64] [--seqs 8192,4096] [--forms] [--only split,dq-kernel]
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--dims", default="128,64")
     parser.add_argument("--seqs", default="8192,4096")
     parser.add_argument("--forms", action="store_true", help="compare the autotuned backward forms instead")
+    parser.add_argument("--only", default="fused,split,dq-kernel", help="per-kernel mode: the forms to tune")
     args = parser.parse_args()
     if args.forms:
         compare_forms([int(x) for x in args.dims.split(",")], [int(x) for x in args.seqs.split(",")])
@@ -94,8 +95,9 @@ def main() -> None:
     os.environ["DIFFLLAMA_FLASH_AUTOTUNE"] = "0"  # each trial below must run the one candidate it sets
     seqs = [int(x) for x in args.seqs.split(",")]
     base_configs = flash._configs
-    forms = {"fused": ("fused", "atomic", ["dkdv"]), "split": ("split", "atomic", ["dk", "dv"]),
+    forms = {"fused": ("fused", "kernel", ["dkdv"]), "split": ("split", "kernel", ["dk", "dv"]),
              "dq-kernel": ("auto", "kernel", ["dq"])}
+    forms = {name: form for name, form in forms.items() if name in args.only.split(",")}
     print(f"{'d':>4} {'form':>9} {'kernel':>6} {'config (BM, BN, warps, stages)':>32} {'max err':>8} "
           + " ".join(f"{'bwd ms S=' + str(s):>14}" for s in seqs), flush=True)
     for d in (int(x) for x in args.dims.split(",")):
