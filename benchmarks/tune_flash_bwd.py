@@ -6,7 +6,7 @@ For each head_dim, each backward form (``fused``: dK and dV' in one launch; ``sp
 1. checks q/k/v/λ gradients against float32 eager on a GQA, left-padded problem (relative L2 error, must be < 2e-2);
 2. times the backward alone (``flash._backward`` on saved forward outputs; ``triton.testing.do_bench``, median)
    at H=16 heads, causal, bf16, 16384 tokens per batch (B = 16384 / S).
-Per form, one configuration varies while the other kernels keep their first candidate. The fastest passing
+Per form, one configuration varies while the other kernels are autotuned over all their candidates. The fastest passing
 configurations go first in ``_configs``; the table printed here is recorded in RESULTS.md.
 
 With ``--forms`` it instead runs each whole form autotuned (dK/dV' in one or two launches x dQ by its own kernel
@@ -19,7 +19,6 @@ Run on the device machine from the repo root:
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import triton
@@ -92,7 +91,6 @@ def main() -> None:
     if args.forms:
         compare_forms([int(x) for x in args.dims.split(",")], [int(x) for x in args.seqs.split(",")])
         return
-    os.environ["DIFFLLAMA_FLASH_AUTOTUNE"] = "0"  # each trial below must run the one candidate it sets
     seqs = [int(x) for x in args.seqs.split(",")]
     base_configs = flash._configs
     forms = {"fused": ("fused", "kernel", ["dkdv"]), "split": ("split", "kernel", ["dk", "dv"]),
@@ -106,6 +104,7 @@ def main() -> None:
             for kind in kinds:
                 for cfg in base_configs(kind, d):
                     flash._configs = lambda k, dp, _c=cfg, _k=kind: [_c] if k == _k else base_configs(k, dp)
+                    flash._TUNED.clear()  # the autotuners were built from the previous trial's candidates
                     label = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
                     try:
                         err = max(check(d))
