@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
@@ -50,3 +54,29 @@ def test_a_bad_setting_stops_model_construction_and_every_command(monkeypatch):
     assert result.exit_code == 2
     assert "error: bad environment: DIFFLLAMA_FLASH_BWD='both'" in result.output
     assert "no-such-model" not in result.output  # refused before the command looked at its arguments
+
+
+BAD_DQ = "error: bad environment: DIFFLLAMA_FLASH_DQ='bogus': expected one of kernel, atomic\n"
+
+
+def test_a_real_bad_variable_stops_a_real_command_but_not_the_help(tmp_path):
+    """The variable is read at import, so this runs the installed CLI in a fresh process with it set."""
+    env = {**os.environ, "DIFFLLAMA_FLASH_DQ": "bogus"}
+
+    def diffllama_cli(*args):
+        return subprocess.run([sys.executable, "-m", "diffllama", *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    out = tmp_path / "run"
+    proc = diffllama_cli("train", "--preset", "tiny", "--out", str(out), "--max-steps", "1")
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, BAD_DQ, "")
+    assert not out.exists()  # refused before the command did any work
+    proc = diffllama_cli("--help")  # help does no work: it prints whatever the environment
+    assert proc.returncode == 0 and "Usage:" in proc.stdout and "finetune" in proc.stdout and not proc.stderr
+
+
+@pytest.mark.parametrize("command", [c.name or c.callback.__name__ for c in app.registered_commands])
+def test_every_command_refuses_a_bad_variable_in_one_line(monkeypatch, command):
+    monkeypatch.setattr(settings, "ERRORS", settings.read({"DIFFLLAMA_FLASH_DQ": "bogus"})[1])
+    result = CliRunner().invoke(app, [command, "x"])
+    assert (result.exit_code, result.output) == (2, BAD_DQ)
