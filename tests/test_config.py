@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
@@ -86,6 +87,12 @@ def test_derived_fields():
     ({"lambda_std_dev": float("nan")}, "lambda_std_dev must be a finite number >= 0"),
     ({"vocab_size": 128, "pad_token_id": 500}, "pad_token_id must be None or a token id below vocab_size=128"),
     ({"rope_scaling": "linear"}, "rope_scaling must be None or a dict"),
+    ({"vocab_size": 128, "eos_token_id": 128}, r"eos_token_id must hold ids in \[0, vocab_size=128\), got \[128\]"),
+    ({"vocab_size": 128, "eos_token_id": [2, -1]}, r"eos_token_id must hold ids in \[0, vocab_size=128\), got \[-1\]"),
+    ({"vocab_size": 128, "bos_token_id": 500}, r"bos_token_id must be an id in \[0, vocab_size=128\), got 500"),
+    ({"eos_token_id": "2"}, "eos_token_id must be None, an int or a list of ints, got '2'"),
+    ({"eos_token_id": [2, True]}, r"eos_token_id must be None, an int or a list of ints, got \[2, True\]"),
+    ({"bos_token_id": [1]}, r"bos_token_id must be None or an int, got \[1\]"),
 ])
 def test_validation_names_the_field(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -134,6 +141,43 @@ def test_num_labels_keyword_replaces_a_label_set_of_another_size(tmp_path):
     for bad in (0, -1, "3", 2.5, True):
         with pytest.raises(ValueError, match="num_labels must be an int >= 1"):
             DiffLlamaConfig.from_pretrained(tmp_path, num_labels=bad)
+
+
+def test_special_token_ids_outside_the_vocabulary_are_refused_at_load(tmp_path):
+    """transformers only warns about such ids; generate() would refuse them later, so loading refuses them."""
+    import transformers
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    for ids in (dict(eos_token_id=None, bos_token_id=None), dict(eos_token_id=[0, 63], bos_token_id=63)):
+        transformers.DiffLlamaConfig(**small, **ids).save_pretrained(tmp_path)
+        config = DiffLlamaConfig.from_pretrained(tmp_path)
+        assert (config.eos_token_id, config.bos_token_id) == (ids["eos_token_id"], ids["bos_token_id"])
+    transformers.DiffLlamaConfig(**small, eos_token_id=[2, 64]).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^eos_token_id must hold ids in \[0, vocab_size=64\), got \[64\]$"):
+        DiffLlamaConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^bos_token_id must be an id in \[0, vocab_size=64\), got -1$"):
+        DiffLlamaConfig.from_dict({**small, "bos_token_id": -1})
+    with pytest.raises(ValueError, match=r"eos_token_id must hold ids in \[0, vocab_size=32\), got \[40\]"):
+        DiffLlamaConfig.from_pretrained(tmp_path, vocab_size=32, eos_token_id=40)
+
+
+def test_num_labels_constructor_keyword_matches_transformers():
+    import transformers
+
+    config = DiffLlamaConfig(num_labels=3)
+    theirs = transformers.DiffLlamaConfig(num_labels=3)
+    assert config.num_labels == 3
+    assert config.id2label == theirs.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
+    assert config.label2id == theirs.label2id
+    assert DiffLlamaConfig.from_dict(config.to_dict()) == config
+    named = DiffLlamaConfig(num_labels=2, id2label={0: "neg", 1: "pos"})
+    assert named.id2label == {0: "neg", 1: "pos"} and named.label2id == {"neg": 0, "pos": 1}
+    assert dataclasses.replace(config) == config and dataclasses.replace(DiffLlamaConfig()).id2label is None
+    with pytest.raises(ValueError, match="num_labels=3 disagrees with the 2 entries of id2label"):
+        DiffLlamaConfig(num_labels=3, id2label={0: "neg", 1: "pos"})
+    for bad in (0, -2, 2.5, "3", True):
+        with pytest.raises(ValueError, match=f"^num_labels must be an int >= 1, got {re.escape(repr(bad))}$"):
+            DiffLlamaConfig(num_labels=bad)
 
 
 def test_failed_config_save_removes_the_folders_it_created(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from conftest import hf_model, padded_batch, tiny_config
 from diffllama.generation import (
     apply_repetition_penalty,
     check_eos_token_id,
+    check_sampling_args,
     filter_logits,
     next_tokens,
     pad_batch,
@@ -182,6 +184,21 @@ def test_seeded_sampling_is_reproducible():
     assert not torch.equal(a, c)
 
 
+def test_numpy_scalars_act_as_python_numbers():
+    """numbers.Integral/Real scalars (numpy's here) are accepted and sample exactly as the Python numbers."""
+    torch.manual_seed(0)
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(initializer_range=0.15)).eval()
+    ids, mask = padded_batch(96, "left", seq=6)
+    plain = dict(max_new_tokens=12, do_sample=True, temperature=0.75, top_k=5, top_p=0.5, repetition_penalty=1.25)
+    scalars = dict(max_new_tokens=np.int64(12), do_sample=True, temperature=np.float32(0.75), top_k=np.int32(5),
+                   top_p=np.float16(0.5), repetition_penalty=np.float64(1.25))
+    checked = check_sampling_args(**scalars)
+    assert checked == plain and [type(v) for v in checked.values()] == [int, bool, float, int, float, float]
+    expected = model.generate(ids, mask, eos_token_id=[], seed=7, **plain)
+    assert expected.shape == (3, 18)
+    assert torch.equal(model.generate(ids, mask, eos_token_id=[], seed=np.uint8(7), **scalars), expected)
+
+
 # ---- streaming ------------------------------------------------------------------------------------------------------
 
 class Recorder:
@@ -242,6 +259,19 @@ def test_pad_batch_and_positions():
     (dict(do_sample=True, temperature=float("inf")), ValueError, "temperature must be a finite number, got inf"),
     (dict(do_sample=True, top_p=float("nan")), ValueError, "top_p must be a finite number, got nan"),
     (dict(repetition_penalty=float("inf")), ValueError, "repetition_penalty must be a finite number, got inf"),
+    (dict(max_new_tokens=np.int64(0)), ValueError, "max_new_tokens must be >= 1, got 0"),
+    (dict(max_new_tokens=np.float64(3)), TypeError, r"max_new_tokens must be an int, got np.float64\(3.0\)"),
+    (dict(do_sample=True, top_k=np.int64(0)), ValueError, r"top_k must be None or an int >= 1, got np.int64\(0\)"),
+    (dict(do_sample=True, top_k=np.float32(5)), ValueError, r"top_k must be None or an int >= 1, got np.float32"),
+    (dict(do_sample=True, top_k=True), ValueError, "top_k must be None or an int >= 1, got True"),
+    (dict(do_sample=True, top_k=np.bool_(True)), ValueError, "top_k must be None or an int >= 1, got np.True_"),
+    (dict(do_sample=True, temperature=np.float32(-0.5)), ValueError, "temperature must be > 0 when sampling"),
+    (dict(temperature=np.float32("nan")), ValueError, r"temperature must be a finite number, got np.float32\(nan\)"),
+    (dict(temperature=True), TypeError, "temperature must be a number, got True"),
+    (dict(temperature=np.bool_(True)), TypeError, "temperature must be a number, got np.True_"),
+    (dict(do_sample=True, top_p=np.float32(1.5)), ValueError, r"top_p must be None or in \(0, 1\], got np.float32"),
+    (dict(do_sample=True, top_p=False), TypeError, "top_p must be a number, got False"),
+    (dict(repetition_penalty=np.float64(0)), ValueError, r"repetition_penalty must be > 0 \(1.0 = off\)"),
     (dict(compile=True), ValueError, "compile=True needs static_cache=True"),
     (dict(streamer=object()), TypeError, "streamer must have put"),
     (dict(streamer=type("PutOnly", (), {"put": lambda self, tokens: None})()), TypeError, "put\\(tokens\\) and end\\(\\)"),

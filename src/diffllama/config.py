@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
@@ -45,11 +46,15 @@ class DiffLlamaConfig:
     given the legacy way. ``attn_implementation`` is one of ``"eager"``, ``"sdpa"``, ``"flash"``, ``"auto"`` and is
     not written to config.json (as in transformers).
 
+    As in transformers, the constructor also takes ``num_labels=n``: labels ``LABEL_0`` .. ``LABEL_{n-1}`` when
+    ``id2label`` is not given (see :func:`label_maps`); the :attr:`num_labels` property reads the count back.
+
     Raises:
         ValueError: naming the field, for an odd or zero ``num_attention_heads`` (heads are used in pairs),
             ``num_attention_heads`` not a multiple of ``num_key_value_heads``, ``hidden_size`` not divisible by
             ``num_attention_heads`` when ``head_dim`` is unset, a non-positive size, an unknown ``hidden_act``, an
-            unknown RoPE type or missing RoPE keys, an unknown ``attn_implementation``, a wrong ``model_type``.
+            unknown RoPE type or missing RoPE keys, an unknown ``attn_implementation``, a wrong ``model_type``, a
+            ``bos_token_id`` or ``eos_token_id`` outside [0, vocab_size), a bad ``num_labels``.
     """
 
     vocab_size: int = 32000
@@ -115,10 +120,16 @@ class DiffLlamaConfig:
                     or value < 0):
                 raise ValueError(f"{name} must be a finite number >= 0 (a standard deviation), got {value!r}")
         pad = self.pad_token_id
-        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int)
-                                or not -self.vocab_size <= pad < self.vocab_size):
+        if pad is not None and (not is_int(pad) or not -self.vocab_size <= pad < self.vocab_size):
             raise ValueError(f"pad_token_id must be None or a token id below vocab_size={self.vocab_size} (a "
                              f"negative id counts from the end, down to -vocab_size), got {pad!r}")
+        # generate() would refuse such an EOS id only once the model is loaded; refuse it (and a BOS id the
+        # embedding cannot hold) with the config. Type errors too are ValueErrors here, as for every field.
+        try:
+            token_ids(self.bos_token_id, self.vocab_size, "bos_token_id", many=False)
+            token_ids(self.eos_token_id, self.vocab_size, "eos_token_id")
+        except TypeError as error:
+            raise ValueError(str(error)) from None
         for name in ("rope_parameters", "rope_scaling"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict):
@@ -198,19 +209,15 @@ class DiffLlamaConfig:
         known = {k: v for k, v in data.items() if k in names}
         extra = {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in names and k != "extra"}}
         num_labels = extra.pop("num_labels", None)
-        if num_labels is not None:
-            if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
-                raise ValueError(f"num_labels must be an int >= 1, got {num_labels!r}")
-            labels = known.get("id2label")
-            if "id2label" in overrides and labels is not None and len(labels) != num_labels:
-                raise ValueError(f"num_labels={num_labels} disagrees with the {len(labels)} entries of id2label")
-            # A num_labels keyword replaces the checkpoint's labels when their count differs (as in transformers).
-            if labels is None or ("num_labels" in overrides and len(labels) != num_labels):
-                known["id2label"] = {i: f"LABEL_{i}" for i in range(num_labels)}
-                known["label2id"] = overrides.get("label2id")
+        labels = known.get("id2label")
+        if num_labels is not None and labels is not None and "id2label" not in overrides and len(labels) != num_labels:
+            if "num_labels" in overrides:  # a num_labels keyword replaces the checkpoint's labels (as in transformers)
+                known["id2label"], known["label2id"] = None, overrides.get("label2id")
+            else:  # both from the file: its id2label wins (as in transformers)
+                num_labels = None
         if "_attn_implementation" in extra:
             extra.pop("_attn_implementation")
-        return cls(**known, extra=extra)
+        return cls(**known, num_labels=num_labels, extra=extra)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as transformers writes it: ``rope_parameters`` only, no legacy or runtime-only keys."""
@@ -253,6 +260,70 @@ class DiffLlamaConfig:
         with new_folder(directory) as folder:
             return atomic_write_text(folder / "config.json",
                                      json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+_fields_init = DiffLlamaConfig.__init__
+
+
+def _init_with_num_labels(self, *args, num_labels: int | None = None, **kwargs) -> None:
+    # transformers' configs take num_labels=n. It cannot be a dataclass field (an InitVar) here: the num_labels
+    # property would clash with it, and dataclasses.replace() would pass the property's value back in.
+    if num_labels is not None:
+        kwargs["id2label"], kwargs["label2id"] = label_maps(num_labels, kwargs.get("id2label"),
+                                                            kwargs.get("label2id"))
+    _fields_init(self, *args, **kwargs)
+
+
+DiffLlamaConfig.__init__ = _init_with_num_labels
+
+
+def label_maps(num_labels: int, id2label: dict | None, label2id: dict | None) -> tuple[dict, dict | None]:
+    """``(id2label, label2id)`` for transformers' ``num_labels`` keyword: ``{i: "LABEL_i"}`` for i < ``num_labels``
+    and the given ``label2id`` (None: derived later) when ``id2label`` is None, else both unchanged.
+
+    Raises:
+        ValueError: ``num_labels`` not an int >= 1 (bool refused), or an ``id2label`` of another length.
+    """
+    if not is_int(num_labels) or num_labels < 1:
+        raise ValueError(f"num_labels must be an int >= 1, got {num_labels!r}")
+    if id2label is None:
+        return {i: f"LABEL_{i}" for i in range(num_labels)}, label2id
+    if len(id2label) != num_labels:
+        raise ValueError(f"num_labels={num_labels} disagrees with the {len(id2label)} entries of id2label")
+    return id2label, label2id
+
+
+def is_int(value) -> bool:
+    """Whether ``value`` is an integer (Python or numpy, any ``numbers.Integral``) and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def token_ids(value, vocab_size: int, name: str, *, many: bool = True,
+              expected: str | None = None) -> list[int]:
+    """``value`` as a list of token ids, each checked to lie in [0, vocab_size): None gives ``[]``, an int ``[it]``,
+    and (when ``many``) a list or tuple of ints the list of them.
+
+    ``expected`` describes the accepted forms in the TypeError (default: from ``many``).
+
+    Raises:
+        TypeError: naming ``name``: any other value (bool and float included).
+        ValueError: naming ``name``, the range and the ids outside it.
+    """
+    if value is None:
+        return []
+    if is_int(value):
+        ids = [value]
+    elif many and isinstance(value, (list, tuple)) and all(is_int(v) for v in value):
+        ids = list(value)
+    else:
+        expected = expected or ("None, an int or a list of ints" if many else "None or an int")
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"{name} must {'hold ids' if many else 'be an id'} in [0, vocab_size={vocab_size}), "
+                         f"got {bad if many else bad[0]}")
+    return ids
 
 
 @contextlib.contextmanager

@@ -31,19 +31,25 @@ from pathlib import Path
 import torch
 
 from diffllama.cache import DynamicCache, StaticCache
+from diffllama.config import is_int, token_ids
 
 GENERATION_CONFIG = "generation_config.json"
 
 
 # ---- arguments ------------------------------------------------------------------------------------------------------
 
-def check_sampling_args(*, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty) -> None:
-    """Validate generation arguments. Raises ValueError (or TypeError) naming the argument and its bad value.
+def check_sampling_args(*, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty) -> dict:
+    """Validate generation arguments; return them as a dict of plain Python ``int``/``float`` (None kept), so that a
+    numpy or other ``numbers.Integral``/``numbers.Real`` scalar acts exactly as the Python number of its value.
 
-    ``temperature``, ``top_p`` and ``repetition_penalty`` must be finite numbers (NaN or infinity is refused even
-    when not sampling: a NaN temperature would otherwise silently mean greedy decoding).
+    ``max_new_tokens`` and ``top_k`` must be integers, ``temperature``, ``top_p`` and ``repetition_penalty`` real
+    numbers; bool is refused for all of them. The reals must be finite (NaN or infinity is refused even when not
+    sampling: a NaN temperature would otherwise silently mean greedy decoding).
+
+    Raises:
+        TypeError or ValueError: naming the argument, its bad value and what is expected.
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+    if not is_int(max_new_tokens):
         raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -52,19 +58,22 @@ def check_sampling_args(*, max_new_tokens, do_sample, temperature, top_k, top_p,
     for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
         if value is None and name == "top_p":
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise TypeError(f"{name} must be a number, got {value!r}")
         if not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if do_sample and temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling (do_sample=True), got {temperature}; "
                          f"use do_sample=False for greedy decoding")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+    if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-    if not isinstance(repetition_penalty, (int, float)) or not repetition_penalty > 0:
+    if not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty!r}")
+    return dict(max_new_tokens=int(max_new_tokens), do_sample=do_sample, temperature=float(temperature),
+                top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p),
+                repetition_penalty=float(repetition_penalty))
 
 
 def read_generation_config(directory: str | os.PathLike) -> dict:
@@ -85,10 +94,6 @@ def read_generation_config(directory: str | os.PathLike) -> dict:
     return data
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def check_eos_token_id(value, vocab_size: int, name: str = "eos_token_id") -> list[int]:
     """``value`` as a list of EOS ids, checked: None (-> ``[]``), an int, or a list, tuple or 0-d/1-D integer tensor
     of ints; every id in [0, vocab_size). ``[]`` means no stop ids.
@@ -98,25 +103,13 @@ def check_eos_token_id(value, vocab_size: int, name: str = "eos_token_id") -> li
         ValueError: a tensor of more than one dimension, or an id outside [0, vocab_size).
     """
     expected = "None, an int, or a list, tuple or 0-d/1-D integer tensor of ints"
-    if value is None:
-        return []
     if isinstance(value, torch.Tensor):
         if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
             raise TypeError(f"{name} must be {expected}, got a {value.dtype} tensor")
         if value.dim() > 1:
             raise ValueError(f"{name} must be {expected}, got a tensor of shape {tuple(value.shape)}")
-        ids = value.reshape(-1).tolist()
-    elif _is_int(value):
-        ids = [value]
-    elif isinstance(value, (list, tuple)) and all(_is_int(v) for v in value):
-        ids = list(value)
-    else:
-        raise TypeError(f"{name} must be {expected}, got {value!r}")
-    ids = [int(i) for i in ids]
-    bad = [i for i in ids if not 0 <= i < vocab_size]
-    if bad:
-        raise ValueError(f"{name} must hold ids in [0, vocab_size={vocab_size}), got {bad}")
-    return ids
+        value = value.reshape(-1).tolist()
+    return token_ids(value, vocab_size, name, expected=expected)
 
 
 def resolve_special_ids(model, eos_token_id=None, pad_token_id=None) -> tuple[list[int], int]:
@@ -149,7 +142,7 @@ def resolve_special_ids(model, eos_token_id=None, pad_token_id=None) -> tuple[li
     value, name = first("eos_token_id", eos_token_id)
     eos = check_eos_token_id(value, vocab, name)
     pad, name = first("pad_token_id", pad_token_id)
-    if pad is not None and not _is_int(pad):
+    if pad is not None and not is_int(pad):
         raise TypeError(f"{name} must be None or an int in [0, vocab_size={vocab}), got {pad!r}")
     if pad is not None and not 0 <= pad < vocab:  # written after a row's EOS and fed back to the model: it must embed
         if pad_token_id is not None:
@@ -454,27 +447,25 @@ def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Raises:
         ValueError/TypeError: see :func:`generate`.
     """
-    check_sampling_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                        top_p=top_p, repetition_penalty=repetition_penalty)
+    sampling = check_sampling_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
     device = model.device
     input_ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids
     mask = _check_inputs(input_ids, attention_mask, model.config.vocab_size)
     eos, pad = resolve_special_ids(model, eos_token_id, pad_token_id)
     if compile and not static_cache:
         raise ValueError("compile=True needs static_cache=True (the compiled step must see fixed shapes)")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+    if seed is not None and not is_int(seed):
         raise TypeError(f"seed must be None or an int, got {seed!r}")
-    if not _is_int(sync_every) or sync_every < 1:
+    if not is_int(sync_every) or sync_every < 1:
         raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
     b, s = input_ids.shape
-    cache, step, max_length = _make_cache_and_step(model, b, s + max_new_tokens, static_cache, compile)
-    return _steps(model, input_ids.long(), mask, cache, step, max_length, eos, pad, generator,
-                  max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                  top_p=top_p, repetition_penalty=repetition_penalty, static_cache=static_cache,
-                  sync_every=sync_every)
+    cache, step, max_length = _make_cache_and_step(model, b, s + sampling["max_new_tokens"], static_cache, compile)
+    return _steps(model, input_ids.long(), mask, cache, step, max_length, eos, pad, generator, **sampling,
+                  static_cache=static_cache, sync_every=int(sync_every))
 
 
 @torch.inference_mode()
