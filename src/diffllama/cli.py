@@ -343,7 +343,8 @@ def train(
     val_fraction: float = typer.Option(None, help="Share of documents held out for validation."),
     cache_dir: str = typer.Option(None, help="Tokenized-data cache (default ~/.cache/diffllama)."),
     num_threads: int = typer.Option(None, help="CPU threads for torch (0 = default)."),
-    attn_implementation: str = typer.Option(None, help="Attention backend: eager, sdpa, flash, auto."),
+    attn_implementation: str = typer.Option(None, help="Attention backend: eager, sdpa, flash, auto (the default: "
+                                                       "flash on a CUDA GPU, sdpa on CPU)."),
 ) -> None:
     """Train a DiffLlama language model from raw text; each checkpoint is a complete transformers-style model.
 

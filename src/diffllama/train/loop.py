@@ -226,7 +226,8 @@ class Trainer:
         """The run's model config (``cfg.model`` fields) with this vocabulary size and bos/eos/pad ids."""
         fields = dict(self.cfg.model, vocab_size=vocab_size, **special_ids)
         fields["max_position_embeddings"] = max(fields.get("max_position_embeddings") or 0, self.cfg.seq_len)
-        fields.setdefault("attn_implementation", "sdpa")
+        # flash on a CUDA GPU (0.4b compiled step 1.17x sdpa's tokens/s, benchmarks/RESULTS.md), sdpa on CPU
+        fields.setdefault("attn_implementation", "auto")
         try:
             return DiffLlamaConfig(**fields)
         except TypeError as error:
