@@ -256,6 +256,16 @@ def test_label_set_comes_from_all_of_data_before_the_eval_split(base_model, tmp_
     assert result.metrics["summary"]["labels"] == ["fresh", "mixed", "rotten"]
 
 
+@pytest.mark.parametrize("task, data", [("sequence-classification", "rt_test.csv"),
+                                        ("token-classification", "brown_train.conll")])
+def test_finetune_refuses_repeated_labels_before_any_work(base_model, tmp_path, task, data):
+    """Was accepted: id2label {0: fresh, 1: fresh, 2: rotten} was saved beside label2id {fresh: 1, rotten: 2}."""
+    result = _cli("finetune", task, "--model", base_model, "--data", DATA / data, "--out", tmp_path / "run",
+                  "--labels", "fresh,fresh,rotten")
+    _refused(result, 1, "--labels: label 'fresh' is given more than once in ['fresh', 'fresh', 'rotten']")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("where", ["file", "under-file"])
 def test_finetune_refuses_out_that_is_a_file(base_model, tmp_path, where):
     afile = tmp_path / "afile"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -31,6 +32,25 @@ def test_csv_row_with_extra_fields_names_row(tmp_path):
     with pytest.raises(D.DataError, match=r"d\.csv: row 2 has 3 fields but the header has 2 .*quote fields that "
                                           r"contain ','"):
         D.read_text_classification(path)
+
+
+@pytest.mark.parametrize("content, line", [
+    ('text,label\n"great movie,fresh\nbad movie,rotten\n', 3),  # a quote left open: was "row 1 has an empty 'label'"
+    ('text,label\n"great" movie,fresh\n', 2),  # text after a closing quote
+], ids=["unterminated", "after-closing-quote"])
+def test_malformed_csv_names_file_and_quote_problem(tmp_path, content, line):
+    path = tmp_path / "d.csv"
+    path.write_text(content)
+    with pytest.raises(D.DataError, match=rf"d\.csv is not valid CSV \(reading stopped at line {line}: .*\); a field "
+                                          r"that opens with a quote must close with one"):
+        D.read_text_classification(path)
+
+
+def test_csv_quotes_inside_fields_still_read(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\na 5" screen,fresh\n"a ""quoted"", text",rotten\n')
+    assert [(e.text, e.label) for e in D.read_text_classification(path)] == [
+        ('a 5" screen', "fresh"), ('a "quoted", text', "rotten")]
 
 
 def test_jsonl_missing_key_names_row(tmp_path):
@@ -93,6 +113,24 @@ def test_jsonl_tags_length_mismatch(tmp_path):
     path.write_text(json.dumps({"tokens": ["a", "b"], "tags": ["X"]}) + "\n")
     with pytest.raises(D.DataError, match=r"t\.jsonl: row 1 has 2 tokens but 1 tags"):
         D.read_tagged(path)
+
+
+def test_jsonl_empty_tag_names_row(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"tokens": ["a"], "tags": ["X"]}) + "\n"
+                    + json.dumps({"tokens": ["a", "b"], "tags": ["X", " "]}) + "\n")
+    with pytest.raises(D.DataError, match=r"t\.jsonl: row 2 has an empty tag in \['X', ' '\]"):
+        D.read_tagged(path)
+
+
+@pytest.mark.parametrize("task_name", ["sequence-classification", "token-classification"])
+@pytest.mark.parametrize("labels, message", [
+    (["fresh", "fresh", "rotten"], "--labels: label 'fresh' is given more than once in ['fresh', 'fresh', 'rotten']"),
+    (["fresh", "", "rotten"], "--labels: label 2 of ['fresh', '', 'rotten'] is empty"),
+], ids=["repeated", "empty"])
+def test_given_labels_must_be_distinct_and_non_empty(task_name, labels, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        get_task(task_name, TaskOptions(labels=labels))
 
 
 def test_squad_answer_not_in_context(tmp_path):

@@ -128,7 +128,7 @@ def read_text_classification(path: str | Path, text_column: str = "text", label_
 
     Raises:
         DataError: missing file, empty file, missing column (naming the columns found), a CSV row with more fields
-            than the header, empty text or label.
+            than the header, malformed CSV (a quote left open), empty text or label.
     """
     path = Path(path)
     examples: list[TextExample] = []
@@ -138,25 +138,14 @@ def read_text_classification(path: str | Path, text_column: str = "text", label_
     if suffix in (".csv", ".tsv"):
         with _open_lines(path, lines, newline="") as handle:
             delimiter = "\t" if suffix == ".tsv" else ","
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            columns = reader.fieldnames or []
-            if not columns:
-                raise DataError(f"{path} is empty: expected a header row with columns "
-                                f"{text_column!r} and {label_column!r}")
-            if text_column not in columns:
-                raise DataError(f"{path}: row 0 (header) has no text column {text_column!r}; columns: {columns} "
-                                f"(choose one with --text-column)")
-            has_labels = label_column in columns
-            if require_labels and not has_labels:
-                raise DataError(f"{path}: row 0 (header) has no label column {label_column!r}; columns: {columns} "
-                                f"(choose one with --label-column)")
-            for number, record in enumerate(reader, 1):
-                if None in record:  # DictReader files fields beyond the header under the key None
-                    raise DataError(f"{path}: row {number} has {len(columns) + len(record[None])} fields but the "
-                                    f"header has {len(columns)} ({columns}); quote fields that contain "
-                                    f"{delimiter!r}")
-                examples.append(_text_example(path, number, record, text_column, label_column,
-                                              require_labels and has_labels, has_labels))
+            # strict: a quote left open raises csv.Error instead of swallowing the rest of the file into one field
+            reader = csv.DictReader(handle, delimiter=delimiter, strict=True)
+            try:
+                examples = _csv_examples(path, reader, delimiter, text_column, label_column, require_labels)
+            except csv.Error as error:
+                raise DataError(f"{path} is not valid {suffix[1:].upper()} (reading stopped at line "
+                                f"{reader.reader.line_num}: {error}); a field that opens with a quote must close "
+                                f"with one, and a quote inside a quoted field is written twice") from error
     elif _is_jsonl(path) or suffix == ".json":
         for number, record in _jsonl_rows(path, lines):
             if text_column not in record:
@@ -176,6 +165,28 @@ def read_text_classification(path: str | Path, text_column: str = "text", label_
                     examples.append(TextExample(line.rstrip("\n"), None, number))
     if not examples:
         raise DataError(f"{path} is empty: no data rows")
+    return examples
+
+
+def _csv_examples(path, reader, delimiter, text_column, label_column, require_labels) -> list[TextExample]:
+    columns = reader.fieldnames or []
+    if not columns:
+        raise DataError(f"{path} is empty: expected a header row with columns "
+                        f"{text_column!r} and {label_column!r}")
+    if text_column not in columns:
+        raise DataError(f"{path}: row 0 (header) has no text column {text_column!r}; columns: {columns} "
+                        f"(choose one with --text-column)")
+    has_labels = label_column in columns
+    if require_labels and not has_labels:
+        raise DataError(f"{path}: row 0 (header) has no label column {label_column!r}; columns: {columns} "
+                        f"(choose one with --label-column)")
+    examples = []
+    for number, record in enumerate(reader, 1):
+        if None in record:  # DictReader files fields beyond the header under the key None
+            raise DataError(f"{path}: row {number} has {len(columns) + len(record[None])} fields but the "
+                            f"header has {len(columns)} ({columns}); quote fields that contain {delimiter!r}")
+        examples.append(_text_example(path, number, record, text_column, label_column,
+                                      require_labels and has_labels, has_labels))
     return examples
 
 
@@ -205,7 +216,8 @@ def read_tagged(path: str | Path, tokens_column: str = "tokens", tags_column: st
         The sentences; ``row`` is the line of each sentence's first word (CoNLL) or its JSONL line.
 
     Raises:
-        DataError: missing or empty file, a line without a tag, a missing key, token/tag lists of different length.
+        DataError: missing or empty file, a line without a tag, a missing key, token/tag lists of different length,
+            an empty (or null) tag.
     """
     path = Path(path)
     if lines is None:
@@ -225,6 +237,8 @@ def read_tagged(path: str | Path, tokens_column: str = "tokens", tags_column: st
                 raise DataError(f"{path}: row {number}: {tokens_column!r} and {tags_column!r} must be lists")
             if tags is not None and len(tags) != len(words):
                 raise DataError(f"{path}: row {number} has {len(words)} tokens but {len(tags)} tags")
+            if tags is not None and any(t is None or not str(t).strip() for t in tags):
+                raise DataError(f"{path}: row {number} has an empty tag in {tags}")
             if words:
                 examples.append(TaggedExample([str(w) for w in words],
                                               None if tags is None else [str(t) for t in tags], number))

@@ -32,7 +32,8 @@ class TaskOptions:
     """Data settings shared by the tasks (each task reads the ones it needs).
 
     text_column/label_column: CSV/JSONL names (classification). tokens_column/tags_column: JSONL keys (tagging).
-    labels: the label set in order (default: the sorted labels of the training data).
+    labels: the label set in order (default: the sorted labels of the training data); each label non-empty and
+    given once (else ValueError).
     max_length: tokens per sequence (window, for QA). stride: overlap of QA windows, in tokens.
     max_answer_tokens: longest predicted answer span (QA).
     """
@@ -45,6 +46,20 @@ class TaskOptions:
     max_length: int = 256
     stride: int = 64
     max_answer_tokens: int = 30
+
+    def __post_init__(self) -> None:
+        # A repeated label would get two ids but one label2id entry (the saved id2label and label2id disagree);
+        # an empty one comes from a stray comma. Refused here, before any data is read.
+        if self.labels is not None:
+            labels = list(self.labels)
+            for index, label in enumerate(labels):
+                if not isinstance(label, str) or not label.strip():
+                    raise ValueError(f"--labels: label {index + 1} of {labels} is empty; give each label once, "
+                                     f"separated by single commas")
+                if label in labels[:index]:
+                    raise ValueError(f"--labels: label {label!r} is given more than once in {labels}; give each "
+                                     f"label once")
+            self.labels = labels
 
 
 class Task:
