@@ -1,6 +1,7 @@
 """File-level checkpoint I/O: transformers' safetensors layout, atomic saves, clear errors, hub cache resolution."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,32 @@ def test_resave_switches_layout_and_removes_stale_files(tmp_path):
     on_disk = {p.name for p in tmp_path.glob("model-*.safetensors")}
     assert on_disk == set(index["weight_map"].values())
     assert_same(load_state_dict(tmp_path), sd2)
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test (``umask(0o022)``), restoring the old one afterwards."""
+    old = os.umask(0o022)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
+def test_saved_files_get_the_umask_permissions(tmp_path, umask, mask, mode):
+    """Files moved in from temp files (mkstemp, safetensors) get 0o666 & ~umask, as open() gives: they were 0o600."""
+    from diffllama import DiffLlamaConfig, DiffLlamaForCausalLM
+
+    umask(mask)
+    config = DiffLlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4)
+    DiffLlamaForCausalLM(config).save_pretrained(tmp_path / "single")
+    DiffLlamaForCausalLM(config).save_pretrained(tmp_path / "sharded", max_shard_size=20000)
+    config.save_pretrained(tmp_path / "config-only")
+    files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
+    assert {p.name for p in files} >= {"model.safetensors", "config.json", "model.safetensors.index.json",
+                                       "model-00001-of-00004.safetensors"}
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files} == {
+        str(p.relative_to(tmp_path)): oct(mode) for p in files}
 
 
 def test_extra_file_names_are_checked(tmp_path):

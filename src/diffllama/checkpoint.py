@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from diffllama.config import new_folder
+from diffllama.config import default_permissions, new_folder
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -239,6 +239,8 @@ def save_state_dict(
                 (staging / SAFE_WEIGHTS_INDEX_NAME).write_text(index_text)
             for name, text in extra_files.items():
                 (staging / name).write_text(text)
+            for path in staging.iterdir():  # safetensors writes its files 0o600
+                default_permissions(path)
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

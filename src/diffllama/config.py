@@ -54,7 +54,10 @@ class DiffLlamaConfig:
             ``num_attention_heads`` not a multiple of ``num_key_value_heads``, ``hidden_size`` not divisible by
             ``num_attention_heads`` when ``head_dim`` is unset, a non-positive size, an unknown ``hidden_act``, an
             unknown RoPE type or missing RoPE keys, an unknown ``attn_implementation``, a wrong ``model_type``, a
-            ``bos_token_id`` or ``eos_token_id`` outside [0, vocab_size), a bad ``num_labels``.
+            ``bos_token_id`` or ``eos_token_id`` outside [0, vocab_size), a bad ``num_labels``; a non-number (a
+            string, say) or an out-of-range value for ``rms_norm_eps``, ``rope_theta`` (a finite number > 0),
+            the RoPE ``factor``, ``attention_dropout``/``classifier_dropout`` (in [0, 1)), ``initializer_range`` or
+            ``lambda_std_dev``.
     """
 
     vocab_size: int = 32000
@@ -115,10 +118,7 @@ class DiffLlamaConfig:
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
         for name in ("initializer_range", "lambda_std_dev"):  # standard deviations of the initial weights
-            value = getattr(self, name)
-            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                    or value < 0):
-                raise ValueError(f"{name} must be a finite number >= 0 (a standard deviation), got {value!r}")
+            _check_number(name, getattr(self, name), lambda v: v >= 0, "a finite number >= 0 (a standard deviation)")
         pad = self.pad_token_id
         if pad is not None and (not is_int(pad) or not -self.vocab_size <= pad < self.vocab_size):
             raise ValueError(f"pad_token_id must be None or a token id below vocab_size={self.vocab_size} (a "
@@ -135,10 +135,11 @@ class DiffLlamaConfig:
             if value is not None and not isinstance(value, dict):
                 raise ValueError(f"{name} must be None or a dict such as {{'rope_type': 'linear', 'factor': 2.0}}, "
                                  f"got {value!r}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        _check_number("rms_norm_eps", self.rms_norm_eps, lambda v: v > 0, "a finite number > 0")
+        _check_number("attention_dropout", self.attention_dropout, lambda v: 0 <= v < 1, "a number in [0, 1)")
+        if self.classifier_dropout is not None:
+            _check_number("classifier_dropout", self.classifier_dropout, lambda v: 0 <= v < 1,
+                          "None or a number in [0, 1)")
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(
                 f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
@@ -167,10 +168,11 @@ class DiffLlamaConfig:
         missing = [k for k in ROPE_REQUIRED_KEYS[rope_type] if k not in params]
         if missing:
             raise ValueError(f"rope_parameters of type {rope_type!r} is missing required key(s) {missing}")
-        if not params["rope_theta"] > 0:
-            raise ValueError(f"rope_parameters['rope_theta'] must be > 0, got {params['rope_theta']!r}")
-        if params.get("factor") is not None and not params["factor"] >= (0 if rope_type == "longrope" else 1):
-            raise ValueError(f"rope_parameters['factor'] must be >= 1 for {rope_type!r}, got {params['factor']!r}")
+        _check_number("rope_parameters['rope_theta']", params["rope_theta"], lambda v: v > 0, "a finite number > 0")
+        if params.get("factor") is not None:
+            low = 0 if rope_type == "longrope" else 1
+            _check_number("rope_parameters['factor']", params["factor"], lambda v: v >= low,
+                          f"a finite number >= {low} for {rope_type!r}")
         if rope_type == "longrope":
             for key in ("short_factor", "long_factor"):
                 if len(params[key]) != self.head_dim // 2:
@@ -298,6 +300,15 @@ def is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _check_number(name: str, value, holds, expected: str) -> None:
+    """Raise ValueError "``name`` must be ``expected``, got ``value``" unless ``value`` is a finite int or float (not
+    a bool; those two are what config.json can hold) for which ``holds(value)`` is true. The type is checked
+    first: comparing a string would raise a bare TypeError."""
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and holds(value)):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
 def token_ids(value, vocab_size: int, name: str, *, many: bool = True,
               expected: str | None = None) -> list[int]:
     """``value`` as a list of token ids, each checked to lie in [0, vocab_size): None gives ``[]``, an int ``[it]``,
@@ -341,12 +352,23 @@ def new_folder(directory: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def default_permissions(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain ``open()`` (a file) or ``mkdir()`` (a folder) would have given it: 0o666 or
+    0o777 less the umask. Files and folders made by ``tempfile`` (and files written by safetensors) start as
+    0o600 / 0o700, so a checkpoint moved into place from them would be unreadable to other users."""
+    umask = os.umask(0)  # the only portable way to read the umask is to set it: put it straight back
+    os.umask(umask)
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same folder and an atomic rename."""
+    """Write ``text`` to ``path`` through a temp file in the same folder and an atomic rename; the file gets the
+    usual permissions (:func:`default_permissions`), not the temp file's 0o600."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
