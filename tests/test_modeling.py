@@ -320,6 +320,33 @@ def test_bad_forward_inputs_raise_clear_errors():
         classifier(ids)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int8, torch.bool, torch.float32],
+                         ids=["uint8", "int16", "int8", "bool", "float32"])
+@pytest.mark.parametrize("name", ["input_ids", "position_ids", "labels"])
+def test_index_tensors_of_other_dtypes_are_refused_with_one_message(name, dtype):
+    """uint8/int16 ids used to reach nn.Embedding's own RuntimeError; bool positions were read as 0/1."""
+    model = diffllama.DiffLlamaForCausalLM(tiny_config()).eval()
+    ids = torch.randint(1, 2, (2, 5))
+    args = {"input_ids": ids, "position_ids": torch.arange(5)[None], "labels": ids}
+    args[name] = args[name].to(dtype)
+    with pytest.raises(TypeError, match=rf"^{name} must be an integer tensor of dtype int64 or int32, got {dtype}$"):
+        model(**args)
+
+
+@pytest.mark.parametrize("head", ["DiffLlamaForCausalLM", "DiffLlamaForSequenceClassification",
+                                  "DiffLlamaForTokenClassification"])
+def test_int32_ids_positions_and_labels_match_int64(head):
+    """int32 labels used to fail in cross-entropy ("expected target dtype to be Long")."""
+    model = getattr(diffllama, head)(tiny_config()).eval()
+    ids = torch.randint(1, 2, (2, 5))
+    labels = ids if head != "DiffLlamaForSequenceClassification" else torch.tensor([0, 1])
+    positions = torch.arange(5)[None]
+    expected = model(ids, position_ids=positions, labels=labels)
+    got = model(ids.int(), position_ids=positions.int(), labels=labels.int())
+    torch.testing.assert_close(got.logits, expected.logits, rtol=0, atol=0)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
+
+
 def test_sdpa_zero_padded_head_dim_is_exact():
     """The CUDA flash layout (q, k zero-padded to the 2d value width) gives the same attention as the plain call."""
     from diffllama.attention import pair_values

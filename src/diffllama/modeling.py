@@ -461,10 +461,10 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         """Run the decoder.
 
         Args:
-            input_ids: (B, S) integer token ids in [0, vocab_size), or ``inputs_embeds`` (B, S, D) floating.
+            input_ids: (B, S) int64 or int32 token ids in [0, vocab_size), or ``inputs_embeds`` (B, S, D) floating.
             attention_mask: (B, P + S) with 1/True for real tokens and 0/False for padding (P cached tokens); a
                 static cache also accepts (B, max_length).
-            position_ids: (B, S) or (1, S) int64 RoPE positions; default P, P+1, ... (as transformers).
+            position_ids: (B, S) or (1, S) int64 or int32 RoPE positions; default P, P+1, ... (as transformers).
             past_key_values: a KV cache to read and extend; ``use_cache=True`` creates a DynamicCache.
             output_attentions: return per-layer probabilities (eager backend only).
             output_hidden_states: return the embedding output and every layer's output (the last one normed).
@@ -529,10 +529,7 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
                     f"inputs_embeds must be a floating tensor of shape (batch, seq, {self.config.hidden_size}), "
                     f"got {tuple(inputs_embeds.shape)} {inputs_embeds.dtype}")
             return inputs_embeds
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32,
-                                                                              torch.int16, torch.uint8):
-            raise TypeError(f"input_ids must be an integer tensor (int64), got "
-                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+        _check_index_dtype("input_ids", input_ids)
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
         if not torch.compiler.is_compiling():
@@ -564,26 +561,39 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         return AttentionMask(query_positions=cache_position, key_padding=key_padding, k_len=k_len, plain_causal=plain)
 
 
+# The index dtypes nn.Embedding takes (it refuses uint8, int16 and bool with its own error); ids, positions and
+# labels all accept these and no others.
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_index_dtype(name: str, value) -> None:
+    """TypeError naming ``name`` unless ``value`` is a tensor of one of :data:`INDEX_DTYPES`."""
+    if not isinstance(value, torch.Tensor) or value.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of dtype int64 or int32, got "
+                        f"{getattr(value, 'dtype', type(value).__name__)}")
+
+
 def _check_position_ids(position_ids: torch.Tensor, batch: int, seq: int) -> None:
-    if position_ids.dtype.is_floating_point or position_ids.dim() != 2 \
-            or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq:
+    _check_index_dtype("position_ids", position_ids)
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != seq:
         raise ValueError(f"position_ids must be an integer tensor of shape (batch={batch} or 1, seq={seq}), "
                          f"got {tuple(position_ids.shape)} {position_ids.dtype}")
 
 
 # ---- heads ------------------------------------------------------------------------------------------------------
 
-def _check_labels(labels: torch.Tensor, shape: tuple, num_classes: int) -> None:
-    """Token-level labels: shape ``shape``, integer, each in [0, num_classes) or -100 (ignored)."""
+def _check_labels(labels: torch.Tensor, shape: tuple, num_classes: int) -> torch.Tensor:
+    """Class labels: shape ``shape``, int64 or int32, each in [0, num_classes) or -100 (ignored); returned as int64
+    (the dtype cross-entropy needs)."""
     if labels.shape != shape:
         raise ValueError(f"labels must have shape {tuple(shape)}, got {tuple(labels.shape)}")
-    if labels.is_floating_point():
-        raise TypeError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    _check_index_dtype("labels", labels)
     if not torch.compiler.is_compiling():
         bad = (labels != -100) & ((labels < 0) | (labels >= num_classes))
         if bool(bad.any()):
             raise ValueError(f"labels must lie in [0, {num_classes}) or be -100 (ignored), "
                              f"got {int(labels[bad][0])}")
+    return labels.long()
 
 
 class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
@@ -629,7 +639,7 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         logits = gemv.call(self.lm_head, hidden[:, keep, :], "lm_head")
         loss = None
         if labels is not None:
-            _check_labels(labels, hidden.shape[:2], self.config.vocab_size)
+            labels = _check_labels(labels, hidden.shape[:2], self.config.vocab_size)
             loss = causal_lm_loss(logits if logits.shape[1] == hidden.shape[1] else self.lm_head(hidden),
                                   labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss, logits, outputs.past_key_values, outputs.hidden_states,
@@ -708,8 +718,8 @@ class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
         if problem == "regression":
             return F.mse_loss(pooled.squeeze(), labels.squeeze()) if n == 1 else F.mse_loss(pooled, labels)
         if problem == "single_label_classification":
-            _check_labels(labels.view(-1), (pooled.shape[0],), n)
-            return F.cross_entropy(pooled.view(-1, n), labels.view(-1), ignore_index=-100)
+            labels = _check_labels(labels.view(-1), (pooled.shape[0],), n)
+            return F.cross_entropy(pooled.view(-1, n), labels, ignore_index=-100)
         return F.binary_cross_entropy_with_logits(pooled, labels)
 
 
@@ -739,7 +749,7 @@ class DiffLlamaForTokenClassification(DiffLlamaPreTrainedModel):
         logits = self.score(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
-            _check_labels(labels, logits.shape[:2], logits.shape[-1])
+            labels = _check_labels(labels, logits.shape[:2], logits.shape[-1])
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1).to(logits.device),
                                    ignore_index=-100)
         return TokenClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
