@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -182,6 +185,31 @@ def test_seeded_sampling_is_reproducible():
     d = model.generate(ids, mask, seed=123, static_cache=True, **kwargs)
     assert torch.equal(a, b) and torch.equal(a, d)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kwargs, ignored", [
+    (dict(temperature=0.7), "temperature=0.7"),
+    (dict(top_k=5), "top_k=5"),
+    (dict(temperature=0.7, top_k=5, top_p=0.9), "temperature=0.7, top_k=5, top_p=0.9"),
+], ids=["temperature", "top_k", "all"])
+def test_greedy_warns_about_ignored_sampling_settings(kwargs, ignored):
+    """As transformers' GenerationConfig.validate: a UserWarning, not an error, and the greedy output unchanged."""
+    model = diffllama.DiffLlamaForCausalLM(tiny_config()).eval()
+    ids, mask = padded_batch(96, "left", seq=6)
+    greedy = model.generate(ids, mask, max_new_tokens=3, do_sample=False)
+    with pytest.warns(UserWarning, match=rf"^do_sample=False \(greedy decoding\) ignores {re.escape(ignored)}: these "
+                                         r"settings only apply to sampling; pass do_sample=True"):
+        out = model.generate(ids, mask, max_new_tokens=3, do_sample=False, **kwargs)
+    assert torch.equal(out, greedy)
+
+
+def test_greedy_with_default_sampling_settings_does_not_warn():
+    model = diffllama.DiffLlamaForCausalLM(tiny_config()).eval()
+    ids, mask = padded_batch(96, "left", seq=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(ids, mask, max_new_tokens=2, temperature=1.0, top_k=None, top_p=None)
+        model.generate(ids, mask, max_new_tokens=2, do_sample=True, temperature=0.7, top_k=5, top_p=0.9, seed=0)
 
 
 def test_numpy_scalars_act_as_python_numbers():

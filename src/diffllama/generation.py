@@ -24,6 +24,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -74,6 +75,21 @@ def check_sampling_args(*, max_new_tokens, do_sample, temperature, top_k, top_p,
     return dict(max_new_tokens=int(max_new_tokens), do_sample=do_sample, temperature=float(temperature),
                 top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p),
                 repetition_penalty=float(repetition_penalty))
+
+
+def _warn_ignored_sampling(*, do_sample, temperature, top_k, top_p, **_) -> None:
+    """Warn (UserWarning) when greedy decoding is asked for with sampling settings it ignores, as transformers'
+    ``GenerationConfig.validate`` does: the caller likely meant to sample. Their defaults (temperature 1, no top-k,
+    no top-p) say nothing and do not warn."""
+    if do_sample:
+        return
+    ignored = [f"{name}={value!r}" for name, value, default in (("temperature", temperature, 1.0),
+                                                               ("top_k", top_k, None), ("top_p", top_p, None))
+               if value != default]
+    if ignored:
+        warnings.warn(f"do_sample=False (greedy decoding) ignores {', '.join(ignored)}: these settings only apply "
+                      f"to sampling; pass do_sample=True to use them, or leave them out", UserWarning,
+                      stacklevel=4)  # past stream_generate and its inference_mode wrapper: its caller
 
 
 def read_generation_config(directory: str | os.PathLike) -> dict:
@@ -449,6 +465,7 @@ def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     """
     sampling = check_sampling_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                    top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    _warn_ignored_sampling(**sampling)  # here, so generate, stream_text and direct callers all get it
     device = model.device
     input_ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids
     mask = _check_inputs(input_ids, attention_mask, model.config.vocab_size)
@@ -527,7 +544,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         input_ids: (B, S) integer token ids, left-padded. attention_mask: (B, S) 0/1 (None: no padding).
         max_new_tokens: new tokens per row, >= 1. n is smaller when every row stopped earlier.
         do_sample: sample (True) or take the argmax (False, the default: greedy).
-        temperature, top_k, top_p: sampling controls (temperature > 0, top_k >= 1, top_p in (0, 1]).
+        temperature, top_k, top_p: sampling controls (temperature > 0, top_k >= 1, top_p in (0, 1]); with
+            do_sample=False they are ignored, and a value other than the default gives a UserWarning.
         repetition_penalty: CTRL penalty over prompt (non-padding) and generated tokens; 1.0 is off.
         eos_token_id: ids that end a row (kept in the output): an int, or a list, tuple or 0-d/1-D integer tensor
             of ints, each in [0, vocab_size) (bool and float are refused); None takes ``model.generation_config``
