@@ -32,6 +32,7 @@ def _config(tmp_path, **extra):
 def test_train_then_plot(tmp_path):
     config = _config(tmp_path)
     out = tmp_path / "run"
+    out.mkdir()  # an existing empty folder is a fine --out
     result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out), "--lr", "0.002"])
     assert result.exit_code == 0, result.output
     assert "bits/byte" in result.output and "unigram entropy" in result.output
@@ -46,20 +47,32 @@ def test_train_then_plot(tmp_path):
     assert result.exit_code == 1 and "--resume" in result.output
     result = runner.invoke(app, ["train", "--out", str(out), "--resume"])
     assert result.exit_code == 0, result.output
-    # --resume with another model shape is refused before any work, naming the fields; the run is untouched.
+    # --resume with settings the checkpoint fixes is refused before any work, naming each with its two values; the
+    # run is untouched.
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    saved_config = (out / "config.yaml").read_text()
     result = runner.invoke(app, ["train", "--out", str(out), "--resume", "--preset", "small"])
     assert result.exit_code == 1 and result.output.startswith("error: --resume:"), result.output
-    assert "hidden_size 32 in the checkpoint vs 512 now" in result.output
-    assert "--resume keeps the run's model settings" in result.output and "Traceback" not in result.output
+    assert "model.hidden_size 32 in the checkpoint vs 512 now" in result.output
+    assert "seq_len 32 in the checkpoint vs 1024 now" in result.output
+    assert "--resume continues the run with its saved settings" in result.output and "Traceback" not in result.output
+    for flags, listed in ((["--lr", "0.1"], "(lr 0.002 in the checkpoint vs 0.1 now)"),
+                          (["--seq-len", "16"], "(seq_len 32 in the checkpoint vs 16 now)"),
+                          (["--warmup-steps", "3", "--batch-size", "2"],
+                           "(warmup_steps 1 in the checkpoint vs 3 now, batch_size 4 in the checkpoint vs 2 now)")):
+        result = runner.invoke(app, ["train", "--out", str(out), "--resume", "--max-steps", "6", *flags])
+        assert result.exit_code == 1 and listed in result.output, result.output
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
-    # Resuming with a shorter sequence: the token count is the running total, not steps x the new tokens/step.
-    result = runner.invoke(app, ["train", "--out", str(out), "--resume", "--max-steps", "6", "--seq-len", "16"])
+    assert (out / "config.yaml").read_text() == saved_config  # records only what was used
+    # --max-steps may change: the run goes on, and config.yaml records the new value.
+    result = runner.invoke(app, ["train", "--out", str(out), "--resume", "--max-steps", "6"])
     assert result.exit_code == 0, result.output
-    want = 4 * 4 * 32 + 2 * 4 * 16
+    want = 6 * 4 * 32
     assert json.loads((out / "summary.json").read_text())["tokens"] == want
     assert f"6 steps, {want:,} tokens" in result.output
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-2])["tokens"] == want
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["max_steps"] == 6 and saved["lr"] == 0.002
 
 
 @pytest.mark.parametrize("args,message", [
@@ -79,14 +92,96 @@ def test_clear_errors_and_nothing_written(tmp_path, args, message):
     assert not out.exists()
 
 
-def test_out_is_a_file_refused_up_front(tmp_path):
+@pytest.mark.parametrize("under", [False, True], ids=["file", "under-file"])
+def test_out_is_a_file_refused_up_front(tmp_path, under):
     config = _config(tmp_path)
-    out = tmp_path / "afile"
-    out.write_text("keep me")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    out = afile / "sub" if under else afile
     result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out)])
     assert result.exit_code == 1
-    assert result.output.startswith(f"error: --out '{out}' is a file, expected a run folder"), result.output
-    assert out.read_text() == "keep me" and not (tmp_path / "cache").exists()  # no data prepared
+    where = f"cannot be created: {afile} is a file" if under else "is a file"
+    assert result.output.startswith(f"error: --out '{out}' {where}, expected a run folder (a new or empty folder, "
+                                    f"or an existing run's folder with --resume)"), result.output
+    assert afile.read_text() == "keep me" and not (tmp_path / "cache").exists()  # no data prepared
+
+
+def test_out_that_is_not_a_run_folder_refused_up_front(tmp_path):
+    config = _config(tmp_path)
+    out = tmp_path / "model"  # e.g. a finished run's model folder
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    for resume in ([], ["--resume"]):
+        result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out), *resume])
+        assert result.exit_code == 1
+        assert result.output.strip() == (
+            f"error: --out '{out}' is an existing folder that is not a run folder (no config.yaml with "
+            f"metrics.jsonl or checkpoints/), expected a new or empty folder, or an existing run's folder with "
+            f"--resume"), result.output
+    assert [p.name for p in out.iterdir()] == ["config.json"] and not (tmp_path / "cache").exists()
+
+
+def test_empty_out_refused(tmp_path):
+    config = _config(tmp_path)
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", ""])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: --out must be a folder path, got ''; leave --out out for the default " \
+                                    "runs/PRESET"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_folder_left_before_the_first_step_is_a_run_folder(tmp_path):
+    from diffllama.train.checkpoint import check_run_dir, is_run_dir
+    from diffllama.train.loop import Trainer
+    from diffllama.train.config import resolve_config
+
+    out = tmp_path / "run"
+    cfg = resolve_config(None, _config(tmp_path))
+    Trainer(cfg, out, quiet=True)._prepare_run_dir()  # what a run killed before its first step leaves
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl"] and is_run_dir(out)
+    check_run_dir(out)  # a rerun may use it
+    (out / "metrics.jsonl").unlink()
+    with pytest.raises(ValueError, match="is an existing folder that is not a run folder"):
+        check_run_dir(out)  # config.yaml alone may be anyone's
+
+
+def test_config_file_model_not_a_mapping(tmp_path):
+    config = _config(tmp_path, model=5)
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == "error: model in the config file must be a mapping of DiffLlamaConfig fields " \
+                                    "(e.g. model: {num_hidden_layers: 2}), got 5"
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_parallel_without_torchrun_refused_before_any_data_work(tmp_path, monkeypatch, parallel):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    config = _config(tmp_path)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out), "--parallel", parallel])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == (
+        f"error: --parallel {parallel} needs processes launched by torchrun (e.g. torchrun --nproc_per_node=N -m "
+        f"diffllama train ... --parallel {parallel}); for one process use --parallel none or auto")
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_seq_len_above_max_positions_is_noticed_and_recorded(tmp_path):
+    config = _config(tmp_path, max_steps=1, save_every=1, eval_every=1)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out), "--seq-len", "80"])
+    assert result.exit_code == 0, result.output
+    notices = [line for line in result.output.splitlines() if "max_position_embeddings" in line]
+    assert notices == ["note: seq_len 80 is above the model's max_position_embeddings 64; the model is saved with "
+                       "max_position_embeddings 80"]
+    recorded = [yaml.safe_load((out / "config.yaml").read_text()),
+                yaml.safe_load((out / "checkpoints" / "step-000001" / "train_config.yaml").read_text())]
+    assert [r["model"]["max_position_embeddings"] for r in recorded] == [80, 80]
+    assert json.loads((out / "model" / "config.json").read_text())["max_position_embeddings"] == 80
+    result = runner.invoke(app, ["train", "--out", str(out), "--resume", "--max-steps", "2"])
+    assert result.exit_code == 0, result.output  # the recorded settings resume as they are
+    assert "max_position_embeddings" not in result.output
 
 
 def test_flash_on_cpu_refused_before_any_data_work(tmp_path, monkeypatch):

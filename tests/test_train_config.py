@@ -90,3 +90,25 @@ def test_unparsable_config_file_is_one_line_naming_the_file(tmp_path, name, text
         resolve_config("tiny", path)
     message = str(caught.value)
     assert message.startswith(f"cannot parse config file {str(path)!r}: ") and "\n" not in message, message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("model: 5\n", "model in the config file must be a mapping of DiffLlamaConfig fields (e.g. model: "
+                    "{num_hidden_layers: 2}), got 5"),
+    ("model: [2]\n", "model in the config file must be a mapping of DiffLlamaConfig fields"),
+    ("preset: [tiny]\n", "preset must be a preset name (a string), got ['tiny']"),
+    ("data: 5\n", "data must be a list of paths, got 5"),
+    ("text_field: [a]\n", "text_field must be a string, got ['a']"),
+    ("tokenizer: 5\n", "tokenizer must be a string, got 5"),
+    ("cache_dir: 5\n", "cache_dir must be a string, got 5"),
+    ("compile: 'no'\n", "compile must be true or false, got 'no'"),
+    ("tensorboard: 1\n", "tensorboard must be true or false, got 1"),
+    ("lr: 3e-3\n", "lr must be a number > 0 (the peak learning rate, e.g. 0.003), got '3e-3' (text, not a number: "
+                    "YAML reads 3e-3 as text; write 3.0e-3 or 0.003)"),
+    ("1: 2\nfoo: 3\n", "unknown setting(s) in config file: [1, 'foo']"),
+], ids=["model-int", "model-list", "preset-list", "data-int", "text-field", "tokenizer", "cache-dir", "compile",
+        "tensorboard", "lr-as-text", "int-key"])
+def test_config_file_values_of_the_wrong_type(tmp_path, text, expected):
+    with pytest.raises(ValueError) as caught:
+        resolve_config(None, _write(tmp_path / "run.yaml", text))
+    assert str(caught.value).startswith(expected), str(caught.value)

@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from diffllama.train.checkpoint import list_checkpoints
 from diffllama.train.loop import Trainer
-from train_utils import micro_config, small_corpus
+from train_utils import MICRO_MODEL, micro_config, small_corpus
 
 
 def _fit(cfg, out, *, stop_at=None, resume=False):
@@ -94,3 +95,59 @@ def test_batch_that_does_not_fit_is_a_clear_error(corpus, tmp_path, monkeypatch)
     with pytest.raises(BatchTooLargeError, match="does not fit.*--batch-size"):
         trainer.fit()
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def finished_run(corpus, tmp_path_factory):
+    """A 3-step micro run with its checkpoint (resume checks compare against its settings)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    _fit(micro_config(corpus, out.parent / "cache", max_steps=3, save_every=3), out)
+    return out
+
+
+@pytest.mark.parametrize("changes, listed", [
+    (dict(lr=0.1), "lr 0.003 in the checkpoint vs 0.1 now"),
+    (dict(warmup_steps=5), "warmup_steps 2 in the checkpoint vs 5 now"),
+    (dict(min_lr_ratio=0.5), "min_lr_ratio 0.1 in the checkpoint vs 0.5 now"),
+    (dict(weight_decay=0.0), "weight_decay 0.1 in the checkpoint vs 0.0 now"),
+    (dict(beta2=0.99), "beta2 0.95 in the checkpoint vs 0.99 now"),
+    (dict(seq_len=16), "seq_len 32 in the checkpoint vs 16 now"),
+    (dict(seed=7), "seed 1234 in the checkpoint vs 7 now"),
+    (dict(batch_size=2), "batch_size 4 in the checkpoint vs 2 now"),
+    (dict(grad_accum=2), "grad_accum 1 in the checkpoint vs 2 now"),
+    (dict(val_fraction=0.2), "val_fraction 0.1 in the checkpoint vs 0.2 now"),
+    (dict(model={**MICRO_MODEL, "rope_theta": 500.0}), "model.rope_theta None in the checkpoint vs 500.0 now"),
+    (dict(model={**MICRO_MODEL, "hidden_size": 64}), "model.hidden_size 32 in the checkpoint vs 64 now"),
+], ids=lambda v: "-".join(v) if isinstance(v, dict) else None)
+def test_resume_refuses_settings_it_cannot_honour(corpus, finished_run, changes, listed):
+    cfg = micro_config(corpus, finished_run.parent / "cache", max_steps=3, save_every=3, **changes)
+    before = (finished_run / "config.yaml").read_text()
+    with pytest.raises(ValueError) as caught:
+        Trainer(cfg, finished_run, resume=True, quiet=True)
+    message = str(caught.value)
+    assert message.startswith(f"--resume: settings given now differ from those of the run's checkpoint "
+                              f"{finished_run / 'checkpoints' / 'step-000003'} and a resumed run cannot honour them "
+                              f"({listed}); "), message
+    assert (finished_run / "config.yaml").read_text() == before
+
+
+def test_resume_may_change_steering_settings_and_the_split_of_the_global_batch(corpus, finished_run):
+    cfg = micro_config(corpus, finished_run.parent / "cache", max_steps=5, save_every=1, eval_every=1, log_every=2,
+                       keep_last=1, grad_clip=0.5, num_threads=1, batch_size=2, grad_accum=2,
+                       model={**MICRO_MODEL, "attn_implementation": "eager"})
+    trainer = Trainer(cfg, finished_run, resume=True, quiet=True)
+    assert trainer.step == 3 and trainer.plan.global_batch == 4
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(corpus, tmp_path):
+    from diffllama.train.loop import lr_lambda
+
+    cfg = micro_config(corpus, tmp_path / "cache", max_steps=6, save_every=3)
+    _fit(cfg, tmp_path / "run", stop_at=4)
+    longer = micro_config(corpus, tmp_path / "cache", max_steps=12, save_every=3)
+    trainer, result = _fit(longer, tmp_path / "run", resume=True)
+    # The cosine decay is recomputed to end at step 12: step 5 (index 4) runs at the new curve's lr, not the old.
+    want = [3e-3 * lr_lambda(step, 2, 12, 0.1) for step in range(4, 12)]
+    assert want[0] != pytest.approx(3e-3 * lr_lambda(4, 2, 6, 0.1))
+    assert [r["lr"] for r in _records(tmp_path / "run") if r["step"] > 4 and "lr" in r] == want
+    assert result.step == 12 and yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["max_steps"] == 12

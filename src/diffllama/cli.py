@@ -315,8 +315,11 @@ def train(
     config: str = typer.Option(None, "--config", help="YAML/TOML/JSON file of settings (see diffllama.train.config)."),
     data: list[str] = typer.Option(None, "--data", help="Corpus: text files, folders, JSONL (repeatable). "
                                    "Default: the bundled State of the Union corpus."),
-    out: str = typer.Option(None, "--out", help="Run folder (metrics, checkpoints, final model). Default: runs/PRESET."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    out: str = typer.Option(None, "--out", help="Run folder (metrics, checkpoints, final model): a new or empty "
+                            "folder, or an existing run's folder with --resume. Default: runs/PRESET."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out with the run's "
+                                "settings: --max-steps and the logging, saving and device flags may change; flags "
+                                "the checkpoint fixes (--lr, --seq-len, ...) are refused."),
     max_steps: int = typer.Option(None, help="Optimizer steps."),
     batch_size: int = typer.Option(None, help="Sequences per micro-batch per process."),
     grad_accum: int = typer.Option(None, help="Micro-batches per optimizer step."),
@@ -353,7 +356,7 @@ def train(
     """
     from pathlib import Path
 
-    from diffllama.train.checkpoint import describe_model_mismatch, latest_checkpoint, model_config_differences
+    from diffllama.train.checkpoint import check_run_dir, latest_checkpoint
     from diffllama.train.config import read_config_file, resolve_config
     from diffllama.train.data import CorpusError
     from diffllama.train.loop import BatchTooLargeError, run_training
@@ -367,23 +370,18 @@ def train(
                  cache_dir=cache_dir, num_threads=num_threads, data=list(data) if data else None,
                  model={"attn_implementation": attn_implementation} if attn_implementation else None)
     def run():
+        if out is not None and not out.strip():  # Path("") would be the current folder
+            raise ValueError("--out must be a folder path, got ''; leave --out out for the default runs/PRESET")
         name = preset or (read_config_file(config).get("preset") if config else None)
         run_dir = Path(out or f"runs/{name or 'tiny'}")
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ValueError(f"--out {str(run_dir)!r} is a file, expected a run folder (a new folder, or an existing "
-                             f"run's folder with --resume)")
-        checkpoint = latest_checkpoint(run_dir) if resume else None
-        if resume and checkpoint is None:
+        check_run_dir(run_dir)
+        if resume and latest_checkpoint(run_dir) is None:
             raise ValueError(f"--resume: no checkpoint in {run_dir} to resume from (drop --resume to start a new run)")
         saved, config_file = run_dir / "config.yaml", config
         if resume and not config and not preset and saved.is_file():
             config_file = str(saved)  # resuming: the run's own resolved config, then any flags given now
-        cfg = resolve_config(preset, config_file, flags)
-        if checkpoint is not None:  # before any data work: the checkpoint must load into the model asked for
-            differences = model_config_differences(cfg.model, checkpoint)
-            if differences:
-                raise ValueError(describe_model_mismatch(differences, checkpoint))
-        return run_dir, run_training(cfg, run_dir, resume=resume)
+        # The trainer refuses, before any data work, settings that a resumed run could not honour.
+        return run_dir, run_training(resolve_config(preset, config_file, flags), run_dir, resume=resume)
 
     run_dir, result = _run_reporting_errors(run, (CorpusError, ValueError, FileNotFoundError, BatchTooLargeError))
     summary = _finished_summary(result, run_dir, f"diffllama train --out {run_dir} --resume")

@@ -67,40 +67,51 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-# DiffLlamaConfig fields that set parameter shapes: a checkpoint only loads into a model that agrees on all of them.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias")
+def read_train_config(checkpoint: str | os.PathLike) -> dict:
+    """The resolved run config saved in ``checkpoint`` (its ``train_config.yaml``) as a dict.
 
-
-def model_config_differences(wanted, checkpoint: str | os.PathLike) -> dict[str, tuple]:
-    """``{field: (checkpoint's value, wanted value)}`` for the shape-setting fields that differ.
-
-    ``wanted``: a :class:`~diffllama.config.DiffLlamaConfig`, or a dict of its fields (a run config's ``model``
-    mapping; a ``vocab_size`` of None means the checkpoint's, as the run's tokenizer is reused on resume). A dict that
-    does not make a valid config gives {} (the model build reports it).
+    Raises:
+        ValueError: the file is missing or not a mapping (not a checkpoint of ``diffllama train``).
     """
-    from diffllama.config import DiffLlamaConfig
+    import yaml
 
-    saved = DiffLlamaConfig.from_pretrained(checkpoint)
-    if isinstance(wanted, dict):
-        fields = dict(wanted)
-        if fields.get("vocab_size") is None:
-            fields["vocab_size"] = saved.vocab_size
-        try:
-            wanted = DiffLlamaConfig(**fields)
-        except (TypeError, ValueError):
-            return {}
-    return {name: (getattr(saved, name), getattr(wanted, name)) for name in SHAPE_FIELDS
-            if getattr(saved, name) != getattr(wanted, name)}
+    path = Path(checkpoint) / "train_config.yaml"
+    settings = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not isinstance(settings, dict):
+        raise ValueError(f"--resume: checkpoint {checkpoint} has no readable train_config.yaml, so its settings "
+                         f"are unknown; choose another --out to start a new run")
+    return settings
 
 
-def describe_model_mismatch(differences: dict[str, tuple], checkpoint) -> str:
-    """The error message for :func:`model_config_differences`' result on resume."""
-    listed = ", ".join(f"{name} {old!r} in the checkpoint vs {new!r} now" for name, (old, new) in
-                       differences.items())
-    return (f"--resume: the model settings given now differ from those of the run's checkpoint {checkpoint} "
-            f"({listed}); --resume keeps the run's model settings: drop --preset/--config (or the model: entries "
-            f"that changed) to continue the run, or choose another --out to start a new one")
+def saved_world_size(checkpoint: str | os.PathLike) -> int:
+    """Processes of the run that wrote ``checkpoint``: each rank saves its own ``rng-rank{r}.pt``."""
+    return len(list(Path(checkpoint).glob("rng-rank*.pt"))) or 1
+
+
+def is_run_dir(folder: str | os.PathLike) -> bool:
+    """True for a folder that a run wrote: its ``config.yaml`` with ``metrics.jsonl`` or ``checkpoints/`` (a run
+    writes config.yaml and metrics.jsonl before its first step)."""
+    folder = Path(folder)
+    return (folder / "config.yaml").is_file() and ((folder / "metrics.jsonl").is_file()
+                                                   or (folder / "checkpoints").is_dir())
+
+
+def check_run_dir(run_dir: str | os.PathLike) -> None:
+    """Refuse, before any work, an ``--out`` that cannot be a run folder: a file, a path under a file, or an
+    existing folder that is neither empty nor a run's (a run would write its files among someone else's).
+
+    Raises:
+        ValueError: naming --out, the folder and what is expected.
+    """
+    run_dir = Path(run_dir)
+    expected = "a new or empty folder, or an existing run's folder with --resume"
+    for path in (run_dir, *run_dir.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == run_dir else f"cannot be created: {path} is a file"
+            raise ValueError(f"--out {str(run_dir)!r} {where}, expected a run folder ({expected})")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+        raise ValueError(f"--out {str(run_dir)!r} is an existing folder that is not a run folder (no config.yaml "
+                         f"with metrics.jsonl or checkpoints/), expected {expected}")
 
 
 def full_state_dicts(module: torch.nn.Module, optimizer: torch.optim.Optimizer | None, fsdp: bool):

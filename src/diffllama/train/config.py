@@ -115,7 +115,7 @@ class TrainConfig:
             raise ValueError(f"tokenizer_vocab_size must be >= 300 (256 bytes + special tokens + merges), "
                              f"got {self.tokenizer_vocab_size}")
         # name: (test, the expected value as the message states it)
-        ranges = {"lr": (lambda v: v > 0, "a number > 0 (the peak learning rate, e.g. 3e-3)"),
+        ranges = {"lr": (lambda v: v > 0, "a number > 0 (the peak learning rate, e.g. 0.003)"),
                   "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1] (final lr / peak lr)"),
                   "weight_decay": (lambda v: v >= 0, "a number >= 0"),
                   "beta1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -128,7 +128,13 @@ class TrainConfig:
             value = getattr(self, name)
             if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
                     or not ok(value)):
-                raise ValueError(f"{name} must be {expected}, got {value!r}")
+                raise ValueError(f"{name} must be {expected}, got {value!r}{_yaml_number_hint(value)}")
+        for name in ("preset", "text_field", "tokenizer", "cache_dir"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("compile", "activation_checkpointing", "tensorboard"):
+            if not isinstance(getattr(self, name), bool):  # YAML's 'no' in quotes would otherwise count as true
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", str(self.device)):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.dtype not in DTYPES:
@@ -149,6 +155,75 @@ class TrainConfig:
         import yaml
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Settings a resumed run may change: they steer the run from the resumed step on, and it honours them exactly
+# (max_steps also ends the cosine schedule: its decay is recomputed to end at the new max_steps). Every other
+# setting is fixed by the checkpoint: the restored optimizer and scheduler hold lr, betas, eps, weight decay and
+# the schedule's shape; which windows step N reads follows data, tokenizer, split, seq_len, seed and the global
+# batch (diffllama.train.data.BatchPlan); the weights follow the model settings. (preset only names where the
+# settings came from; the settings themselves are compared.)
+RESUME_MAY_CHANGE = ("preset", "cache_dir", "max_steps", "grad_clip", "eval_every", "eval_batches", "log_every",
+                     "save_every", "keep_last", "device", "dtype", "compile", "activation_checkpointing",
+                     "parallel", "loss_chunk_size", "num_threads", "tensorboard")
+# Every attention backend computes the same function (a GPU run may resume on CPU with sdpa instead of flash).
+MODEL_MAY_CHANGE = ("attn_implementation",)
+# Batches index global samples: the global batch (batch_size x grad_accum x processes) is fixed, not its split.
+BATCH_SPLIT = ("batch_size", "grad_accum")
+
+
+def fit_positions(model: dict[str, Any], seq_len: int) -> dict[str, Any]:
+    """``model`` with ``max_position_embeddings`` raised to ``seq_len`` where it is lower (or unset): the model a
+    run of ``seq_len``-token sequences builds (RoPE has no position weights to grow)."""
+    return {**model, "max_position_embeddings": max(model.get("max_position_embeddings") or 0, seq_len)}
+
+
+def resume_conflicts(saved: dict[str, Any], cfg: TrainConfig, saved_world: int, world: int) -> dict[str, tuple]:
+    """``{setting: (checkpoint's value, value now)}`` for the settings a resumed run could not honour.
+
+    Args:
+        saved: the checkpoint's resolved config (its ``train_config.yaml``); settings it lacks are not compared.
+        cfg: the config given now. saved_world, world: processes of the saved run and of this one.
+
+    Model fields are named ``model.FIELD``. When the global batch changed, those of ``batch_size``,
+    ``grad_accum`` and ``processes`` that differ are listed.
+    """
+    now = cfg.to_dict()
+    skip = RESUME_MAY_CHANGE + BATCH_SPLIT + ("model",)
+    conflicts = {name: (saved[name], value) for name, value in now.items()
+                 if name not in skip and name in saved and saved[name] != value}
+    old_model = fit_positions(saved.get("model") or {}, saved.get("seq_len", cfg.seq_len))
+    new_model = fit_positions(cfg.model, cfg.seq_len)
+    for key in sorted(set(old_model) | set(new_model)):
+        if key not in MODEL_MAY_CHANGE and old_model.get(key) != new_model.get(key):
+            conflicts[f"model.{key}"] = (old_model.get(key), new_model.get(key))
+    old_batch = {**{name: saved.get(name, now[name]) for name in BATCH_SPLIT}, "processes": saved_world}
+    new_batch = {**{name: now[name] for name in BATCH_SPLIT}, "processes": world}
+    if math.prod(old_batch.values()) != math.prod(new_batch.values()):
+        conflicts.update({name: (old, new_batch[name]) for name, old in old_batch.items() if old != new_batch[name]})
+    return conflicts
+
+
+def describe_resume_conflicts(conflicts: dict[str, tuple], checkpoint) -> str:
+    """The error message for :func:`resume_conflicts`' result."""
+    listed = ", ".join(f"{name} {old!r} in the checkpoint vs {new!r} now" for name, (old, new) in conflicts.items())
+    free = ", ".join(name for name in RESUME_MAY_CHANGE if name != "preset")
+    return (f"--resume: settings given now differ from those of the run's checkpoint {checkpoint} and a resumed run "
+            f"cannot honour them ({listed}); --resume continues the run with its saved settings: drop the flags "
+            f"(or --preset/--config entries) that changed, or choose another --out to start a new run. A resumed "
+            f"run may change only {free}, model.attn_implementation, and how batch_size x grad_accum x processes "
+            f"splits the same global batch")
+
+
+def _yaml_number_hint(value: Any) -> str:
+    """A hint for a number that arrived as text: PyYAML reads ``3e-3`` (no dot) as a string."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    return " (text, not a number: YAML reads 3e-3 as text; write 3.0e-3 or 0.003)"
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -199,16 +274,22 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
     file_data = read_config_file(config_file) if config_file else {}
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     name = preset or file_data.get("preset") or "tiny"
+    if not isinstance(name, str):
+        raise ValueError(f"preset must be a preset name (a string), got {name!r}")
     base = get_preset(name)
     merged: dict[str, Any] = {**base["train"], "preset": name}
     model = dict(base["model"])
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     for source_name, source in (("config file", file_data), ("overrides", overrides)):
-        unknown = sorted(set(source) - known)
+        unknown = sorted(set(source) - known, key=str)
         if unknown:
             raise ValueError(f"unknown setting(s) in {source_name}: {unknown}; valid: {sorted(known)}")
         source = dict(source)
-        model.update(source.pop("model", None) or {})
+        model_fields = source.pop("model", None)
+        if model_fields is not None and not isinstance(model_fields, dict):  # merged field by field below
+            raise ValueError(f"model in the {source_name} must be a mapping of DiffLlamaConfig fields "
+                             f"(e.g. model: {{num_hidden_layers: 2}}), got {model_fields!r}")
+        model.update(model_fields or {})
         source.pop("preset", None)
         merged.update(source)
     merged["model"] = model

@@ -71,10 +71,16 @@ def init_distributed(device: str = "auto") -> DistInfo:
 def parallel_mode(requested: str, info: DistInfo) -> str:
     """Resolve ``parallel`` ("auto", "none", "ddp", "fsdp") for this launch: "auto" is DDP with several processes.
 
+    "ddp"/"fsdp" need a torchrun launch (they join its process group); under torchrun with one process "ddp" is
+    no wrap and "fsdp" a no-op wrap.
+
     Raises:
-        ValueError: "ddp"/"fsdp" with one process is allowed (a no-op wrap for FSDP, none for DDP); "none" with
-        several processes is refused (the ranks would drift apart).
+        ValueError: "ddp"/"fsdp" without torchrun; "none" with several processes (the ranks would drift apart).
     """
+    if requested in ("ddp", "fsdp") and "RANK" not in os.environ:  # torchrun sets RANK, WORLD_SIZE, MASTER_ADDR...
+        raise ValueError(f"--parallel {requested} needs processes launched by torchrun (e.g. torchrun "
+                         f"--nproc_per_node=N -m diffllama train ... --parallel {requested}); for one process "
+                         f"use --parallel none or auto")
     if requested == "auto":
         return "ddp" if info.distributed else "none"
     if requested == "none" and info.distributed:

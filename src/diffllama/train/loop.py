@@ -32,7 +32,7 @@ from diffllama import settings
 from diffllama.config import DiffLlamaConfig
 from diffllama.modeling import DiffLlamaForCausalLM
 from diffllama.train import checkpoint as ckpt
-from diffllama.train.config import TrainConfig
+from diffllama.train.config import TrainConfig, describe_resume_conflicts, fit_positions, resume_conflicts
 from diffllama.train.data import (BatchPlan, CorpusError, DataMeta, TokenShards, bundled_corpus, default_cache_dir,
                                   list_input_files, load_or_train_tokenizer, prepare_data)
 from diffllama.train.distributed import (DistInfo, all_reduce_sum, init_distributed, parallel_mode, parallelize)
@@ -118,25 +118,26 @@ class Trainer:
     Args:
         cfg: the resolved config. run_dir: output folder (metrics, checkpoints, final model).
         resume: continue from the newest checkpoint in ``run_dir`` (fresh start when there is none; ``diffllama
-            train`` refuses that case). The model settings must match the checkpoint's.
+            train`` refuses that case). Settings other than those of
+            :data:`~diffllama.train.config.RESUME_MAY_CHANGE` must match the checkpoint's.
         info: process placement; default: from the environment (:func:`init_distributed`).
         quiet: no progress bar or prints.
 
     Raises:
         CorpusError: missing/empty corpus, splits too small for ``seq_len``.
         ValueError: bad settings (e.g. a model vocabulary smaller than the tokenizer's); ``run_dir`` already
-            holding checkpoints without ``resume``; ``run_dir`` being a file; on resume, model settings whose
-            shapes differ from the checkpoint's (naming the fields).
+            holding checkpoints without ``resume``; ``run_dir`` not fit to be a run folder
+            (:func:`~diffllama.train.checkpoint.check_run_dir`); "ddp"/"fsdp" without torchrun; on resume,
+            settings the resumed run could not honour (:func:`~diffllama.train.config.resume_conflicts`).
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                  info: DistInfo | None = None, quiet: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ValueError(f"run folder {str(self.run_dir)!r} is a file, expected a folder (a new or existing run "
-                             f"folder): choose another --out")
+        ckpt.check_run_dir(self.run_dir)
         self.info = info or init_distributed(cfg.device)
+        self.mode = parallel_mode(cfg.parallel, self.info)
         self.quiet = quiet or not self.info.is_main
         self.device = self.info.device
         attn = (cfg.model or {}).get("attn_implementation")
@@ -150,6 +151,8 @@ class Trainer:
         if not resume and ckpt.latest_checkpoint(self.run_dir) is not None:
             raise ValueError(f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
                              f"or choose another --out")
+        if self.resume_from is not None:
+            self._check_resume_settings()
 
         # ---- data, tokenizer and model: hooks a subclass may replace (diffllama.finetune.run.FineTuneTrainer)
         self._check_model_settings()
@@ -159,7 +162,6 @@ class Trainer:
         # ---- model
         torch.manual_seed(cfg.seed)
         self.model, self.module = self._build_model()
-        self.mode = parallel_mode(cfg.parallel, self.info)
         self.amp_dtype = autocast_dtype(cfg, self.device)
         self.wrapped = parallelize(self.module, self.model.base_model.layers, mode=self.mode, info=self.info,
                                    activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
@@ -176,6 +178,7 @@ class Trainer:
             state = ckpt.load_checkpoint(self.resume_from, module=self.module, optimizer=self.optimizer,
                                          scheduler=self.scheduler, info=self.info, fsdp=self.mode == "fsdp")
             self.step = state["step"]
+            self._restart_schedule()
             extra = state.get("extra") or {}
             if extra.get("tokens") is not None:
                 self.tokens = int(extra["tokens"])
@@ -185,6 +188,20 @@ class Trainer:
                     else self.step * self.tokens_per_step
 
     # ---- set-up helpers --------------------------------------------------------------------------------------------
+
+    def _check_resume_settings(self) -> None:
+        """Refuse, before any data work, settings that differ from the checkpoint's where the resumed run could not
+        honour them (the restored optimizer keeps its lr, the data stream its order, the weights their model)."""
+        saved = ckpt.read_train_config(self.resume_from)
+        conflicts = resume_conflicts(saved, self.cfg, ckpt.saved_world_size(self.resume_from), self.info.world_size)
+        if conflicts:
+            raise ValueError(describe_resume_conflicts(conflicts, self.resume_from))
+
+    def _restart_schedule(self) -> None:
+        """Set the learning rate of step ``self.step`` from this run's schedule: the restored optimizer holds the
+        saved run's next lr, which differs when max_steps changed (the cosine decay then ends at the new one)."""
+        self.scheduler.last_epoch = self.step - 1
+        self.scheduler.step()  # last_epoch back to self.step; each group's lr = peak x lr_lambda(self.step)
 
     def _setup_data(self) -> None:
         """Set ``tokenizer``, ``meta``, ``train_data`` and ``val_data`` (each with ``len`` and ``batch(indices)``)."""
@@ -224,8 +241,7 @@ class Trainer:
 
     def _config_with(self, vocab_size: int, special_ids: dict) -> DiffLlamaConfig:
         """The run's model config (``cfg.model`` fields) with this vocabulary size and bos/eos/pad ids."""
-        fields = dict(self.cfg.model, vocab_size=vocab_size, **special_ids)
-        fields["max_position_embeddings"] = max(fields.get("max_position_embeddings") or 0, self.cfg.seq_len)
+        fields = dict(fit_positions(self.cfg.model, self.cfg.seq_len), vocab_size=vocab_size, **special_ids)
         # flash on a CUDA GPU (0.4b compiled step 1.17x sdpa's tokens/s, benchmarks/RESULTS.md), sdpa on CPU
         fields.setdefault("attn_implementation", "auto")
         try:
@@ -247,11 +263,19 @@ class Trainer:
         config = self._config_with(vocab, dict(bos_token_id=self.tokenizer.bos_token_id,
                                                eos_token_id=self.tokenizer.eos_token_id,
                                                pad_token_id=self.tokenizer.pad_token_id))
-        if self.resume_from is not None:
-            differences = ckpt.model_config_differences(config, self.resume_from)
-            if differences:
-                raise ValueError(ckpt.describe_model_mismatch(differences, self.resume_from))
+        self._record_positions(config.max_position_embeddings)
         return config
+
+    def _record_positions(self, positions: int) -> None:
+        """Record the saved model's ``max_position_embeddings`` in the run's config (config.yaml and every
+        checkpoint's train_config.yaml), with a notice when ``seq_len`` raised the value the settings gave."""
+        given = self.cfg.model.get("max_position_embeddings")
+        if given == positions:
+            return
+        if given is not None and not self.quiet:
+            print(f"note: seq_len {self.cfg.seq_len} is above the model's max_position_embeddings {given}; the "
+                  f"model is saved with max_position_embeddings {positions}", flush=True)
+        self.cfg.model = {**self.cfg.model, "max_position_embeddings": positions}
 
     @property
     def tokens_per_step(self) -> int:
@@ -398,8 +422,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
             metrics = self.run_dir / "metrics.jsonl"
-            if self.resume_from is None:
-                metrics.unlink(missing_ok=True)
+            if self.resume_from is None:  # a fresh record; with config.yaml it marks a run folder (check_run_dir)
+                metrics.write_text("")
             elif metrics.is_file():
                 kept = [line for line in metrics.read_text().splitlines()
                         if line.strip() and json.loads(line).get("step", 0) <= self.step]
