@@ -266,15 +266,16 @@ def test_finetune_refuses_repeated_labels_before_any_work(base_model, tmp_path, 
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("where", ["file", "under-file"])
-def test_finetune_refuses_out_that_is_a_file(base_model, tmp_path, where):
+@pytest.mark.parametrize("where", ["file", "under-file", "other-folder"])
+def test_finetune_refuses_out_that_is_not_a_run_folder(base_model, tmp_path, where):
     afile = tmp_path / "afile"
     afile.write_text("keep me")
-    out = afile if where == "file" else afile / "run"
+    out = {"file": afile, "under-file": afile / "run", "other-folder": tmp_path}[where]
     result = _cli("finetune", "sequence-classification", "--model", base_model, "--data", DATA / "rt_test.csv",
                   "--out", out)
-    expected = "is an existing file" if where == "file" else f"cannot be created: {afile} is a file"
-    _refused(result, 2, f"--out {out} {expected}; expected a run folder")
+    expected = {"file": "is a file", "under-file": f"cannot be created: {afile} is a file",
+                "other-folder": "is an existing folder that is not a run folder"}[where]
+    _refused(result, 1, f"--out {str(out)!r} {expected}")
     assert afile.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 

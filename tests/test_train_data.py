@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -85,6 +86,20 @@ def test_prepare_packs_with_eos_and_caches(tmp_path):
     folder3, _ = prepare_data(list_input_files([str(corpus)]), tok, val_fraction=0.1, cache_dir=tmp_path / "cache")
     assert folder3 != folder
     assert not list((tmp_path / "cache" / "data").glob(".tmp-*"))
+
+
+def test_cache_folders_get_the_umask_permissions(tmp_path):
+    """Staged with mkdtemp (0o700): a shared cache would be unreadable to other users."""
+    corpus = small_corpus(tmp_path / "corpus", documents=25, chars=800)
+    files = list_input_files([str(corpus)])
+    old = os.umask(0o027)
+    try:
+        tok = load_or_train_tokenizer(files, "text", 320, tmp_path / "cache")
+        folder, _ = prepare_data(files, tok, val_fraction=0.1, cache_dir=tmp_path / "cache")
+    finally:
+        os.umask(old)
+    (tok_folder,) = (tmp_path / "cache" / "tokenizers").iterdir()
+    assert [stat.S_IMODE(os.stat(f).st_mode) for f in (tok_folder, folder)] == [0o750, 0o750]
 
 
 def test_few_documents_split_by_tails(tmp_path):

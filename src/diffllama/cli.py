@@ -438,17 +438,6 @@ def _check_task_args(task_name, max_length, stride) -> None:
                                  f"tokens), got {max_length}", 2)
 
 
-def _check_out_dir(flag: str, run_dir) -> None:
-    """Refuse a run folder that is, or lies under, an existing file (exit code 2)."""
-    from pathlib import Path
-
-    run_dir = Path(run_dir)
-    for path in (run_dir, *run_dir.parents):
-        if path.exists() and not path.is_dir():
-            where = "is an existing file" if path == run_dir else f"cannot be created: {path} is a file"
-            raise _GenerateError(f"{flag} {run_dir} {where}; expected a run folder (a new or existing directory)", 2)
-
-
 def _check_out_file(flag: str, file) -> None:
     """Refuse an output file whose folder does not exist, or that is a directory (exit code 2)."""
     from pathlib import Path
@@ -505,13 +494,14 @@ def finetune(
 
     from diffllama.finetune.data import DataError
     from diffllama.finetune.run import finetune_config, run_finetune
+    from diffllama.train.checkpoint import check_run_dir
 
     run_dir = Path(out or f"runs/finetune-{task}")
     try:  # arguments first, before any data is read or anything written
         task_obj = _task_options(task, text_column, label_column, tokens_column, tags_column, labels, max_length,
                                  stride)
         _check_task_args(task, max_length, stride)
-        _check_out_dir("--out", run_dir)
+        check_run_dir(run_dir)
     except _GenerateError as error:
         print(f"error: {error}", file=sys.stderr)
         raise typer.Exit(error.code)

@@ -37,6 +37,8 @@ from typing import Iterator
 
 import numpy as np
 
+from diffllama.config import default_permissions
+
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".json")
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
@@ -240,6 +242,7 @@ def load_or_train_tokenizer(files: list[Path], text_field: str, vocab_size: int,
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_mkdir(folder.parent)))
     try:
         tokenizer.save_pretrained(staging)
+        default_permissions(staging)  # mkdtemp makes it 0o700: a shared cache must stay readable
         os.replace(staging, folder)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
@@ -422,6 +425,7 @@ def prepare_data(files: list[Path], tokenizer, *, text_field: str = "text", val_
             unigram_val_bits_per_token=float(-(val_counts * np.log2(smoothed)).sum() / val_counts.sum()),
             split="documents" if by_document else "document tails", **stats)
         (staging / "meta.json").write_text(json.dumps(meta.__dict__, indent=2) + "\n")
+        default_permissions(staging)
         try:
             os.replace(staging, folder)
         except OSError:  # another process finished the same folder first
