@@ -150,13 +150,15 @@ def generate(
                                  "so it pays off on a GPU for long outputs, rarely on a CPU."),
     interactive: bool = typer.Option(False, "--interactive", "-i", help="Prompt loop on stdin; empty line or EOF ends."),
     prompts_file: str = typer.Option(None, "--prompts-file", "-f",
-                                     help="One prompt per line ('-' = stdin), generated in left-padded batches."),
+                                     help="One prompt per non-empty line ('-' = stdin; blank lines "
+                                          "are skipped), generated in left-padded batches."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per batch with --prompts-file."),
 ) -> None:
     """Generate text with a DiffLlama checkpoint, streaming it to stdout as it is produced.
 
-    One PROMPT streams its continuation; --prompts-file generates each line's continuation in batches (printed one
-    per line, newlines escaped as \\n); --interactive reads prompts from stdin until an empty line. Status messages
+    One PROMPT streams its continuation; --prompts-file generates each non-empty line's continuation in batches
+    (printed one per line in the order of those lines, newlines escaped as \\n; blank lines are skipped);
+    --interactive reads prompts from stdin until an empty line. Status messages
     go to stderr. EOS/PAD ids come from generation_config.json, then config.json, then the tokenizer.
     Example: diffllama generate runs/tiny/model "The people" -n 50 --temperature 0.8 --top-p 0.95 --seed 0
     """
