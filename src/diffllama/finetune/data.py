@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -499,8 +498,3 @@ class Features:
     def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """``collate([items[i] for i in indices])``: (inputs (B, S) int64, targets) on CPU."""
         return self.collate([self.items[int(i)] for i in indices])
-
-
-def read_stdin_lines() -> list[str]:
-    """All lines of standard input (for ``diffllama predict TASK -``)."""
-    return sys.stdin.readlines()
