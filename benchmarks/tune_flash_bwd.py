@@ -6,14 +6,17 @@ For each head_dim, each backward form (``fused``: dK and dV' in one launch; ``sp
 1. checks q/k/v/λ gradients against float32 eager on a GQA, left-padded problem (relative L2 error, must be < 2e-2);
 2. times the backward alone (``flash._backward`` on saved forward outputs; ``triton.testing.do_bench``, median)
    at H=16 heads, causal, bf16, 16384 tokens per batch (B = 16384 / S).
-Per form, one configuration varies while the other kernels are autotuned over all their candidates. The fastest passing
-configurations go first in ``_configs``; the table printed here is recorded in RESULTS.md.
+Per form, one configuration varies while the other kernels are autotuned over all their candidates. A losing
+candidate leaves ``_configs``; the first of each list stays the one the GPU tests ran (it is what
+``DIFFLLAMA_FLASH_AUTOTUNE=0`` takes). The table printed here is recorded in RESULTS.md.
 
-With ``--forms`` it instead runs each whole form autotuned (dK/dV' in one or two launches x dQ by its own kernel
+With ``--fwd`` it instead prints the autotuner's time for every forward candidate. With ``--forms`` it instead
+runs each whole form autotuned (dK/dV' in one or two launches x dQ by its own kernel
 or by atomics): the same gradient check, then the backward time.
 
 Run on the device machine from the repo root:
-    PYTHONPATH=src python benchmarks/tune_flash_bwd.py [--dims 128,64] [--seqs 8192,4096] [--forms] [--only split,dq-kernel]
+    PYTHONPATH=src python benchmarks/tune_flash_bwd.py [--dims 128,64] [--seqs 8192,4096] [--forms | --fwd]
+                                                       [--only split,dq-kernel]
 """
 
 from __future__ import annotations
@@ -81,13 +84,31 @@ def compare_forms(dims: list[int], seqs: list[int]) -> None:
                 torch.cuda.empty_cache()
 
 
+def forward_configs(d: int, seqs: list[int]) -> None:
+    """The autotuner's time for every forward launch candidate (bf16, causal, H=16, 16384 tokens per batch)."""
+    for s in seqs:
+        b = 16384 // s
+        q, k, v = (torch.randn(b, 16, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        lam, qpos = torch.tensor([0.4], device="cuda"), torch.arange(s, device="cuda")
+        flash._forward(q, k, v, qpos, None, lam, d ** -0.5)
+        tuner = flash._TUNED[("fwd", d)]
+        times = {str(c): round(float(ms[0] if isinstance(ms, (list, tuple)) else ms), 3)
+                 for c, ms in tuner.configs_timings.items()}
+        print(s, "best", tuner.best_config, times, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", default="128,64")
     parser.add_argument("--seqs", default="8192,4096")
     parser.add_argument("--forms", action="store_true", help="compare the autotuned backward forms instead")
+    parser.add_argument("--fwd", action="store_true", help="time every forward launch candidate instead")
     parser.add_argument("--only", default="fused,split,dq-kernel", help="per-kernel mode: the forms to tune")
     args = parser.parse_args()
+    if args.fwd:
+        for d in (int(x) for x in args.dims.split(",")):
+            forward_configs(d, [int(x) for x in args.seqs.split(",")])
+        return
     if args.forms:
         compare_forms([int(x) for x in args.dims.split(",")], [int(x) for x in args.seqs.split(",")])
         return
