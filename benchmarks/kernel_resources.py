@@ -63,7 +63,10 @@ def resources(kind: str, d: int, block_m: int, block_n: int, warps: int, stages:
 def main() -> None:
     if len(sys.argv) < 3:
         sys.exit(__doc__)
-    kind, d = sys.argv[1], int(sys.argv[2])
+    kind, d = sys.argv[1], sys.argv[2]
+    if kind not in ("fwd", "dq", "dk", "dv", "dkdv") or d not in ("32", "64", "128", "256"):
+        sys.exit(f"KIND must be fwd, dq, dk, dv or dkdv and HEAD_DIM 32, 64, 128 or 256, got {kind!r} {d!r}")
+    d = int(d)
     configs = [tuple(map(int, c.split(","))) for c in sys.argv[3:]]
     if not configs:
         configs = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
