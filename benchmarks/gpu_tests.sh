@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_tests.sh [OUTDIR]
 # 1. tests/test_flash.py (every shape family, output and all gradients vs float64 eager; first launch config of
 #    each kernel, DIFFLLAMA_FLASH_AUTOTUNE=0, to keep compile time short; the benchmark checks the tuned configs
-#    against sdpa at its shapes), verbose, with the per-case errors printed (-rP: each passed test's output);
+#    against sdpa at its shapes), verbose, with the per-case errors printed (-rP: each passed test's output; no:logging keeps compile debug logs out);
 # 2. the rest of the suite on the GPU ("auto" resolves to flash there), unless SKIP_SUITE is set.
 # JOBS (default 8) pytest-xdist workers share the GPU: the time goes into compiling kernels, on the CPU cores.
 # The log goes to OUTDIR/gpu_tests.log (default $OUT, else benchmarks/).
@@ -13,7 +13,7 @@ mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 {
   echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader) $(git rev-parse --short HEAD 2>/dev/null)"
-  DIFFLLAMA_FLASH_AUTOTUNE=0 python3 -m pytest tests/test_flash.py -v -rP -n "${JOBS:-8}" -p no:cacheprovider 2>&1
+  DIFFLLAMA_FLASH_AUTOTUNE=0 python3 -m pytest tests/test_flash.py -v -rP -n "${JOBS:-8}" -p no:cacheprovider -p no:logging 2>&1
   echo "== test_flash exit $?"
   if [ -z "$SKIP_SUITE" ]; then
     python3 -m pytest tests -q -n "${JOBS:-8}" -p no:cacheprovider --ignore tests/test_flash.py 2>&1 | tail -40

@@ -120,9 +120,12 @@ def parallelize(module: nn.Module, layers: nn.ModuleList, *, mode: str, info: Di
         ids = [info.device.index] if info.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids)
     if mode == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        kwargs = {}
+        # fully_shard's default mesh takes the CUDA device of each local rank whenever CUDA exists, even for a CPU
+        # (gloo) run, so the mesh is built for the device this process actually trains on.
+        kwargs = {"mesh": init_device_mesh(info.device.type, (info.world_size,))}
         if mixed_precision is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
         for layer in layers:
