@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_tests.sh [OUTDIR]
 # 1. tests/test_flash.py (every shape family, output and all gradients vs float64 eager; first launch config of
 #    each kernel, DIFFLLAMA_FLASH_AUTOTUNE=0, to keep compile time short; the benchmark checks the tuned configs
-#    against sdpa at its shapes), verbose, with the per-case errors printed (-rP: each passed test's output; no:logging keeps compile debug logs out);
+#    against sdpa at its shapes), verbose, with the per-case errors printed (-rP: each passed test's output;
+#    no:logging keeps the compile debug logs out);
 # 2. the rest of the suite on the GPU ("auto" resolves to flash there), unless SKIP_SUITE is set.
 # JOBS (default 8) pytest-xdist workers share the GPU: the time goes into compiling kernels, on the CPU cores.
 # The log goes to OUTDIR/gpu_tests.log (default $OUT, else benchmarks/).
