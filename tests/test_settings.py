@@ -73,6 +73,9 @@ def test_a_real_bad_variable_stops_a_real_command_but_not_the_help(tmp_path):
     assert not out.exists()  # refused before the command did any work
     proc = diffllama_cli("--help")  # help does no work: it prints whatever the environment
     assert proc.returncode == 0 and "Usage:" in proc.stdout and "finetune" in proc.stdout and not proc.stderr
+    proc = diffllama_cli("train", "--out", str(out), "--help")  # a command's help too
+    assert proc.returncode == 0 and "diffllama train [OPTIONS]" in proc.stdout and not proc.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("command", [c.name or c.callback.__name__ for c in app.registered_commands])

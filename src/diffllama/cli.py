@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+
+class _Commands(TyperGroup):
+    """The subcommands; notes whether the one called was asked for --help (which does no work)."""
+
+    def resolve_command(self, ctx, args):
+        ctx.meta["help_asked"] = any(arg in ctx.help_option_names for arg in args[1:])
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="DiffLlama: train, generate with and fine-tune differential-attention language models.")
 
 
 @app.callback()
-def _check_environment() -> None:
-    # Bad DIFFLLAMA_* kernel settings (diffllama.settings) are one error line before any command's work.
+def _check_environment(ctx: typer.Context) -> None:
+    # Bad DIFFLLAMA_* kernel settings (diffllama.settings) are one error line before any command's work; a
+    # command's --help is shown whatever they hold.
     from diffllama import settings
 
+    if ctx.meta.get("help_asked"):
+        return
     try:
         settings.check()
     except ValueError as err:
