@@ -103,21 +103,45 @@ def test_fused_linear_refuses_layers_that_cannot_share_a_matmul():
 # ---- λ --------------------------------------------------------------------------------------------------------
 
 def test_cached_lambda_equals_recomputed_and_follows_the_parameters():
-    attn = _model().model.layers[2].self_attn
+    model = _model()
+    attn = model.model.layers[2].self_attn
     with torch.no_grad():
-        first = attn.lambda_full(torch.float64)
-        assert torch.equal(first, attn.compute_lambda(torch.float64))
-        assert attn.lambda_full(torch.float64) is first  # reused, not recomputed
+        with model.inference_caches():
+            first = attn.lambda_full(torch.float64)
+            assert torch.equal(first, attn.compute_lambda(torch.float64))
+            assert attn.lambda_full(torch.float64) is first  # reused, not recomputed
         before = first.item()
         attn.lambda_q1.add_(0.25)  # in place: bumps the version counter
-        second = attn.lambda_full(torch.float64)
+        with model.inference_caches():
+            second = attn.lambda_full(torch.float64)
         assert second is first  # refreshed in place: a captured CUDA graph reads the new value
         assert second.item() != before
         assert torch.equal(second, attn.compute_lambda(torch.float64))
         attn.lambda_k2.data = attn.lambda_k2.data * 2  # replaced storage: a new address
-        assert torch.equal(attn.lambda_full(torch.float64), attn.compute_lambda(torch.float64))
-        half = attn.lambda_full(torch.float32)
+        with model.inference_caches():
+            assert torch.equal(attn.lambda_full(torch.float64), attn.compute_lambda(torch.float64))
+        model.to(torch.float32)
+        with model.inference_caches():
+            half = attn.lambda_full(torch.float32)
         assert half.dtype == torch.float32 and torch.equal(half, attn.compute_lambda(torch.float32))
+
+
+def test_writes_through_data_are_seen_outside_the_cache_context_and_by_generate():
+    """``p.data.fill_`` bumps no version counter: forward outside ``inference_caches`` computes λ, and generate
+    refreshes the cache unconditionally, so both match a fresh model holding the new values."""
+    model = _model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        model(ids)
+        model.generate(ids, max_new_tokens=3)
+        for layer in model.model.layers:
+            layer.self_attn.lambda_q1.data.fill_(0.7)
+        fresh = type(model)(model.config).to(torch.float64).eval()
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(ids).logits, fresh(ids).logits, rtol=0, atol=0)
+        assert torch.equal(model.generate(ids, max_new_tokens=6), fresh.generate(ids, max_new_tokens=6))
+        assert torch.equal(model.model.layers[0].self_attn._lambda_cache,
+                           model.model.layers[0].self_attn.compute_lambda(torch.float64))
 
 
 def test_lambda_with_gradient_is_computed_and_differentiable():
@@ -131,13 +155,15 @@ def test_lambda_with_gradient_is_computed_and_differentiable():
 
 
 def test_lambda_cache_made_in_inference_mode_is_a_normal_tensor():
-    attn = _model().model.layers[0].self_attn
-    with torch.inference_mode():
+    model = _model()
+    attn = model.model.layers[0].self_attn
+    with torch.inference_mode(), model.inference_caches():
         lam = attn.lambda_full(torch.float64)
     assert not lam.is_inference()
     with torch.no_grad():
         attn.lambda_q2.mul_(0.5)
-        assert torch.equal(attn.lambda_full(torch.float64), attn.compute_lambda(torch.float64))
+        with model.inference_caches():
+            assert torch.equal(attn.lambda_full(torch.float64), attn.compute_lambda(torch.float64))
 
 
 def test_compiled_code_uses_the_lambda_cache_only_inside_inference_caches():

@@ -480,6 +480,7 @@ def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
     b, s = input_ids.shape
+    model.refresh_inference_caches(force=True)  # λ written through .data since the last call bumps no version
     cache, step, max_length = _make_cache_and_step(model, b, s + sampling["max_new_tokens"], static_cache, compile)
     return _steps(model, input_ids.long(), mask, cache, step, max_length, eos, pad, generator, **sampling,
                   static_cache=static_cache, sync_every=int(sync_every))

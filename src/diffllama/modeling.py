@@ -137,10 +137,10 @@ class DiffLlamaAttention(nn.Module):
     ``λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init`` is one scalar per layer. The backend (eager, sdpa, flash) is
     chosen once from ``config.attn_implementation``; all share one signature.
 
-    At inference (no gradient needed) λ comes from a cache, and after
-    :meth:`DiffLlamaPreTrainedModel.fuse_projections` q, k and v run as one matmul. Eager code checks both against
-    the parameters on every use; compiled code uses them only inside
-    :meth:`DiffLlamaPreTrainedModel.inference_caches`, which checks them on entry.
+    Inside :meth:`DiffLlamaPreTrainedModel.inference_caches` (decode steps; it checks the caches on entry) λ
+    comes from a cache when no gradient is needed; elsewhere it is computed. After
+    :meth:`DiffLlamaPreTrainedModel.fuse_projections` q, k and v run as one matmul: eager code checks the fusion
+    against the parameters on every use, compiled code uses it only inside ``inference_caches``.
     """
 
     def __init__(self, config: DiffLlamaConfig, layer_idx: int) -> None:
@@ -176,25 +176,19 @@ class DiffLlamaAttention(nn.Module):
         return lambda_1 - lambda_2 + self.lambda_init
 
     def lambda_full(self, dtype: torch.dtype) -> torch.Tensor:
-        """λ as a 0-d tensor of ``dtype`` (:meth:`compute_lambda`); cached when no gradient is needed.
+        """λ as a 0-d tensor of ``dtype`` (:meth:`compute_lambda`), from the inference cache while ``trust.on``.
 
-        λ is constant at inference, yet computing it costs two tiny kernels per layer and step. The cache is keyed on
-        ``dtype`` and the λ parameters' device, addresses and version counters (bumped by every in-place update),
-        so eager code recomputes it exactly when they change. Compiled code cannot read version counters without a
-        graph break: it uses the cache only while ``trust.on`` (inside
-        :meth:`DiffLlamaPreTrainedModel.inference_caches`, which refreshes it first), else computes λ.
+        λ is constant at inference, yet computing it costs two tiny kernels per layer and step, which matters in a
+        decode loop. Inside :meth:`DiffLlamaPreTrainedModel.inference_caches` (which refreshes the cache on entry)
+        the cached value is used when no gradient is needed; everywhere else λ is computed from the parameters, so
+        any change to them, even through ``.data`` (which bumps no version counter), is seen.
         """
-        params = self.lambda_parameters()
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.lambda_parameters()):
             return self.compute_lambda(dtype)
-        if torch.compiler.is_compiling():
-            cache = self._lambda_cache
-            if self.trust.on and cache is not None and cache.dtype == dtype:
-                return cache
-            return self.compute_lambda(dtype)
-        if self.lambda_q1.is_inference():  # inference tensors have no version counter: nothing to key a cache on
-            return self.compute_lambda(dtype)
-        return self._cached_lambda(dtype)
+        cache = self._lambda_cache
+        if self.trust.on and cache is not None and cache.dtype == dtype:
+            return cache
+        return self.compute_lambda(dtype)
 
     def _cached_lambda(self, dtype: torch.dtype) -> torch.Tensor:
         params = self.lambda_parameters()
@@ -215,11 +209,14 @@ class DiffLlamaAttention(nn.Module):
         if self.fused is None or not self.fused.valid():
             self.fused = FusedLinear([self.q_proj, self.k_proj, self.v_proj], site="qkv")
 
-    def refresh_caches(self, dtype: torch.dtype) -> None:
+    def refresh_caches(self, dtype: torch.dtype, force: bool = False) -> None:
         """Bring the inference caches up to date for activations of ``dtype``: recompute λ if its parameters
-        changed; drop a fusion whose parameters were replaced (stale, and holding their old memory)."""
+        changed (their addresses or version counters; always with ``force``); drop a fusion whose parameters were
+        replaced (stale, and holding their old memory)."""
         if self.fused is not None and not self.fused.valid():
             self.fused = None
+        if force:
+            self._lambda_key = None
         if not self.lambda_q1.is_inference():
             self._cached_lambda(dtype)
 
@@ -349,12 +346,13 @@ class DiffLlamaPreTrainedModel(nn.Module):
             layer.mlp.fused = None
         return self
 
-    def refresh_inference_caches(self) -> None:
+    def refresh_inference_caches(self, force: bool = False) -> None:
         """Bring every layer's inference caches up to date (host-side checks, no GPU synchronisation): λ is
-        recomputed, in place, where its parameters changed; a fusion whose parameters were replaced is dropped."""
+        recomputed, in place, where its parameters changed (everywhere with ``force``: a write through ``.data``
+        changes no version counter); a fusion whose parameters were replaced is dropped."""
         dtype = self.base_model.embed_tokens.weight.dtype  # the activation dtype outside autocast
         for layer in self.base_model.layers:
-            layer.self_attn.refresh_caches(dtype)
+            layer.self_attn.refresh_caches(dtype, force)
             layer.mlp.refresh_caches()
 
     @contextmanager
