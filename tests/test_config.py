@@ -75,7 +75,7 @@ def test_derived_fields():
     ({"hidden_act": "swiglu"}, "hidden_act must be one of .* got 'swiglu'"),
     ({"rope_parameters": {"rope_type": "ntk", "rope_theta": 1e4}}, r"rope_parameters\['rope_type'\] must be one of .* got 'ntk'"),
     ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, r"rope_parameters of type 'linear' is missing required key\(s\) \['factor'\]"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, r"missing required key\(s\) \['low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'\]"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, r"missing required key\(s\) \['low_freq_factor', 'high_freq_factor'\]"),
     ({"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}}, r"rope_parameters\['short_factor'\] must have head_dim // 2 = 32 entries, got 1"),
     ({"rope_theta": -1.0}, r"rope_parameters\['rope_theta'\] must be a finite number > 0, got -1.0"),
     # A string where a number belongs: was TypeError: '>' not supported between instances of 'str' and 'int'.

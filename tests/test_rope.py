@@ -15,6 +15,7 @@ HALF = SIZES["head_dim"] // 2
 ROPE_CASES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
     "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    "default-partial": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},  # ignored
     "linear-partial": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0, "partial_rotary_factor": 0.5},
     "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 3.0},
     "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16},
@@ -63,6 +64,27 @@ def test_cos_sin_match_transformers(rope, dtype):
         torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-6, msg=f"sin, length {length}")
 
 
+@pytest.mark.parametrize("rope", ["yarn", "longrope", "llama3"])
+@pytest.mark.parametrize("top_level", [None, 8], ids=["absent", "top-level-8"])
+def test_original_max_position_embeddings_resolves_as_in_transformers(rope, top_level):
+    """A top-level original_max_position_embeddings (Phi-3 style config.json) wins over the dict's own value;
+    without one, the dict's value, else max_position_embeddings. (transformers' config object alone keeps the
+    dict's value; building the model re-reads the config and lets the top-level key win: the model is what counts.)"""
+    data = {**SIZES, "rope_parameters": dict(ROPE_CASES[rope])}
+    if top_level is None:
+        data["rope_parameters"].pop("original_max_position_embeddings")
+    else:
+        data["original_max_position_embeddings"] = top_level
+    ours = DiffLlamaConfig.from_dict(data)
+    theirs = hf.DiffLlamaModel(transformers.DiffLlamaConfig(**data))
+    expected = top_level or SIZES["max_position_embeddings"]
+    assert ours.rope_parameters["original_max_position_embeddings"] == expected
+    assert theirs.config.rope_parameters["original_max_position_embeddings"] == expected
+    x, pos = torch.zeros(1, dtype=torch.float64), positions(40)
+    for got, ref in zip(RotaryEmbedding(ours)(x, pos), theirs.rotary_emb(x, pos)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("seq_len", [None, 20, 64, 100, torch.tensor(65)], ids=["none", "20", "64", "100", "65-tensor"])
 @pytest.mark.parametrize("rope", ROPE_CASES.values(), ids=ROPE_CASES.keys())
 def test_compute_inv_freq_matches_transformers(rope, seq_len):
@@ -73,7 +95,8 @@ def test_compute_inv_freq_matches_transformers(rope, seq_len):
         ref, ref_scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](theirs, None, seq_len=seq_len)
     inv_freq, scaling = compute_inv_freq(ours, seq_len)
     assert inv_freq.dtype == torch.float32
-    assert inv_freq.shape == (int(16 * rope.get("partial_rotary_factor", 1.0)) // 2,)
+    assert inv_freq.shape == ref.shape == (int(16 * ours.rope_parameters.get("partial_rotary_factor", 1.0)) // 2
+                                           if rope["rope_type"] != "default" else 8,)
     torch.testing.assert_close(inv_freq, ref, rtol=0, atol=0)
     assert scaling == pytest.approx(ref_scaling, rel=1e-12)
 

@@ -165,6 +165,19 @@ class DiffLlamaConfig:
         if rope_type not in ROPE_REQUIRED_KEYS:
             raise ValueError(
                 f"rope_parameters['rope_type'] must be one of {tuple(ROPE_REQUIRED_KEYS)}, got {rope_type!r}")
+        if "partial_rotary_factor" in self.extra:  # a top-level key, which transformers moves into the dict
+            params.setdefault("partial_rotary_factor", self.extra["partial_rotary_factor"])
+        if rope_type in ("llama3", "yarn", "longrope"):
+            # As transformers: a top-level original_max_position_embeddings (Phi-3 style configs) wins over the
+            # dict's own; without either, the pretraining length is max_position_embeddings.
+            if "original_max_position_embeddings" in self.extra:
+                params["original_max_position_embeddings"] = self.extra["original_max_position_embeddings"]
+            params.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+            _check_number("original_max_position_embeddings", params["original_max_position_embeddings"],
+                          lambda v: v >= 1, "a number >= 1 (the pretraining context length)")
+        if "partial_rotary_factor" in params:
+            _check_number("rope_parameters['partial_rotary_factor']", params["partial_rotary_factor"],
+                          lambda v: 0 < v <= 1, "a number in (0, 1]")
         missing = [k for k in ROPE_REQUIRED_KEYS[rope_type] if k not in params]
         if missing:
             raise ValueError(f"rope_parameters of type {rope_type!r} is missing required key(s) {missing}")

@@ -42,12 +42,14 @@ def compute_inv_freq(
 
     Returns:
         ``(inv_freq, attention_scaling)``: inv_freq is float32 of shape (rotary_dim // 2,), where rotary_dim is
-        ``int(head_dim * partial_rotary_factor)`` (factor default 1.0); attention_scaling is the float that
+        ``int(head_dim * partial_rotary_factor)`` (factor default 1.0; ignored by the default type, as in
+        transformers' DiffLlama); attention_scaling is the float that
         multiplies cos and sin (1.0 except for yarn and longrope).
     """
     params = config.rope_parameters
     rope_type, theta = params["rope_type"], params["rope_theta"]
-    dim = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
+    # transformers' DiffLlama rotates all of head_dim under the default type, whatever partial_rotary_factor says
+    dim = int(config.head_dim * (1.0 if rope_type == "default" else params.get("partial_rotary_factor", 1.0)))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim  # (dim/2,)
 
     if rope_type == "default":
