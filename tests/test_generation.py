@@ -41,9 +41,10 @@ def pair(request):
 
 def hf_generate(reference, ids, mask, **kwargs):
     kwargs.setdefault("eos_token_id", None)
+    kwargs.setdefault("pad_token_id", 0)
     reference.generation_config.eos_token_id = None
     with torch.no_grad():
-        return reference.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=0, **kwargs)
+        return reference.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kwargs)
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
@@ -55,6 +56,21 @@ def test_greedy_equals_transformers_left_padded(pair, static):
     assert got.shape == (3, 9 + NEW)
     assert torch.equal(got, expected)
     assert len(set(got[:, 9:].flatten().tolist())) > 5, "degenerate output makes the comparison weak"
+
+
+def test_mask_inferred_from_the_pad_id_like_transformers(pair):
+    """No attention_mask: the pad id marks padding where it occurs and is not an EOS id (transformers' rule)."""
+    ours, reference = pair
+    ids, mask = padded_batch(ours.config.vocab_size, "left", seq=9)
+    ids = ids.masked_fill(mask == 0, 7)  # pad id 7: an id that is no EOS here
+    expected = hf_generate(reference, ids, None, max_new_tokens=8, pad_token_id=7)
+    assert torch.equal(ours.generate(ids, max_new_tokens=8, eos_token_id=[], pad_token_id=7), expected)
+    assert torch.equal(ours.generate(ids, mask, max_new_tokens=8, eos_token_id=[], pad_token_id=7), expected)
+    # The pad id is also the EOS id: nothing is inferred (transformers' rule), every token is real.
+    unmasked = ours.generate(ids, torch.ones_like(ids), max_new_tokens=8, eos_token_id=[7], pad_token_id=7)
+    assert torch.equal(ours.generate(ids, max_new_tokens=8, eos_token_id=[7], pad_token_id=7), unmasked)
+    with pytest.raises(ValueError, match="inferred as input_ids != pad_token_id=7"):
+        ours.generate(torch.tensor([[3, 7, 5]]), max_new_tokens=2, pad_token_id=7)  # 7 after a real token
 
 
 def test_eos_stops_each_row_like_transformers(pair):
@@ -336,7 +352,7 @@ def test_special_id_forms_and_config_defaults(tmp_path):
     assert resolve_special_ids(model, [5, 6], 4) == ([5, 6], 4)
     assert resolve_special_ids(model, []) == ([], 3)
     assert check_eos_token_id(None, 96) == []
-    ids = torch.tensor([[1, 2, 3]])
+    ids = torch.tensor([[1, 2, 4]])  # no pad id (3): no mask is inferred
     free = model.generate(ids, max_new_tokens=6, eos_token_id=[])
     stop = int(free[0, 5])
     expected = model.generate(ids, max_new_tokens=6, eos_token_id=stop)

@@ -142,6 +142,14 @@ def resolve_special_ids(model, eos_token_id=None, pad_token_id=None) -> tuple[li
         TypeError: an id of the wrong type (bool, float, str, ...), naming the argument and where it came from.
         ValueError: an EOS id, or a ``pad_token_id`` argument, outside [0, vocab_size).
     """
+    eos, pad = _configured_special_ids(model, eos_token_id, pad_token_id)
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return eos, pad
+
+
+def _configured_special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
+    """:func:`resolve_special_ids` before the pad id's fallback: None where no argument or config sets one."""
     vocab = model.config.vocab_size
     gen = getattr(model, "generation_config", None) or {}
     if not isinstance(gen, dict):
@@ -165,9 +173,15 @@ def resolve_special_ids(model, eos_token_id=None, pad_token_id=None) -> tuple[li
             raise ValueError(f"pad_token_id must lie in [0, vocab_size={vocab}) (it follows a row's EOS and is fed "
                              f"to the model), got {pad_token_id!r}")
         pad = None  # a config's -1 ("no pad"): as when unset
-    if pad is None:
-        pad = eos[0] if eos else 0
-    return eos, int(pad)
+    return eos, None if pad is None else int(pad)
+
+
+def infer_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eos: list[int]) -> torch.Tensor | None:
+    """The mask transformers' ``generate`` infers when none is given: ``input_ids != pad_token_id`` (B, S) int64,
+    when a pad id is set (by the argument or a config), is not an EOS id and occurs in ``input_ids``; else None."""
+    if pad_token_id is None or pad_token_id in eos or not bool((input_ids == pad_token_id).any()):
+        return None
+    return (input_ids != pad_token_id).long()
 
 
 # ---- batching -------------------------------------------------------------------------------------------------------
@@ -200,7 +214,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
-def _check_inputs(input_ids, attention_mask, vocab_size: int) -> torch.Tensor:
+def _check_inputs(input_ids, attention_mask, vocab_size: int, inferred_from: int | None = None) -> torch.Tensor:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
         raise TypeError(f"input_ids must be an integer tensor of shape (batch, seq), got "
                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
@@ -221,11 +235,14 @@ def _check_inputs(input_ids, attention_mask, vocab_size: int) -> torch.Tensor:
     mask = attention_mask.to(device=input_ids.device).long()
     if bool(((mask != 0) & (mask != 1)).any()):
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    source = "" if inferred_from is None else (
+        f" (no attention_mask was given, so it was inferred as input_ids != pad_token_id={inferred_from}, as "
+        f"transformers does; pass attention_mask to say which tokens are real)")
     if bool((mask[:, 1:] < mask[:, :-1]).any()):
         raise ValueError("attention_mask must be left-padded (zeros only before the first real token of each row); "
-                         "generation appends tokens on the right")
+                         "generation appends tokens on the right" + source)
     if bool((mask[:, -1] == 0).any()):
-        raise ValueError("every row of attention_mask needs at least one real token (a 1)")
+        raise ValueError("every row of attention_mask needs at least one real token (a 1)" + source)
     return mask
 
 
@@ -469,7 +486,13 @@ def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     device = model.device
     input_ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids
     mask = _check_inputs(input_ids, attention_mask, model.config.vocab_size)
-    eos, pad = resolve_special_ids(model, eos_token_id, pad_token_id)
+    eos, pad = _configured_special_ids(model, eos_token_id, pad_token_id)
+    if attention_mask is None:
+        inferred = infer_attention_mask(input_ids, pad, eos)
+        if inferred is not None:
+            mask = _check_inputs(input_ids, inferred, model.config.vocab_size, inferred_from=pad)
+    if pad is None:
+        pad = eos[0] if eos else 0
     if compile and not static_cache:
         raise ValueError("compile=True needs static_cache=True (the compiled step must see fixed shapes)")
     if seed is not None and not is_int(seed):
@@ -542,7 +565,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
     Args:
         model: a DiffLlamaForCausalLM (any device and dtype; put it in eval mode).
-        input_ids: (B, S) integer token ids, left-padded. attention_mask: (B, S) 0/1 (None: no padding).
+        input_ids: (B, S) integer token ids, left-padded. attention_mask: (B, S) 0/1. None: as transformers,
+            ``input_ids != pad_token_id`` when a pad id is set (argument or config), is not an EOS id and occurs
+            in ``input_ids`` (:func:`infer_attention_mask`), else no padding.
         max_new_tokens: new tokens per row, >= 1. n is smaller when every row stopped earlier.
         do_sample: sample (True) or take the argmax (False, the default: greedy).
         temperature, top_k, top_p: sampling controls (temperature > 0, top_k >= 1, top_p in (0, 1]); with
