@@ -240,7 +240,7 @@ def train_step() -> None:
             ids = torch.randint(0, 32000, (8, 2048), device="cuda")
 
             def step():
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -76,7 +76,7 @@ def build(case: str, shape: dict, device: torch.device):
     model.train()
 
     def loss_fn(x, y, scale):
-        return model(input_ids=x, labels=x).loss
+        return model(input_ids=x, labels=x, use_cache=False).loss
     embed = model.get_input_embeddings().weight.numel()
     return model, loss_fn, sum(p.numel() for p in model.parameters()) - embed, case == "hf-diffllama"
 

@@ -295,8 +295,12 @@ def test_bad_forward_inputs_raise_clear_errors():
         model(ids.float())
     with pytest.raises(ValueError, match=r"attention_mask must have shape \(batch=2, past \+ seq=5\), got \(2, 4\)"):
         model(ids, attention_mask=torch.ones(2, 4, dtype=torch.long))
-    with pytest.raises(TypeError, match="attention_mask must be a bool or integer"):
-        model(ids, attention_mask=torch.ones(2, 5))
+    with pytest.raises(TypeError, match="attention_mask must be a bool, integer or float"):
+        model(ids, attention_mask=torch.ones(2, 5, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="attention_mask must hold only 0"):
+        model(ids, attention_mask=torch.full((2, 5), 0.5))
+    with pytest.raises(TypeError, match="past_key_values must be None or a diffllama.cache DynamicCache"):
+        model(ids, past_key_values=object())
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         model()
     with pytest.raises(ValueError, match="inputs_embeds must be a floating tensor of shape"):
@@ -359,3 +363,123 @@ def test_sdpa_zero_padded_head_dim_is_exact():
     qp, kp = pad_head_dim(q, k, 16)
     padded = F.scaled_dot_product_attention(qp, kp, v2, is_causal=True, scale=8 ** -0.5, enable_gqa=True)
     torch.testing.assert_close(padded, plain, rtol=1e-13, atol=1e-13)
+
+
+# ---- transformers' calling conventions ---------------------------------------------------------------------------
+
+HEADS = ["DiffLlamaModel", "DiffLlamaForCausalLM", "DiffLlamaForSequenceClassification",
+         "DiffLlamaForTokenClassification", "DiffLlamaForQuestionAnswering"]
+
+
+@pytest.mark.parametrize("cls_name", HEADS)
+def test_outputs_index_like_transformers_and_return_dict_false_gives_its_tuple(cls_name):
+    """Keys, integer/str indexing, to_tuple and return_dict=False match transformers' ModelOutput (cache default
+    from config.use_cache included), and the positional parameters come in transformers' order."""
+    import inspect
+
+    import transformers
+
+    config = tiny_config(pad_token_id=0)
+    torch.manual_seed(0)
+    reference = hf_model(cls_name, config)
+    ours = getattr(diffllama, cls_name)(config).double().eval()
+    ours.load_state_dict(reference.state_dict())
+    ids = torch.randint(1, 96, (2, 6))
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6], dtype=torch.float64)  # float 0/1 masks work, as there
+    extra = {"labels": torch.randint(0, 2, (2,))} if "Sequence" in cls_name else {}
+    with torch.no_grad():
+        got, ref = ours(ids, attention_mask=mask, **extra), reference(ids, attention_mask=mask, **extra)
+        got_tuple = ours(ids, attention_mask=mask, return_dict=False, **extra)
+        ref_tuple = reference(ids, attention_mask=mask, return_dict=False, **extra)
+    assert list(got.keys()) == list(ref.keys())
+    assert len(got_tuple) == len(ref_tuple) == len(got)
+    for key, a, b, c in zip(got.keys(), got.values(), ref.values(), got_tuple):
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(c, a, rtol=0, atol=0)
+            assert got[key] is a and got[list(got.keys()).index(key)] is a
+        else:  # the caches: each library's own class, holding the same keys and values
+            assert key == "past_key_values" and a.get_seq_length() == b.get_seq_length() == 6
+    with pytest.raises(KeyError):
+        got["attentions"]  # unset fields are absent, as there
+    ours_params = list(inspect.signature(ours.forward).parameters)
+    ref_params = [p for p in inspect.signature(getattr(transformers, cls_name).forward).parameters
+                  if p not in ("self", "kwargs")]
+    assert ours_params[:len(ref_params)] == ref_params
+
+
+def test_cache_default_follows_config_use_cache_and_continues_a_prefix():
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(initializer_range=0.2)).double().eval()
+    ids = torch.randint(1, 96, (1, 8))
+    with torch.no_grad():
+        full = model(ids).logits
+        prefix = model(ids[:, :5])  # cache by default, as transformers
+        rest = model(ids[:, 5:], past_key_values=prefix.past_key_values).logits
+        torch.testing.assert_close(rest, full[:, 5:], rtol=1e-10, atol=1e-12)
+        model.config.use_cache = False
+        assert model(ids).past_key_values is None
+        assert model(ids, use_cache=True).past_key_values.get_seq_length() == 8
+    model.config.use_cache = True
+    model.train()
+    model.gradient_checkpointing_enable()
+    assert model(ids).past_key_values is None  # off under checkpointed training, as transformers
+
+
+def test_question_answering_loss_uses_num_items_in_batch_like_transformers():
+    config = tiny_config()
+    torch.manual_seed(0)
+    reference = hf_model("DiffLlamaForQuestionAnswering", config)
+    ours = diffllama.DiffLlamaForQuestionAnswering(config).double().eval()
+    ours.load_state_dict(reference.state_dict())
+    ids = torch.randint(1, 96, (4, 7))
+    start, end = torch.tensor([1, 2, 9, 0]), torch.tensor([3, 6, 9, 0])  # 9 is out of range: ignored
+    for items in (None, 4, torch.tensor(3)):
+        kwargs = {} if items is None else {"num_items_in_batch": items}
+        with torch.no_grad():
+            got = ours(ids, start_positions=start, end_positions=end, **kwargs).loss
+            ref = reference(ids, start_positions=start, end_positions=end, **kwargs).loss
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=0)
+    assert ours(ids, start_positions=start, end_positions=end, num_items_in_batch=4).loss != \
+        ours(ids, start_positions=start, end_positions=end).loss
+
+
+def test_embedding_accessors_and_resize_token_embeddings():
+    config = tiny_config(tie_word_embeddings=False, pad_token_id=3, initializer_range=0.2)
+    model = diffllama.DiffLlamaForCausalLM(config).double().eval()
+    assert model.get_input_embeddings() is model.model.embed_tokens and model.get_decoder() is model.model
+    assert model.get_output_embeddings() is model.lm_head and model.can_generate()
+    assert diffllama.DiffLlamaModel(config).get_output_embeddings() is None
+    assert not diffllama.DiffLlamaForSequenceClassification.can_generate()
+    ids = torch.randint(1, 96, (2, 6))
+    with torch.no_grad():
+        before = model(ids).logits
+    old_embed, old_head = model.model.embed_tokens.weight.clone(), model.lm_head.weight.clone()
+    new = model.resize_token_embeddings(100, pad_to_multiple_of=64)
+    assert new.weight.shape == (128, 32) and model.lm_head.weight.shape == (128, 32)
+    assert model.config.vocab_size == 128 and new.padding_idx == 3
+    assert torch.equal(new.weight[:96], old_embed) and torch.equal(model.lm_head.weight[:96], old_head)
+    torch.testing.assert_close(new.weight[127], old_embed.mean(0), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[..., :96], before, rtol=0, atol=0)
+        model(torch.tensor([[120, 127]]))  # the new ids embed
+    tied = diffllama.DiffLlamaForCausalLM(tiny_config(tie_word_embeddings=True))
+    tied.resize_token_embeddings(90)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight and tied.lm_head.weight.shape == (90, 32)
+    with pytest.raises(ValueError, match="would drop special token id 3"):
+        model.resize_token_embeddings(3)
+    with pytest.raises(ValueError, match="new_num_tokens must be None or an int >= 1"):
+        model.resize_token_embeddings(0)
+    with pytest.raises(ValueError, match="embedding_dim = hidden_size = 32"):
+        model.set_input_embeddings(torch.nn.Embedding(10, 8))
+
+
+def test_every_accepted_hidden_act_is_transformers_formula():
+    from transformers.activations import ACT2FN
+
+    from diffllama.config import ACTIVATIONS
+    from diffllama.modeling import ACT_FNS
+
+    assert set(ACT_FNS) == set(ACTIVATIONS)
+    x = torch.linspace(-8, 8, 2001, dtype=torch.float64)
+    for name in ACTIVATIONS:
+        torch.testing.assert_close(ACT_FNS[name]()(x), ACT2FN[name](x), rtol=1e-14, atol=1e-14, msg=name)

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 MODEL_TYPE = "diffllama"
-ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh", "sigmoid")
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh", "sigmoid", "gelu_accurate",
+               "gelu_fast", "quick_gelu", "relu2", "relu6", "leaky_relu", "mish", "hardswish", "linear")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash", "auto")
 # Keys each RoPE type requires, beyond rope_type and rope_theta (transformers' modeling_rope_utils).
 ROPE_REQUIRED_KEYS = {

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,57 +18,42 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from diffllama.attention import AttentionMask, get_backend, resolve_implementation
-from diffllama.cache import DynamicCache
+from diffllama.cache import DynamicCache, StaticCache
 from diffllama import gemv, settings
 from diffllama.config import DiffLlamaConfig
 from diffllama.fusion import FusedLinear, TrustSwitch
+from diffllama.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
+                               SequenceClassifierOutputWithPast, TokenClassifierOutput, can_return_tuple)
 from diffllama.rope import RotaryEmbedding, apply_rotary_pos_emb
 
+class _Activation(nn.Module):
+    """A stateless activation given as a function (for those torch has no module of)."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _gelu_tanh_form(x: torch.Tensor) -> torch.Tensor:  # transformers' gelu_accurate
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def _gelu_fast(x: torch.Tensor) -> torch.Tensor:  # transformers' gelu_fast
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+# transformers' ACT2FN names (config.ACTIVATIONS) -> module factories, each the same formula as transformers'.
 ACT_FNS = {
     "silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
     "gelu_new": lambda: nn.GELU(approximate="tanh"), "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu_accurate": lambda: _Activation(_gelu_tanh_form), "gelu_fast": lambda: _Activation(_gelu_fast),
+    "quick_gelu": lambda: _Activation(lambda x: x * torch.sigmoid(1.702 * x)),
+    "relu2": lambda: _Activation(lambda x: torch.square(F.relu(x))), "relu6": nn.ReLU6,
+    "leaky_relu": nn.LeakyReLU, "mish": nn.Mish, "hardswish": nn.Hardswish, "linear": nn.Identity,
 }
-
-
-# ---- outputs (transformers' field names) ------------------------------------------------------------------------
-
-@dataclass
-class BaseModelOutputWithPast:
-    last_hidden_state: torch.Tensor
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class CausalLMOutputWithPast:
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: object | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class SequenceClassifierOutputWithPast(CausalLMOutputWithPast):
-    pass
-
-
-@dataclass
-class TokenClassifierOutput:
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-
-
-@dataclass
-class QuestionAnsweringModelOutput:
-    loss: torch.Tensor | None = None
-    start_logits: torch.Tensor | None = None
-    end_logits: torch.Tensor | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 # ---- building blocks --------------------------------------------------------------------------------------------
@@ -313,6 +297,75 @@ class DiffLlamaPreTrainedModel(nn.Module):
         """The decoder stack, whatever the head's attribute name (``model`` or ``transformer``)."""
         return getattr(self, self.base_model_prefix) if self.base_model_prefix else self
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding ``embed_tokens``, weight (vocab_size, hidden_size)."""
+        return self.base_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the token embedding (``lm_head`` follows it when ``config.tie_word_embeddings``).
+
+        Raises:
+            TypeError: ``value`` not an ``nn.Embedding``. ValueError: its embedding_dim is not hidden_size.
+        """
+        _check_embedding("value", value, self.config.hidden_size)
+        self.base_model.embed_tokens = value
+        self.config.vocab_size = value.num_embeddings
+        self.tie_weights()
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        """``lm_head`` (weight (vocab_size, hidden_size)) for the causal LM; None for the other classes."""
+        return getattr(self, "lm_head", None)
+
+    def get_decoder(self) -> DiffLlamaModel:
+        """The decoder stack (:attr:`base_model`), as transformers' ``get_decoder``."""
+        return self.base_model
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """Whether this class has ``generate`` (the causal LM only)."""
+        return callable(getattr(cls, "generate", None))
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resize the vocabulary to ``new_num_tokens`` (rounded up to a multiple of ``pad_to_multiple_of``), as
+        transformers' method of the same name: existing rows are kept, the embedding (and an untied ``lm_head``)
+        get new rows, ``config.vocab_size`` follows. New rows are the mean of the old rows with ``mean_resizing``
+        (transformers samples them around that mean with a 1e-9-scaled covariance, so they differ from it by
+        ~1e-5), else drawn from N(0, initializer_range). None (with no ``pad_to_multiple_of``) changes nothing.
+
+        Returns:
+            the (new) input embedding.
+
+        Raises:
+            ValueError: ``new_num_tokens``/``pad_to_multiple_of`` not None or an int >= 1, or a size that would
+            drop ``pad_token_id``/``bos_token_id``/``eos_token_id`` of the config.
+        """
+        old = self.get_input_embeddings()
+        for name, value in (("new_num_tokens", new_num_tokens), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+        size = old.num_embeddings if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+        special = [i for name in ("pad_token_id", "bos_token_id", "eos_token_id")
+                   for i in _as_list(getattr(self.config, name)) if i >= 0]
+        if special and max(special) >= size:
+            raise ValueError(f"new_num_tokens={size} would drop special token id {max(special)} of the config "
+                             f"(pad/bos/eos): it must be > {max(special)}")
+        if size == old.num_embeddings:
+            return old
+        new = nn.Embedding(size, old.embedding_dim, old.padding_idx, device=old.weight.device, dtype=old.weight.dtype)
+        _resized_rows(new.weight, old.weight, mean_resizing, self.config.initializer_range)
+        self.base_model.embed_tokens = new
+        head = self.get_output_embeddings()
+        if head is not None and not self.config.tie_word_embeddings:
+            new_head = nn.Linear(head.in_features, size, bias=False, device=head.weight.device, dtype=head.weight.dtype)
+            _resized_rows(new_head.weight, head.weight, mean_resizing, self.config.initializer_range)
+            self.lm_head = new_head
+        self.config.vocab_size = size
+        self.tie_weights()
+        return new
+
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each decoder layer's activations in backward (non-reentrant ``torch.utils.checkpoint``)."""
         self.base_model.gradient_checkpointing = True
@@ -444,6 +497,7 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         self.gradient_checkpointing = False
         self.init_weights()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -452,6 +506,7 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         past_key_values: DynamicCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        *,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         cache_position: torch.Tensor | None = None,
@@ -460,25 +515,33 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
 
         Args:
             input_ids: (B, S) int64 or int32 token ids in [0, vocab_size), or ``inputs_embeds`` (B, S, D) floating.
-            attention_mask: (B, P + S) with 1/True for real tokens and 0/False for padding (P cached tokens); a
-                static cache also accepts (B, max_length).
+            attention_mask: (B, P + S) with 1/True for real tokens and 0/False for padding (P cached tokens), of
+                a bool, integer or floating dtype holding only 0 and 1; a static cache also accepts (B, max_length).
             position_ids: (B, S) or (1, S) int64 or int32 RoPE positions; default P, P+1, ... (as transformers).
-            past_key_values: a KV cache to read and extend; ``use_cache=True`` creates a DynamicCache.
+            past_key_values: a diffllama KV cache (:mod:`diffllama.cache`) to read and extend.
+            use_cache: return the cache in ``past_key_values`` (a new DynamicCache when none is given); None takes
+                ``config.use_cache`` (True by default, as transformers), False under gradient checkpointing in
+                training.
             output_attentions: return per-layer probabilities (eager backend only).
             output_hidden_states: return the embedding output and every layer's output (the last one normed).
             cache_position: (S,) int64 slots of the new tokens in the cache; default P .. P+S-1.
 
         Returns:
-            BaseModelOutputWithPast with ``last_hidden_state`` (B, S, D).
+            BaseModelOutputWithPast with ``last_hidden_state`` (B, S, D); its tuple with ``return_dict=False``
+            (:func:`diffllama.outputs.can_return_tuple`, as every model class's forward).
 
         Raises:
             ValueError/TypeError: naming the argument, for both or neither of input_ids/inputs_embeds, wrong
-            dtypes or shapes, token ids out of range, a mask of the wrong shape.
+            dtypes or shapes, token ids out of range, a mask of the wrong shape or with values other than 0 and 1,
+            a cache of another library (e.g. transformers' DynamicCache).
         """
+        if past_key_values is not None and not isinstance(past_key_values, (DynamicCache, StaticCache)):
+            raise TypeError(f"past_key_values must be None or a diffllama.cache DynamicCache or StaticCache, got "
+                            f"{type(past_key_values).__module__}.{type(past_key_values).__name__}")
         inputs_embeds = self._embed(input_ids, inputs_embeds)
         b, s, _ = inputs_embeds.shape
-        if use_cache is None:
-            use_cache = past_key_values is not None
+        if use_cache is None:  # as transformers: the config's use_cache, off for checkpointed training
+            use_cache = self.config.use_cache and not (self.gradient_checkpointing and self.training)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         max_length = getattr(past_key_values, "max_length", None)
@@ -541,8 +604,9 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
     def _build_mask(attention_mask, cache_position, batch: int, total: int, k_len: int) -> AttentionMask:
         key_padding = None
         if attention_mask is not None:
-            if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-                raise TypeError(f"attention_mask must be a bool or integer (0/1) tensor, got {attention_mask.dtype}")
+            if attention_mask.dtype.is_complex:
+                raise TypeError(f"attention_mask must be a bool, integer or float (0/1) tensor, got "
+                                f"{attention_mask.dtype}")
             if attention_mask.dim() != 2 or attention_mask.shape[0] != batch \
                     or attention_mask.shape[1] not in (total, k_len):
                 raise ValueError(f"attention_mask must have shape (batch={batch}, past + seq={total}), "
@@ -562,6 +626,30 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
 # The index dtypes nn.Embedding takes (it refuses uint8, int16 and bool with its own error); ids, positions and
 # labels all accept these and no others.
 INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _check_embedding(name: str, value, hidden_size: int) -> None:
+    if not isinstance(value, nn.Embedding):
+        raise TypeError(f"{name} must be a torch.nn.Embedding, got {type(value).__name__}")
+    if value.embedding_dim != hidden_size:
+        raise ValueError(f"{name} must have embedding_dim = hidden_size = {hidden_size}, got {value.embedding_dim}")
+
+
+def _as_list(ids) -> list[int]:
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
+@torch.no_grad()
+def _resized_rows(new: torch.Tensor, old: torch.Tensor, mean_resizing: bool, std: float) -> None:
+    """Fill ``new`` (N, D): its first min(N, M) rows from ``old`` (M, D); later rows the mean of ``old``'s rows
+    (summed in float64) or N(0, std)."""
+    kept = min(new.shape[0], old.shape[0])
+    new[:kept] = old[:kept]
+    if new.shape[0] > kept:
+        if mean_resizing:
+            new[kept:] = old.double().mean(0).to(new.dtype)
+        else:
+            nn.init.normal_(new[kept:], 0.0, std)
 
 
 def _check_index_dtype(name: str, value) -> None:
@@ -608,6 +696,7 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -617,10 +706,11 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        *,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         cache_position: torch.Tensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: int | torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Logits (B, S_kept, vocab) in the model dtype, and the loss when ``labels`` (B, S) are given.
@@ -631,7 +721,8 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         those indices. Other arguments as :meth:`DiffLlamaModel.forward`.
         """
         outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                             output_attentions, output_hidden_states, cache_position)
+                             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                             cache_position=cache_position)
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = gemv.call(self.lm_head, hidden[:, keep, :], "lm_head")
@@ -676,16 +767,19 @@ class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         nn.init.normal_(self.score.weight, 0.0, config.initializer_range)
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False) -> SequenceClassifierOutputWithPast:
+                inputs_embeds=None, labels=None, use_cache=None, *, output_attentions=False,
+                output_hidden_states=False, num_items_in_batch=None) -> SequenceClassifierOutputWithPast:
         """Pooled logits (B, num_labels); loss when ``labels`` ((B,) int64 classes, (B,) or (B, n) floats) given.
+
+        ``num_items_in_batch`` is accepted and, as in transformers, does not change this head's loss.
 
         Raises:
             ValueError: batch > 1 without ``config.pad_token_id`` (the pooled position is undefined).
         """
         outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                             output_attentions, output_hidden_states)
+                             output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         logits = self.score(outputs.last_hidden_state)  # (B, S, num_labels)
         b = logits.shape[0]
         pad = self.config.pad_token_id
@@ -738,12 +832,18 @@ class DiffLlamaForTokenClassification(DiffLlamaPreTrainedModel):
         nn.init.normal_(self.score.weight, 0.0, config.initializer_range)
         nn.init.zeros_(self.score.bias)
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_attentions=False,
-                output_hidden_states=False) -> TokenClassifierOutput:
-        """Logits (B, S, num_labels); cross-entropy over ``labels`` (B, S) int64 with -100 ignored."""
-        outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                             output_attentions, output_hidden_states)
+                inputs_embeds=None, labels=None, use_cache=None, *, output_attentions=False,
+                output_hidden_states=False, num_items_in_batch=None) -> TokenClassifierOutput:
+        """Logits (B, S, num_labels); cross-entropy over ``labels`` (B, S) int64 with -100 ignored.
+
+        The output has no cache, so none is built unless ``use_cache=True``. ``num_items_in_batch`` is accepted and,
+        as in transformers, does not change this head's loss.
+        """
+        outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
+                             bool(use_cache), output_attentions=output_attentions,
+                             output_hidden_states=output_hidden_states)
         logits = self.score(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
@@ -768,12 +868,18 @@ class DiffLlamaForQuestionAnswering(DiffLlamaPreTrainedModel):
         nn.init.normal_(self.qa_outputs.weight, 0.0, config.initializer_range)
         nn.init.zeros_(self.qa_outputs.bias)
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, start_positions=None, end_positions=None, use_cache=None,
-                output_attentions=False, output_hidden_states=False) -> QuestionAnsweringModelOutput:
-        """``start_logits``, ``end_logits`` (B, S); loss when ``start_positions``/``end_positions`` (B,) given."""
+                inputs_embeds=None, start_positions=None, end_positions=None, *, use_cache=None,
+                output_attentions=False, output_hidden_states=False,
+                num_items_in_batch=None) -> QuestionAnsweringModelOutput:
+        """``start_logits``, ``end_logits`` (B, S); loss when ``start_positions``/``end_positions`` (B,) given:
+        the mean of the two cross-entropies, each the mean over counted rows, or their sum / ``num_items_in_batch``
+        when given (transformers' ``ForQuestionAnsweringLoss``). The output has no cache, so none is built unless
+        ``use_cache=True``."""
         outputs = self.transformer(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
-                                   use_cache, output_attentions, output_hidden_states)
+                                   bool(use_cache), output_attentions=output_attentions,
+                                   output_hidden_states=output_hidden_states)
         logits = self.qa_outputs(outputs.last_hidden_state)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
         loss = None
@@ -782,7 +888,10 @@ class DiffLlamaForQuestionAnswering(DiffLlamaPreTrainedModel):
             start = start_positions.reshape(-1).clamp(0, s).to(logits.device)
             end = end_positions.reshape(-1).clamp(0, s).to(logits.device)
             # No float32 upcast here, as in transformers: the QA loss keeps the logits' dtype.
-            loss = (F.cross_entropy(start_logits, start, ignore_index=s)
-                    + F.cross_entropy(end_logits, end, ignore_index=s)) / 2
+            reduction = "mean" if num_items_in_batch is None else "sum"
+            loss = (F.cross_entropy(start_logits, start, ignore_index=s, reduction=reduction)
+                    + F.cross_entropy(end_logits, end, ignore_index=s, reduction=reduction)) / 2
+            if num_items_in_batch is not None:
+                loss = loss / num_items_in_batch
         return QuestionAnsweringModelOutput(loss, start_logits, end_logits, outputs.hidden_states,
                                             outputs.attentions)

@@ -150,7 +150,7 @@ class SequenceClassification(Task):
         return D.Features(list(zip(ids, labels)), collate)
 
     def forward(self, model, inputs):
-        return model(inputs).logits  # (B, C)
+        return model(inputs, use_cache=False).logits  # (B, C)
 
     def loss(self, model, inputs, targets, scale):
         logits = self.forward(model, inputs).float()
@@ -204,7 +204,7 @@ class TokenClassification(Task):
         return D.Features(items, collate)
 
     def forward(self, model, inputs):
-        return model(inputs).logits  # (B, S, C)
+        return model(inputs, use_cache=False).logits  # (B, S, C)
 
     def loss(self, model, inputs, targets, scale):
         logits = self.forward(model, inputs).float()
@@ -262,7 +262,7 @@ class QuestionAnswering(Task):
         return D.Features(features, collate)
 
     def forward(self, model, inputs):
-        out = model(inputs)
+        out = model(inputs, use_cache=False)
         return torch.stack([out.start_logits, out.end_logits], -1)  # (B, S, 2)
 
     def loss(self, model, inputs, targets, scale):

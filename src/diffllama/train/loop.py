@@ -55,7 +55,7 @@ class TrainModule(nn.Module):
         # Embedding here and passing inputs_embeds skips the model's token-range check, a device sync per call;
         # the data pipeline guarantees ids < tokenizer vocab <= model vocab.
         embeds = self.model.model.embed_tokens(input_ids)  # (B, S, D)
-        hidden = self.model.model(inputs_embeds=embeds).last_hidden_state  # (B, S, D)
+        hidden = self.model.model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # (B, S, D)
         return linear_cross_entropy(hidden, self.model.lm_head.weight, targets, scale=scale,
                                     chunk_size=self.chunk_size)
 
