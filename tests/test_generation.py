@@ -20,6 +20,7 @@ from diffllama.generation import (
     pad_batch,
     position_ids_from_mask,
     read_generation_config,
+    resolve_lengths,
     resolve_special_ids,
     stream_generate,
     stream_text,
@@ -110,6 +111,142 @@ def test_defaults_from_config_and_generation_config(tmp_path):
     assert resolve_special_ids(model, eos_token_id=9, pad_token_id=None) == ([9], 1)
     assert resolve_special_ids(model, eos_token_id=[]) == ([], 1)
     assert read_generation_config(tmp_path / "nothing") == {}
+
+
+# ---- lengths ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, new", [
+    (dict(), 20),                                  # transformers 5.17's default: 20 new tokens, not 20 in all
+    (dict(max_length=15), 6),                      # the total, prompt (9) included
+    (dict(max_length=15, max_new_tokens=3), 3),    # max_new_tokens wins
+    (dict(max_length=40, max_new_tokens=3), 3),
+])
+def test_lengths_match_transformers(pair, kwargs, new):
+    ours, reference = pair
+    ids, mask = padded_batch(ours.config.vocab_size, "left", seq=9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' advice to set max_new_tokens
+        expected = hf_generate(reference, ids, mask, **kwargs)
+    got = ours.generate(ids, mask, eos_token_id=[], **kwargs)
+    assert got.shape == (3, 9 + new) and torch.equal(got, expected)
+
+
+def test_default_length_stops_at_max_position_embeddings_like_transformers(pair):
+    ours, reference = pair
+    limit = ours.config.max_position_embeddings  # 64
+    ids = torch.randint(1, ours.config.vocab_size, (1, limit - 14), generator=torch.Generator().manual_seed(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = hf_generate(reference, ids, torch.ones_like(ids))
+    got = ours.generate(ids, eos_token_id=[])
+    assert got.shape == (1, limit) and torch.equal(got, expected)
+    full = torch.ones(1, limit, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_length"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_generate(reference, full, torch.ones_like(full))
+    with pytest.raises(ValueError, match="input_ids has 64 tokens, which fills max_position_embeddings=64"):
+        ours.generate(full, eos_token_id=[])
+    assert ours.generate(full, eos_token_id=[], max_new_tokens=2).shape == (1, limit + 2)  # an explicit length
+
+
+def test_lengths_from_the_generation_config_like_transformers(pair):
+    ours, reference = pair
+    ids, mask = padded_batch(ours.config.vocab_size, "left", seq=9)
+    free = ours.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    eos = [int(free[0, 9 + 1]), int(free[1, 9 + 2])]  # rows 0 and 1 would stop early
+    unset = dict(max_length=None, max_new_tokens=None, min_new_tokens=None)
+    for gen, kwargs in [({"max_length": 16}, {}), ({"max_new_tokens": 5, "max_length": 40}, {}),
+                        ({"max_new_tokens": 12, "min_new_tokens": 4}, {}),
+                        ({"max_length": 16}, dict(max_length=12)),  # the argument wins
+                        ({"max_new_tokens": 5}, dict(max_length=20))]:  # transformers: max_new_tokens wins
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reference.generation_config.update(**{**unset, **gen})
+            expected = hf_generate(reference, ids, mask, eos_token_id=eos, **kwargs)
+        ours.generation_config = gen
+        try:
+            got = ours.generate(ids, mask, eos_token_id=eos, pad_token_id=0, **kwargs)
+            assert got.shape == expected.shape and torch.equal(got, expected), (gen, kwargs)
+        finally:
+            ours.generation_config = {}
+            reference.generation_config.update(**unset)
+    ours.generation_config = {"max_length": 4}  # checked as an argument, naming where it came from
+    try:
+        with pytest.raises(ValueError, match=r"max_length \(from model.generation_config\) must be greater than the "
+                                             r"prompt length \(input_ids has 9 tokens"):
+            ours.generate(ids, mask)
+        assert ours.generate(ids, mask, max_length=11, eos_token_id=[]).shape == (3, 11)  # an argument wins
+    finally:
+        ours.generation_config = {}
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_min_new_tokens_matches_transformers(pair, static):
+    ours, reference = pair
+    ids, mask = padded_batch(ours.config.vocab_size, "left", seq=9)
+    free = ours.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    eos = [int(free[0, 9 + 1]), int(free[1, 9 + 2])]  # rows 0 and 1 stop at steps 1 and 2 without min_new_tokens
+    lengths = set()
+    for fewest in (0, 3, 6):
+        expected = hf_generate(reference, ids, mask, max_new_tokens=12, min_new_tokens=fewest, eos_token_id=eos)
+        got = ours.generate(ids, mask, max_new_tokens=12, min_new_tokens=fewest, eos_token_id=eos, pad_token_id=0,
+                            static_cache=static)
+        assert torch.equal(got, expected), fewest
+        new = got[:, 9:]
+        assert not torch.isin(new[:, :fewest], torch.tensor(eos)).any()  # no EOS before min_new_tokens
+        lengths.add(tuple(next((i for i, t in enumerate(row) if t in eos), None) for row in new.tolist()))
+    assert len(lengths) == 3, "min_new_tokens must change where rows stop"
+
+
+def test_resolve_lengths():
+    model = diffllama.DiffLlamaForCausalLM(tiny_config())
+    assert resolve_lengths(model, 9) == (20, 0)
+    assert resolve_lengths(model, 50) == (14, 0)  # 64 positions in all
+    assert resolve_lengths(model, 9, max_length=np.int64(12), min_new_tokens=2) == (3, 2)
+    assert resolve_lengths(model, 9, max_new_tokens=5, max_length=3) == (5, 0)  # max_length unused: not compared
+    model.generation_config = {"max_new_tokens": 7, "min_new_tokens": 1}
+    assert resolve_lengths(model, 9) == (7, 1) and resolve_lengths(model, 9, max_length=10) == (7, 1)
+    assert resolve_lengths(model, 9, max_new_tokens=3, min_new_tokens=0) == (3, 0)
+    with pytest.warns(UserWarning, match="min_new_tokens=9 is more than the 7 new tokens"):
+        assert resolve_lengths(model, 9, min_new_tokens=9) == (7, 9)
+    model.generation_config = {"min_new_tokens": -1}
+    with pytest.raises(ValueError, match=r"min_new_tokens \(from model.generation_config\) must be >= 0, got -1"):
+        resolve_lengths(model, 9)
+
+
+def test_min_new_tokens_above_the_length_warns_and_generates_everything():
+    torch.manual_seed(1)
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(initializer_range=0.15)).double().eval()
+    ids = torch.randint(1, 96, (1, 5))
+    free = model.generate(ids, max_new_tokens=4, eos_token_id=[])
+    stop = int(free[0, 5])  # the first new token: stops at once unless suppressed
+    assert model.generate(ids, max_new_tokens=4, eos_token_id=stop).shape == (1, 6)
+    with pytest.warns(UserWarning, match="min_new_tokens=9 is more than the 4 new tokens"):
+        out = model.generate(ids, max_new_tokens=4, min_new_tokens=9, eos_token_id=stop)
+    assert out.shape == (1, 9) and stop not in out[0, 5:].tolist()
+
+
+def test_num_beams_and_return_dict_in_generate():
+    model = diffllama.DiffLlamaForCausalLM(tiny_config()).eval()
+    ids = torch.ones(1, 3, dtype=torch.long)
+    plain = model.generate(ids, max_new_tokens=3, eos_token_id=[])
+    for kwargs in (dict(num_beams=1), dict(num_beams=np.int64(1)), dict(return_dict_in_generate=False),
+                   dict(return_dict_in_generate=None)):
+        assert torch.equal(model.generate(ids, max_new_tokens=3, eos_token_id=[], **kwargs), plain)
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
+    recorder = Recorder()
+    for kwargs, error, match in [
+        (dict(num_beams=4), NotImplementedError, "beam search is not supported: num_beams must be 1 .* got 4"),
+        (dict(num_beams=0), ValueError, r"num_beams must be 1 \(beam search is not supported\), got 0"),
+        (dict(num_beams=2.0), TypeError, "num_beams must be an int, got 2.0"),
+        (dict(num_beams=True), TypeError, "num_beams must be an int, got True"),
+        (dict(return_dict_in_generate=True), NotImplementedError, "return_dict_in_generate=True is not supported"),
+        (dict(return_dict_in_generate=1), TypeError, "return_dict_in_generate must be a bool, got 1"),
+    ]:
+        with pytest.raises(error, match=match):
+            model.generate(ids, max_new_tokens=3, streamer=recorder, **kwargs)
+    assert calls == [] and recorder.calls == []
 
 
 def test_repetition_penalty_matches_transformers(pair):
@@ -381,6 +518,14 @@ def test_special_id_forms_and_config_defaults(tmp_path):
     (torch.ones(1, 3, dtype=torch.long), dict(max_new_tokens=0), ValueError, "max_new_tokens must be >= 1"),
     (torch.ones(1, 3, dtype=torch.long), dict(seed=1.5), TypeError, "seed must be None or an int"),
     (torch.ones(1, 3, dtype=torch.long), dict(compile=True), ValueError, "compile=True needs static_cache=True"),
+    (torch.ones(1, 3, dtype=torch.long), dict(max_length=3), ValueError,
+     r"max_length must be greater than the prompt length \(input_ids has 3 tokens; max_length counts the prompt"),
+    (torch.ones(1, 3, dtype=torch.long), dict(max_length=2.5), TypeError, "max_length must be an int, got 2.5"),
+    (torch.ones(1, 3, dtype=torch.long), dict(max_length=True, max_new_tokens=2), TypeError,
+     "max_length must be an int, got True"),
+    (torch.ones(1, 3, dtype=torch.long), dict(min_new_tokens=-1), ValueError, "min_new_tokens must be >= 0, got -1"),
+    (torch.ones(1, 3, dtype=torch.long), dict(min_new_tokens="2"), TypeError, "min_new_tokens must be an int"),
+    (torch.ones(1, 64, dtype=torch.long), {}, ValueError, "fills max_position_embeddings=64"),
 ])
 def test_checks_run_before_the_streamer_and_the_model(ids, kwargs, error, match):
     model = diffllama.DiffLlamaForCausalLM(tiny_config()).eval()

@@ -15,7 +15,7 @@ Batches are left-padded: ``attention_mask`` (B, S) has zeros on the left. Positi
 mask minus one (padding at 1), as transformers' ``generate`` computes them, so greedy output equals
 ``transformers.DiffLlamaForCausalLM.generate`` token for token. Each row stops at its first EOS (kept in the output);
 later positions of that row hold ``pad_token_id``; generation ends when every row has stopped or after
-``max_new_tokens``.
+``max_new_tokens`` (by default 20, as transformers: see :func:`resolve_lengths`).
 """
 
 from __future__ import annotations
@@ -35,25 +35,36 @@ from diffllama.cache import DynamicCache, StaticCache
 from diffllama.config import is_int, token_ids
 
 GENERATION_CONFIG = "generation_config.json"
+# New tokens when no length is given anywhere: transformers' GenerationConfig default (max_length=20), which its
+# generate counts from the end of the prompt ("by default let's always generate 20 new tokens").
+DEFAULT_MAX_NEW_TOKENS = 20
 
 
 # ---- arguments ------------------------------------------------------------------------------------------------------
+
+def _check_count(value, name: str, minimum: int) -> int:
+    """``value`` as a Python int, checked to be an integer (not a bool) >= ``minimum``; errors name ``name``."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
 
 def check_sampling_args(*, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty) -> dict:
     """Validate generation arguments; return them as a dict of plain Python ``int``/``float`` (None kept), so that a
     numpy or other ``numbers.Integral``/``numbers.Real`` scalar acts exactly as the Python number of its value.
 
-    ``max_new_tokens`` and ``top_k`` must be integers, ``temperature``, ``top_p`` and ``repetition_penalty`` real
-    numbers; bool is refused for all of them. The reals must be finite (NaN or infinity is refused even when not
-    sampling: a NaN temperature would otherwise silently mean greedy decoding).
+    ``max_new_tokens`` (None: not given, see :func:`resolve_lengths`) and ``top_k`` must be integers,
+    ``temperature``, ``top_p`` and ``repetition_penalty`` real numbers; bool is refused for all of them. The reals
+    must be finite (NaN or infinity is refused even when not sampling: a NaN temperature would otherwise silently
+    mean greedy decoding).
 
     Raises:
         TypeError or ValueError: naming the argument, its bad value and what is expected.
     """
-    if not is_int(max_new_tokens):
-        raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens is not None:
+        max_new_tokens = _check_count(max_new_tokens, "max_new_tokens", 1)
     if not isinstance(do_sample, bool):
         raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
     for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
@@ -72,7 +83,7 @@ def check_sampling_args(*, max_new_tokens, do_sample, temperature, top_k, top_p,
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
     if not repetition_penalty > 0:
         raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty!r}")
-    return dict(max_new_tokens=int(max_new_tokens), do_sample=do_sample, temperature=float(temperature),
+    return dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=float(temperature),
                 top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p),
                 repetition_penalty=float(repetition_penalty))
 
@@ -90,6 +101,81 @@ def _warn_ignored_sampling(*, do_sample, temperature, top_k, top_p, **_) -> None
         warnings.warn(f"do_sample=False (greedy decoding) ignores {', '.join(ignored)}: these settings only apply "
                       f"to sampling; pass do_sample=True to use them, or leave them out", UserWarning,
                       stacklevel=4)  # past stream_generate and its inference_mode wrapper: its caller
+
+
+def resolve_lengths(model, prompt_length: int, *, max_new_tokens=None, max_length=None,
+                    min_new_tokens=None) -> tuple[int, int]:
+    """The most and the fewest new tokens per row, ``(max_new_tokens, min_new_tokens)``, as transformers 5.17's
+    ``generate`` derives them from its arguments and ``model.generation_config``.
+
+    ``prompt_length`` is the (padded) width S of ``input_ids``. Each of ``max_new_tokens``, ``max_length`` and
+    ``min_new_tokens`` is the argument when given, else the generation config's (a dict, as
+    :func:`read_generation_config` returns; absent or {} for a model not loaded from a checkpoint). Then, as in
+    transformers, the most new tokens is the first of:
+
+    - ``max_new_tokens`` (an int >= 1), so it wins over any ``max_length``, even one given as an argument;
+    - ``max_length``: the total length, prompt included, so ``max_length - S`` new tokens; it must exceed S;
+    - transformers' default: 20 new tokens, but no more than make the total ``model.config.max_position_embeddings``
+      (a prompt that already fills it is refused, as transformers refuses it).
+
+    ``min_new_tokens`` (else 0): an int >= 0; until that many new tokens are produced, EOS cannot be picked
+    (transformers' ``MinNewTokensLengthLogitsProcessor``). One above the most new tokens gives a UserWarning, as in
+    transformers (generation then runs to the most).
+
+    Raises:
+        TypeError: ``max_new_tokens``, ``max_length`` or ``min_new_tokens`` not an int (bool refused), naming it and
+            whether it came from ``model.generation_config``.
+        ValueError: ``max_new_tokens`` < 1, ``max_length`` <= S, ``min_new_tokens`` < 0, or (no length given) a
+            prompt of at least ``max_position_embeddings`` tokens.
+    """
+    gen = _generation_config(model)
+
+    def pick(name, given):  # (value, name for errors)
+        if given is not None:
+            return given, name
+        return gen.get(name), f"{name} (from model.generation_config)"
+
+    new, new_name = pick("max_new_tokens", max_new_tokens)
+    total, total_name = pick("max_length", max_length)
+    fewest, fewest_name = pick("min_new_tokens", min_new_tokens)
+    if total is not None:
+        _check_count(total, total_name, 1)  # the type, even when max_new_tokens makes it unused
+    if new is not None:
+        most = _check_count(new, new_name, 1)
+    elif total is not None:
+        most = _total_to_new(total, total_name, prompt_length)
+    else:
+        limit = model.config.max_position_embeddings
+        if prompt_length >= limit:
+            raise ValueError(f"input_ids has {prompt_length} tokens, which fills max_position_embeddings={limit}: "
+                             f"the default length ({DEFAULT_MAX_NEW_TOKENS} new tokens, at most "
+                             f"max_position_embeddings in all, as transformers) leaves none; pass max_new_tokens "
+                             f"or max_length")
+        most = min(DEFAULT_MAX_NEW_TOKENS, limit - prompt_length)
+    fewest = 0 if fewest is None else _check_count(fewest, fewest_name, 0)
+    if fewest > most:
+        warnings.warn(f"min_new_tokens={fewest} is more than the {most} new tokens generation may produce: EOS "
+                      f"is suppressed throughout and generation runs to {most} new tokens", UserWarning,
+                      stacklevel=4)  # past stream_generate and its inference_mode wrapper: its caller
+    return most, fewest
+
+
+def _total_to_new(max_length, name: str, prompt_length: int) -> int:
+    """New tokens left by a total length ``max_length`` after a prompt of ``prompt_length`` tokens."""
+    max_length = _check_count(max_length, name, 1)
+    if max_length <= prompt_length:
+        raise ValueError(f"{name} must be greater than the prompt length (input_ids has {prompt_length} tokens; "
+                         f"max_length counts the prompt too, as in transformers), got {max_length}; or pass "
+                         f"max_new_tokens")
+    return max_length - prompt_length
+
+
+def _generation_config(model) -> dict:
+    """``model.generation_config`` as a dict ({} when unset); a transformers ``GenerationConfig`` works too."""
+    gen = getattr(model, "generation_config", None) or {}
+    if not isinstance(gen, dict):
+        gen = gen.to_dict() if hasattr(gen, "to_dict") else vars(gen)
+    return gen
 
 
 def read_generation_config(directory: str | os.PathLike) -> dict:
@@ -151,9 +237,7 @@ def resolve_special_ids(model, eos_token_id=None, pad_token_id=None) -> tuple[li
 def _configured_special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
     """:func:`resolve_special_ids` before the pad id's fallback: None where no argument or config sets one."""
     vocab = model.config.vocab_size
-    gen = getattr(model, "generation_config", None) or {}
-    if not isinstance(gen, dict):
-        gen = gen.to_dict() if hasattr(gen, "to_dict") else vars(gen)
+    gen = _generation_config(model)
     config = getattr(model, "config", None)
 
     def first(name, given):  # (value, name for errors)
@@ -465,7 +549,8 @@ def _make_cache_and_step(model, batch: int, total: int, static_cache: bool, comp
 
 @torch.inference_mode()
 def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                    max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
+                    max_new_tokens: int | None = None, max_length: int | None = None,
+                    min_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                     eos_token_id: int | Sequence[int] | torch.Tensor | None = None, pad_token_id: int | None = None,
                     seed: int | None = None, static_cache: bool = False, compile: bool = False,
@@ -486,6 +571,9 @@ def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     device = model.device
     input_ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids
     mask = _check_inputs(input_ids, attention_mask, model.config.vocab_size)
+    sampling["max_new_tokens"], min_new_tokens = resolve_lengths(
+        model, input_ids.shape[1], max_new_tokens=max_new_tokens, max_length=max_length,
+        min_new_tokens=min_new_tokens)
     eos, pad = _configured_special_ids(model, eos_token_id, pad_token_id)
     if attention_mask is None:
         inferred = infer_attention_mask(input_ids, pad, eos)
@@ -504,21 +592,23 @@ def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         generator = torch.Generator(device=device).manual_seed(int(seed))
     b, s = input_ids.shape
     model.refresh_inference_caches(force=True)  # λ written through .data since the last call bumps no version
-    cache, step, max_length = _make_cache_and_step(model, b, s + sampling["max_new_tokens"], static_cache, compile)
-    return _steps(model, input_ids.long(), mask, cache, step, max_length, eos, pad, generator, **sampling,
-                  static_cache=static_cache, sync_every=int(sync_every))
+    cache, step, cache_length = _make_cache_and_step(model, b, s + sampling["max_new_tokens"], static_cache,
+                                                     compile)
+    return _steps(model, input_ids.long(), mask, cache, step, cache_length, eos, pad, generator, **sampling,
+                  min_new_tokens=min_new_tokens, static_cache=static_cache, sync_every=int(sync_every))
 
 
 @torch.inference_mode()
-def _steps(model, input_ids, mask, cache, step, max_length, eos, pad, generator, *, max_new_tokens, do_sample,
-           temperature, top_k, top_p, repetition_penalty, static_cache, sync_every) -> Iterator[torch.Tensor]:
+def _steps(model, input_ids, mask, cache, step, cache_length, eos, pad, generator, *, max_new_tokens,
+           min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, static_cache,
+           sync_every) -> Iterator[torch.Tensor]:
     """The generation loop of :func:`stream_generate`, on checked arguments."""
     device = input_ids.device
     b, s = input_ids.shape
     has_padding = bool((mask == 0).any())
     positions = position_ids_from_mask(mask)
     if static_cache:  # one mask over every slot: real prompt tokens, then all new tokens
-        full_mask = torch.ones(b, max_length, dtype=torch.long, device=device)
+        full_mask = torch.ones(b, cache_length, dtype=torch.long, device=device)
         full_mask[:, :s] = mask
         prompt_mask = step_mask = full_mask if has_padding else None
     else:
@@ -535,6 +625,10 @@ def _steps(model, input_ids, mask, cache, step, max_length, eos, pad, generator,
     next_position = positions[:, -1:] + 1  # (B, 1)
     slots = torch.arange(s, s + max_new_tokens, device=device)
     for t in range(max_new_tokens):
+        if t < min_new_tokens and eos_tensor is not None:
+            # transformers' MinNewTokensLengthLogitsProcessor. Out of place: a CUDA-graphed step's logits live in
+            # its static output buffer.
+            logits = logits.index_fill(1, eos_tensor, float("-inf"))
         token = next_tokens(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, seen=seen, generator=generator)
         if eos_tensor is not None:
@@ -556,19 +650,27 @@ def _steps(model, input_ids, mask, cache, step, max_length, eos, pad, generator,
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-             max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             max_new_tokens: int | None = None, max_length: int | None = None, min_new_tokens: int | None = None,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, repetition_penalty: float = 1.0,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             seed: int | None = None, streamer=None, static_cache: bool = False,
-             compile: bool = False) -> torch.Tensor:
-    """Continue left-padded prompts; returns the prompts plus new tokens, (B, S + n) int64, n <= max_new_tokens.
+             seed: int | None = None, streamer=None, static_cache: bool = False, compile: bool = False,
+             num_beams: int = 1, return_dict_in_generate: bool | None = False) -> torch.Tensor:
+    """Continue left-padded prompts; returns the prompts plus new tokens, (B, S + n) int64, n <= the most new
+    tokens (see ``max_new_tokens``).
 
     Args:
         model: a DiffLlamaForCausalLM (any device and dtype; put it in eval mode).
         input_ids: (B, S) integer token ids, left-padded. attention_mask: (B, S) 0/1. None: as transformers,
             ``input_ids != pad_token_id`` when a pad id is set (argument or config), is not an EOS id and occurs
             in ``input_ids`` (:func:`infer_attention_mask`), else no padding.
-        max_new_tokens: new tokens per row, >= 1. n is smaller when every row stopped earlier.
+        max_new_tokens: the most new tokens per row, >= 1; n is smaller when every row stopped earlier.
+        max_length: instead, the most total tokens per row, prompt included (transformers' meaning): > S, giving
+            ``max_length - S`` new tokens; ``max_new_tokens`` wins when both are given. Either not given: that of
+            ``model.generation_config``; neither anywhere: 20 new tokens, at most ``max_position_embeddings`` in
+            all (transformers 5.17's default; see :func:`resolve_lengths`).
+        min_new_tokens: EOS ids cannot be picked (their logits are -inf) until this many new tokens are produced
+            (transformers' ``MinNewTokensLengthLogitsProcessor``); None: the generation config's, else 0.
         do_sample: sample (True) or take the argmax (False, the default: greedy).
         temperature, top_k, top_p: sampling controls (temperature > 0, top_k >= 1, top_p in (0, 1]); with
             do_sample=False they are ignored, and a value other than the default gives a UserWarning.
@@ -583,6 +685,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             with the prompt ids (B, S) first, then each step's tokens (B,) on the CPU, then ``end()``.
         static_cache: preallocate a StaticCache (needed for ``compile``). compile: compile the decode step
             (and capture it in a CUDA graph on CUDA); the first call pays the compilation.
+        num_beams: 1 only (accepted for transformers' signature): beam search is not implemented.
+        return_dict_in_generate: False or None only: the result is always the tensor of token ids.
 
     Every check runs before the streamer is called or the model is run.
 
@@ -590,19 +694,24 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         TypeError: naming the argument: ``input_ids`` not an integer tensor, a float ``attention_mask``, a
             non-int ``max_new_tokens``/``seed``/``pad_token_id``, an ``eos_token_id`` of another type than above,
             a non-bool ``do_sample``, a non-number ``temperature``/``top_p``/``repetition_penalty``, a
-            ``streamer`` without ``put``.
+            ``streamer`` without ``put``, a non-int ``max_length``/``min_new_tokens``/``num_beams``, a non-bool
+            ``return_dict_in_generate``.
+        NotImplementedError: ``num_beams`` > 1 or ``return_dict_in_generate=True``.
         ValueError: naming the argument: bad shape of ``input_ids``/``attention_mask`` (right padding, all-padding
             rows), ids outside [0, vocab_size) in ``input_ids``, the EOS ids or ``pad_token_id``,
-            ``max_new_tokens`` <= 0, a NaN or infinite ``temperature``/``top_p``/``repetition_penalty``,
-            ``temperature`` <= 0 when sampling, ``top_k`` not an int >= 1, ``top_p`` outside (0, 1],
+            ``max_new_tokens`` <= 0, ``max_length`` <= S, ``min_new_tokens`` < 0, ``num_beams`` < 1, no length
+            given and S >= ``max_position_embeddings``, a NaN or infinite
+            ``temperature``/``top_p``/``repetition_penalty``, ``temperature`` <= 0 when sampling, ``top_k`` not an int >= 1, ``top_p`` outside (0, 1],
             ``repetition_penalty`` <= 0, ``compile`` without ``static_cache``, a static cache too large for the
             memory.
     """
     if streamer is not None and not (callable(getattr(streamer, "put", None))
                                      and callable(getattr(streamer, "end", None))):
         raise TypeError("streamer must have put(tokens) and end() methods")
+    _check_unsupported(num_beams, return_dict_in_generate)
     # stream_generate checks every argument when called: before the streamer is called or the model run
-    steps = stream_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+    steps = stream_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, max_length=max_length,
+                            min_new_tokens=min_new_tokens, do_sample=do_sample,
                             temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                             pad_token_id=pad_token_id, seed=seed, static_cache=static_cache, compile=compile,
@@ -624,6 +733,23 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if bool(done.any()):
             out = out[:, :int(done.int().argmax()) + 1]
     return torch.cat([input_ids.to(out.device).long(), out], dim=1)
+
+
+def _check_unsupported(num_beams, return_dict_in_generate) -> None:
+    """Accept transformers' ``num_beams=1`` and ``return_dict_in_generate=False``/None (what this module does);
+    refuse, naming the argument, the beam search and output objects it does not implement."""
+    if not is_int(num_beams):
+        raise TypeError(f"num_beams must be an int, got {num_beams!r}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be 1 (beam search is not supported), got {num_beams}")
+    if num_beams > 1:
+        raise NotImplementedError(f"beam search is not supported: num_beams must be 1 (greedy or sampling, "
+                                  f"do_sample=True), got {num_beams}")
+    if return_dict_in_generate is not None and not isinstance(return_dict_in_generate, bool):
+        raise TypeError(f"return_dict_in_generate must be a bool, got {return_dict_in_generate!r}")
+    if return_dict_in_generate:
+        raise NotImplementedError("return_dict_in_generate=True is not supported: generate returns the tensor of "
+                                  "token ids (B, S + n); use return_dict_in_generate=False")
 
 
 def stream_text(model, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
