@@ -188,7 +188,8 @@ def test_failed_save_leaves_previous_checkpoint_loadable(saved, monkeypatch):
     import diffllama.checkpoint as ckpt
 
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
-    model = diffllama.DiffLlamaForCausalLM(tiny_config())
+    assert "generation_config.json" in before
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(eos_token_id=5))  # its generation_config.json differs too
     calls = []
 
     def failing_save(*args, **kwargs):
@@ -218,7 +219,130 @@ def test_failed_save_into_new_directory_leaves_nothing_loadable(tmp_path, monkey
 
 
 def test_generation_config_is_read(saved):
+    (saved / "generation_config.json").unlink()
     assert diffllama.DiffLlamaForCausalLM.from_pretrained(saved).generation_config == {}
     (saved / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "pad_token_id": 0}))
     model = diffllama.DiffLlamaForCausalLM.from_pretrained(saved)
     assert model.generation_config["eos_token_id"] == [2, 7]
+
+
+# ---- generation_config.json -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{}, dict(eos_token_id=[2, 5]), dict(bos_token_id=None, pad_token_id=None),
+                                       dict(eos_token_id=None, use_cache=False)],
+                         ids=["default", "eos-list", "no-bos-pad", "no-eos-no-cache"])
+def test_generation_config_file_as_transformers_writes_it(tmp_path, overrides):
+    config = tiny_config(**overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_model("DiffLlamaForCausalLM", config, torch.float32).save_pretrained(tmp_path / "hf")
+    diffllama.DiffLlamaForCausalLM(config).save_pretrained(tmp_path / "ours")
+    expected = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    expected.pop("transformers_version")  # our config.json does not claim a transformers version either
+    text = (tmp_path / "ours" / "generation_config.json").read_text()
+    assert json.loads(text) == expected
+    assert text == json.dumps(expected, indent=2, sort_keys=True) + "\n"
+    assert "transformers_version" not in json.loads((tmp_path / "ours" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("cls_name", ["DiffLlamaModel", "DiffLlamaForSequenceClassification"])
+def test_only_the_causal_lm_writes_a_generation_config(tmp_path, cls_name):
+    getattr(diffllama, cls_name)(tiny_config()).save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():  # transformers does not write one for these classes either
+        warnings.simplefilter("ignore")
+        hf_model(cls_name, tiny_config(), torch.float32).save_pretrained(tmp_path / "hf")
+    files = [sorted(p.name for p in (tmp_path / name).iterdir()) for name in ("ours", "hf")]
+    assert files[0] == files[1]
+    assert not (tmp_path / "ours" / "generation_config.json").exists()
+
+
+def test_generation_config_round_trips_with_transformers_and_keeps_eos_behaviour(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    ours = diffllama.DiffLlamaForCausalLM(tiny_config(initializer_range=0.15)).double().eval()
+    ids = torch.randint(1, 96, (2, 7), generator=torch.Generator().manual_seed(2))
+    free = ours.generate(ids, max_new_tokens=10, eos_token_id=[])
+    ours.config.eos_token_id = int(free[0, 7 + 2])  # row 0 stops at step 2, then is padded with pad_token_id 0
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.DiffLlamaForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="sdpa").eval()
+        hf.save_pretrained(tmp_path / "hf")
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+    assert hf.generation_config.eos_token_id == ours.config.eos_token_id and hf.generation_config.pad_token_id == 0
+    assert expected.shape == (2, 17) and expected[0, 7 + 3:].eq(0).all()
+    for directory in ("ours", "hf"):  # ours <- ours, ours <- transformers: the file gives the same EOS/pad ids
+        loaded = diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path / directory)
+        assert loaded.generation_config["eos_token_id"] == ours.config.eos_token_id
+        assert torch.equal(loaded.generate(ids, max_new_tokens=10), expected), directory
+
+
+def test_a_loaded_generation_config_is_saved_as_it_was(saved, tmp_path):
+    custom = {"eos_token_id": [2, 7], "pad_token_id": 0, "max_length": 40, "transformers_version": "5.17.0"}
+    (saved / "generation_config.json").write_text(json.dumps(custom))
+    model = diffllama.DiffLlamaForCausalLM.from_pretrained(saved)
+    model.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "generation_config.json").read_text()) == custom
+
+
+# ---- from_pretrained: dtype, torch_dtype, device_map ---------------------------------------------------------
+
+def test_dtype_auto_is_the_checkpoints_like_transformers(tmp_path):
+    import transformers
+
+    diffllama.DiffLlamaForCausalLM(tiny_config()).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16
+    assert diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path).dtype == torch.bfloat16
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["dtype"]  # no entry: the weights' dtype, as transformers reads it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = transformers.DiffLlamaForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype
+    assert reference == torch.bfloat16
+    assert diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == reference
+    assert diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path).dtype == reference
+
+
+def test_torch_dtype_is_a_deprecated_alias(saved):
+    with pytest.warns(FutureWarning, match="torch_dtype is deprecated .* use dtype instead"):
+        model = diffllama.DiffLlamaForCausalLM.from_pretrained(saved, torch_dtype=torch.float16)
+    assert model.dtype == torch.float16
+    with pytest.warns(FutureWarning):
+        assert diffllama.DiffLlamaForCausalLM.from_pretrained(saved, torch_dtype="auto").dtype == torch.float32
+    with pytest.raises(ValueError, match="give dtype or torch_dtype .*not both: got dtype='float32', "
+                                         "torch_dtype=torch.float16"):
+        diffllama.DiffLlamaForCausalLM.from_pretrained(saved, dtype="float32", torch_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("device_map", ["cpu", torch.device("cpu"), {"": "cpu"}, "auto"])
+def test_device_map_of_one_device(saved, device_map):
+    model = diffllama.DiffLlamaForCausalLM.from_pretrained(saved, device_map=device_map)
+    auto = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    assert model.device == (auto if device_map == "auto" else torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(device_map={"model": "cpu", "lm_head": "cpu"}), NotImplementedError,
+     r"device_map=\{'model': 'cpu', 'lm_head': 'cpu'\} places the model over several devices, which is not "
+     r"supported"),
+    (dict(device_map="balanced"), NotImplementedError,
+     "device_map='balanced' places the model over several devices"),
+    (dict(device_map="tpu0"), ValueError, "device_map must be one device such as 'cpu', .* got 'tpu0'"),
+    (dict(device_map=True), ValueError, "device_map must be one device .* got True"),
+    (dict(device="cpu", device_map="cpu"), ValueError, "give device or device_map, not both"),
+    (dict(dtype="int8"), ValueError, r"dtype must be one of .*; or 'auto' \(the checkpoint's\)"),
+    (dict(torch_dtype="int8"), ValueError, "dtype must be one of"),
+])
+def test_bad_loading_arguments_are_refused_before_reading_files(tmp_path, kwargs, error, match):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        with pytest.raises(error, match=match):  # a missing directory: the argument is refused first
+            diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path / "does-not-exist", **kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_map_cuda_without_cuda(saved):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        diffllama.DiffLlamaForCausalLM.from_pretrained(saved, device_map="cuda:0")

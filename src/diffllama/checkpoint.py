@@ -18,6 +18,7 @@ import re
 import shutil
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -466,8 +467,16 @@ def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.fl
     return DTYPES[name]
 
 
-def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_implementation=None, **config_overrides):
+def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_implementation=None, torch_dtype=None,
+                    device_map=None, **config_overrides):
     """Build ``cls`` from a checkpoint directory or cached hub repo (see ``DiffLlamaPreTrainedModel.from_pretrained``).
+
+    ``dtype``: a torch dtype or its name (see :func:`parse_dtype`), or None or ``"auto"`` (the default, as in
+    transformers 5.17): the checkpoint's, i.e. the ``dtype``/``torch_dtype`` entry of config.json, else that of the
+    first floating-point weight in the files, else float32. ``torch_dtype``: transformers' deprecated name for
+    ``dtype`` (a FutureWarning). ``device``: a torch device or its name (default CPU). ``device_map``:
+    transformers' alternative to ``device``, for one device only (see :func:`device_from_map`). Every argument is
+    checked before any file is read.
 
     Keys are matched to the class: the decoder may sit under ``model.`` or ``transformer.`` (or no prefix) in the
     file; weights of another task head (e.g. ``lm_head`` when loading into a classifier) are dropped and this
@@ -475,22 +484,42 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
 
     Raises:
         FileNotFoundError, ValueError: see ``from_pretrained``; a ValueError lists missing/unexpected decoder keys
-        and shape mismatches by name.
+        and shape mismatches by name; one names ``dtype`` and ``torch_dtype`` when both are given, or ``device``
+        and ``device_map``.
+        NotImplementedError: a ``device_map`` spreading the model over several devices.
     """
     from diffllama.config import DiffLlamaConfig
 
-    directory = resolve_checkpoint_dir(path_or_repo_id)
-    if attn_implementation is not None:
-        config_overrides["attn_implementation"] = attn_implementation
-    config = DiffLlamaConfig.from_pretrained(directory, **config_overrides)
-    target_dtype = parse_dtype(dtype, default=parse_dtype(config.extra.get("dtype") or config.extra.get("torch_dtype")))
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise ValueError(f"give dtype or torch_dtype (its deprecated name), not both: got dtype={dtype!r}, "
+                             f"torch_dtype={torch_dtype!r}")
+        warnings.warn("torch_dtype is deprecated (as in transformers): use dtype instead", FutureWarning,
+                      stacklevel=3)  # past the model class's from_pretrained: its caller
+        dtype = torch_dtype
+    target_dtype = None
+    if dtype is not None and not (isinstance(dtype, str) and dtype == "auto"):
+        try:
+            target_dtype = parse_dtype(dtype)
+        except ValueError as error:
+            raise ValueError(f"{error}; or 'auto' (the checkpoint's)") from None
+    if device_map is not None:
+        if device is not None:
+            raise ValueError(f"give device or device_map, not both: got device={device!r}, device_map={device_map!r}")
+        device = device_from_map(device_map)
     try:
         device = torch.device(device) if device is not None else torch.device("cpu")
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but CUDA is not available on this machine")
+    directory = resolve_checkpoint_dir(path_or_repo_id)
+    if attn_implementation is not None:
+        config_overrides["attn_implementation"] = attn_implementation
+    config = DiffLlamaConfig.from_pretrained(directory, **config_overrides)
     state = load_state_dict(directory)
+    if target_dtype is None:
+        target_dtype = _checkpoint_dtype(config, state)
     with torch.device(device):
         model = cls(config)
     model.to(dtype=target_dtype)
@@ -500,6 +529,42 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
 
     model.generation_config = read_generation_config(directory)
     return model.eval()
+
+
+def device_from_map(device_map) -> torch.device:
+    """The one device a transformers-style ``device_map`` names: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, a
+    ``torch.device``, a GPU index (int), ``{"": device}`` (the whole model on that device), or ``"auto"``: the first
+    CUDA device when CUDA is available, else the CPU (where transformers' "auto" puts a model that fits).
+
+    Raises:
+        NotImplementedError: naming ``device_map``: a dict placing modules on several devices, or a multi-device
+            strategy (``"balanced"``, ``"balanced_low_0"``, ``"sequential"``).
+        ValueError: naming ``device_map``: anything else that is not a device.
+    """
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if isinstance(device_map, dict) or (isinstance(device_map, str)
+                                        and device_map in ("balanced", "balanced_low_0", "sequential")):
+        raise NotImplementedError(f"device_map={device_map!r} places the model over several devices, which is not "
+                                  f"supported: give one device (e.g. 'cpu', 'cuda:0' or 'auto')")
+    if isinstance(device_map, str) and device_map == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        if isinstance(device_map, bool) or not isinstance(device_map, (str, int, torch.device)):
+            raise TypeError
+        return torch.device(device_map)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device_map must be one device such as 'cpu', 'cuda', 'cuda:1', a GPU index, a "
+                         f"torch.device or 'auto', got {device_map!r}") from error
+
+
+def _checkpoint_dtype(config, state: dict[str, torch.Tensor]) -> torch.dtype:
+    """transformers' ``dtype="auto"``: config.json's ``dtype``/``torch_dtype``, else the first floating-point
+    weight's dtype, else float32."""
+    named = config.extra.get("dtype") or config.extra.get("torch_dtype")
+    if named is not None:
+        return parse_dtype(named)
+    return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
 
 
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, list[str]]:
@@ -538,13 +603,18 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
 
 
 def save_pretrained(model: torch.nn.Module, directory, *, max_shard_size: int | str = "5GB") -> list[Path]:
-    """Write ``model`` as transformers does: config.json (with ``architectures`` and ``dtype``) + safetensors.
+    """Write ``model`` as transformers does: config.json (with ``architectures`` and ``dtype``) + safetensors, and
+    for a causal LM ``generation_config.json`` (see :func:`generation_config_for`).
 
-    The tied ``lm_head.weight`` is omitted. Atomic as :func:`save_state_dict`. Returns the written paths.
+    The tied ``lm_head.weight`` is omitted. Atomic as :func:`save_state_dict`: the side files are written with the
+    weights. Returns the written paths.
 
     Raises:
         ValueError: for a bad ``max_shard_size`` (before anything is written).
     """
+    from diffllama.generation import GENERATION_CONFIG
+    from diffllama.modeling import DiffLlamaForCausalLM
+
     parse_size(max_shard_size)
     state = model.state_dict()
     if model.config.tie_word_embeddings:
@@ -553,5 +623,31 @@ def save_pretrained(model: torch.nn.Module, directory, *, max_shard_size: int | 
     config["architectures"] = [type(model).__name__]
     config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    return save_state_dict(state, directory, max_shard_size=max_shard_size, extra_files={"config.json": text})
+    files = {"config.json": _json_text(config)}
+    if isinstance(model, DiffLlamaForCausalLM):  # transformers writes one for models that can generate
+        files[GENERATION_CONFIG] = _json_text(generation_config_for(model))
+    return save_state_dict(state, directory, max_shard_size=max_shard_size, extra_files=files)
+
+
+def generation_config_for(model) -> dict:
+    """The ``generation_config.json`` content :func:`save_pretrained` writes for a causal LM.
+
+    ``model.generation_config`` when it holds anything (as loaded from a checkpoint's file: kept as it was, as
+    transformers keeps a loaded generation config); else what transformers 5.17 writes for a freshly built model:
+    the config's ``bos_token_id``/``eos_token_id``/``pad_token_id`` (those not None), ``use_cache``, the
+    ``output_attentions``/``output_hidden_states`` flags (False) and ``_from_model_config``: True. Not
+    ``transformers_version``, which this library does not claim (config.json does not either). Returns a new dict.
+    """
+    loaded = getattr(model, "generation_config", None)
+    if isinstance(loaded, dict) and loaded:
+        return dict(loaded)
+    config = model.config
+    ids = {name: getattr(config, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if getattr(config, name) is not None}
+    return {"_from_model_config": True, **ids, "output_attentions": False, "output_hidden_states": False,
+            "use_cache": config.use_cache}
+
+
+def _json_text(data: dict) -> str:
+    """JSON as transformers writes its config files: indented by 2, keys sorted, a final newline."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
