@@ -39,6 +39,9 @@ def test_train_then_plot(tmp_path):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["lr"] == 0.002 and saved["model"]["hidden_size"] == 32 and saved["max_steps"] == 4
     assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
+    generation = json.loads((out / "model" / "generation_config.json").read_text())  # as save_pretrained writes
+    model_config = json.loads((out / "model" / "config.json").read_text())
+    assert generation["eos_token_id"] == model_config["eos_token_id"] and generation["_from_model_config"]
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
     result = runner.invoke(app, ["plot", str(out)])
     assert result.exit_code == 0 and (out / "loss.png").stat().st_size > 1000

@@ -612,21 +612,30 @@ def save_pretrained(model: torch.nn.Module, directory, *, max_shard_size: int | 
     Raises:
         ValueError: for a bad ``max_shard_size`` (before anything is written).
     """
+    parse_size(max_shard_size)
+    state, files = pretrained_files(model, model.state_dict())
+    return save_state_dict(state, directory, max_shard_size=max_shard_size, extra_files=files)
+
+
+def pretrained_files(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, str]]:
+    """What :func:`save_pretrained` writes for ``model`` whose weights are ``state`` (its full state dict, e.g.
+    gathered from FSDP shards): the state without a tied ``lm_head.weight``, and the side files by name
+    (config.json with ``architectures`` and the weights' ``dtype``; ``generation_config.json`` for a causal LM)."""
     from diffllama.generation import GENERATION_CONFIG
     from diffllama.modeling import DiffLlamaForCausalLM
 
-    parse_size(max_shard_size)
-    state = model.state_dict()
+    state = dict(state)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     config = model.config.to_dict()
     config["architectures"] = [type(model).__name__]
-    config["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     files = {"config.json": _json_text(config)}
     if isinstance(model, DiffLlamaForCausalLM):  # transformers writes one for models that can generate
         files[GENERATION_CONFIG] = _json_text(generation_config_for(model))
-    return save_state_dict(state, directory, max_shard_size=max_shard_size, extra_files=files)
+    return state, files
 
 
 def generation_config_for(model) -> dict:

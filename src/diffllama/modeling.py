@@ -450,27 +450,36 @@ class DiffLlamaPreTrainedModel(nn.Module):
         return cls(config).to(device=device, dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_implementation=None, **config_overrides):
+    def from_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_implementation=None, torch_dtype=None,
+                        device_map=None, **config_overrides):
         """Load a checkpoint directory or hub repo id written by transformers or by this library.
 
         Args:
             path_or_repo_id: local directory (config.json + safetensors) or a hub repo id in the local cache.
-            dtype: torch dtype or its name ("float32", "bfloat16", "float16", "float64"); default: the
-                checkpoint's ``dtype``/``torch_dtype`` entry, else float32.
-            device: where to put the weights. attn_implementation: "eager", "sdpa", "flash" or "auto".
+            dtype: torch dtype or its name ("float32", "bfloat16", "float16", "float64"), or None / "auto" (the
+                default): the checkpoint's ``dtype``/``torch_dtype`` entry, else its first floating weight's dtype,
+                else float32 (as transformers). torch_dtype: transformers' deprecated name for ``dtype``.
+            device: where to put the weights (default CPU). device_map: transformers' alternative for one device
+                (a device, its name or index, ``{"": device}``, or "auto": the first GPU if any, else CPU).
+            attn_implementation: "eager", "sdpa", "flash" or "auto".
+            config_overrides: config fields to replace (or ``num_labels``).
             ``generation_config.json``, when present, is read into ``model.generation_config`` (a dict).
 
         Raises:
             FileNotFoundError: no such directory / cached repo, or no weights. ValueError: wrong model_type,
-            missing or unexpected keys, shape mismatches, corrupt safetensors files, a bad dtype.
+            missing or unexpected keys, shape mismatches, corrupt safetensors files, a bad dtype, both ``dtype``
+            and ``torch_dtype`` or ``device`` and ``device_map``. NotImplementedError: a ``device_map`` over
+            several devices. (Source: :func:`diffllama.checkpoint.load_pretrained`.)
         """
         from diffllama.checkpoint import load_pretrained
 
         return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device,
-                               attn_implementation=attn_implementation, **config_overrides)
+                               attn_implementation=attn_implementation, torch_dtype=torch_dtype,
+                               device_map=device_map, **config_overrides)
 
     def save_pretrained(self, directory, *, max_shard_size: int | str = "5GB") -> None:
-        """Write config.json and safetensors weights (sharded above ``max_shard_size``) in transformers' layout.
+        """Write config.json, safetensors weights (sharded above ``max_shard_size``) and, for the causal LM,
+        generation_config.json, in transformers' layout.
 
         Tied ``lm_head.weight`` is left out, as transformers does. The write is atomic: files are staged and moved
         into place only when all are complete, so a failure leaves the directory as it was.

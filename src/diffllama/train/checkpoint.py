@@ -2,7 +2,7 @@
 
 Layout of ``RUN_DIR/checkpoints/step-000200/``:
 
-- ``config.json`` + ``model.safetensors`` (or shards + index): transformers' layout, so
+- ``config.json``, ``generation_config.json`` + ``model.safetensors`` (or shards + index): transformers' layout, so
   ``AutoModelForCausalLM.from_pretrained`` and :meth:`DiffLlamaForCausalLM.from_pretrained` both load it;
 - ``tokenizer.json``, ``tokenizer_config.json``, ``special_tokens_map.json``: ``AutoTokenizer`` loads them;
 - ``trainer_state.pt``: step, optimizer, LR scheduler, data position (the step: batches are a pure function of
@@ -18,7 +18,6 @@ Under FSDP2 the full (unsharded) model and optimizer state is gathered to CPU wi
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -132,22 +131,16 @@ def full_state_dicts(module: torch.nn.Module, optimizer: torch.optim.Optimizer |
 
 
 def write_model_dir(directory: Path, state: dict[str, torch.Tensor], model, tokenizer) -> None:
-    """Write config.json + safetensors (transformers' layout) and the tokenizer files into ``directory``.
+    """Write what ``save_pretrained`` writes (config.json, generation_config.json, safetensors in transformers'
+    layout) and the tokenizer files into ``directory``.
 
     ``state``: the causal LM's state dict (``model.*``, ``lm_head.weight``); the tied ``lm_head.weight`` is left out
     as transformers does. ``model``: the :class:`DiffLlamaForCausalLM` (its config and class name are written).
     """
-    from diffllama.checkpoint import save_state_dict
+    from diffllama.checkpoint import pretrained_files, save_state_dict
 
-    state = dict(state)
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    config = model.config.to_dict()
-    config["architectures"] = [type(model).__name__]
-    config["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    save_state_dict(state, directory, extra_files={"config.json": text})
+    state, files = pretrained_files(model, state)
+    save_state_dict(state, directory, extra_files=files)
     tokenizer.save_pretrained(directory)
 
 
