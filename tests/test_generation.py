@@ -573,8 +573,10 @@ def test_bad_inputs():
         model.generate(ids.float(), max_new_tokens=2)
     with pytest.raises(ValueError, match="shape \\(batch, seq\\)"):
         model.generate(ids[0], max_new_tokens=2)
-    with pytest.raises(TypeError, match="bool or integer \\(0/1\\) tensor, got torch.float32"):  # as forward
+    with pytest.raises(ValueError, match="attention_mask must hold only 0"):  # as forward; not truncated to 0
         model.generate(ids, torch.full((2, 4), 0.5), max_new_tokens=2)
+    assert torch.equal(model.generate(ids, torch.ones(2, 4), max_new_tokens=2),  # float 0/1 masks: as transformers
+                       model.generate(ids, torch.ones(2, 4, dtype=torch.long), max_new_tokens=2))
     with pytest.raises(TypeError, match="attention_mask must be None or a torch.Tensor, got list"):
         model.generate(ids, [[1, 1, 1, 1]] * 2, max_new_tokens=2)
 

@@ -314,11 +314,11 @@ def _check_inputs(input_ids, attention_mask, vocab_size: int, inferred_from: int
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, got "
                          f"{tuple(attention_mask.shape)}")
-    if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:  # as the model's forward
-        raise TypeError(f"attention_mask must be a bool or integer (0/1) tensor, got {attention_mask.dtype}")
-    mask = attention_mask.to(device=input_ids.device).long()
-    if bool(((mask != 0) & (mask != 1)).any()):
+    if attention_mask.dtype.is_complex:  # as the model's forward
+        raise TypeError(f"attention_mask must be a bool, integer or float (0/1) tensor, got {attention_mask.dtype}")
+    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):  # before the cast, which would truncate 0.5
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+    mask = attention_mask.to(device=input_ids.device).long()
     source = "" if inferred_from is None else (
         f" (no attention_mask was given, so it was inferred as input_ids != pad_token_id={inferred_from}, as "
         f"transformers does; pass attention_mask to say which tokens are real)")
@@ -691,14 +691,14 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     Every check runs before the streamer is called or the model is run.
 
     Raises:
-        TypeError: naming the argument: ``input_ids`` not an integer tensor, a float ``attention_mask``, a
+        TypeError: naming the argument: ``input_ids`` not an integer tensor, a complex ``attention_mask``, a
             non-int ``max_new_tokens``/``seed``/``pad_token_id``, an ``eos_token_id`` of another type than above,
             a non-bool ``do_sample``, a non-number ``temperature``/``top_p``/``repetition_penalty``, a
             ``streamer`` without ``put``, a non-int ``max_length``/``min_new_tokens``/``num_beams``, a non-bool
             ``return_dict_in_generate``.
         NotImplementedError: ``num_beams`` > 1 or ``return_dict_in_generate=True``.
         ValueError: naming the argument: bad shape of ``input_ids``/``attention_mask`` (right padding, all-padding
-            rows), ids outside [0, vocab_size) in ``input_ids``, the EOS ids or ``pad_token_id``,
+            rows, values other than 0 and 1), ids outside [0, vocab_size) in ``input_ids``, the EOS ids or ``pad_token_id``,
             ``max_new_tokens`` <= 0, ``max_length`` <= S, ``min_new_tokens`` < 0, ``num_beams`` < 1, no length
             given and S >= ``max_position_embeddings``, a NaN or infinite
             ``temperature``/``top_p``/``repetition_penalty``, ``temperature`` <= 0 when sampling, ``top_k`` not an int >= 1, ``top_p`` outside (0, 1],
