@@ -97,6 +97,29 @@ def test_derived_fields():
     ({"initializer_range": "0.02"}, "initializer_range must be a finite number >= 0"),
     ({"vocab_size": 128, "pad_token_id": 500}, "pad_token_id must be None or a token id below vocab_size=128"),
     ({"rope_scaling": "linear"}, "rope_scaling must be None or a dict"),
+    # Strings in bool fields: "false" would act as True.
+    ({"tie_word_embeddings": "false"}, r"^tie_word_embeddings must be true or false \(a bool\), got 'false'$"),
+    ({"attention_bias": "no"}, "attention_bias must be true or false"),
+    ({"use_cache": 1}, "use_cache must be true or false"),
+    # RoPE keys that reached a ZeroDivisionError, math domain error or TypeError at model build or forward.
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 0, "high_freq_factor": 4.0}},
+     r"rope_parameters\['low_freq_factor'\] must be a finite number > 0, got 0"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4, "high_freq_factor": 4.0}},
+     r"rope_parameters\['high_freq_factor'\] must be > low_freq_factor \(4\), got 4.0"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": -5}},
+     r"original_max_position_embeddings must be a number >= 1"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": "32"}},
+     r"rope_parameters\['beta_fast'\] must be a finite number > 0, got '32'"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": 2.0}},
+     r"partial_rotary_factor'\] must be a number in \(0, 1\]"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "partial_rotary_factor": "0.5"}},
+     r"partial_rotary_factor'\] must be a number in \(0, 1\]"),
+    ({"rope_parameters": {"rope_type": "longrope", "short_factor": 5, "long_factor": [1.0]}},
+     r"rope_parameters\['short_factor'\] must be a list of finite numbers > 0, got 5"),
+    ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}, "head_dim": 2}, "dynamic RoPE needs head_dim >= 4"),
+    ({"id2label": {"a": "x"}}, r"id2label must map integer ids to string names, got the entry 'a': 'x'"),
+    ({"id2label": ["x", "y"]}, "id2label must be a dict of label ids to names"),
+    ({"id2label": {0: "x", 1: "y"}, "label2id": {"x": 1, "y": 0}}, "label2id must be the inverse of id2label"),
     ({"vocab_size": 128, "eos_token_id": 128}, r"eos_token_id must hold ids in \[0, vocab_size=128\), got \[128\]"),
     ({"vocab_size": 128, "eos_token_id": [2, -1]}, r"eos_token_id must hold ids in \[0, vocab_size=128\), got \[-1\]"),
     ({"vocab_size": 128, "bos_token_id": 500}, r"bos_token_id must be an id in \[0, vocab_size=128\), got 500"),
@@ -112,6 +135,8 @@ def test_validation_names_the_field(fields, message):
 def test_wrong_model_type_and_bad_json(tmp_path):
     with pytest.raises(ValueError, match="config model_type must be 'diffllama', got 'llama'"):
         DiffLlamaConfig.from_dict({"model_type": "llama"})
+    with pytest.raises(ValueError, match=r"a config must be a JSON object \(a dict of fields\), got list"):
+        DiffLlamaConfig.from_dict([{"model_type": "diffllama"}])
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         DiffLlamaConfig.from_pretrained(tmp_path)

@@ -131,6 +131,9 @@ class DiffLlamaConfig:
             token_ids(self.eos_token_id, self.vocab_size, "eos_token_id")
         except TypeError as error:
             raise ValueError(str(error)) from None
+        for name in ("tie_word_embeddings", "attention_bias", "use_cache"):  # "false" would act as True
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false (a bool), got {getattr(self, name)!r}")
         for name in ("rope_parameters", "rope_scaling"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, dict):
@@ -147,9 +150,11 @@ class DiffLlamaConfig:
         self.rope_parameters = self._resolve_rope()
         self.rope_theta, self.rope_scaling = self.rope_parameters["rope_theta"], None
         if self.id2label is not None:
-            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            self.id2label = _label_map(self.id2label)
             if self.label2id is None:
                 self.label2id = {v: k for k, v in self.id2label.items()}
+            elif not isinstance(self.label2id, dict) or self.label2id != {v: k for k, v in self.id2label.items()}:
+                raise ValueError(f"label2id must be the inverse of id2label {self.id2label}, got {self.label2id!r}")
         if self.problem_type not in (None, "regression", "single_label_classification",
                                      "multi_label_classification"):
             raise ValueError(
@@ -178,10 +183,22 @@ class DiffLlamaConfig:
                           lambda v: v >= 1, "a number >= 1 (the pretraining context length)")
         if "partial_rotary_factor" in params:
             _check_number("rope_parameters['partial_rotary_factor']", params["partial_rotary_factor"],
-                          lambda v: 0 < v <= 1, "a number in (0, 1]")
+                          lambda v: 0 < v <= 1 and int(self.head_dim * v) % 2 == 0 and self.head_dim * v >= 2,
+                          f"a number in (0, 1] giving an even number >= 2 of rotated dims of head_dim="
+                          f"{self.head_dim}")
         missing = [k for k in ROPE_REQUIRED_KEYS[rope_type] if k not in params]
         if missing:
             raise ValueError(f"rope_parameters of type {rope_type!r} is missing required key(s) {missing}")
+        for key, holds, expected in _ROPE_NUMBERS:
+            if params.get(key) is not None:
+                _check_number(f"rope_parameters['{key}']", params[key], holds, expected)
+        if rope_type == "llama3" and not params["high_freq_factor"] > params["low_freq_factor"]:
+            raise ValueError(f"rope_parameters['high_freq_factor'] must be > low_freq_factor "
+                             f"({params['low_freq_factor']}), got {params['high_freq_factor']}")
+        if rope_type == "dynamic" and self.head_dim < 4:  # the NTK exponent dim / (dim - 2) needs dim > 2
+            raise ValueError(f"dynamic RoPE needs head_dim >= 4, got {self.head_dim}")
+        if params.get("truncate") is not None and not isinstance(params["truncate"], bool):
+            raise ValueError(f"rope_parameters['truncate'] must be a bool, got {params['truncate']!r}")
         _check_number("rope_parameters['rope_theta']", params["rope_theta"], lambda v: v > 0, "a finite number > 0")
         if params.get("factor") is not None:
             low = 0 if rope_type == "longrope" else 1
@@ -189,6 +206,11 @@ class DiffLlamaConfig:
                           f"a finite number >= {low} for {rope_type!r}")
         if rope_type == "longrope":
             for key in ("short_factor", "long_factor"):
+                value = params[key]
+                if not isinstance(value, (list, tuple)) or not all(
+                        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                        for v in value):
+                    raise ValueError(f"rope_parameters['{key}'] must be a list of finite numbers > 0, got {value!r}")
                 if len(params[key]) != self.head_dim // 2:
                     raise ValueError(
                         f"rope_parameters['{key}'] must have head_dim // 2 = {self.head_dim // 2} entries, "
@@ -213,6 +235,8 @@ class DiffLlamaConfig:
             ValueError: if ``model_type`` is present and is not ``"diffllama"``, an override is not a field, or any
                 field is invalid.
         """
+        if not isinstance(data, dict):
+            raise ValueError(f"a config must be a JSON object (a dict of fields), got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         unknown = sorted(set(overrides) - names - {"num_labels"})
         if unknown:
@@ -312,6 +336,36 @@ def label_maps(num_labels: int, id2label: dict | None, label2id: dict | None) ->
 def is_int(value) -> bool:
     """Whether ``value`` is an integer (Python or numpy, any ``numbers.Integral``) and not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# Optional numeric RoPE keys (transformers' modeling_rope_utils): name, condition, what the error says.
+_ROPE_NUMBERS = (
+    ("low_freq_factor", lambda v: v > 0, "a finite number > 0"),
+    ("high_freq_factor", lambda v: v > 0, "a finite number > 0"),
+    ("beta_fast", lambda v: v > 0, "a finite number > 0"),
+    ("beta_slow", lambda v: v > 0, "a finite number > 0"),
+    ("mscale", lambda v: True, "a finite number"),
+    ("mscale_all_dim", lambda v: True, "a finite number"),
+    ("attention_factor", lambda v: v > 0, "a finite number > 0"),
+)
+
+
+def _label_map(id2label) -> dict[int, str]:
+    """``id2label`` with int keys (config.json stores them as strings); ValueError unless a dict of int-like keys
+    (an int or a string of one) to strings."""
+    if not isinstance(id2label, dict):
+        raise ValueError(f"id2label must be a dict of label ids to names, such as {{0: 'neg', 1: 'pos'}}, got "
+                         f"{id2label!r}")
+    out = {}
+    for key, name in id2label.items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            index = None
+        if index is None or isinstance(key, bool) or str(index) != str(key).strip() or not isinstance(name, str):
+            raise ValueError(f"id2label must map integer ids to string names, got the entry {key!r}: {name!r}")
+        out[index] = name
+    return out
 
 
 def _check_number(name: str, value, holds, expected: str) -> None:
