@@ -483,3 +483,33 @@ def test_every_accepted_hidden_act_is_transformers_formula():
     x = torch.linspace(-8, 8, 2001, dtype=torch.float64)
     for name in ACTIVATIONS:
         torch.testing.assert_close(ACT_FNS[name]()(x), ACT2FN[name](x), rtol=1e-14, atol=1e-14, msg=name)
+
+
+def test_more_bad_inputs_raise_clear_errors_not_torch_errors():
+    model = diffllama.DiffLlamaForCausalLM(tiny_config()).eval()
+    ids = torch.randint(1, 96, (2, 5))
+    cases = [
+        (dict(input_ids=ids[:0]), r"input_ids must have shape \(batch, seq\) with batch, seq >= 1, got \(0, 5\)"),
+        (dict(inputs_embeds=torch.zeros(2, 0, 32)), "inputs_embeds must be a floating tensor of shape"),
+        (dict(inputs_embeds=torch.zeros(2, 5, 32, dtype=torch.float64)), "inputs_embeds must have the model's dtype"),
+        (dict(input_ids=ids, logits_to_keep=1.0), "logits_to_keep must be an int >= 0"),
+        (dict(input_ids=ids, logits_to_keep=-1), "logits_to_keep must be an int >= 0"),
+        (dict(input_ids=ids, labels=ids, num_items_in_batch=0), "num_items_in_batch must be None, an int > 0"),
+        (dict(input_ids=ids, cache_position=torch.arange(5, 10)), "cache_position needs past_key_values"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            model(**kwargs)
+    with torch.no_grad():
+        cache = model(ids).past_key_values
+    with pytest.raises(ValueError, match="past_key_values holds a batch of 2 rows, the input has 1"):
+        model(ids[:1, :1], past_key_values=cache)
+    qa = diffllama.DiffLlamaForQuestionAnswering(tiny_config())
+    with pytest.raises(ValueError, match=r"start_positions must be an integer tensor of shape \(batch=2,\)"):
+        qa(ids, start_positions=torch.tensor([1.0, 2.0]), end_positions=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="end_positions must be an integer tensor"):
+        qa(ids, start_positions=torch.tensor([1, 2]), end_positions=torch.tensor([1, 2, 3]))
+    classifier = diffllama.DiffLlamaForSequenceClassification(tiny_config(pad_token_id=0, num_labels=3,
+                                                                          problem_type="multi_label_classification"))
+    with pytest.raises(ValueError, match=r"labels for multi_label_classification must have shape \(2, 3\), got \(2,\)"):
+        classifier(ids, labels=torch.ones(2))

@@ -547,8 +547,13 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         if past_key_values is not None and not isinstance(past_key_values, (DynamicCache, StaticCache)):
             raise TypeError(f"past_key_values must be None or a diffllama.cache DynamicCache or StaticCache, got "
                             f"{type(past_key_values).__module__}.{type(past_key_values).__name__}")
+        if cache_position is not None and past_key_values is None:  # slots of what? (eager and sdpa disagreed)
+            raise ValueError("cache_position needs past_key_values (the cache whose slots it names)")
         inputs_embeds = self._embed(input_ids, inputs_embeds)
         b, s, _ = inputs_embeds.shape
+        cached = _cache_batch(past_key_values)
+        if cached is not None and cached != b:
+            raise ValueError(f"past_key_values holds a batch of {cached} rows, the input has {b}")
         if use_cache is None:  # as transformers: the config's use_cache, off for checkpointed training
             use_cache = self.config.use_cache and not (self.gradient_checkpointing and self.training)
         if use_cache and past_key_values is None:
@@ -594,14 +599,19 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is not None:
             if not inputs_embeds.is_floating_point() or inputs_embeds.dim() != 3 \
-                    or inputs_embeds.shape[-1] != self.config.hidden_size:
+                    or inputs_embeds.shape[-1] != self.config.hidden_size or 0 in inputs_embeds.shape:
                 raise ValueError(
-                    f"inputs_embeds must be a floating tensor of shape (batch, seq, {self.config.hidden_size}), "
-                    f"got {tuple(inputs_embeds.shape)} {inputs_embeds.dtype}")
+                    f"inputs_embeds must be a floating tensor of shape (batch, seq, {self.config.hidden_size}) with "
+                    f"batch, seq >= 1, got {tuple(inputs_embeds.shape)} {inputs_embeds.dtype}")
+            weight = self.embed_tokens.weight.dtype
+            if inputs_embeds.dtype != weight and not torch.is_autocast_enabled(inputs_embeds.device.type):
+                raise ValueError(f"inputs_embeds must have the model's dtype {weight} (outside autocast), got "
+                                 f"{inputs_embeds.dtype}")
             return inputs_embeds
         _check_index_dtype("input_ids", input_ids)
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"input_ids must have shape (batch, seq) with batch, seq >= 1, got "
+                             f"{tuple(input_ids.shape)}")
         if not torch.compiler.is_compiling():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
@@ -659,6 +669,39 @@ def _resized_rows(new: torch.Tensor, old: torch.Tensor, mean_resizing: bool, std
             new[kept:] = old.double().mean(0).to(new.dtype)
         else:
             nn.init.normal_(new[kept:], 0.0, std)
+
+
+def _check_logits_to_keep(value) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"logits_to_keep must be an int >= 0 or a 1-D integer tensor of positions, got a "
+                             f"{value.dim()}-D {value.dtype} tensor")
+    elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0 keeps all) or a 1-D integer tensor, got {value!r}")
+
+
+def _check_num_items(value) -> None:
+    """num_items_in_batch divides a summed loss: None, an int > 0 or a tensor (not read back: that would sync)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"num_items_in_batch must be None, an int > 0 or a tensor, got {value!r}")
+
+
+def _check_positions(name: str, value: torch.Tensor, batch: int) -> None:
+    if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype == torch.bool \
+            or value.numel() != batch or value.dim() > 2:
+        raise ValueError(f"{name} must be an integer tensor of shape (batch={batch},) or ({batch}, 1), got "
+                         f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))}")
+
+
+def _cache_batch(cache) -> int | None:
+    """Rows held by a non-empty cache (None when empty or absent)."""
+    if isinstance(cache, StaticCache):
+        return cache.batch_size
+    if isinstance(cache, DynamicCache) and cache.keys:
+        return cache.keys[0].shape[0]
+    return None
 
 
 def _check_index_dtype(name: str, value) -> None:
@@ -729,6 +772,8 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         gradient accumulation). ``logits_to_keep``: an int keeps the last n positions (0 = all), a 1-D tensor keeps
         those indices. Other arguments as :meth:`DiffLlamaModel.forward`.
         """
+        _check_logits_to_keep(logits_to_keep)
+        _check_num_items(num_items_in_batch)
         outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                              output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                              cache_position=cache_position)
@@ -816,11 +861,16 @@ class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
                 problem = "multi_label_classification"
             self.config.problem_type = problem
         labels = labels.to(pooled.device)
+        b = pooled.shape[0]
+        if problem == "single_label_classification":
+            labels = _check_labels(labels.view(-1), (b,), n)
+            return F.cross_entropy(pooled.view(-1, n), labels, ignore_index=-100)
+        if labels.numel() != b * n:
+            shape = f"({b},) or ({b}, 1)" if n == 1 else f"({b}, {n})"
+            raise ValueError(f"labels for {problem} must have shape {shape}, got {tuple(labels.shape)}")
+        labels = labels.to(pooled.dtype).view(b, n)
         if problem == "regression":
             return F.mse_loss(pooled.squeeze(), labels.squeeze()) if n == 1 else F.mse_loss(pooled, labels)
-        if problem == "single_label_classification":
-            labels = _check_labels(labels.view(-1), (pooled.shape[0],), n)
-            return F.cross_entropy(pooled.view(-1, n), labels, ignore_index=-100)
         return F.binary_cross_entropy_with_logits(pooled, labels)
 
 
@@ -886,6 +936,11 @@ class DiffLlamaForQuestionAnswering(DiffLlamaPreTrainedModel):
         the mean of the two cross-entropies, each the mean over counted rows, or their sum / ``num_items_in_batch``
         when given (transformers' ``ForQuestionAnsweringLoss``). The output has no cache, so none is built unless
         ``use_cache=True``."""
+        _check_num_items(num_items_in_batch)
+        batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        for name, value in (("start_positions", start_positions), ("end_positions", end_positions)):
+            if value is not None:
+                _check_positions(name, value, batch)
         outputs = self.transformer(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
                                    bool(use_cache), output_attentions=output_attentions,
                                    output_hidden_states=output_hidden_states)
