@@ -696,9 +696,7 @@ def _check_positions(name: str, value: torch.Tensor, batch: int) -> None:
 
 
 def _cache_batch(cache) -> int | None:
-    """Rows held by a non-empty cache (None when empty or absent)."""
-    if isinstance(cache, StaticCache):
-        return cache.batch_size
+    """Rows held by a non-empty DynamicCache (None otherwise: a StaticCache checks its batch when updated)."""
     if isinstance(cache, DynamicCache) and cache.keys:
         return cache.keys[0].shape[0]
     return None
