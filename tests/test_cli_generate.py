@@ -99,6 +99,7 @@ def test_interactive(checkpoint):
     (["CKPT", "hi", "-t", "1", "--top-p", "nan"], 2, "--top-p: top_p must be a finite number, got nan"),
     (["CKPT", "hi", "--repetition-penalty", "inf"], 2,
      "--repetition-penalty: repetition_penalty must be a finite number, got inf"),
+    (["CKPT", "hi", "--seed", str(10 ** 23)], 2, "--seed must be in [0, 2**63), got 100000000000000000000000"),
     (["CKPT", "hi", "--attn", "fast"], 2, "--attn must be one of eager, sdpa, flash, auto, got 'fast'"),
     (["CKPT", "The", "--attn", "flash", "--device", "cpu"], 1, "--attn flash needs a CUDA GPU, but generation runs "
                                                                "on cpu"),
@@ -187,3 +188,39 @@ def test_console_entry_point(checkpoint):
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected_text(checkpoint, PROMPTS[0], torch.float32, max_new_tokens=10) + "\n"
+
+
+def test_a_task_model_is_refused_and_a_minus_one_pad_id_batches(checkpoint, tmp_path):
+    """A fine-tuned classifier's folder has no lm_head: refused (was: random text, exit 0). A config pad id of -1
+    (legacy Llama "no pad") falls back to the tokenizer's pad for batching (was: ids of -1 and a traceback)."""
+    import json
+    import shutil
+
+    task = tmp_path / "task"
+    shutil.copytree(checkpoint, task)
+    classifier = diffllama.DiffLlamaForSequenceClassification.from_pretrained(checkpoint)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (task / name).unlink(missing_ok=True)
+    classifier.save_pretrained(task)
+    result = run(task, "hi", "-n", 2)
+    assert result.exit_code == 1 and "has no language-model head" in result.stderr and result.stdout == ""
+    legacy = tmp_path / "legacy"
+    shutil.copytree(checkpoint, legacy)
+    config = json.loads((legacy / "config.json").read_text())
+    (legacy / "config.json").write_text(json.dumps({**config, "pad_token_id": -1}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    result = run(legacy, "-f", prompts, "-n", 6, "--dtype", "float64")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split("\n")[:-1] == [expected_text(checkpoint, p, max_new_tokens=6).replace("\n", "\\n")
+                                              for p in PROMPTS]
+
+
+def test_prompts_file_output_escapes_carriage_returns(checkpoint, tmp_path, monkeypatch):
+    """Each continuation is one line for any text-mode reader: a generated \\r is escaped as well as \\n."""
+    monkeypatch.setattr(diffllama.Tokenizer, "decode", lambda self, ids: "a\rb\nc\\d")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("x\ny\n", encoding="utf-8")
+    result = run(checkpoint, "-f", prompts, "-n", 2)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "a\\rb\\nc\\\\d\n" * 2

@@ -170,7 +170,8 @@ def generate(
     """Generate text with a DiffLlama checkpoint, streaming it to stdout as it is produced.
 
     One PROMPT streams its continuation; --prompts-file generates each non-empty line's continuation in batches
-    (printed one per line in the order of those lines, newlines escaped as \\n; blank lines are skipped);
+    (printed one per line in the order of those lines, backslashes and line breaks escaped as \\\\, \\n and
+    \\r; blank lines are skipped);
     --interactive reads prompts from stdin until an empty line. Status messages
     go to stderr. EOS/PAD ids come from generation_config.json, then config.json, then the tokenizer.
     Example: diffllama generate runs/tiny/model "The people" -n 50 --temperature 0.8 --top-p 0.95 --seed 0
@@ -215,6 +216,8 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
         raise _GenerateError("--top-k/--top-p apply to sampling: add --temperature > 0", 2)
     if batch_size < 1:
         raise _GenerateError(f"--batch-size must be >= 1, got {batch_size}", 2)
+    if seed is not None and not 0 <= seed < 2 ** 63:  # torch.Generator.manual_seed's range
+        raise _GenerateError(f"--seed must be in [0, 2**63), got {seed}", 2)
     try:
         check_sampling_args(max_new_tokens=max_new_tokens, do_sample=do_sample,
                             temperature=temperature if do_sample else 1.0, top_k=top_k, top_p=top_p,
@@ -239,6 +242,9 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
         raise _GenerateError(f"MODEL_DIR_OR_REPO {model_dir!r}: {error}{_run_folder_hint(model_dir)}") from error
     except (ValueError, ImportError) as error:
         raise _GenerateError(f"cannot load {model_dir!r}: {error}") from error
+    if "lm_head.weight" in model.loading_report["new"]:  # a task model's folder: the head would be random
+        raise _GenerateError(f"{model_dir!r} has no language-model head (lm_head.weight is not in its weights: a "
+                             f"fine-tuned task model?); generate needs a causal LM checkpoint")
     if tokenizer.eos_token_id is not None and model.generation_config.get("eos_token_id") is None \
             and model.config.eos_token_id is None:
         model.generation_config["eos_token_id"] = tokenizer.eos_token_id
@@ -274,18 +280,20 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
     else:
         eos_default = model.generation_config.get("eos_token_id", model.config.eos_token_id)
         eos = eos_default if eos_default is not None else tokenizer.eos_token_id
-        pad = model.config.pad_token_id if model.config.pad_token_id is not None else tokenizer.pad_token_id
+        vocab = model.config.vocab_size  # a config's -1 means "no pad" (legacy Llama), as an id out of range
+        pad = next((p for p in (model.config.pad_token_id, tokenizer.pad_token_id) if p is not None and 0 <= p < vocab),
+                   None)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             encoded = tokenizer.encode_batch(chunk)
             check_length(max(len(e) for e in encoded), f"prompt batch {start // batch_size}")
-            ids, mask = pad_batch(encoded, pad_token_id=pad or 0, device=torch_device)
+            ids, mask = pad_batch(encoded, pad_token_id=pad if pad is not None else 0, device=torch_device)
             out = model.generate(ids, mask, eos_token_id=eos, pad_token_id=pad, **kwargs)
             stops = set([eos] if isinstance(eos, int) else eos or [])
             for row in out[:, ids.shape[1]:].tolist():
                 cut = next((i for i, t in enumerate(row) if t in stops), len(row))
                 text = tokenizer.decode(row[:cut])
-                _write(text.replace("\\", "\\\\").replace("\n", "\\n") + "\n")
+                _write(text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r") + "\n")
 
 # ---- train / plot (training) ------------------------------------------------------------------------------------
 def _run_reporting_errors(run, errors: tuple):
