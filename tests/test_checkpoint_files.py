@@ -484,3 +484,24 @@ def test_resolve_missing_paths(tmp_path, monkeypatch, hub_cache):
     (tmp_path / "file.safetensors").write_bytes(b"")
     with pytest.raises(NotADirectoryError, match="is a file"):
         resolve_checkpoint_dir(tmp_path / "file.safetensors")
+
+
+def test_saving_onto_a_file_and_loading_integer_weights_are_refused(tmp_path):
+    import diffllama
+    from conftest import tiny_config
+
+    from safetensors.torch import load_file, save_file
+
+    model = diffllama.DiffLlamaForCausalLM(tiny_config())
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep me")
+    for target in (blocker, blocker / "below"):
+        with pytest.raises(NotADirectoryError, match=f"{str(blocker)!r} is a file, not a folder"):
+            model.save_pretrained(target)
+    assert blocker.read_text() == "keep me"
+    model.save_pretrained(tmp_path / "ckpt")
+    weights = load_file(tmp_path / "ckpt" / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"].to(torch.int64)  # was cast to float silently
+    save_file(weights, tmp_path / "ckpt" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"weights must be floating point, got model.norm.weight \(torch.int64\)"):
+        diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path / "ckpt")

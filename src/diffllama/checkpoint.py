@@ -218,6 +218,7 @@ def save_state_dict(
     Raises:
         ValueError: a bad ``max_shard_size``; a value that is not a tensor, or is on the meta device; an extra
             file name that is not a plain file name or that clashes with a weight file name.
+        NotADirectoryError: ``directory``, or a folder above it, is a file.
     """
     shard_limit = parse_size(max_shard_size)
     extra_files = dict(extra_files or {})
@@ -226,6 +227,11 @@ def save_state_dict(
             raise ValueError(f"extra_files name {name!r} must be a plain file name, without folders")
         if _is_weight_file(name):
             raise ValueError(f"extra_files name {name!r} clashes with a weight file written by save_state_dict")
+    target = Path(directory)
+    blocker = next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise NotADirectoryError(f"cannot save a checkpoint to {str(target)!r}: {str(blocker)!r} is a file, not a "
+                                 f"folder")
     tensors = _prepare_tensors(state_dict)
     shards = _plan_shards(tensors, shard_limit)
 
@@ -594,6 +600,11 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
     if mismatched:
         raise ValueError(f"checkpoint {source}: shape mismatch for {'; '.join(mismatched[:5])}"
                          f"{' ...' if len(mismatched) > 5 else ''}")
+    integral = [f"{key} ({tensor.dtype})" for key, tensor in sorted(adapted.items())
+                if key in expected and not tensor.is_floating_point()]
+    if integral:  # every weight of this model is floating: casting ints or bools would load them as numbers
+        raise ValueError(f"checkpoint {source}: weights must be floating point, got {', '.join(integral[:5])}"
+                         f"{' ...' if len(integral) > 5 else ''}")
     model.load_state_dict({k: v for k, v in adapted.items() if k in expected}, strict=False)
     if new and isinstance(model, torch.nn.Module):
         import warnings
