@@ -303,6 +303,11 @@ def test_dtype_auto_is_the_checkpoints_like_transformers(tmp_path):
     assert reference == torch.bfloat16
     assert diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == reference
     assert diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path).dtype == reference
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "auto"}))  # the same as no entry
+    assert diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path).dtype == reference
+    (tmp_path / "config.json").write_text(json.dumps({**config, "dtype": "int7"}))
+    with pytest.raises(ValueError, match="config.json's 'dtype' entry: dtype must be one of"):
+        diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path)
 
 
 def test_torch_dtype_is_a_deprecated_alias(saved):

@@ -567,9 +567,13 @@ def device_from_map(device_map) -> torch.device:
 def _checkpoint_dtype(config, state: dict[str, torch.Tensor]) -> torch.dtype:
     """transformers' ``dtype="auto"``: config.json's ``dtype``/``torch_dtype``, else the first floating-point
     weight's dtype, else float32."""
-    named = config.extra.get("dtype") or config.extra.get("torch_dtype")
-    if named is not None:
-        return parse_dtype(named)
+    key = "dtype" if config.extra.get("dtype") is not None else "torch_dtype"
+    named = config.extra.get(key)
+    if named is not None and named != "auto":  # "auto" in a file says no more than its absence
+        try:
+            return parse_dtype(named)
+        except ValueError as error:
+            raise ValueError(f"config.json's {key!r} entry: {error}") from None
     return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
 
 
