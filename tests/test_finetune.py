@@ -307,3 +307,177 @@ def test_predict_names_stdin(classifier):
              "error: <stdin> is empty: no data rows")
     _refused(_cli("predict", "sequence-classification", "--model", classifier, "-", input='{"text": 1\n'), 1,
              "error: <stdin>: line 1 is not valid JSON")
+
+
+# ---- one pad id: batching pads with the id the model pools on (found by the tester) ---------------------------------
+
+def _copy_model(source: Path, folder: Path, *, pad_token_id="keep", pad_token: bool = True) -> Path:
+    """A copy of a checkpoint with config.json's pad_token_id replaced, and (``pad_token=False``) the tokenizer's
+    PAD token removed, as in Llama-style tokenizers."""
+    folder.mkdir()
+    for item in source.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    config = json.loads((folder / "config.json").read_text())
+    if pad_token_id != "keep":
+        config["pad_token_id"] = pad_token_id
+    (folder / "config.json").write_text(json.dumps(config))
+    if not pad_token:
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            settings = json.loads((folder / name).read_text())
+            settings.pop("pad_token")
+            (folder / name).write_text(json.dumps(settings))
+    return folder
+
+
+def _predict_batch_sizes(model_dir, examples) -> None:
+    """Predictions with batch size 1 equal those of batches of 16 (short texts padded up to the longest)."""
+    from diffllama.finetune.predict import predict
+
+    task = get_task("sequence-classification", TaskOptions(max_length=64))
+    one = predict(task, model_dir, examples, batch_size=1)
+    many = predict(task, model_dir, examples, batch_size=16)
+    assert [p["label"] for p in one] == [p["label"] for p in many]
+    for a, b in zip(one, many):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+
+
+@pytest.mark.parametrize("config_pad, pad_token", [(1, True), (-1, True), (None, False)],
+                         ids=["config-pad-is-eos", "config-pad-negative", "tokenizer-without-pad"])
+def test_finetune_pads_with_the_model_pad_id(base_model, tmp_path, config_pad, pad_token):
+    """Were: the base config's pad id (1 = EOS, or -1) differing from the tokenizer's made the head pool short texts
+    on padding (predict --batch-size 1 and 16 disagreed); a tokenizer without PAD crashed pad_batch (TypeError)."""
+    from diffllama.tokenizer import Tokenizer
+
+    base = _copy_model(base_model, tmp_path / "base", pad_token_id=config_pad, pad_token=pad_token)
+    tokenizer = Tokenizer.from_pretrained(base)
+    expected = tokenizer.pad_token_id if pad_token else tokenizer.eos_token_id
+    assert expected is not None and expected != config_pad
+    _finetune("sequence-classification", base, tmp_path / "run", DATA / "rt_test.csv", None, steps=2, lr=1e-3,
+              max_length=64)
+    model_dir = tmp_path / "run" / "model"
+    assert json.loads((model_dir / "config.json").read_text())["pad_token_id"] == expected
+    task = get_task("sequence-classification", TaskOptions(max_length=64))
+    _predict_batch_sizes(model_dir, task.read(DATA / "rt_test.csv")[:40])
+
+
+def test_predict_pads_with_the_model_pad_id_of_a_mismatched_checkpoint(classifier, tmp_path):
+    """A checkpoint whose config pad id differs from its tokenizer's (written before the fix): still one pad id."""
+    model_dir = _copy_model(classifier, tmp_path / "model", pad_token_id=1)
+    task = get_task("sequence-classification")
+    _predict_batch_sizes(model_dir, task.read(DATA / "rt_test.csv")[:40])
+
+
+# ---- `finetune --resume` refuses what the checkpoint fixes -----------------------------------------------------------
+
+def _finetune_cli(task, out, *args):
+    return _cli("finetune", task, "--out", out, "--max-length", "64", "--device", "cpu", "--num-threads", "1",
+                "--batch-size", "8", *args)
+
+
+@pytest.fixture(scope="module")
+def resumable(base_model, tmp_path_factory) -> Path:
+    """A run folder of 2 steps (one checkpoint) started with --labels fresh,rotten."""
+    out = tmp_path_factory.mktemp("resumable") / "run"
+    result = _finetune_cli("sequence-classification", out, "--model", base_model, "--data", DATA / "rt_test.csv",
+                           "--labels", "fresh,rotten", "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change", ["labels", "data", "eval-data", "test-data", "model", "task", "max-length", "lr"])
+def test_finetune_resume_refuses_changed_settings(base_model, resumable, tmp_path, change):
+    """Were accepted: another --labels order (inverting the saved head), other data or --model; another task ended
+    in a raw RuntimeError (size mismatch). Each is refused before any work, naming the flag and both values."""
+    other_model = _copy_model(base_model, tmp_path / "other-model")
+    other_csv = tmp_path / "other.csv"
+    other_csv.write_text("text,label\ngood,fresh\nbad,rotten\n")
+    task, model, data, labels, extra = "sequence-classification", base_model, DATA / "rt_test.csv", "fresh,rotten", []
+    if change == "labels":
+        labels, expected = "rotten,fresh", "--labels ['fresh', 'rotten'] in the checkpoint vs ['rotten', 'fresh'] now"
+    elif change == "data":
+        data, expected = other_csv, f"--data {str(DATA / 'rt_test.csv')!r} in the checkpoint vs {str(other_csv)!r} now"
+    elif change in ("eval-data", "test-data"):
+        extra, expected = [f"--{change}", other_csv], f"--{change} None in the checkpoint vs {str(other_csv)!r} now"
+    elif change == "model":
+        model, expected = other_model, f"--model {str(base_model)!r} in the checkpoint vs {str(other_model)!r} now"
+    elif change == "task":
+        task = "token-classification"
+        expected = "TASK 'sequence-classification' in the checkpoint vs 'token-classification' now"
+    elif change == "max-length":
+        extra, expected = ["--max-length", "32"], "--max-length 64 in the checkpoint vs 32 now"
+    else:
+        extra, expected = ["--lr", "0.01"], "--lr 0.0002 in the checkpoint vs 0.01 now"
+    before = _snapshot(resumable)
+    result = _finetune_cli(task, resumable, "--model", model, "--data", data, "--labels", labels, "--max-steps", "4",
+                           "--resume", *extra)
+    _refused(result, 1, f"error: --resume: settings given now differ from those of the run's checkpoint "
+                        f"{resumable / 'checkpoints' / 'step-000002'} ({expected})")
+    assert _snapshot(resumable) == before
+
+
+def test_finetune_resume_continues_with_the_same_settings(base_model, tmp_path, monkeypatch):
+    """The same files named by other paths (relative now, absolute before) are the same settings."""
+    out = tmp_path / "run"
+    args = ["--labels", "fresh,rotten", "--eval-data", DATA / "rt_test.csv"]
+    first = _finetune_cli("sequence-classification", out, "--model", base_model, "--data", DATA / "rt_train.csv",
+                          "--max-steps", "1", *args)
+    assert first.exit_code == 0, first.output
+    monkeypatch.chdir(DATA.parent)
+    result = _finetune_cli("sequence-classification", out, "--model", base_model, "--data", "data/rt_train.csv",
+                           "--max-steps", "2", "--resume", *args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "finetune_metrics.json").read_text())["steps"] == 2
+
+
+def test_finetune_resume_without_a_checkpoint_is_refused(base_model, tmp_path):
+    result = _finetune_cli("sequence-classification", tmp_path / "run", "--model", base_model, "--data",
+                           DATA / "rt_test.csv", "--resume")
+    _refused(result, 1, f"--resume: no checkpoint in {tmp_path / 'run'} to resume from (drop --resume to start a new "
+                        f"run)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_command_carries_every_given_flag():
+    from diffllama.finetune.run import resume_command
+
+    assert resume_command("sequence-classification", {"--model": "m", "--data": "my data.csv", "--eval-data": None,
+                                                      "--labels": "b,a", "--max-length": 64, "--out": "runs/x"}) == \
+        "diffllama finetune sequence-classification --model m --data 'my data.csv' --labels b,a --max-length 64 " \
+        "--out runs/x --resume"
+
+
+# ---- predict: input checks (found by the tester) ----------------------------------------------------------------
+
+def test_predict_refuses_gold_labels_outside_the_model_label_set(classifier, tmp_path):
+    """Was: scored silently (finetune refuses such labels)."""
+    data = tmp_path / "gold.csv"
+    data.write_text("text,label\nA triumph.,fresh\nA mess.,meh\n")
+    _refused(_cli("predict", "sequence-classification", "--model", classifier, data), 1,
+             f"{data}: row 2: label 'meh' is not in the label set ['fresh', 'rotten']")
+    _refused(_cli("predict", "sequence-classification", "--model", classifier, "-",
+                  input='{"text": "A mess.", "label": "meh"}\n'), 1,
+             "error: <stdin>: row 1: label 'meh' is not in the label set ['fresh', 'rotten']")
+
+
+def test_predict_names_a_directory_source(classifier, tmp_path):
+    """Was: "does not exist"."""
+    _refused(_cli("predict", "sequence-classification", "--model", classifier, tmp_path), 1,
+             f"data file '{tmp_path}' is a directory; expected a file")
+
+
+def test_predict_refuses_stdin_that_is_not_utf8(classifier):
+    """Was a raw TypeError from the tokenizer: under the C.UTF-8 locale Python reads stdin with surrogateescape."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "diffllama", "predict", "sequence-classification", "--model",
+                             str(classifier), "-"], input=b"\xff\xfe\n", capture_output=True,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8:surrogateescape"})
+    assert result.returncode == 1 and result.stdout == b""
+    assert result.stderr.decode() == ("error: <stdin> is not UTF-8 text: 'utf-8' codec can't decode byte 0xff in "
+                                      "position 0: invalid start byte\n")

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from diffllama.finetune import data as D
 from diffllama.finetune import metrics as M
@@ -180,3 +181,67 @@ def test_metrics():
     assert qa["exact_match"] == 50.0 and qa["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
     assert qa["by_group"][1.0]["exact_match"] == 0.0
     assert M.majority_baseline(["x", "x", "y"], ["x", "y"]) == 0.5
+
+
+# ---- found by the tester: byte-order marks, directories, JSONL tokens, long questions, QA without a span -----------
+
+def test_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    """Was: no text column 'text'; columns: ['\\ufefftext', 'label'] (Excel's "CSV UTF-8" starts with a BOM)."""
+    (tmp_path / "d.csv").write_text("\ufefftext,label\ngood film,fresh\n", encoding="utf-8")
+    assert [(e.text, e.label) for e in D.read_text_classification(tmp_path / "d.csv")] == [("good film", "fresh")]
+    (tmp_path / "d.jsonl").write_text('\ufeff{"tokens": ["The", "cat"], "tags": ["DET", "NOUN"]}\n', encoding="utf-8")
+    assert D.read_tagged(tmp_path / "d.jsonl")[0].words == ["The", "cat"]
+    (tmp_path / "q.json").write_text("\ufeff" + json.dumps({"data": [{"paragraphs": [{"context": "It was Ada.", "qas": [
+        {"id": "a", "question": "Who?", "answers": [{"text": "Ada", "answer_start": 7}]}]}]}]}), encoding="utf-8")
+    assert D.read_squad(tmp_path / "q.json")[0].answers == ["Ada"]
+
+
+def test_directory_is_named_as_a_directory(tmp_path):
+    with pytest.raises(D.DataError, match=rf"data file '{re.escape(str(tmp_path))}' is a directory; expected a file"):
+        D.read_text_classification(tmp_path, require_labels=False)
+
+
+@pytest.mark.parametrize("tokens, message", [
+    ([1, None], "row 2: token 1 of 'tokens' is 1; expected each token to be a non-empty string"),
+    (["a", None], "row 2: token 2 of 'tokens' is None; expected each token to be a non-empty string"),
+    ([""], "row 2: token 1 of 'tokens' is ''; expected each token to be a non-empty string"),
+    (["a", " "], "row 2: token 2 of 'tokens' is ' '; expected each token to be a non-empty string"),
+    ([], "row 2 has an empty 'tokens' list; expected the sentence's words"),
+], ids=["number", "null", "empty-string", "blank", "empty-list"])
+@pytest.mark.parametrize("tagged", [True, False])
+def test_jsonl_tokens_must_be_non_empty_strings(tmp_path, tokens, message, tagged):
+    """Were: [1, null] read as the words "1" and "None"; [""] and [] accepted, training then failed mid-run."""
+    path = tmp_path / "t.jsonl"
+    bad = {"tokens": tokens, "tags": ["X"] * len(tokens)} if tagged else {"tokens": tokens}
+    path.write_text(json.dumps({"tokens": ["a"], "tags": ["X"]}) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(D.DataError, match=re.escape(f"t.jsonl: {message}")):
+        D.read_tagged(path, require_tags=tagged)
+
+
+def test_qa_question_is_kept_whole(tokenizer):
+    """Was: questions silently cut to their first 64 tokens."""
+    question = " ".join(["the jury said"] * 40) + " how many voted?"
+    n = len(tokenizer.encode(question, add_special_tokens=False))
+    assert n > 64
+    example = D.QAExample("q7", question, "and 48213 people voted", ["48213"], [4], 3)
+    features = D.encode_qa(tokenizer, [example], max_length=n + 20, stride=4)
+    assert features[0].context_start == n + 1
+    assert features[0].input_ids[:n] == tokenizer.encode(question, add_special_tokens=False)
+    with pytest.raises(ValueError, match=re.escape(f"the {n}-token question of row 3 (question id 'q7'); that must "
+                                                   f"exceed the stride 4: questions are kept whole, so a question "
+                                                   f"may take at most --max-length - --stride - 2 = {n - 6} tokens")):
+        D.encode_qa(tokenizer, [example], max_length=n, stride=4)
+
+
+def test_qa_prediction_without_a_span_is_valid_json(tokenizer):
+    """Was: an empty context printed "score": -Infinity, which strict JSON parsers refuse."""
+    task = get_task("question-answering", TaskOptions(max_length=32, stride=4))
+    examples = [D.QAExample("a", "Who?", ""), D.QAExample("b", "Who?", "The jury said 48213 people voted")]
+    torch.manual_seed(0)
+
+    def forward(inputs):
+        return torch.randn(*inputs.shape, 2)
+    empty, found = task.predict(forward, tokenizer, examples, None, 2, torch.device("cpu"))
+    assert empty == {"answer": "", "score": None, "start": -1, "end": -1}
+    assert isinstance(found["score"], float) and found["answer"] and found["start"] >= 0
+    assert json.loads(json.dumps([empty, found], allow_nan=False)) == [empty, found]

@@ -14,13 +14,16 @@ Readers (each error is a :class:`DataError` whose message names the file and the
 Encoders (tokenizer from :class:`diffllama.tokenizer.Tokenizer`, character offsets from
 :meth:`~diffllama.tokenizer.Tokenizer.encode_with_offsets`):
 
+- padding: batches are right-padded with :func:`batch_pad_id` (the tokenizer's PAD, else its EOS), the id the
+  model's ``config.pad_token_id`` is set to, so a text is pooled at the same token in any batch.
 - classification: the text's tokens, cut to ``max_length`` (the start is kept); the model pools the last one.
 - tagging, label alignment: the words are joined by single spaces and tokenized once; every token belongs to the
   word holding its last character; **the first sub-token of each word carries the word's tag, the other
   sub-tokens carry -100** (ignored by the loss and by prediction). Words past ``max_length`` tokens are cut and get
   no prediction (``None``).
 - extractive QA: ``question tokens + [EOS] + context window``; the question comes first so that, under causal
-  attention, every context token has read it. Contexts longer than the room left are split into windows that
+  attention, every context token has read it. The question is kept whole (one that leaves no room for more than
+  ``stride`` context tokens is refused). Contexts longer than the room left are split into windows that
   overlap by ``stride`` tokens. A window holding the whole first gold answer is labelled with its token span; a
   window without it is labelled (0, 0) (position 0: "not in this window"). Answer character spans map to the
   tokens whose character spans overlap them.
@@ -80,6 +83,8 @@ class QAExample:
 
 
 def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise DataError(f"data file {str(path)!r} is a directory; expected a file")
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
 
@@ -90,11 +95,12 @@ def _is_jsonl(path: Path) -> bool:
 
 @contextmanager
 def _open_lines(path: Path, lines=None, **open_args):
-    """``lines`` when given (left open), else ``path`` opened for reading as UTF-8 (closed on leaving)."""
+    """``lines`` when given (left open), else ``path`` opened for reading as UTF-8 (closed on leaving); a leading
+    byte-order mark (Excel writes one) is dropped rather than read into the first column's name."""
     if lines is not None:
         yield lines
     else:
-        with open(path, encoding="utf-8", **open_args) as handle:
+        with open(path, encoding="utf-8-sig", **open_args) as handle:
             try:
                 yield handle
             except UnicodeDecodeError as error:
@@ -216,7 +222,7 @@ def read_tagged(path: str | Path, tokens_column: str = "tokens", tags_column: st
 
     Raises:
         DataError: missing or empty file, a line without a tag, a missing key, token/tag lists of different length,
-            an empty (or null) tag.
+            an empty (or null) tag, an empty token list, a token that is not a non-empty string.
     """
     path = Path(path)
     if lines is None:
@@ -238,9 +244,16 @@ def read_tagged(path: str | Path, tokens_column: str = "tokens", tags_column: st
                 raise DataError(f"{path}: row {number} has {len(words)} tokens but {len(tags)} tags")
             if tags is not None and any(t is None or not str(t).strip() for t in tags):
                 raise DataError(f"{path}: row {number} has an empty tag in {tags}")
-            if words:
-                examples.append(TaggedExample([str(w) for w in words],
-                                              None if tags is None else [str(t) for t in tags], number))
+            # A word that is not text (null would become the word "None") or holds no characters has no token
+            # to carry its tag: training would fail mid-run, so it is refused here.
+            if not words:
+                raise DataError(f"{path}: row {number} has an empty {tokens_column!r} list; expected the "
+                                f"sentence's words")
+            bad = [i for i, w in enumerate(words) if not isinstance(w, str) or not w.strip()]
+            if bad:
+                raise DataError(f"{path}: row {number}: token {bad[0] + 1} of {tokens_column!r} is "
+                                f"{words[bad[0]]!r}; expected each token to be a non-empty string")
+            examples.append(TaggedExample(list(words), None if tags is None else [str(t) for t in tags], number))
     elif path.suffix.lower() == ".txt" and not require_tags:
         with _open_lines(path, lines) as handle:
             for number, line in enumerate(handle, 1):
@@ -303,7 +316,7 @@ def read_squad(path: str | Path, *, require_answers: bool = True, lines=None) ->
                                         record["context"], answers, require_answers, record.get("depth")))
     else:
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as error:
             raise DataError(f"{path} is not UTF-8 text: {error}") from error
         if not text.strip():
@@ -437,23 +450,28 @@ class QAFeature:
     offsets: list[tuple[int, int]]
 
 
-def encode_qa(tokenizer, examples: list[QAExample], max_length: int, stride: int,
-              max_question_tokens: int = 64) -> list[QAFeature]:
+def encode_qa(tokenizer, examples: list[QAExample], max_length: int, stride: int) -> list[QAFeature]:
     """Windows of ``question + [EOS] + context`` of at most ``max_length`` tokens, overlapping by ``stride``.
 
+    The question is never cut (a cut question asks something else): each window holds all of it, so a question
+    may take up to ``max_length - stride - 2`` tokens.
+
     Raises:
-        ValueError: ``stride`` leaves no room for progress (``max_length - question - 1 - stride <= 0``).
+        ValueError: a question leaves no room for progress (``max_length - question - 1 - stride <= 0``), naming
+            its row and id.
     """
     sep = tokenizer.eos_token_id
     features: list[QAFeature] = []
     for index, example in enumerate(examples):
-        question = tokenizer.encode(example.question, add_special_tokens=False)[:max_question_tokens]
+        question = tokenizer.encode(example.question, add_special_tokens=False)
         prefix = question + [sep]
         room = max_length - len(prefix)
         if room - stride <= 0:
             raise ValueError(f"max_length {max_length} leaves {room} context tokens per window after the "
-                             f"{len(question)}-token question of example {index + 1}; that must exceed the stride "
-                             f"{stride} (raise --max-length or lower --stride)")
+                             f"{len(question)}-token question of row {example.row} (question id {example.qid!r}); "
+                             f"that must exceed the stride {stride}: questions are kept whole, so a question may "
+                             f"take at most --max-length - --stride - 2 = {max_length - stride - 2} tokens (raise "
+                             f"--max-length or lower --stride)")
         ids, offsets = tokenizer.encode_with_offsets(example.context)
         span = None
         if example.answers:
@@ -470,6 +488,24 @@ def encode_qa(tokenizer, examples: list[QAExample], max_length: int, stride: int
                 break
             begin += room - stride
     return features
+
+
+def batch_pad_id(tokenizer, source="the tokenizer") -> int:
+    """The token id that pads batches: the tokenizer's PAD, else its EOS (Llama-style tokenizers have no PAD).
+
+    The model's ``config.pad_token_id`` must be this same id (sequence classification pools the last token that is
+    not ``config.pad_token_id``); :class:`~diffllama.finetune.run.FineTuneTrainer` and
+    :func:`~diffllama.finetune.predict.load_for_task` set it on the model.
+
+    Raises:
+        ValueError: the tokenizer has neither (``source`` names it in the message).
+    """
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError(f"{source} has neither a pad nor an EOS token to pad batches with")
+    return pad
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, value_dtype=torch.long) -> torch.Tensor:

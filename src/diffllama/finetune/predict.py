@@ -3,7 +3,11 @@
 Input: a file in the task's format (labels optional), or ``-`` for standard input — plain text lines (one text per
 line for classification, one sentence of whitespace-separated words per line for tagging) or JSONL (objects with
 the configured keys; ``{"question", "context"}`` for QA). Output: one JSON object per example, in input order.
-When every input example carries gold labels, metrics are computed as well.
+When every input example carries gold labels, metrics are computed as well; a gold label outside the model's label
+set is refused (naming the file, or ``<stdin>``, and the row), as ``diffllama finetune`` refuses it. Input must be
+UTF-8 (a byte-order mark is dropped). Batches are padded with the id the model pools on (set on the loaded model),
+so predictions do not depend on ``batch_size``. A QA example without any answer span (an empty context) gets
+``{"answer": "", "score": null, "start": -1, "end": -1}``: the output is strict JSON.
 """
 
 from __future__ import annotations
@@ -15,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from diffllama.finetune.data import DataError
+from diffllama.finetune.data import DataError, batch_pad_id
 from diffllama.finetune.tasks import Task
 
 
 def load_for_task(task: Task, model_dir, *, device="cpu", dtype=None):
-    """(model in eval mode, tokenizer, id2label or None) of a fine-tuned checkpoint directory.
+    """(model in eval mode, tokenizer, id2label or None) of a fine-tuned checkpoint directory; the model's
+    ``config.pad_token_id`` is set to the id batches are padded with (:func:`~diffllama.finetune.data.batch_pad_id`).
 
     Raises:
         FileNotFoundError / ValueError: from the checkpoint and tokenizer loaders.
@@ -29,17 +34,20 @@ def load_for_task(task: Task, model_dir, *, device="cpu", dtype=None):
 
     from diffllama.tokenizer import Tokenizer
 
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    # Batches are padded with this id; the model must pool on the same one (see batch_pad_id), also for a
+    # checkpoint whose config says otherwise, so that a prediction does not depend on the batch it is in.
+    pad_id = batch_pad_id(tokenizer, f"the tokenizer of --model {model_dir}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the new-weights warning: refused below instead
-        model = task.model_class.from_pretrained(model_dir, device=device, dtype=dtype).eval()
+        model = task.model_class.from_pretrained(model_dir, device=device, dtype=dtype, pad_token_id=pad_id).eval()
     new = list(getattr(model, "loading_report", {}).get("new") or [])
     if new:
         raise ValueError(f"--model {model_dir} lacks the {task.name} head's weights ({', '.join(new)} would be "
                          f"random); predict {task.name} needs a checkpoint written by "
                          f"`diffllama finetune {task.name}`")
-    tokenizer = Tokenizer.from_pretrained(model_dir)
-    id2label = model.config.id2label if task.model_class.__name__ != "DiffLlamaForQuestionAnswering" else None
-    if task.model_class.__name__ != "DiffLlamaForQuestionAnswering" and not id2label:
+    id2label = model.config.id2label if task.has_labels else None
+    if task.has_labels and not id2label:
         raise ValueError(f"--model {model_dir}: config.json has no id2label label names; predict {task.name} "
                          f"needs a checkpoint written by `diffllama finetune {task.name}`")
     return model, tokenizer, id2label
@@ -48,11 +56,12 @@ def load_for_task(task: Task, model_dir, *, device="cpu", dtype=None):
 def check_checkpoint(task: Task, model_dir) -> Path:
     """The checkpoint directory of ``model_dir`` after checking that its config.json ``architectures`` names the
     task's head class (a checkpoint without ``architectures`` passes here; :func:`load_for_task` still refuses one
-    whose head weights are missing).
+    whose head weights are missing). For a task with labels, ``task.options.labels`` becomes the checkpoint's
+    label set (``id2label`` in id order), so that :func:`read_input` refuses gold labels the model cannot predict.
 
     Raises:
-        FileNotFoundError / NotADirectoryError: no such checkpoint. ValueError: another model class, or an
-        unreadable config.json.
+        FileNotFoundError / NotADirectoryError: no such checkpoint. ValueError: another model class, an
+        unreadable config.json, an ``id2label`` whose keys are not label ids.
     """
     from diffllama.checkpoint import resolve_checkpoint_dir
 
@@ -73,24 +82,54 @@ def check_checkpoint(task: Task, model_dir) -> Path:
     if architectures and expected not in architectures:
         raise ValueError(f"--model {model_dir} holds a {', '.join(map(str, architectures))}; predict {task.name} "
                          f"needs a checkpoint written by `diffllama finetune {task.name}` ({expected})")
+    id2label = config.get("id2label") if isinstance(config, dict) else None
+    if task.has_labels and isinstance(id2label, dict):
+        try:
+            task.options.labels = [id2label[key] for key in sorted(id2label, key=int)]
+        except (TypeError, ValueError):
+            raise ValueError(f"--model {model_dir}: config.json's id2label {id2label!r} must map label ids "
+                             f"(integers) to label names") from None
     return directory
 
 
-def read_input(task: Task, source: str, stdin_text: str | None = None) -> list:
-    """Examples from ``source`` (a path) or, for ``-``, from ``stdin_text``; labels optional.
+def read_input(task: Task, source: str, stdin_text: str | bytes | None = None) -> list:
+    """Examples from ``source`` (a path) or, for ``-``, from ``stdin_text``; labels optional, but a gold label must
+    be in ``task.options.labels`` when that is set (:func:`check_checkpoint` sets the model's).
+
+    Args:
+        stdin_text: standard input as bytes (decoded as UTF-8 here) or as text; text read with Python's
+            ``surrogateescape`` (its default under the C/POSIX locale) keeps undecodable bytes, which are refused
+            here like those of a file.
 
     Raises:
-        DataError: bad or empty input (names the file and row).
+        DataError: bad or empty input, input that is not UTF-8, a gold label outside the label set (names the
+            file, or ``<stdin>``, and the row).
     """
     if source != "-":
-        return task.read(Path(source), labelled=False)
-    text = stdin_text or ""
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    name = "<stdin>.jsonl" if first.lstrip().startswith("{") else "<stdin>.txt"  # the suffix picks the format
+        name, lines = Path(source), None
+    else:
+        text = _decode_stdin(stdin_text or "")
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        name = Path("<stdin>.jsonl" if first.lstrip().startswith("{") else "<stdin>.txt")  # the suffix: the format
+        lines = io.StringIO(text)
+    labels = task.options.labels
     try:
-        return task.read(Path(name), labelled=False, lines=io.StringIO(text))
+        examples = task.read(name, labelled=False, lines=lines)
+        task.check(name, examples, None if labels is None else {label: i for i, label in enumerate(labels)})
     except DataError as error:  # the messages name standard input "<stdin>", not the format-picking file name
-        raise DataError(str(error).replace(name, "<stdin>")) from None
+        if lines is None:
+            raise
+        raise DataError(str(error).replace(str(name), "<stdin>")) from None
+    return examples
+
+
+def _decode_stdin(data: str | bytes) -> str:
+    """Standard input as text, or DataError naming ``<stdin>`` when it is not UTF-8 (a leading BOM is dropped)."""
+    try:
+        raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogateescape")
+        return raw.decode("utf-8-sig")
+    except UnicodeError as error:
+        raise DataError(f"<stdin> is not UTF-8 text: {error}") from None
 
 
 def predict(task: Task, model_dir, examples: list, *, batch_size: int = 16, device: str = "cpu") -> list:

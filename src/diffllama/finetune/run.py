@@ -8,23 +8,30 @@ saves), bf16 autocast on CUDA, DDP/FSDP2 under torchrun. Each checkpoint and the
 complete model directories: config.json (with ``id2label``/``label2id`` for the classification heads) +
 safetensors + tokenizer, loadable by this library's head classes and by transformers' matching Auto classes.
 
+The run's settings, with the task, model, data files and task options (:class:`FineTuneConfig`), are saved in
+``RUN_DIR/config.yaml`` and every checkpoint; ``--resume`` refuses any of them that changed.
+
 Evaluation runs the whole evaluation set on every rank through the wrapped module (identical work per rank, so it
 is correct under DDP and FSDP alike; evaluation sets are small next to training).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+import shlex
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from diffllama.finetune.data import DataError
+from diffllama.finetune.data import DataError, batch_pad_id
 from diffllama.finetune.tasks import Task
-from diffllama.train.config import TrainConfig, resolve_config
+from diffllama.train import checkpoint as ckpt
+from diffllama.train.config import TrainConfig, resolve_config, resume_conflicts
 from diffllama.train.loop import Trainer
 
 FINETUNE_DEFAULTS = dict(max_steps=300, batch_size=16, grad_accum=1, lr=2e-4, warmup_steps=30, min_lr_ratio=0.1,
@@ -41,6 +48,50 @@ def finetune_config(overrides: dict | None = None) -> TrainConfig:
     settings = dict(FINETUNE_DEFAULTS)
     settings.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return resolve_config("tiny", overrides=settings)
+
+
+@dataclass
+class FineTuneConfig(TrainConfig):
+    """A :class:`TrainConfig` that also records what a fine-tuning run learns from: the task, the pretrained
+    ``base_model``, the data files (absolute paths; ``eval_data`` None = held out of ``train_data``) and the
+    :class:`~diffllama.finetune.tasks.TaskOptions` (``seq_len`` is ``max_length``). Saved with the rest in
+    ``RUN_DIR/config.yaml`` and every checkpoint's ``train_config.yaml``, so that ``--resume`` refuses a change
+    (:func:`~diffllama.train.config.resume_conflicts` compares every field)."""
+
+    task: str | None = None
+    base_model: str | None = None
+    train_data: str | None = None
+    eval_data: str | None = None
+    test_data: str | None = None
+    labels: list[str] | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    tokens_column: str | None = None
+    tags_column: str | None = None
+    stride: int | None = None
+    max_answer_tokens: int | None = None
+    eval_fraction: float | None = None
+
+
+# The finetune flag of each setting a resumed run could differ in (others keep their TrainConfig names).
+RESUME_FLAGS = {"task": "TASK", "base_model": "--model", "train_data": "--data", "eval_data": "--eval-data",
+                "test_data": "--test-data", "labels": "--labels", "text_column": "--text-column",
+                "label_column": "--label-column", "tokens_column": "--tokens-column", "tags_column": "--tags-column",
+                "stride": "--stride", "seq_len": "--max-length", "lr": "--lr", "warmup_steps": "--warmup-steps",
+                "weight_decay": "--weight-decay", "seed": "--seed", "batch_size": "--batch-size",
+                "grad_accum": "--grad-accum"}
+
+
+def resume_command(task_name: str, flags: dict) -> str:
+    """The ``diffllama finetune`` command line that resumes a run, for the hint printed after an interruption:
+    ``flags`` maps each flag (``"--data"``) to the value it was given (None: not given, left out); values are
+    shell-quoted and ``--resume`` is added. Following the hint must give the settings the checkpoint fixes, which
+    ``--resume`` checks, so the hint carries every flag that was given."""
+    words = ["diffllama", "finetune", task_name]
+    for flag, value in flags.items():
+        if value is not None:
+            words += [flag, str(value)]
+    return shlex.join(words + ["--resume"])
 
 
 class TaskModule(nn.Module):
@@ -61,15 +112,23 @@ class TaskModule(nn.Module):
 class FineTuneTrainer(Trainer):
     """A :class:`Trainer` whose data, model and evaluation come from ``task``.
 
+    Batches are padded with :func:`~diffllama.finetune.data.batch_pad_id` and the model's ``pad_token_id`` is set
+    to the same id (saved with it), so the classification head pools each text's last token in any batch.
+
     Args:
-        cfg: training settings (:func:`finetune_config`); ``seq_len`` is set to the task's ``max_length``.
+        cfg: training settings (:func:`finetune_config`); the trainer runs on a :class:`FineTuneConfig` copy of them
+            with ``seq_len`` = the task's ``max_length`` and the task, model and data recorded.
         run_dir: output folder. task: the task (with its :class:`TaskOptions`).
         model_dir: a pretrained checkpoint (a causal LM, or a head checkpoint) with its tokenizer.
         train_path: labelled training data. eval_path: labelled evaluation data; default: ``eval_fraction`` of the
             training rows, held out with the run's seed. test_path: optional data scored once after training.
+        resume: continue from the newest checkpoint in ``run_dir``: there must be one, and every setting it fixes
+            (task, model, data, labels, columns, max_length, stride, optimizer settings, seed, global batch) must
+            be the same, else ValueError naming the flag and both values, before any data is read.
 
     Raises:
-        DataError: bad data (names file and row). FileNotFoundError / ValueError: a bad model directory.
+        DataError: bad data (names file and row). FileNotFoundError / ValueError: a bad model directory, a
+        tokenizer with neither PAD nor EOS; see ``resume``.
     """
 
     def __init__(self, cfg: TrainConfig, run_dir, *, task: Task, model_dir, train_path, eval_path=None,
@@ -81,10 +140,35 @@ class FineTuneTrainer(Trainer):
                       "test": Path(test_path) if test_path else None}
         self.eval_fraction = eval_fraction
         self.last_eval: dict = {}
-        cfg.seq_len = task.options.max_length
+        if resume and ckpt.latest_checkpoint(run_dir) is None:
+            raise ValueError(f"--resume: no checkpoint in {run_dir} to resume from (drop --resume to start a new "
+                             f"run)")
+        options = {k: v for k, v in dataclasses.asdict(task.options).items() if k != "max_length"}
+        absolute = {name: None if path is None else str(path.resolve()) for name, path in self.paths.items()}
+        cfg = FineTuneConfig(**{**cfg.to_dict(), **options, "seq_len": task.options.max_length, "task": task.name,
+                                "base_model": str(self.model_dir.resolve()), "train_data": absolute["train"],
+                                "eval_data": absolute["eval"], "test_data": absolute["test"],
+                                "eval_fraction": eval_fraction})
         super().__init__(cfg, run_dir, resume=resume, info=info, quiet=quiet)
 
     # ---- hooks of the Trainer ------------------------------------------------------------------------------------
+
+    def _check_resume_settings(self) -> None:
+        """Refuse, before any data work, a setting that differs from the checkpoint's, naming its flag and both
+        values: other data or labels would silently retrain the saved head on something else (another --labels
+        order inverts it), another task or --model would not even load into it."""
+        saved = ckpt.read_train_config(self.resume_from)
+        conflicts = resume_conflicts(saved, self.cfg, ckpt.saved_world_size(self.resume_from), self.info.world_size)
+        # model.* are the preset's language-model fields, unused here: the weights come from --model
+        listed = [f"{RESUME_FLAGS.get(name, name)} {old!r} in the checkpoint vs {new!r} now"
+                  for name, (old, new) in conflicts.items() if not name.startswith("model.")]
+        if listed:
+            raise ValueError(f"--resume: settings given now differ from those of the run's checkpoint "
+                             f"{self.resume_from} ({'; '.join(listed)}); --resume continues a run with the settings "
+                             f"it started with: give the same task, --model, data, label and training flags "
+                             f"(only --max-steps, --eval-every, --save-every, --device, --dtype, --parallel, "
+                             f"--num-threads, and a --batch-size x --grad-accum split of the same global batch may "
+                             f"change), or choose another --out to start a new run")
 
     def _setup_data(self) -> None:
         from diffllama.tokenizer import Tokenizer
@@ -93,8 +177,7 @@ class FineTuneTrainer(Trainer):
         if not self.model_dir.is_dir():
             raise FileNotFoundError(f"model directory {str(self.model_dir)!r} does not exist")
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
-        if self.tokenizer.pad_token_id is None and self.tokenizer.eos_token_id is None:
-            raise ValueError(f"the tokenizer in {self.model_dir} has neither a pad nor an EOS token")
+        self.pad_id = batch_pad_id(self.tokenizer, f"the tokenizer in {self.model_dir}")
         self.train_examples = task.read(paths["train"])
         # The label set comes from every row of --data, before an evaluation split is held out of it.
         self.labels = task.label_set(self.train_examples)
@@ -121,15 +204,12 @@ class FineTuneTrainer(Trainer):
         self.meta = None
 
     def _build_model(self):
-        from diffllama.config import DiffLlamaConfig
-
-        overrides = {}
+        # The batches' pad id, whatever the pretrained config says (often EOS, or -1): the classification head
+        # pools the last token that is not config.pad_token_id, and the saved model keeps this id.
+        overrides = {"pad_token_id": self.pad_id}
         if self.labels is not None:
             overrides["id2label"] = dict(enumerate(self.labels))
             overrides["label2id"] = dict(self.label2id)
-        if DiffLlamaConfig.from_pretrained(self.model_dir).pad_token_id is None:
-            pad = self.tokenizer.pad_token_id
-            overrides["pad_token_id"] = pad if pad is not None else self.tokenizer.eos_token_id
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the new-weights warning: reported below instead
             model = self.task.model_class.from_pretrained(self.model_dir, dtype=torch.float32, device=self.device,

@@ -63,11 +63,13 @@ class TaskOptions:
 
 
 class Task:
-    """Base class: a fine-tuning task. Subclasses set ``name``, ``model_class``, ``headline`` (the main metric)."""
+    """Base class: a fine-tuning task. Subclasses set ``name``, ``model_class``, ``headline`` (the main metric) and
+    ``has_labels`` (whether the head predicts from a label set: config.json's ``id2label``)."""
 
     name = ""
     model_class = None
     headline = ""
+    has_labels = True
 
     def __init__(self, options: TaskOptions | None = None) -> None:
         self.options = options or TaskOptions()
@@ -143,7 +145,7 @@ class SequenceClassification(Task):
     def encode(self, tokenizer, examples, label2id):
         ids = D.encode_texts(tokenizer, [e.text for e in examples], self.options.max_length)
         labels = [label2id[e.label] if (label2id and e.label is not None) else -100 for e in examples]
-        pad = tokenizer.pad_token_id
+        pad = D.batch_pad_id(tokenizer)
 
         def collate(items):  # -> (B, S) ids, (B,) labels
             return D.pad_batch([i for i, _ in items], pad), torch.tensor([y for _, y in items], dtype=torch.long)
@@ -197,7 +199,7 @@ class TokenClassification(Task):
             labels = [label2id[e.tags[w]] if (f and label2id and e.tags is not None) else -100
                       for w, f in zip(word_ids, first)]
             items.append((ids, labels, word_ids, first))
-        pad = tokenizer.pad_token_id
+        pad = D.batch_pad_id(tokenizer)
 
         def collate(batch):  # -> (B, S) ids, (B, S) labels with -100 on padding and non-first sub-tokens
             return D.pad_batch([b[0] for b in batch], pad), D.pad_batch([b[1] for b in batch], -100)
@@ -244,6 +246,7 @@ class QuestionAnswering(Task):
     name = "question-answering"
     model_class = DiffLlamaForQuestionAnswering
     headline = "exact_match"
+    has_labels = False
 
     def read(self, path, *, labelled=True, lines=None):
         return D.read_squad(path, require_answers=labelled, lines=lines)
@@ -254,7 +257,7 @@ class QuestionAnswering(Task):
     def encode(self, tokenizer, examples, label2id):
         o = self.options
         features = D.encode_qa(tokenizer, examples, o.max_length, o.stride)
-        pad = tokenizer.pad_token_id
+        pad = D.batch_pad_id(tokenizer)
 
         def collate(batch):  # -> (B, S) ids, (B, 2) start/end positions
             return (D.pad_batch([f.input_ids for f in batch], pad),
@@ -272,10 +275,12 @@ class QuestionAnswering(Task):
         return (start + end) * scale
 
     def predict(self, forward, tokenizer, examples, id2label, batch_size, device, top_k: int = 20):
-        """Returns ``[{"answer": str, "score": float, "start": char, "end": char}]`` (answer "" if no span fits):
-        the best ``start_logit + end_logit`` over every window, with start <= end < start + max_answer_tokens."""
+        """Returns ``[{"answer": str, "score": float or None, "start": char, "end": char}]``: the best
+        ``start_logit + end_logit`` over every window, with start <= end < start + max_answer_tokens. When no span
+        fits (an empty context) the answer is "", the score None (JSON null: -inf is not valid JSON) and start/end
+        -1."""
         features = self.encode(tokenizer, examples, None)
-        best = [{"answer": "", "score": float("-inf"), "start": -1, "end": -1} for _ in examples]
+        best = [{"answer": "", "score": None, "start": -1, "end": -1} for _ in examples]
         for first, logits in self._batched(features, batch_size, forward, device):
             for j in range(logits.shape[0]):
                 f = features.items[first + j]
@@ -289,7 +294,7 @@ class QuestionAnswering(Task):
                     for e in ends:
                         if s <= e < s + self.options.max_answer_tokens:
                             score = float(s_logits[s] + e_logits[e])
-                            if score > best[f.example]["score"]:
+                            if best[f.example]["score"] is None or score > best[f.example]["score"]:
                                 context = examples[f.example].context
                                 a, b = f.offsets[s][0], f.offsets[e][1]
                                 while a < b and context[a].isspace():
