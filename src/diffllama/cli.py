@@ -486,7 +486,8 @@ def finetune(
     tokens_column: str = typer.Option("tokens", help="JSONL key of the token list (tagging)."),
     tags_column: str = typer.Option("tags", help="JSONL key of the tag list (tagging)."),
     labels: str = typer.Option(None, help="Comma-separated label set, in order (default: sorted labels of --data)."),
-    max_length: int = typer.Option(256, help="Tokens per sequence (per window for QA)."),
+    max_length: int = typer.Option(256, help="Tokens per sequence (per window for QA; a QA question may take up "
+                                   "to --max-length - --stride - 2 tokens)."),
     stride: int = typer.Option(64, help="Overlap in tokens of consecutive QA context windows."),
     out: str = typer.Option(None, "--out", help="Run folder. Default: runs/finetune-TASK."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
@@ -516,7 +517,7 @@ def finetune(
     from pathlib import Path
 
     from diffllama.finetune.data import DataError
-    from diffllama.finetune.run import finetune_config, run_finetune
+    from diffllama.finetune.run import finetune_config, resume_command, run_finetune
     from diffllama.train.checkpoint import check_run_dir
 
     run_dir = Path(out or f"runs/finetune-{task}")
@@ -541,8 +542,15 @@ def finetune(
                             test_path=test_data, resume=resume)
 
     result = _run_reporting_errors(run, (DataError, ValueError, FileNotFoundError))
-    summary = _finished_summary(result, run_dir, f"diffllama finetune {task} --model {model} --data {data} "
-                                                 f"--out {run_dir} --resume")
+    hint = resume_command(task, {  # every flag given: --resume refuses a change to those the checkpoint fixes
+        "--model": model, "--data": data, "--eval-data": eval_data, "--test-data": test_data,
+        "--text-column": text_column, "--label-column": label_column, "--tokens-column": tokens_column,
+        "--tags-column": tags_column, "--labels": labels, "--max-length": max_length, "--stride": stride,
+        "--out": run_dir, "--max-steps": max_steps, "--batch-size": batch_size, "--grad-accum": grad_accum,
+        "--lr": lr, "--warmup-steps": warmup_steps, "--weight-decay": weight_decay, "--eval-every": eval_every,
+        "--save-every": save_every, "--seed": seed, "--device": device, "--dtype": dtype, "--parallel": parallel,
+        "--num-threads": num_threads})
+    summary = _finished_summary(result, run_dir, hint)
     if summary:
         brief = {k: summary[k] for k in ("task", "steps", "baseline", "eval", "test", "test_baseline", "model_dir")
                  if k in summary}
@@ -590,7 +598,7 @@ def predict(
         if metrics_out:
             _check_out_file("--metrics-out", metrics_out)
         check_checkpoint(task_obj, model)
-        examples = read_input(task_obj, source, sys.stdin.read() if source == "-" else None)
+        examples = read_input(task_obj, source, sys.stdin.buffer.read() if source == "-" else None)
         predictions = run_predict(task_obj, model, examples, batch_size=batch_size, device=torch_device)
     except _GenerateError as error:
         print(f"error: {error}", file=sys.stderr)
