@@ -85,7 +85,8 @@ def test_train_then_plot(tmp_path):
     (["--batch-size", "0"], "batch_size must be a positive integer"),
     (["--seq-len", "100000"], "fewer than seq_len"),
     (["--preset", "huge"], "unknown preset"),
-], ids=["missing-corpus", "bad-lr", "bad-val-fraction", "bad-batch", "seq-too-long", "bad-preset"])
+    (["--seed", "99999999999999999999999"], "seed must be an integer in [0, 2**64 - 1], got 99999999999999999999999"),
+], ids=["missing-corpus", "bad-lr", "bad-val-fraction", "bad-batch", "seq-too-long", "bad-preset", "huge-seed"])
 def test_clear_errors_and_nothing_written(tmp_path, args, message):
     config = _config(tmp_path)
     out = tmp_path / "run"
@@ -107,6 +108,34 @@ def test_out_is_a_file_refused_up_front(tmp_path, under):
     assert result.output.startswith(f"error: --out '{out}' {where}, expected a run folder (a new or empty folder, "
                                     f"or an existing run's folder with --resume)"), result.output
     assert afile.read_text() == "keep me" and not (tmp_path / "cache").exists()  # no data prepared
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["file", "under-file"])
+def test_cache_dir_that_is_a_file_refused_up_front(tmp_path, under):
+    config = _config(tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    cache = afile / "sub" if under else afile
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out), "--cache-dir", str(cache)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    where = f"lies under the file {afile}" if under else "is a file"
+    assert result.output.strip() == (f"error: cache_dir (--cache-dir) '{cache}' {where}, expected a folder for the "
+                                     f"tokenized-data cache (it is created when missing)")
+    assert afile.read_text() == "keep me" and not out.exists()
+
+
+def test_non_utf8_corpus_refused_before_any_write(tmp_path):
+    config = _config(tmp_path)
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes("Le café est bon.\n".encode("latin-1"))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out), "--data", str(corpus)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip() == (f"error: corpus file '{corpus}' is not UTF-8 text: byte 0xe9 at byte offset 6 "
+                                     f"(line 1): invalid continuation byte; convert it to UTF-8 (e.g. iconv -f latin1 "
+                                     f"-t utf-8)")
+    assert not out.exists() and not (tmp_path / "cache").exists()
 
 
 def test_out_that_is_not_a_run_folder_refused_up_front(tmp_path):

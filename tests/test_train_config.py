@@ -71,11 +71,22 @@ def test_unknown_keys_and_files(tmp_path):
     ("lr", "fast", "lr must be a number > 0"),
     ("device", "tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ("device", "cuda:x", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("seed", 99999999999999999999999, "seed must be an integer in [0, 2**64 - 1]"),
+    ("seed", 2**64, "seed must be an integer in [0, 2**64 - 1]"),
+    ("seed", -1, "seed must be a non-negative integer"),
 ])
 def test_bad_value_messages_state_the_expected_range(field, value, expected):
     with pytest.raises(ValueError) as caught:
         resolve_config("tiny", overrides={field: value})
     assert expected in str(caught.value) and repr(value) in str(caught.value)
+
+
+def test_largest_seed_is_one_torch_accepts():
+    import torch
+
+    cfg = resolve_config("tiny", overrides={"seed": 2**64 - 1})
+    torch.manual_seed(cfg.seed)  # what Trainer does with it
+    assert cfg.seed == torch.initial_seed() == 2**64 - 1
 
 
 @pytest.mark.parametrize("name, text", [

@@ -4,6 +4,9 @@ import gzip
 import json
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +137,97 @@ def test_batch_plan_same_windows_for_any_split_of_the_global_batch():
         assert sorted(sum((accum.indices(step, m, r) for m in range(2) for r in range(2)), [])) == sorted(ref)
     epoch0 = [i for s in range(5) for i in one.indices(s, 0, 0)][:37]
     assert sorted(epoch0) == list(range(37))
+
+
+@pytest.mark.parametrize("name", ["doc.txt", "docs.jsonl.gz"])
+def test_non_utf8_corpus_refused_naming_file_line_and_offset(tmp_path, name):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    if name == "doc.txt":
+        data = "Intro line\nLe café est très bon.\n".encode("latin-1")
+        (corpus / name).write_bytes(data)
+    else:
+        data = (json.dumps({"text": "plain"}) + "\n" + '{"text": "Le café"}\n').encode("latin-1")
+        (corpus / name).write_bytes(gzip.compress(data))
+    files = list_input_files([str(corpus / name)])
+    offset = data.index(b"\xe9")  # é in Latin-1; in UTF-8 it would be 0xc3 0xa9
+    expected = (f"corpus file '{corpus / name}' is not UTF-8 text: byte 0xe9 at byte offset {offset}"
+                f"{' of the decompressed text' if name.endswith('.gz') else ''} (line 2): invalid continuation byte")
+    with pytest.raises(CorpusError) as caught:
+        load_or_train_tokenizer(files, "text", 320, tmp_path / "cache")
+    assert str(caught.value).startswith(expected), str(caught.value)
+    tok = train_bpe(iter(["a good corpus of plain text. " * 50]), 300)
+    with pytest.raises(CorpusError) as caught:
+        prepare_data(files, tok, cache_dir=tmp_path / "cache")
+    assert str(caught.value).startswith(expected)
+    # Refused before anything was written: no tokenizer, no shards, no staging folder.
+    assert [p.relative_to(tmp_path) for p in sorted((tmp_path / "cache").rglob("*"))] == []
+
+
+def test_text_documents_decode_as_utf8_with_text_mode_line_ends(tmp_path):
+    (tmp_path / "a.txt").write_bytes("café\r\nnaïve\rend\n".encode("utf-8"))
+    assert list(iter_documents(list_input_files([str(tmp_path / "a.txt")]))) == ["café\nnaïve\nend\n"]
+
+
+def test_cache_root_refuses_a_file(tmp_path, monkeypatch):
+    from diffllama.train.data import cache_root
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    expected = "expected a folder for the tokenized-data cache (it is created when missing)"
+    with pytest.raises(ValueError) as caught:
+        cache_root(str(afile))
+    assert str(caught.value) == f"cache_dir (--cache-dir) '{afile}' is a file, {expected}"
+    with pytest.raises(ValueError) as caught:
+        cache_root(str(afile / "sub"))
+    assert str(caught.value) == f"cache_dir (--cache-dir) '{afile / 'sub'}' lies under the file {afile}, {expected}"
+    monkeypatch.setenv("DIFFLLAMA_CACHE", str(afile))
+    with pytest.raises(ValueError) as caught:
+        cache_root("")
+    assert str(caught.value) == f"$DIFFLLAMA_CACHE '{afile}' is a file, {expected}"
+    assert cache_root(str(tmp_path / "new")) == tmp_path / "new" and afile.read_text() == "keep me"
+
+
+# A process preparing data, stopped while its staging folder holds a shard (the path is its first line of output).
+_STAGING_WRITER = """
+import sys, time
+from pathlib import Path
+from diffllama.train.data import _staging
+with _staging(Path(sys.argv[1])) as staging:
+    (staging / "train-00000.bin").write_bytes(bytes(4096))
+    print(staging, flush=True)
+    time.sleep(120)
+"""
+
+
+def _start_staging_writer(parent):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", _STAGING_WRITER, str(parent)], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    staging = Path(proc.stdout.readline().strip())
+    assert staging.parent == parent and (staging / "train-00000.bin").is_file()
+    return proc, staging
+
+
+def test_staging_of_a_killed_process_is_removed_by_the_next_preparation(tmp_path):
+    corpus = small_corpus(tmp_path / "corpus", documents=25, chars=800)
+    files = list_input_files([str(corpus)])
+    cache = tmp_path / "cache"
+    tok = load_or_train_tokenizer(files, "text", 320, cache)
+    legacy = cache / "data" / ".tmp-legacy"  # from a version without locks: nothing tells if its writer lives
+    legacy.mkdir(parents=True)
+    live, live_staging = _start_staging_writer(cache / "data")
+    try:
+        dead, dead_staging = _start_staging_writer(cache / "data")  # after the live one: it would clean up this one
+        dead.kill()  # SIGKILL: no clean-up can run
+        dead.wait()
+        assert dead_staging.is_dir() and Path(f"{dead_staging}.lock").is_file()
+        folder, _ = prepare_data(files, tok, val_fraction=0.1, cache_dir=cache)
+        # The dead writer's folder and lock are gone; the live writer's folder and the legacy one are untouched.
+        assert sorted(p.name for p in (cache / "data").iterdir()) == sorted(
+            [folder.name, ".tmp-legacy", live_staging.name, f"{live_staging.name}.lock"])
+        assert (live_staging / "train-00000.bin").is_file()
+    finally:
+        live.terminate()  # SIGTERM: the writer removes its own staging folder and lock, and exits 143
+        assert live.wait(timeout=60) == 143
+    assert sorted(p.name for p in (cache / "data").iterdir()) == sorted([folder.name, ".tmp-legacy"])

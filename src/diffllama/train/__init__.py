@@ -2,7 +2,8 @@
 
 Modules: :mod:`~diffllama.train.config` (TrainConfig, presets + file + flags), :mod:`~diffllama.train.data`
 (BPE, packed shards, batch plan), :mod:`~diffllama.train.loss` (chunked LM head + cross-entropy),
-:mod:`~diffllama.train.loop` (Trainer), :mod:`~diffllama.train.checkpoint`, :mod:`~diffllama.train.distributed`.
+:mod:`~diffllama.train.loop` (Trainer), :mod:`~diffllama.train.checkpoint`, :mod:`~diffllama.train.distributed`,
+:mod:`~diffllama.train.metrics` (reading ``metrics.jsonl``), :mod:`~diffllama.train.plot` (``diffllama plot``).
 """
 
 from diffllama.train.config import TrainConfig, resolve_config

@@ -23,10 +23,12 @@ import random
 import re
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from diffllama.train.data import file_in_the_way
 from diffllama.train.distributed import DistInfo, barrier
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -75,11 +77,66 @@ def read_train_config(checkpoint: str | os.PathLike) -> dict:
     import yaml
 
     path = Path(checkpoint) / "train_config.yaml"
-    settings = yaml.safe_load(path.read_text()) if path.is_file() else None
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):  # a damaged file: the message below says what to do
+        settings = None
     if not isinstance(settings, dict):
         raise ValueError(f"--resume: checkpoint {checkpoint} has no readable train_config.yaml, so its settings "
-                         f"are unknown; choose another --out to start a new run")
+                         f"are unknown; choose another --out to start a new run{_earlier_hint(Path(checkpoint))}")
     return settings
+
+
+class SavedCheckpoint(NamedTuple):
+    """What :func:`read_checkpoint` reads: the causal LM's weights, ``trainer_state.pt``, and this rank's
+    ``rng-rank{r}.pt`` (None when the saved run had fewer processes)."""
+
+    weights: dict
+    state: dict
+    rng: dict | None
+
+
+def read_checkpoint(path: str | os.PathLike, rank: int = 0) -> SavedCheckpoint:
+    """Read every file of checkpoint ``path`` that resuming on ``rank`` needs, so that a damaged one stops the run
+    before any work.
+
+    Raises:
+        ValueError: starting with ``--resume:``, naming the file that is missing, truncated or corrupt (and the
+            run's earlier checkpoint, if there is one).
+    """
+    from diffllama.checkpoint import load_state_dict
+
+    path = Path(path)
+    rng_file = path / f"rng-rank{rank}.pt"
+    try:
+        weights = load_state_dict(path)
+        state = _load_dict(path / TRAINER_STATE, ("step", "optimizer", "scheduler"))
+        rng = _load_dict(rng_file, ("python", "numpy", "torch")) if rng_file.is_file() else None
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(f"--resume: {error}{_earlier_hint(path)}") from error
+    return SavedCheckpoint(weights, state, rng)
+
+
+def _load_dict(path: Path, keys: tuple[str, ...]) -> dict:
+    """``torch.load`` of a checkpoint file written by :func:`save_checkpoint`: a dict holding ``keys``."""
+    try:
+        value = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated or overwritten: EOFError, UnpicklingError, RuntimeError (zip), ValueError
+        raise ValueError(f"checkpoint file {path} cannot be read, it is truncated or corrupt "
+                         f"({type(error).__name__}: {error})") from error
+    if not isinstance(value, dict) or not all(key in value for key in keys):
+        raise ValueError(f"checkpoint file {path} is corrupt: expected a dict with {', '.join(keys)}")
+    return value
+
+
+def _earlier_hint(checkpoint: Path) -> str:
+    """How to resume from the run's newest checkpoint before ``checkpoint`` (--resume takes the newest), or ""."""
+    found = list_checkpoints(checkpoint.parent.parent)  # in step order
+    names = [p.name for p in found]
+    if checkpoint.name not in names or names.index(checkpoint.name) == 0:
+        return ""
+    return (f"; the run's earlier checkpoint {found[names.index(checkpoint.name) - 1]} remains: move {checkpoint} out "
+            f"of {checkpoint.parent} and --resume continues from it")
 
 
 def saved_world_size(checkpoint: str | os.PathLike) -> int:
@@ -104,10 +161,10 @@ def check_run_dir(run_dir: str | os.PathLike) -> None:
     """
     run_dir = Path(run_dir)
     expected = "a new or empty folder, or an existing run's folder with --resume"
-    for path in (run_dir, *run_dir.parents):
-        if path.exists() and not path.is_dir():
-            where = "is a file" if path == run_dir else f"cannot be created: {path} is a file"
-            raise ValueError(f"--out {str(run_dir)!r} {where}, expected a run folder ({expected})")
+    blocker = file_in_the_way(run_dir)
+    if blocker is not None:
+        where = "is a file" if blocker == run_dir else f"cannot be created: {blocker} is a file"
+        raise ValueError(f"--out {str(run_dir)!r} {where}, expected a run folder ({expected})")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
         raise ValueError(f"--out {str(run_dir)!r} is an existing folder that is not a run folder (no config.yaml "
                          f"with metrics.jsonl or checkpoints/), expected {expected}")
@@ -189,20 +246,20 @@ def save_checkpoint(run_dir: Path, step: int, *, module, model, optimizer, sched
     return final
 
 
-def load_checkpoint(path: Path, *, module, optimizer, scheduler, info: DistInfo, fsdp: bool) -> dict:
+def load_checkpoint(path: Path, *, module, optimizer, scheduler, info: DistInfo, fsdp: bool,
+                    saved: SavedCheckpoint | None = None) -> dict:
     """Load model, optimizer, scheduler and this rank's RNG state from checkpoint ``path``.
+
+    Args:
+        saved: the checkpoint's files as :func:`read_checkpoint` read them (default: read them now).
 
     Returns:
         The ``trainer_state.pt`` dict (``step``, ``extra``, ...).
 
     Raises:
-        FileNotFoundError / ValueError: from the weight loader, for a missing or corrupt checkpoint.
-        ValueError: a checkpoint whose weights do not match the model.
+        ValueError: a missing or damaged file (:func:`read_checkpoint`); weights that do not match the model.
     """
-    from diffllama.checkpoint import load_state_dict
-
-    weights = load_state_dict(path)
-    state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+    weights, state, rng = saved or read_checkpoint(path, info.rank)
     model_sd = {f"model.{k}": v for k, v in weights.items()}
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -222,7 +279,6 @@ def load_checkpoint(path: Path, *, module, optimizer, scheduler, info: DistInfo,
                              f"unexpected {unexpected[:5]}")
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng_file = path / f"rng-rank{info.rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    if rng is not None:
+        set_rng_state(rng)
     return state

@@ -51,7 +51,7 @@ class TrainConfig:
         eval_every, eval_batches: validation every N steps (and at the end) on this many batches.
         log_every: steps between progress/metrics lines. save_every: steps between checkpoints (0 = end only).
         keep_last: checkpoints kept (older ones are deleted).
-        seed: seeds weights, data order and dropout. device: "auto", "cpu", "cuda".
+        seed: seeds weights, data order and dropout, in [0, 2**64 - 1]. device: "auto", "cpu", "cuda".
         dtype: "auto" (bfloat16 autocast on CUDA, float32 on CPU), "float32" or "bfloat16" (autocast).
         compile: ``torch.compile`` each decoder layer. activation_checkpointing: recompute layer activations.
         parallel: "auto" (DDP when launched with several processes), "none", "ddp", "fsdp" (FSDP2).
@@ -111,6 +111,8 @@ class TrainConfig:
                 value = getattr(self, name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < least:
                     raise ValueError(f"{name} must be a {kind} integer, got {value!r}")
+        if self.seed >= 1 << 64:  # torch.manual_seed takes an unsigned 64-bit seed (numpy and random any size)
+            raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {self.seed}")
         if self.tokenizer_vocab_size < 300:
             raise ValueError(f"tokenizer_vocab_size must be >= 300 (256 bytes + special tokens + merges), "
                              f"got {self.tokenizer_vocab_size}")

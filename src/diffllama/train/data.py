@@ -11,7 +11,8 @@ Pipeline:
    plus ``meta.json``, into a cache folder named by a hash of the inputs (content; path/size/mtime above 256 MiB),
    the tokenizer's JSON,
    the text field and the validation share. A rerun with the same inputs reuses the folder; the folder is written
-   under a temporary name and renamed when complete, so a failure leaves nothing half-written.
+   under a temporary name and renamed when complete, so a failure leaves nothing half-written (see :func:`_staging`
+   for how the staging folder of a killed process is removed).
 4. :class:`TokenShards` serves non-overlapping windows of ``seq_len + 1`` tokens (inputs and shifted targets)
    from the memory-mapped shards; :class:`BatchPlan` maps (step, micro-step, rank) to window indices, so that the
    data position of a run is its step number and each rank reads its own slice of every global batch.
@@ -22,13 +23,16 @@ one); with fewer, the last ``val_fraction`` of each document's tokens.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass
 from importlib import resources
@@ -37,13 +41,18 @@ from typing import Iterator
 
 import numpy as np
 
-from diffllama.config import default_permissions
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so staging folders of dead processes are not recognised (see _staging)
+    fcntl = None
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
 JSONL_SUFFIXES = (".jsonl", ".json")
 SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
 SHARD_TOKENS = 1 << 28  # tokens per shard file (512 MiB of uint16)
-CACHE_VERSION = 1
+# 2: corpus files must be UTF-8; version 1 read them with errors="replace", so a cache built from a Latin-1 corpus
+# holds U+FFFD in place of every accented character and must not be reused.
+CACHE_VERSION = 2
 
 
 class CorpusError(ValueError):
@@ -97,10 +106,28 @@ def list_input_files(paths: list[str | os.PathLike]) -> list[Path]:
     return unique
 
 
-def _open_text(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+def _utf8_lines(path: Path) -> Iterator[str]:
+    """The lines of corpus file ``path`` (decompressed when ``.gz``), each with its line end, decoded as UTF-8.
+
+    Lines are read as bytes and decoded one by one so that an error can name the exact byte offset (a newline byte
+    never occurs inside a UTF-8 multi-byte character, so no character is split).
+
+    Raises:
+        CorpusError: a byte sequence that is not UTF-8, naming the file, the line and the byte offset.
+    """
+    compressed = path.name.lower().endswith(".gz")
+    offset = 0
+    with gzip.open(path, "rb") if compressed else open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                where = f"byte offset {offset + error.start}" + (" of the decompressed text" if compressed else "")
+                raise CorpusError(f"corpus file {str(path)!r} is not UTF-8 text: byte 0x{raw[error.start]:02x} at "
+                                  f"{where} (line {number}): {error.reason}; convert it to UTF-8 (e.g. iconv -f "
+                                  f"latin1 -t utf-8)") from None
+            offset += len(raw)
+            yield line
 
 
 def jsonl_records(lines, invalid) -> Iterator[tuple[int, object]]:
@@ -123,7 +150,8 @@ def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]
     """Yield each document's text, in file order; empty documents are skipped.
 
     Raises:
-        CorpusError: a JSONL line that is not a JSON object with a string ``text_field`` (names file and line).
+        CorpusError: a JSONL line that is not a JSON object with a string ``text_field`` (names file and line); a file
+            that is not UTF-8 (names file, line and byte offset); a corrupt gzip file.
     """
     for path in files:
         try:
@@ -135,21 +163,34 @@ def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]
 
 def _file_documents(path: Path, text_field: str) -> Iterator[str]:
     if _kind(path) == "text":
-        with _open_text(path) as handle:
-            text = handle.read()
+        # \r\n and \r become \n, as the text-mode read before did (the same documents, so the same tokens).
+        text = "".join(_utf8_lines(path)).replace("\r\n", "\n").replace("\r", "\n")
         if text.strip():
             yield text
         return
-    with _open_text(path) as handle:
-        records = jsonl_records(handle, lambda number, error: CorpusError(
-            f"{path}:{number}: not valid JSON ({error})"))
-        for number, record in records:
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise CorpusError(f"{path}:{number}: no string field {text_field!r} "
-                                  f"(set --text-field to the key holding the text)")
-            if text.strip():
-                yield text
+    records = jsonl_records(_utf8_lines(path), lambda number, error: CorpusError(
+        f"{path}:{number}: not valid JSON ({error})"))
+    for number, record in records:
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise CorpusError(f"{path}:{number}: no string field {text_field!r} "
+                              f"(set --text-field to the key holding the text)")
+        if text.strip():
+            yield text
+
+
+def count_documents(files: list[Path], text_field: str = "text") -> int:
+    """The number of non-empty documents in ``files``: a full read, so that a bad file (not UTF-8, a bad JSON line,
+    a corrupt gzip) is refused before tokenizer training or tokenization starts.
+
+    Raises:
+        CorpusError: as :func:`iter_documents`, or a corpus without any text.
+    """
+    count = sum(1 for _ in iter_documents(files, text_field))
+    if count == 0:
+        raise CorpusError(f"the corpus ({len(files)} file(s): {', '.join(str(f) for f in files[:3])}"
+                          f"{', ...' if len(files) > 3 else ''}) holds no text")
+    return count
 
 
 CONTENT_HASH_LIMIT = 256 << 20  # files up to this size are identified by content, larger ones by path/size/mtime
@@ -175,6 +216,30 @@ def inputs_fingerprint(files: list[Path], text_field: str) -> str:
 def default_cache_dir() -> Path:
     """``$DIFFLLAMA_CACHE`` or ``~/.cache/diffllama``."""
     return Path(os.environ.get("DIFFLLAMA_CACHE") or Path.home() / ".cache" / "diffllama")
+
+
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The first of ``path`` and its parents that exists and is not a folder (so ``path`` cannot be a folder), or
+    None."""
+    path = Path(path)
+    return next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+
+
+def cache_root(cache_dir: str = "") -> Path:
+    """The cache folder of a run: ``cache_dir`` (the ``cache_dir`` setting, ``--cache-dir``), else
+    :func:`default_cache_dir`.
+
+    Raises:
+        ValueError: the folder is a file or lies under one, naming the setting it came from.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    blocker = file_in_the_way(root)
+    if blocker is not None:
+        source = "cache_dir (--cache-dir)" if cache_dir else "$DIFFLLAMA_CACHE"
+        where = "is a file" if blocker == root else f"lies under the file {blocker}"
+        raise ValueError(f"{source} {str(root)!r} {where}, expected a folder for the tokenized-data cache "
+                         f"(it is created when missing)")
+    return root
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------------------------
@@ -221,7 +286,7 @@ def load_or_train_tokenizer(files: list[Path], text_field: str, vocab_size: int,
 
     Raises:
         ValueError: a loaded tokenizer with no EOS token (needed as the document separator).
-        CorpusError: an empty corpus.
+        CorpusError: an empty corpus, or a bad file (:func:`count_documents`), before the BPE training starts.
     """
     from diffllama.tokenizer import Tokenizer
 
@@ -234,31 +299,95 @@ def load_or_train_tokenizer(files: list[Path], text_field: str, vocab_size: int,
     folder = cache_dir / "tokenizers" / key
     if (folder / "tokenizer.json").is_file():
         return Tokenizer.from_pretrained(folder)
-    documents = iter_documents(files, text_field)
-    first = next(documents, None)
-    if first is None:
-        raise CorpusError(f"the corpus ({len(files)} file(s)) holds no text")
-    tokenizer = train_bpe(_chain(first, documents), vocab_size)
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_mkdir(folder.parent)))
-    try:
+    count_documents(files, text_field)
+    tokenizer = train_bpe(iter_documents(files, text_field), vocab_size)
+    with _staging(folder.parent) as staging:
         tokenizer.save_pretrained(staging)
-        default_permissions(staging)  # mkdtemp makes it 0o700: a shared cache must stay readable
-        os.replace(staging, folder)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (folder / "tokenizer.json").is_file():
-            raise
+        _publish(staging, folder, "tokenizer.json")
     return Tokenizer.from_pretrained(folder)
 
 
-def _chain(first, rest):
-    yield first
-    yield from rest
+# ---- staging folders ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _staging(parent: Path) -> Iterator[Path]:
+    """A new folder ``parent/.tmp-XXXX`` to fill and :func:`_publish`; removed when the block raises, SIGTERM included.
+
+    While the block runs, this process holds an exclusive ``flock`` on ``parent/.tmp-XXXX.lock``, taken before the
+    folder exists. The OS drops the lock when the process dies however it dies (SIGKILL, the OOM killer), so a
+    staging folder whose lock can be taken was left by a dead process: those (GBs of shards for a large corpus) are
+    removed here first, and a folder another live process is writing is never touched.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_staging(parent)
+    fd, lock = tempfile.mkstemp(prefix=".tmp-", suffix=".lock", dir=parent)
+    try:
+        if fcntl is not None:
+            # A filesystem without flock (e.g. Lustre mounted without -o flock) fails here and in every other
+            # process' _remove_dead_staging alike, so the folder is never taken for a dead one.
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        staging = Path(lock[:-len(".lock")])
+        staging.mkdir()
+        try:
+            with _sigterm_raises():
+                yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    finally:
+        os.unlink(lock)
+        os.close(fd)
 
 
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def _remove_dead_staging(parent: Path) -> None:
+    """Remove the staging folders in ``parent`` whose writer is dead: their lock file can be locked (:func:`_staging`).
+    Older ``.tmp-*`` folders without a lock file are left alone: nothing tells whether their writer is alive."""
+    if fcntl is None:
+        return
+    for lock in parent.glob(".tmp-*.lock"):
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:  # gone meanwhile (its writer finished), or another user's
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a live process is writing that folder (or no flock on this filesystem)
+            continue
+        else:
+            shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises SystemExit(143) inside the block, so that the clean-up of :func:`_staging` runs; only in the
+    main thread and where SIGTERM has the default action (which ends the process without any clean-up)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _publish(staging: Path, folder: Path, marker: str) -> None:
+    """Rename the complete ``staging`` folder to ``folder``; when another process published the same folder first
+    (the rename fails on its non-empty folder, which holds ``marker``), keep theirs."""
+    try:
+        os.replace(staging, folder)
+    except OSError:
+        if not (folder / marker).is_file():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---- packing ------------------------------------------------------------------------------------------------------
@@ -354,7 +483,8 @@ def prepare_data(files: list[Path], tokenizer, *, text_field: str = "text", val_
         (folder, meta): the folder holding ``train-*.bin``, ``val-*.bin``, ``meta.json``.
 
     Raises:
-        CorpusError: no text at all, or a split that ends up empty.
+        CorpusError: no text at all, a bad file (:func:`count_documents`; before anything is written), or a split
+            that ends up empty.
         ValueError: a tokenizer without EOS.
     """
     eos = tokenizer.eos_token_id
@@ -367,16 +497,12 @@ def prepare_data(files: list[Path], tokenizer, *, text_field: str = "text", val_
     if (folder / "meta.json").is_file():
         return folder, DataMeta(**json.loads((folder / "meta.json").read_text()))
 
-    n_docs = sum(1 for _ in iter_documents(files, text_field))
-    if n_docs == 0:
-        raise CorpusError(f"the corpus ({len(files)} file(s): {', '.join(str(f) for f in files[:3])}"
-                          f"{', ...' if len(files) > 3 else ''}) holds no text")
+    n_docs = count_documents(files, text_field)
     by_document = n_docs >= 20
     is_val_doc = _val_documents(n_docs, val_fraction) if by_document else None
     vocab = tokenizer.vocab_size
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
-    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=_mkdir(folder.parent)))
-    try:
+    with _staging(folder.parent) as staging:
         counts = np.zeros(vocab, dtype=np.int64)
         val_counts = np.zeros(vocab, dtype=np.int64)
         train = _ShardWriter(staging, "train", dtype, counts)
@@ -425,16 +551,7 @@ def prepare_data(files: list[Path], tokenizer, *, text_field: str = "text", val_
             unigram_val_bits_per_token=float(-(val_counts * np.log2(smoothed)).sum() / val_counts.sum()),
             split="documents" if by_document else "document tails", **stats)
         (staging / "meta.json").write_text(json.dumps(meta.__dict__, indent=2) + "\n")
-        default_permissions(staging)
-        try:
-            os.replace(staging, folder)
-        except OSError:  # another process finished the same folder first
-            if not (folder / "meta.json").is_file():
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _publish(staging, folder, "meta.json")
     return folder, DataMeta(**json.loads((folder / "meta.json").read_text()))
 
 

@@ -29,14 +29,15 @@ import torch
 from torch import nn
 
 from diffllama import settings
-from diffllama.config import DiffLlamaConfig
+from diffllama.config import DiffLlamaConfig, atomic_write_text
 from diffllama.modeling import DiffLlamaForCausalLM
 from diffllama.train import checkpoint as ckpt
 from diffllama.train.config import TrainConfig, describe_resume_conflicts, fit_positions, resume_conflicts
-from diffllama.train.data import (BatchPlan, CorpusError, DataMeta, TokenShards, bundled_corpus, default_cache_dir,
+from diffllama.train.data import (BatchPlan, CorpusError, DataMeta, TokenShards, bundled_corpus, cache_root,
                                   list_input_files, load_or_train_tokenizer, prepare_data)
 from diffllama.train.distributed import (DistInfo, all_reduce_sum, init_distributed, parallel_mode, parallelize)
 from diffllama.train.loss import linear_cross_entropy
+from diffllama.train.metrics import read_metrics_file
 
 
 class TrainModule(nn.Module):
@@ -128,7 +129,9 @@ class Trainer:
         ValueError: bad settings (e.g. a model vocabulary smaller than the tokenizer's); ``run_dir`` already
             holding checkpoints without ``resume``; ``run_dir`` not fit to be a run folder
             (:func:`~diffllama.train.checkpoint.check_run_dir`); "ddp"/"fsdp" without torchrun; on resume,
-            settings the resumed run could not honour (:func:`~diffllama.train.config.resume_conflicts`).
+            settings the resumed run could not honour (:func:`~diffllama.train.config.resume_conflicts`), a damaged
+            checkpoint file (:func:`~diffllama.train.checkpoint.read_checkpoint`) or a damaged ``metrics.jsonl``
+            (:func:`~diffllama.train.metrics.read_metrics_file`), all before any work.
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
@@ -151,8 +154,12 @@ class Trainer:
         if not resume and ckpt.latest_checkpoint(self.run_dir) is not None:
             raise ValueError(f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
                              f"or choose another --out")
+        saved = None
         if self.resume_from is not None:
             self._check_resume_settings()
+            # Every file the resume reads is read now: a damaged one stops the run before any work or write.
+            saved = ckpt.read_checkpoint(self.resume_from, self.info.rank)
+            self._resumed_metrics = self._metrics_to_keep(saved.state["step"])
 
         # ---- data, tokenizer and model: hooks a subclass may replace (diffllama.finetune.run.FineTuneTrainer)
         self._check_model_settings()
@@ -176,7 +183,8 @@ class Trainer:
         self.callbacks: list = []  # called as cb(trainer, metrics) after each step
         if self.resume_from is not None:
             state = ckpt.load_checkpoint(self.resume_from, module=self.module, optimizer=self.optimizer,
-                                         scheduler=self.scheduler, info=self.info, fsdp=self.mode == "fsdp")
+                                         scheduler=self.scheduler, info=self.info, fsdp=self.mode == "fsdp",
+                                         saved=saved)
             self.step = state["step"]
             self._restart_schedule()
             extra = state.get("extra") or {}
@@ -197,6 +205,18 @@ class Trainer:
         if conflicts:
             raise ValueError(describe_resume_conflicts(conflicts, self.resume_from))
 
+    def _metrics_to_keep(self, step: int) -> list[dict] | None:
+        """The records of the run's ``metrics.jsonl`` up to ``step`` (those after it are written again), or None
+        without the file (or on ranks > 0, which do not write it). A last line cut short by a kill is dropped with a
+        note; other damage is a ValueError naming the file and line."""
+        path = self.run_dir / "metrics.jsonl"
+        if not (self.info.is_main and path.is_file()):
+            return None
+        records, note = read_metrics_file(path)
+        if note and not self.quiet:
+            print(note, flush=True)
+        return [record for record in records if record["step"] <= step]
+
     def _restart_schedule(self) -> None:
         """Set the learning rate of step ``self.step`` from this run's schedule: the restored optimizer holds the
         saved run's next lr, which differs when max_steps changed (the cosine decay then ends at the new one)."""
@@ -206,8 +226,8 @@ class Trainer:
     def _setup_data(self) -> None:
         """Set ``tokenizer``, ``meta``, ``train_data`` and ``val_data`` (each with ``len`` and ``batch(indices)``)."""
         cfg = self.cfg
+        cache = cache_root(cfg.cache_dir)
         files = list_input_files(cfg.data or [str(bundled_corpus())])
-        cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         tokenizer_dir = str(self.resume_from) if self.resume_from else (cfg.tokenizer or None)
         if self.info.is_main:  # rank 0 builds the cache; the others then find it
             self.tokenizer = load_or_train_tokenizer(files, cfg.text_field, cfg.tokenizer_vocab_size, cache,
@@ -420,14 +440,12 @@ class Trainer:
         created = not self.run_dir.exists()
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
             metrics = self.run_dir / "metrics.jsonl"
             if self.resume_from is None:  # a fresh record; with config.yaml it marks a run folder (check_run_dir)
                 metrics.write_text("")
-            elif metrics.is_file():
-                kept = [line for line in metrics.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= self.step]
-                metrics.write_text("".join(line + "\n" for line in kept))
+            elif self._resumed_metrics is not None:  # read (and checked) before any work, in __init__
+                atomic_write_text(metrics, "".join(json.dumps(record) + "\n" for record in self._resumed_metrics))
         return created
 
     def _tensorboard(self):

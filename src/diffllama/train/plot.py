@@ -2,46 +2,77 @@
 
 from __future__ import annotations
 
-import json
 import math
+import os
+import sys
 from pathlib import Path
+
+from diffllama.train.metrics import read_metrics_file
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``RUN_DIR/metrics.jsonl``, in file order.
+    """The records of ``RUN_DIR/metrics.jsonl``, in file order (a last line cut short is left out with a note on
+    stderr: a run still writing it, or one killed mid-write).
 
     Raises:
-        FileNotFoundError: no metrics file. ValueError: a line that is not JSON, or no records.
+        FileNotFoundError: no metrics file. ValueError: a line that is not a record (naming file and line, see
+        :func:`~diffllama.train.metrics.read_metrics_file`), or no records.
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {str(run_dir)!r} a run folder of `diffllama train`?")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error})") from error
+    records, note = read_metrics_file(path)
+    if note:
+        print(note, file=sys.stderr)
     if not records:
         raise ValueError(f"{path} holds no records yet")
     return records
 
 
+def plot_path(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """The image file :func:`plot_run` writes for ``out``: ``RUN_DIR/loss.png`` without ``out``; ``out/loss.png``
+    for a folder (an existing one, or a path ending in a separator); ``out`` with ``.png`` added when it has no
+    suffix; else ``out`` in the format of its suffix (``.png``, ``.pdf``, ``.svg``, ... as matplotlib writes).
+
+    Raises:
+        ValueError: naming --out: a suffix matplotlib cannot write, or a folder that does not exist.
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if not out:
+        return Path(run_dir) / "loss.png"
+    path = Path(out)
+    if path.is_dir() or str(out).endswith(("/", os.sep)):
+        path = path / "loss.png"
+    elif not path.suffix:  # matplotlib would add .png itself: name the file it writes
+        path = path.with_suffix(".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ValueError(f"--out {str(out)!r}: matplotlib cannot write {path.suffix!r} files; expected a .png path "
+                         f"(or another format matplotlib writes: .pdf, .svg, ...) or a folder")
+    if not path.parent.is_dir():
+        raise ValueError(f"--out {str(out)!r}: the folder {str(path.parent)!r} does not exist")
+    return path
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Plot training loss and validation loss (nats/token, left) and the learning rate (right) against steps.
 
+    Args:
+        out: where to write the image, as :func:`plot_path` resolves it (default ``RUN_DIR/loss.png``).
+
     Returns:
-        The PNG path (default ``RUN_DIR/loss.png``).
+        The path of the image written.
 
     Raises:
-        FileNotFoundError / ValueError: as :func:`read_metrics`.
+        FileNotFoundError / ValueError: as :func:`plot_path` (checked first) and :func:`read_metrics`.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    path = plot_path(run_dir, out)
     records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
@@ -63,7 +94,6 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax_lr.set_title("learning rate")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(out) if out else Path(run_dir) / "loss.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
