@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from diffllama.train.data import jsonl_records
+
 NUMBERS = ("loss", "val_loss", "lr")  # fields the run writes as numbers and the plot draws
 
 
@@ -26,20 +28,25 @@ def read_metrics_file(path: str | Path) -> tuple[list[dict], str | None]:
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is damaged: byte offset {error.start} is not UTF-8 text") from error
     lines = text.splitlines()
-    records, note = [], None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines) and not text.endswith("\n"):
-                note = (f"note: the last line of {path} (line {number}) is cut short (by a run killed while "
-                        f"writing it, or one still writing it); it is left out")
-                break
-            raise ValueError(f"{path}:{number}: not JSON ({error}); fix or delete that line") from error
-        records.append(_check_record(record, f"{path}:{number}"))
+    note = None
+    if lines and not text.endswith("\n") and not _is_json(lines[-1]):
+        note = (f"note: the last line of {path} (line {len(lines)}) is cut short (by a run killed while writing it, "
+                f"or one still writing it); it is left out")
+        lines = lines[:-1]
+
+    def invalid(number, error):
+        return ValueError(f"{path}:{number}: not JSON ({error}); fix or delete that line")
+
+    records = [_check_record(record, f"{path}:{number}") for number, record in jsonl_records(lines, invalid)]
     return records, note
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _check_record(record, where: str) -> dict:
