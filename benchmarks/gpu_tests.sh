@@ -7,13 +7,14 @@
 #    no:logging keeps the compile debug logs out);
 # 2. the rest of the suite on the GPU ("auto" resolves to flash there), unless SKIP_SUITE is set.
 # JOBS (default 8) pytest-xdist workers share the GPU: the time goes into compiling kernels, on the CPU cores.
-# The log goes to OUTDIR/gpu_tests.log (default $OUT, else benchmarks/).
+# The log goes to OUTDIR/gpu_tests.log (default $OUT, else benchmarks/). COMMIT names the code in the header
+# (set it when running a snapshot without its own .git).
 set -o pipefail
 out="${1:-${OUT:-benchmarks}}"
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 {
-  echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader) $(git rev-parse --short HEAD 2>/dev/null)"
+  echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader) ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"
   DIFFLLAMA_FLASH_AUTOTUNE=0 python3 -m pytest tests/test_flash.py -v -rP -n "${JOBS:-8}" -p no:cacheprovider -p no:logging 2>&1
   echo "== test_flash exit $?"
   if [ -z "$SKIP_SUITE" ]; then
