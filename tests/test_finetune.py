@@ -481,3 +481,62 @@ def test_predict_refuses_stdin_that_is_not_utf8(classifier):
     assert result.returncode == 1 and result.stdout == b""
     assert result.stderr.decode() == ("error: <stdin> is not UTF-8 text: 'utf-8' codec can't decode byte 0xff in "
                                       "position 0: invalid start byte\n")
+
+
+# ---- the end of a run: final scoring, --resume of a finished run, positions --------------------------------------
+
+def test_resume_of_a_finished_run_without_metrics_writes_them(base_model, tmp_path):
+    """Was: `--resume` said "nothing to do" and wrote no metrics (a run stopped during its final scoring), and
+    printed `new weights (initialised)` for weights that come from the checkpoint."""
+    out = tmp_path / "run"
+    args = ["--model", base_model, "--data", DATA / "rt_test.csv", "--test-data", DATA / "rt_test.csv",
+            "--max-steps", "2"]
+    assert _finetune_cli("sequence-classification", out, *args).exit_code == 0
+    first = json.loads((out / "finetune_metrics.json").read_text())
+    (out / "finetune_metrics.json").unlink()
+    (out / "model" / "config.json").unlink()  # as if stopped before the model was exported
+    result = _finetune_cli("sequence-classification", out, *args, "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "finetune_metrics.json").read_text()) == first
+    assert first["steps"] == 2 and "accuracy" in first["eval"] and "accuracy" in first["test"]
+    assert (out / "model" / "config.json").is_file()
+    assert "new weights" not in result.stdout
+    assert f"weights restored from {out / 'checkpoints' / 'step-000002'} (step 2)" in result.stdout
+
+
+def test_signal_during_final_scoring_is_reported_and_resume_scores(base_model, tmp_path, monkeypatch):
+    """Was: SIGTERM while the test set was scored ended the process silently, with no metrics written."""
+    import os
+    import signal
+
+    from diffllama.finetune.run import FineTuneTrainer
+
+    report = FineTuneTrainer.report
+
+    def interrupted_report(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return report(self)
+    monkeypatch.setattr(FineTuneTrainer, "report", interrupted_report)
+    task = get_task("sequence-classification", TaskOptions(max_length=64))
+    cfg = finetune_config(dict(max_steps=2, device="cpu", seed=0, num_threads=1, batch_size=8))
+    paths = dict(model_dir=base_model, train_path=DATA / "rt_test.csv", test_path=DATA / "rt_test.csv")
+    result = run_finetune(task, cfg, tmp_path / "run", quiet=True, **paths)
+    assert result.interrupted == "SIGTERM" and result.step == 2
+    assert not (tmp_path / "run" / "finetune_metrics.json").exists()
+    monkeypatch.setattr(FineTuneTrainer, "report", report)
+    result = run_finetune(task, cfg, tmp_path / "run", quiet=True, resume=True, **paths)
+    assert result.interrupted is None and result.metrics["summary"]["steps"] == 2
+    assert "accuracy" in json.loads((tmp_path / "run" / "finetune_metrics.json").read_text())["test"]
+
+
+def test_max_length_above_the_model_positions_raises_them(base_model, tmp_path):
+    """Was: no note, and the saved config kept max_position_embeddings 32 below --max-length 64."""
+    short = _copy_model(base_model, tmp_path / "short")
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32}))
+    result = _finetune_cli("sequence-classification", tmp_path / "run", "--model", short, "--data",
+                           DATA / "rt_test.csv", "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert ("note: --max-length 64 is above the model's max_position_embeddings 32; the model is saved with "
+            "max_position_embeddings 64") in result.stderr
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["max_position_embeddings"] == 64

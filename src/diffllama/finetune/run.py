@@ -21,6 +21,8 @@ import dataclasses
 import json
 import random
 import shlex
+import signal
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffllama.config import DiffLlamaConfig
 from diffllama.finetune.data import DataError, batch_pad_id
 from diffllama.finetune.tasks import Task
 from diffllama.train import checkpoint as ckpt
 from diffllama.train.config import TrainConfig, resolve_config, resume_conflicts
-from diffllama.train.loop import Trainer
+from diffllama.train.loop import FitResult, Trainer
 
 FINETUNE_DEFAULTS = dict(max_steps=300, batch_size=16, grad_accum=1, lr=2e-4, warmup_steps=30, min_lr_ratio=0.1,
                          weight_decay=0.0, eval_every=100, log_every=10, save_every=0, keep_last=1,
@@ -92,6 +95,11 @@ def resume_command(task_name: str, flags: dict) -> str:
         if value is not None:
             words += [flag, str(value)]
     return shlex.join(words + ["--resume"])
+
+
+class _ScoringInterrupted(Exception):
+    """SIGINT/SIGTERM during the final scoring (raised by the handler that :meth:`FineTuneTrainer._interruptible`
+    installs), carrying the signal's name."""
 
 
 class TaskModule(nn.Module):
@@ -207,6 +215,15 @@ class FineTuneTrainer(Trainer):
         # The batches' pad id, whatever the pretrained config says (often EOS, or -1): the classification head
         # pools the last token that is not config.pad_token_id, and the saved model keeps this id.
         overrides = {"pad_token_id": self.pad_id}
+        # As `diffllama train --seq-len`: sequences of max_length tokens need that many positions (RoPE has no
+        # position weights to grow), and the saved config must say so, or loaders would cut the inputs short.
+        positions = DiffLlamaConfig.from_pretrained(self.model_dir).max_position_embeddings
+        if positions < self.task.options.max_length:
+            overrides["max_position_embeddings"] = self.task.options.max_length
+            if not self.quiet:
+                print(f"note: --max-length {self.task.options.max_length} is above the model's "
+                      f"max_position_embeddings {positions}; the model is saved with max_position_embeddings "
+                      f"{self.task.options.max_length}", file=sys.stderr, flush=True)
         if self.labels is not None:
             overrides["id2label"] = dict(enumerate(self.labels))
             overrides["label2id"] = dict(self.label2id)
@@ -253,10 +270,56 @@ class FineTuneTrainer(Trainer):
     def describe_eval(self, val: dict) -> str:
         return ", ".join(f"{k} {v:.4f}" for k, v in val.items() if not k.endswith("count"))
 
+    def fit(self) -> FitResult:
+        """As :meth:`Trainer.fit`; a resumed run whose training finished but whose ``finetune_metrics.json`` was
+        never written for its last step (interrupted during the final scoring) is scored from the final model:
+        the evaluation (and test) metrics are computed and written, and ``RUN_DIR/model`` exported if missing."""
+        if self.resume_from is None or self.step < self.cfg.max_steps or self._scored():
+            return super().fit()
+        result = FitResult(step=self.step, checkpoint=self.resume_from)
+        if not self._interruptible(result, lambda: result.metrics.update(self.evaluate())):
+            return result
+        result.model_dir = self._export_final(self.resume_from)
+        self._write_summary(result)
+        return result
+
+    def _scored(self) -> bool:
+        """True if ``RUN_DIR/finetune_metrics.json`` holds the metrics of this step (an older step's file, left by a
+        run resumed to train on, does not count)."""
+        try:
+            return json.loads((self.run_dir / "finetune_metrics.json").read_text()).get("steps") == self.step
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def _interruptible(self, result: FitResult, work) -> bool:
+        """Run ``work()`` with SIGINT/SIGTERM stopping it; on a signal set ``result.interrupted`` (so the caller
+        reports it and how to resume) and return False. After the training loop its handlers are gone, and the
+        default ones would end the process without a word while the final scoring runs."""
+        def stop(signum, frame):
+            raise _ScoringInterrupted(signal.Signals(signum).name)
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, stop)
+            except ValueError:  # not the main thread
+                pass
+        try:
+            work()
+            return True
+        except _ScoringInterrupted as error:
+            result.interrupted = str(error)
+            return False
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
     def _write_summary(self, result) -> None:
         if not self.info.is_main:
             return
-        summary = self.report()
+        scored = {}
+        if not self._interruptible(result, lambda: scored.update(summary=self.report())):
+            return
+        summary = scored["summary"]
         (self.run_dir / "finetune_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
         result.metrics["summary"] = summary
 
@@ -277,16 +340,22 @@ def run_finetune(task: Task, cfg: TrainConfig, run_dir, *, model_dir, train_path
                  resume: bool = False, quiet: bool = False):
     """Build a :class:`FineTuneTrainer`, print what was loaded, fit, and return the :class:`FitResult`
     (``result.metrics["summary"]`` holds :meth:`FineTuneTrainer.report`, also written to
-    ``RUN_DIR/finetune_metrics.json``)."""
+    ``RUN_DIR/finetune_metrics.json``). A signal during the final scoring sets ``result.interrupted`` and says on
+    stderr that ``--resume`` scores the final model."""
     trainer = FineTuneTrainer(cfg, run_dir, task=task, model_dir=model_dir, train_path=train_path,
                               eval_path=eval_path, test_path=test_path, resume=resume, quiet=quiet)
     if trainer.info.is_main and not quiet:
         report = trainer.loading_report
-        print(f"{task.name}: {trainer.model.num_parameters() / 1e6:.2f}M parameters from {model_dir}; "
-              f"new weights (initialised): {report.get('new')}; dropped: {report.get('dropped')}; "
+        # On --resume every weight comes from the checkpoint: the base model's new head weights are not new now.
+        weights = (f"weights restored from {trainer.resume_from} (step {trainer.step})" if trainer.resume_from
+                   else f"new weights (initialised): {report.get('new')}; dropped: {report.get('dropped')}")
+        print(f"{task.name}: {trainer.model.num_parameters() / 1e6:.2f}M parameters from {model_dir}; {weights}; "
               f"{len(trainer.train_examples)} train / {len(trainer.eval_examples)} eval examples "
               f"({len(trainer.train_data)} / {len(trainer.val_data)} sequences)"
               + (f"; labels: {trainer.labels if len(trainer.labels) <= 20 else len(trainer.labels)}"
                  if trainer.labels else ""), flush=True)
     result = trainer.fit()
+    if result.interrupted and result.step >= trainer.cfg.max_steps and trainer.info.is_main and not quiet:
+        print(f"interrupted during the final evaluation: {trainer.run_dir / 'finetune_metrics.json'} was not "
+              f"written; rerun with --resume to score the final model", file=sys.stderr, flush=True)
     return result
