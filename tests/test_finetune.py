@@ -540,3 +540,27 @@ def test_max_length_above_the_model_positions_raises_them(base_model, tmp_path):
     assert ("note: --max-length 64 is above the model's max_position_embeddings 32; the model is saved with "
             "max_position_embeddings 64") in result.stderr
     assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["max_position_embeddings"] == 64
+
+
+def test_two_fsdp_processes_score_the_test_set_as_one(base_model, tmp_path):
+    """The final test scoring runs on every rank: a sharded model's forward is collective, so rank 0 scoring alone
+    stopped the run (the other rank had left). Two gloo processes give the one-process metrics."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["sequence-classification", "--model", str(base_model), "--data", str(DATA / "rt_train.csv"),
+              "--test-data", str(DATA / "rt_test.csv"), "--max-steps", "2", "--eval-every", "2", "--max-length", "64",
+              "--seed", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"single": [sys.executable, "-m", "diffllama", "finetune", *common, "--batch-size", "8"],
+            "fsdp": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "diffllama",
+                     "finetune", *common, "--batch-size", "4", "--parallel", "fsdp"]}
+    metrics = {}
+    for name, command in runs.items():
+        proc = subprocess.run(command + ["--out", str(tmp_path / name)], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics[name] = json.loads((tmp_path / name / "finetune_metrics.json").read_text())
+    for split in ("eval", "test"):
+        assert metrics["fsdp"][split]["accuracy"] == pytest.approx(metrics["single"][split]["accuracy"], abs=1e-9)

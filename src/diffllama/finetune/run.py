@@ -314,10 +314,10 @@ class FineTuneTrainer(Trainer):
                 signal.signal(sig, old)
 
     def _write_summary(self, result) -> None:
-        if not self.info.is_main:
-            return
-        scored = {}
+        scored = {}  # every rank scores (a sharded model's forward is collective); rank 0 writes
         if not self._interruptible(result, lambda: scored.update(summary=self.report())):
+            return
+        if not self.info.is_main:
             return
         summary = scored["summary"]
         (self.run_dir / "finetune_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
