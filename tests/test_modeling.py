@@ -421,8 +421,10 @@ def test_cache_default_follows_config_use_cache_and_continues_a_prefix():
         assert model(ids, use_cache=True).past_key_values.get_seq_length() == 8
     model.config.use_cache = True
     model.train()
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
     assert model(ids).past_key_values is None  # off under checkpointed training, as transformers
+    assert model(ids, use_cache=True).past_key_values is None  # even when asked for
 
 
 def test_question_answering_loss_uses_num_items_in_batch_like_transformers():
@@ -471,6 +473,12 @@ def test_embedding_accessors_and_resize_token_embeddings():
         model.resize_token_embeddings(0)
     with pytest.raises(ValueError, match="embedding_dim = hidden_size = 32"):
         model.set_input_embeddings(torch.nn.Embedding(10, 8))
+    with pytest.raises(ValueError, match="value must have vocab_size = 128 rows, got 200"):
+        model.set_input_embeddings(torch.nn.Embedding(200, 32))
+    model.model.embed_tokens.weight.requires_grad_(False)  # frozen embeddings stay frozen, as in transformers
+    model.lm_head.weight.requires_grad_(False)
+    model.resize_token_embeddings(130)
+    assert not model.model.embed_tokens.weight.requires_grad and not model.lm_head.weight.requires_grad
 
 
 def test_every_accepted_hidden_act_is_transformers_formula():

@@ -305,11 +305,14 @@ class DiffLlamaPreTrainedModel(nn.Module):
         """Replace the token embedding (``lm_head`` follows it when ``config.tie_word_embeddings``).
 
         Raises:
-            TypeError: ``value`` not an ``nn.Embedding``. ValueError: its embedding_dim is not hidden_size.
+            TypeError: ``value`` not an ``nn.Embedding``. ValueError: its embedding_dim is not hidden_size, or its
+            rows are not ``config.vocab_size``.
         """
         _check_embedding("value", value, self.config.hidden_size)
+        if value.num_embeddings != self.config.vocab_size:  # lm_head and the config would disagree with it
+            raise ValueError(f"value must have vocab_size = {self.config.vocab_size} rows, got "
+                             f"{value.num_embeddings}; resize_token_embeddings changes the vocabulary")
         self.base_model.embed_tokens = value
-        self.config.vocab_size = value.num_embeddings
         self.tie_weights()
 
     def get_output_embeddings(self) -> nn.Linear | None:
@@ -356,23 +359,39 @@ class DiffLlamaPreTrainedModel(nn.Module):
             return old
         new = nn.Embedding(size, old.embedding_dim, old.padding_idx, device=old.weight.device, dtype=old.weight.dtype)
         _resized_rows(new.weight, old.weight, mean_resizing, self.config.initializer_range)
+        new.weight.requires_grad_(old.weight.requires_grad)  # frozen stays frozen (e.g. adapter fine-tuning)
         self.base_model.embed_tokens = new
         head = self.get_output_embeddings()
         if head is not None and not self.config.tie_word_embeddings:
             new_head = nn.Linear(head.in_features, size, bias=False, device=head.weight.device, dtype=head.weight.dtype)
             _resized_rows(new_head.weight, head.weight, mean_resizing, self.config.initializer_range)
+            new_head.weight.requires_grad_(head.weight.requires_grad)
             self.lm_head = new_head
         self.config.vocab_size = size
         self.tie_weights()
         return new
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each decoder layer's activations in backward (non-reentrant ``torch.utils.checkpoint``)."""
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each decoder layer's activations in backward (``torch.utils.checkpoint``), as transformers'
+        method: ``gradient_checkpointing_kwargs`` go to ``checkpoint`` (default ``{"use_reentrant": False}``).
+
+        Raises:
+            TypeError: ``gradient_checkpointing_kwargs`` not None or a dict.
+        """
+        if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
+            raise TypeError(f"gradient_checkpointing_kwargs must be None or a dict, got "
+                            f"{gradient_checkpointing_kwargs!r}")
         self.base_model.gradient_checkpointing = True
+        self.base_model.checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
 
     def gradient_checkpointing_disable(self) -> None:
         """Turn activation recomputation off again."""
         self.base_model.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether :meth:`gradient_checkpointing_enable` is in effect (transformers' attribute)."""
+        return self.base_model.gradient_checkpointing
 
     def fuse_projections(self) -> DiffLlamaPreTrainedModel:
         """Compute each layer's q/k/v with one matmul, and gate/up with one, whenever no gradient is needed.
@@ -504,6 +523,7 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.checkpoint_kwargs = {"use_reentrant": False}
         self.init_weights()
 
     @can_return_tuple
@@ -554,8 +574,10 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         cached = _cache_batch(past_key_values)
         if cached is not None and cached != b:
             raise ValueError(f"past_key_values holds a batch of {cached} rows, the input has {b}")
-        if use_cache is None:  # as transformers: the config's use_cache, off for checkpointed training
-            use_cache = self.config.use_cache and not (self.gradient_checkpointing and self.training)
+        if self.gradient_checkpointing and self.training:  # as transformers: recomputed layers cannot fill a cache
+            use_cache = False
+        elif use_cache is None:  # as transformers: the config's use_cache
+            use_cache = self.config.use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         max_length = getattr(past_key_values, "max_length", None)
@@ -579,7 +601,7 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
                 all_hidden.append(hidden_states)
             args = (hidden_states, position_embeddings, mask, past_key_values, cache_position, output_attentions)
             if self.gradient_checkpointing and self.training:
-                hidden_states, probs = checkpoint(layer, *args, use_reentrant=False)
+                hidden_states, probs = checkpoint(layer, *args, **self.checkpoint_kwargs)
             else:
                 hidden_states, probs = layer(*args)
             if output_attentions:
