@@ -74,6 +74,37 @@ def test_mask_inferred_from_the_pad_id_like_transformers(pair):
         ours.generate(torch.tensor([[3, 7, 5]]), max_new_tokens=2, pad_token_id=7)  # 7 after a real token
 
 
+def test_sampling_settings_from_the_generation_config_like_transformers(pair):
+    """A checkpoint's generation_config.json sampling settings apply when the call leaves them out, as in
+    transformers: its repetition_penalty changes the greedy tokens the same way; its do_sample samples. (No
+    padding: transformers' penalty also counts pad tokens, diffllama's does not.)"""
+    ours, reference = pair
+    ids = torch.randint(1, ours.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    plain = ours.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference.generation_config.update(repetition_penalty=1.8)
+        try:
+            expected = hf_generate(reference, ids, mask, max_new_tokens=12)
+        finally:
+            reference.generation_config.update(repetition_penalty=None)
+    ours.generation_config = {"repetition_penalty": 1.8}
+    try:
+        got = ours.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+        assert torch.equal(got, expected) and not torch.equal(got, plain)
+        assert torch.equal(ours.generate(ids, mask, max_new_tokens=12, eos_token_id=[], repetition_penalty=1.0),
+                           plain)  # an argument wins
+        ours.generation_config = {"do_sample": True, "temperature": 1.5, "top_k": 0, "no_repeat_ngram_size": 3}
+        with pytest.warns(UserWarning, match=r"sets no_repeat_ngram_size=3, which diffllama's generate does not"):
+            sampled = ours.generate(ids, mask, max_new_tokens=12, eos_token_id=[], seed=3)
+        explicit = ours.generate(ids, mask, max_new_tokens=12, eos_token_id=[], seed=3, do_sample=True,
+                                 temperature=1.5)
+        assert torch.equal(sampled, explicit) and not torch.equal(sampled, plain)
+    finally:
+        ours.generation_config = {}
+
+
 def test_eos_stops_each_row_like_transformers(pair):
     ours, reference = pair
     ids, mask = padded_batch(ours.config.vocab_size, "left", seq=9)

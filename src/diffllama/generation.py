@@ -88,7 +88,41 @@ def check_sampling_args(*, max_new_tokens, do_sample, temperature, top_k, top_p,
                 repetition_penalty=float(repetition_penalty))
 
 
-def _warn_ignored_sampling(*, do_sample, temperature, top_k, top_p, **_) -> None:
+# transformers' effective defaults of the sampling settings (GenerationConfig leaves them None).
+SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None, "repetition_penalty": 1.0}
+# Generation-config settings this module does not implement: a checkpoint's own value is named in a warning.
+UNSUPPORTED_SETTINGS = {"no_repeat_ngram_size": 0, "num_beams": 1, "min_p": None, "typical_p": 1.0,
+                        "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                        "forced_bos_token_id": None, "forced_eos_token_id": None, "length_penalty": 1.0,
+                        "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "exponential_decay_length_penalty": None}
+
+
+def resolve_sampling(model, **given) -> dict:
+    """``do_sample``, ``temperature``, ``top_k``, ``top_p`` and ``repetition_penalty``, each the argument when not
+    None, else ``model.generation_config``'s (a checkpoint's generation_config.json, as transformers applies it),
+    else :data:`SAMPLING_DEFAULTS` (greedy, temperature 1, no top-k / top-p, no penalty). A config's ``top_k`` of 0
+    and ``top_p`` of 1 mean "off" there and become None. Settings of the config this module does not implement
+    (:data:`UNSUPPORTED_SETTINGS`, e.g. ``no_repeat_ngram_size``) give a UserWarning naming them.
+
+    Values are returned unchecked: :func:`check_sampling_args` checks them.
+    """
+    gen = _generation_config(model)
+    out = {}
+    for name, default in SAMPLING_DEFAULTS.items():
+        value = given.get(name)
+        if value is None:
+            value = gen.get(name)
+            if (name, value) in (("top_k", 0), ("top_p", 1.0)):
+                value = None
+        out[name] = default if value is None else value
+    ignored = [f"{k}={gen[k]!r}" for k, off in UNSUPPORTED_SETTINGS.items() if gen.get(k) not in (None, off)]
+    if ignored:
+        warnings.warn(f"model.generation_config sets {', '.join(ignored)}, which diffllama's generate does not "
+                      f"implement: ignored", UserWarning, stacklevel=4)
+    return out
+
+
+def _warn_ignored_sampling(*, do_sample, temperature=1.0, top_k=None, top_p=None, **_) -> None:
     """Warn (UserWarning) when greedy decoding is asked for with sampling settings it ignores, as transformers'
     ``GenerationConfig.validate`` does: the caller likely meant to sample. Their defaults (temperature 1, no top-k,
     no top-p) say nothing and do not warn."""
@@ -550,8 +584,9 @@ def _make_cache_and_step(model, batch: int, total: int, static_cache: bool, comp
 @torch.inference_mode()
 def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                     max_new_tokens: int | None = None, max_length: int | None = None,
-                    min_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
-                    top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                    min_new_tokens: int | None = None, do_sample: bool | None = None,
+                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                    repetition_penalty: float | None = None,
                     eos_token_id: int | Sequence[int] | torch.Tensor | None = None, pad_token_id: int | None = None,
                     seed: int | None = None, static_cache: bool = False, compile: bool = False,
                     sync_every: int = 1) -> Iterator[torch.Tensor]:
@@ -565,9 +600,12 @@ def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Raises:
         ValueError/TypeError: see :func:`generate`.
     """
-    sampling = check_sampling_args(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                   top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
-    _warn_ignored_sampling(**sampling)  # here, so generate, stream_text and direct callers all get it
+    given = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty)
+    sampling = check_sampling_args(max_new_tokens=max_new_tokens, **resolve_sampling(model, **given))
+    if not sampling["do_sample"]:  # greedy, yet sampling settings were passed: say they do nothing
+        _warn_ignored_sampling(do_sample=False, **{k: given[k] for k in ("temperature", "top_k", "top_p")
+                                                   if given[k] is not None})
     device = model.device
     input_ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids
     mask = _check_inputs(input_ids, attention_mask, model.config.vocab_size)
@@ -651,8 +689,8 @@ def _steps(model, input_ids, mask, cache, step, cache_length, eos, pad, generato
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int | None = None, max_length: int | None = None, min_new_tokens: int | None = None,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, repetition_penalty: float = 1.0,
+             do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, repetition_penalty: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              seed: int | None = None, streamer=None, static_cache: bool = False, compile: bool = False,
              num_beams: int = 1, return_dict_in_generate: bool | None = False) -> torch.Tensor:
@@ -671,10 +709,12 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             all (transformers 5.17's default; see :func:`resolve_lengths`).
         min_new_tokens: EOS ids cannot be picked (their logits are -inf) until this many new tokens are produced
             (transformers' ``MinNewTokensLengthLogitsProcessor``); None: the generation config's, else 0.
-        do_sample: sample (True) or take the argmax (False, the default: greedy).
+        do_sample: sample (True) or take the argmax (False: greedy).
         temperature, top_k, top_p: sampling controls (temperature > 0, top_k >= 1, top_p in (0, 1]); with
-            do_sample=False they are ignored, and a value other than the default gives a UserWarning.
+            greedy decoding they are ignored, and one given (other than its default) gives a UserWarning.
         repetition_penalty: CTRL penalty over prompt (non-padding) and generated tokens; 1.0 is off.
+            Each of these five left None takes ``model.generation_config``'s value, as transformers does, else
+            greedy, temperature 1, no top-k / top-p, no penalty (:func:`resolve_sampling`).
         eos_token_id: ids that end a row (kept in the output): an int, or a list, tuple or 0-d/1-D integer tensor
             of ints, each in [0, vocab_size) (bool and float are refused); None takes ``model.generation_config``
             then ``model.config`` (checked the same way); ``[]`` never stops early.
