@@ -349,5 +349,9 @@ def test_bad_loading_arguments_are_refused_before_reading_files(tmp_path, kwargs
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_map_cuda_without_cuda(saved):
-    with pytest.raises(ValueError, match="CUDA is not available"):
-        diffllama.DiffLlamaForCausalLM.from_pretrained(saved, device_map="cuda:0")
+    for device_map in ("cuda:0", 0, {"": 0}):  # a GPU index says CUDA is missing too (was: "got 0")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            diffllama.DiffLlamaForCausalLM.from_pretrained(saved, device_map=device_map)
+    # transformers' loading flags that mean nothing here are accepted, not taken for config fields
+    model = diffllama.DiffLlamaForCausalLM.from_pretrained(saved, low_cpu_mem_usage=True, trust_remote_code=False)
+    assert model.device.type == "cpu"

@@ -502,7 +502,7 @@ def test_more_bad_inputs_raise_clear_errors_not_torch_errors():
         (dict(inputs_embeds=torch.zeros(2, 5, 32, dtype=torch.float64)), "inputs_embeds must have the model's dtype"),
         (dict(input_ids=ids, logits_to_keep=1.0), "logits_to_keep must be an int >= 0"),
         (dict(input_ids=ids, logits_to_keep=-1), "logits_to_keep must be an int >= 0"),
-        (dict(input_ids=ids, labels=ids, num_items_in_batch=0), "num_items_in_batch must be None, an int > 0"),
+        (dict(input_ids=ids, labels=ids, num_items_in_batch=0), "num_items_in_batch must be None, a number > 0"),
         (dict(input_ids=ids, cache_position=torch.arange(5, 10)), "cache_position needs past_key_values"),
     ]
     for kwargs, match in cases:

@@ -474,15 +474,17 @@ def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.fl
 
 
 def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_implementation=None, torch_dtype=None,
-                    device_map=None, **config_overrides):
+                    device_map=None, low_cpu_mem_usage=None, trust_remote_code=None, **config_overrides):
     """Build ``cls`` from a checkpoint directory or cached hub repo (see ``DiffLlamaPreTrainedModel.from_pretrained``).
 
     ``dtype``: a torch dtype or its name (see :func:`parse_dtype`), or None or ``"auto"`` (the default, as in
     transformers 5.17): the checkpoint's, i.e. the ``dtype``/``torch_dtype`` entry of config.json, else that of the
     first floating-point weight in the files, else float32. ``torch_dtype``: transformers' deprecated name for
     ``dtype`` (a FutureWarning). ``device``: a torch device or its name (default CPU). ``device_map``:
-    transformers' alternative to ``device``, for one device only (see :func:`device_from_map`). Every argument is
-    checked before any file is read.
+    transformers' alternative to ``device``, for one device only (see :func:`device_from_map`).
+    ``low_cpu_mem_usage`` and ``trust_remote_code``: accepted for transformers' call signature and ignored (the
+    weights load straight from safetensors; there is no remote code to trust). Every argument is checked before any
+    file is read.
 
     Keys are matched to the class: the decoder may sit under ``model.`` or ``transformer.`` (or no prefix) in the
     file; weights of another task head (e.g. ``lm_head`` when loading into a classifier) are dropped and this
@@ -555,8 +557,10 @@ def device_from_map(device_map) -> torch.device:
                                   f"supported: give one device (e.g. 'cpu', 'cuda:0' or 'auto')")
     if isinstance(device_map, str) and device_map == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int) and not isinstance(device_map, bool) and device_map >= 0:
+        return torch.device("cuda", device_map)  # explicit: torch.device(0) fails without CUDA, unexplained
     try:
-        if isinstance(device_map, bool) or not isinstance(device_map, (str, int, torch.device)):
+        if isinstance(device_map, bool) or not isinstance(device_map, (str, torch.device)):
             raise TypeError
         return torch.device(device_map)
     except (RuntimeError, TypeError) as error:

@@ -703,11 +703,11 @@ def _check_logits_to_keep(value) -> None:
 
 
 def _check_num_items(value) -> None:
-    """num_items_in_batch divides a summed loss: None, an int > 0 or a tensor (not read back: that would sync)."""
+    """num_items_in_batch divides a summed loss: None, a number > 0 or a tensor (not read back: that would sync)."""
     if value is None or isinstance(value, torch.Tensor):
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"num_items_in_batch must be None, an int > 0 or a tensor, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"num_items_in_batch must be None, a number > 0 or a tensor, got {value!r}")
 
 
 def _check_positions(name: str, value: torch.Tensor, batch: int) -> None:
