@@ -97,32 +97,27 @@ def test_clear_errors_and_nothing_written(tmp_path, args, message):
 
 
 @pytest.mark.parametrize("under", [False, True], ids=["file", "under-file"])
-def test_out_is_a_file_refused_up_front(tmp_path, under):
+@pytest.mark.parametrize("flag", ["--out", "--cache-dir"])
+def test_a_folder_flag_that_is_a_file_refused_up_front(tmp_path, flag, under):
     config = _config(tmp_path)
     afile = tmp_path / "afile"
     afile.write_text("keep me")
-    out = afile / "sub" if under else afile
-    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out)])
-    assert result.exit_code == 1
-    where = f"cannot be created: {afile} is a file" if under else "is a file"
-    assert result.output.startswith(f"error: --out '{out}' {where}, expected a run folder (a new or empty folder, "
-                                    f"or an existing run's folder with --resume)"), result.output
-    assert afile.read_text() == "keep me" and not (tmp_path / "cache").exists()  # no data prepared
-
-
-@pytest.mark.parametrize("under", [False, True], ids=["file", "under-file"])
-def test_cache_dir_that_is_a_file_refused_up_front(tmp_path, under):
-    config = _config(tmp_path)
-    afile = tmp_path / "afile"
-    afile.write_text("keep me")
-    cache = afile / "sub" if under else afile
-    out = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out), "--cache-dir", str(cache)])
+    target = afile / "sub" if under else afile
+    out = target if flag == "--out" else tmp_path / "run"
+    extra = [] if flag == "--out" else ["--cache-dir", str(target)]
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out), *extra])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    where = f"lies under the file {afile}" if under else "is a file"
-    assert result.output.strip() == (f"error: cache_dir (--cache-dir) '{cache}' {where}, expected a folder for the "
-                                     f"tokenized-data cache (it is created when missing)")
-    assert afile.read_text() == "keep me" and not out.exists()
+    if flag == "--out":
+        where = f"cannot be created: {afile} is a file" if under else "is a file"
+        expected = (f"error: --out '{out}' {where}, expected a run folder (a new or empty folder, or an existing "
+                    f"run's folder with --resume)")
+    else:
+        where = f"lies under the file {afile}" if under else "is a file"
+        expected = (f"error: cache_dir (--cache-dir) '{target}' {where}, expected a folder for the tokenized-data "
+                    f"cache (it is created when missing)")
+    assert result.output.startswith(expected), result.output
+    assert afile.read_text() == "keep me" and not (tmp_path / "cache").exists()  # no data prepared
+    assert flag == "--out" or not out.exists()
 
 
 def test_non_utf8_corpus_refused_before_any_write(tmp_path):
