@@ -302,6 +302,24 @@ def test_predict_metrics_out(classifier, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gold.csv", "m.json"]  # no temporary file left
 
 
+def test_predict_into_a_pipe_closed_early_still_writes_the_metrics(classifier, tmp_path):
+    """`predict ... --metrics-out m.json | head -1`: the metrics file is written before the records; the closed
+    pipe ends the command quietly (exit 141, as SIGPIPE), with no traceback."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "gold.csv"
+    data.write_text("text,label\n" + "".join(f"Row {i} is fine.,{'fresh' if i % 2 else 'rotten'}\n"
+                                              for i in range(2000)))
+    target = tmp_path / "m.json"
+    command = (f"{sys.executable} -m diffllama predict sequence-classification --model {classifier} "
+               f"--metrics-out {target} {data} | head -1; echo \"rc=${{PIPESTATUS[0]}}\" >&2")
+    proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert proc.stdout.count("\n") == 1 and '"label"' in proc.stdout
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().endswith("rc=141"), proc.stderr[-2000:]
+    assert json.loads(target.read_text())["accuracy"] >= 0
+
+
 def test_predict_names_stdin(classifier):
     _refused(_cli("predict", "sequence-classification", "--model", classifier, "-", input="\n"), 1,
              "error: <stdin> is empty: no data rows")

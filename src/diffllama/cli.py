@@ -582,6 +582,7 @@ def predict(
     Example: echo "A triumph of a film." | diffllama predict sequence-classification --model runs/ft/model -
     """
     import json
+    import os
     import sys
 
     from diffllama.finetune.data import DataError
@@ -606,14 +607,19 @@ def predict(
     except (DataError, ValueError, FileNotFoundError, NotADirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise typer.Exit(1)
-    for record in output_records(task_obj, examples, predictions):
-        print(json.dumps(record, ensure_ascii=False))
     scores = gold_metrics(task_obj, examples, predictions)
+    if scores is not None and metrics_out:  # first: a reader that stops early (| head) must not cost the file
+        write_metrics(metrics_out, scores)
+    try:
+        for record in output_records(task_obj, examples, predictions):
+            print(json.dumps(record, ensure_ascii=False))
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader closed the pipe: stop quietly, as Unix tools do on SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush would fail again
+        raise typer.Exit(141)
     if scores is not None:
         brief = {k: v for k, v in scores.items() if k not in ("per_label", "per_tag")}
         print(json.dumps({"metrics": brief}), file=sys.stderr)
-        if metrics_out:
-            write_metrics(metrics_out, scores)
 
 
 def main() -> None:
