@@ -62,6 +62,7 @@ BAD_DQ = "error: bad environment: DIFFLLAMA_FLASH_DQ='bogus': expected one of ke
 def test_a_real_bad_variable_stops_a_real_command_but_not_the_help(tmp_path):
     """The variable is read at import, so this runs the installed CLI in a fresh process with it set."""
     env = {**os.environ, "DIFFLLAMA_FLASH_DQ": "bogus"}
+    env.pop("COLUMNS", None)  # as a pipe from a plain shell: the CLI picks the width
 
     def diffllama_cli(*args):
         return subprocess.run([sys.executable, "-m", "diffllama", *args], env=env, capture_output=True, text=True,
@@ -73,7 +74,8 @@ def test_a_real_bad_variable_stops_a_real_command_but_not_the_help(tmp_path):
     assert not out.exists()  # refused before the command did any work
     proc = diffllama_cli("--help")  # help does no work: it prints whatever the environment
     assert proc.returncode == 0 and "Usage:" in proc.stdout and "finetune" in proc.stdout and not proc.stderr
-    proc = diffllama_cli("train", "--out", str(out), "--help")  # a command's help too
+    proc = diffllama_cli("train", "--out", str(out), "--help")  # a command's help too, with whole flag names
+    assert "--activation-checkpointing" in proc.stdout and "…" not in proc.stdout  # piped: not cut at 80 columns
     assert proc.returncode == 0 and "diffllama train [OPTIONS]" in proc.stdout and not proc.stderr
     assert not out.exists()
 

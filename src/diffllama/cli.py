@@ -623,5 +623,10 @@ def predict(
 
 
 def main() -> None:
-    """Entry point of ``python -m diffllama``."""
+    """Entry point of the ``diffllama`` command and of ``python -m diffllama``."""
+    import os
+    import sys
+
+    if not sys.stdout.isatty():  # piped --help: rich would assume 80 columns and cut the long flag names short
+        os.environ.setdefault("COLUMNS", "140")
     app()
