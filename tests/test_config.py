@@ -135,6 +135,9 @@ def test_validation_names_the_field(fields, message):
 def test_wrong_model_type_and_bad_json(tmp_path):
     with pytest.raises(ValueError, match="config model_type must be 'diffllama', got 'llama'"):
         DiffLlamaConfig.from_dict({"model_type": "llama"})
+    only = DiffLlamaConfig(label2id={"neg": 0, "pos": "1"})  # label2id alone names the labels (ids as ints)
+    assert only.id2label == {0: "neg", 1: "pos"} and only.label2id == {"neg": 0, "pos": 1} and only.num_labels == 2
+    assert DiffLlamaConfig.from_dict(only.to_dict()).id2label == {0: "neg", 1: "pos"}
     with pytest.raises(ValueError, match=r"a config must be a JSON object \(a dict of fields\), got list"):
         DiffLlamaConfig.from_dict([{"model_type": "diffllama"}])
     (tmp_path / "config.json").write_text("{not json")

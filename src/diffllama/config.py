@@ -149,12 +149,16 @@ class DiffLlamaConfig:
                 f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {self.attn_implementation!r}")
         self.rope_parameters = self._resolve_rope()
         self.rope_theta, self.rope_scaling = self.rope_parameters["rope_theta"], None
+        if self.label2id is not None and not isinstance(self.label2id, dict):
+            raise ValueError(f"label2id must be a dict of label names to ids, got {self.label2id!r}")
+        if self.id2label is None and self.label2id is not None:  # label2id alone names the labels too
+            self.id2label = {v: k for k, v in self.label2id.items()}
         if self.id2label is not None:
             self.id2label = _label_map(self.id2label)
-            if self.label2id is None:
-                self.label2id = {v: k for k, v in self.id2label.items()}
-            elif not isinstance(self.label2id, dict) or self.label2id != {v: k for k, v in self.id2label.items()}:
+            inverse = {v: k for k, v in self.id2label.items()}
+            if self.label2id is not None and _label_map({v: k for k, v in self.label2id.items()}) != self.id2label:
                 raise ValueError(f"label2id must be the inverse of id2label {self.id2label}, got {self.label2id!r}")
+            self.label2id = inverse  # ids as ints, whichever form config.json held them in
         if self.problem_type not in (None, "regression", "single_label_classification",
                                      "multi_label_classification"):
             raise ValueError(
