@@ -18,9 +18,12 @@ Sections (each in its own try/except, printed as it goes, JSON to DIR/attention.
      sdpa      ours, ``diffllama.attention.sdpa.attention`` (one SDPA call, 2d-wide value)
      hf-2call  transformers' DiffLlama form: two calls of transformers' ``sdpa_attention_forward`` over the two
                value halves, cat, o1 − λ·o2 (the lines of ``DiffLlamaAttention.forward``)
+     hf-2call-fa2  the same with SDPA limited to FlashAttention-2 and memory-efficient kernels (no cuDNN)
      llama     ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` at the same H and d: no differential cost
+               (PyTorch 2.11 dispatches it to cuDNN attention on an H100/H200)
+     llama-cudnn / llama-fa2  the same call limited to cuDNN attention / to FlashAttention-2 and memory-efficient
    check: relative L2 difference of (out, dq, dk, dv, dλ) from float32 eager on the same bf16 inputs (S <= 4096),
-   else from the flash row.
+   else from the flash row; for the llama rows, of (out, dq, dk, dv) from float32 SDPA (math kernel).
    TFLOP/s counts 1.5× a Llama causal attention's FLOPs for the differential rows (forward 1.5·2·B·H·S²·d,
    forward + backward 3.5× that) and 1× for the llama row, so every row's TFLOP/s is useful work per second.
 3. train (below), then layer: whole attention modules (projections, RoPE, norm): transformers' ``DiffLlamaAttention`` (sdpa),
@@ -39,6 +42,7 @@ import traceback
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 RESULTS: dict = {"core": [], "layer": [], "train": []}
 
@@ -80,8 +84,17 @@ def _core_impls(h: int, d: int):
     def llama(q, k, v, mask, scale, lam):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
+    def on(backends, fn):
+        # The backward op follows the forward op SDPA picked, so only the forward needs the context.
+        def run(*args):
+            with sdpa_kernel(backends):
+                return fn(*args)
+        return run
+
+    no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
     return {"flash": ours(flash.attention), "sdpa": ours(sdpa.attention),
-            "hf-2call": hf_two_call, "llama": llama}
+            "hf-2call": hf_two_call, "hf-2call-fa2": on(no_cudnn, hf_two_call), "llama": llama,
+            "llama-cudnn": on([SDPBackend.CUDNN_ATTENTION], llama), "llama-fa2": on(no_cudnn, llama)}
 
 
 EAGER_MAX_S = 4096  # float32 eager materialises (B, H, S, S) scores: 4.3 GB each at 16384 tokens, S = 4096
@@ -98,6 +111,22 @@ def _eager_reference(q, k, v, lam, mask, dout):
     del out, leaves
     torch.cuda.empty_cache()
     return result
+
+
+def _llama_reference(q, k, v, dout):
+    """(out, dq, dk, dv) of plain causal attention in float32 (SDPA's math kernel) on the same bf16 inputs."""
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel([SDPBackend.MATH]):
+        out = F.scaled_dot_product_attention(*leaves, is_causal=True)
+    result = (out.detach(), *torch.autograd.grad(out, leaves, dout.float()))
+    del out, leaves
+    torch.cuda.empty_cache()
+    return result
+
+
+def _errors(got, ref) -> str:
+    """Relative L2 error of each tensor in ``got`` against ``ref``, formatted."""
+    return " ".join(f"{((x.float() - r.float()).norm() / r.float().norm()).item():.1e}" for x, r in zip(got, ref))
 
 
 def core(dims, seqs, tokens, heads, peak) -> None:
@@ -118,30 +147,33 @@ def core(dims, seqs, tokens, heads, peak) -> None:
             lam = torch.tensor(0.3, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             mask = AttentionMask(torch.arange(s, device="cuda"), None, s, plain_causal=True)
             llama_flops = 2 * b * heads * s * s * d  # causal: half of 4·B·H·S²·d
-            llama_fb = None
+            llama_fb = llama_ref = None
             douts = {"llama": mk(b, heads, s, d), "diff": mk(b, s, heads // 2, 2 * d)}
             ref_outs, ref_name = None, "flash"
             if s <= EAGER_MAX_S:  # the float32 eager reference decides which gradients are right
                 ref_outs, ref_name = _eager_reference(q, k, v, lam, mask, douts["diff"]), "eager32"
             alt = "flash-fused" if flash._bwd_split(triton.next_power_of_2(d)) else "flash-split"
-            for name in ("llama", "flash", "flash-atomic", alt, "sdpa", "hf-2call"):
+            for name in ("llama", "llama-cudnn", "llama-fa2", "flash", "flash-atomic", alt, "sdpa", "hf-2call",
+                         "hf-2call-fa2"):
                 fn = impls["flash" if name.startswith("flash") else name]
                 flash.DQ_MODE = "atomic" if name == "flash-atomic" else "kernel"
                 flash.BWD_MODE = name.split("-")[1] if name in ("flash-fused", "flash-split") else "auto"
                 row = dict(d=d, S=s, B=b, H=heads, impl=name)
                 try:
                     out = fn(q, k, v, mask, d ** -0.5, lam)
-                    dout = douts["llama" if name == "llama" else "diff"]
-                    inputs = (q, k, v) if name == "llama" else (q, k, v, lam)
+                    is_llama = name.startswith("llama")
+                    dout = douts["llama" if is_llama else "diff"]
+                    inputs = (q, k, v) if is_llama else (q, k, v, lam)
                     check = ""
-                    if name != "llama":
+                    if is_llama and s <= EAGER_MAX_S:
+                        llama_ref = llama_ref or _llama_reference(q, k, v, dout)
+                        check = "vs sdpa32: " + _errors((out, *torch.autograd.grad(out, inputs, dout)), llama_ref)
+                    elif not is_llama:
                         grads = torch.autograd.grad(out, inputs, dout)
                         if ref_outs is None:
                             ref_outs = (out.detach(), *grads)
                         else:
-                            errs = [((x.float() - r.float()).norm() / r.float().norm()).item()
-                                    for x, r in zip((out, *grads), ref_outs)]
-                            check = f"vs {ref_name}: " + " ".join(f"{e:.1e}" for e in errs)
+                            check = f"vs {ref_name}: " + _errors((out, *grads), ref_outs)
                         del grads
                     fwd = bench(lambda: fn(q, k, v, mask, d ** -0.5, lam))
                     fb = bench(lambda: torch.autograd.grad(fn(q, k, v, mask, d ** -0.5, lam), inputs, dout))
@@ -151,7 +183,7 @@ def core(dims, seqs, tokens, heads, peak) -> None:
                     torch.autograd.grad(fn(q, k, v, mask, d ** -0.5, lam), inputs, dout)
                     torch.cuda.synchronize()
                     mem = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-                    flops = llama_flops * (1.0 if name == "llama" else 1.5)
+                    flops = llama_flops * (1.0 if is_llama else 1.5)
                     if name == "llama":
                         llama_fb = fb
                     row.update(fwd_ms=fwd, fwd_tflops=flops / fwd / 1e9, fb_ms=fb, fb_tflops=3.5 * flops / fb / 1e9,
