@@ -135,7 +135,7 @@ def _forward(q, k, v, qpos, pad, lam, scale):
     o2 = _empty((b, sq, h // 2, 2 * d), q.dtype, q.device)
     lse = _empty((b, h, sq), torch.float32, q.device)
     pad_t = pad if pad is not None else qpos  # any valid pointer; unused without HAS_PAD
-    grid = lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h // 2)  # noqa: E731
+    grid = lambda meta: (b * h // 2, triton.cdiv(sq, meta["BLOCK_M"]))  # noqa: E731
     _launch("fwd", kernels.attn_fwd, grid, dp,
             q, k, v, out, o2, lse, qpos, pad_t, lam,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), pad.stride(0) if pad is not None else 0,
@@ -171,7 +171,7 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
     atomic = DQ_MODE == "atomic"
     dq_acc = torch.zeros((b, h, sq, dp) if atomic else (1,), dtype=torch.float32, device=q.device)
     args = (q, k, v, dout, lse, r, qpos, pad_t, dk, dv, dq_acc, lam, *common)
-    grid = lambda m: (triton.cdiv(sk, m["BLOCK_N"]), b * kv // 2)  # noqa: E731
+    grid = lambda m: (b * kv // 2, triton.cdiv(sk, m["BLOCK_N"]))  # noqa: E731
     if split:
         _launch("dk", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=False, **meta)
         _launch("dv", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=False, DO_DK=False, DO_DV=True, **meta)
@@ -180,7 +180,7 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
     if atomic:
         dq.copy_(dq_acc[..., :d].mul_(scale))
     else:
-        _launch("dq", kernels.attn_bwd_dq, lambda m: (triton.cdiv(sq, m["BLOCK_M"]), b * h // 2), dp,
+        _launch("dq", kernels.attn_bwd_dq, lambda m: (b * h // 2, triton.cdiv(sq, m["BLOCK_M"])), dp,
                 q, k, v, dout, lse, r, qpos, pad_t, dq, lam, *common, **meta)
     dlam = -r[:, h // 2:].sum()
     return dq, dk, dv, dlam

@@ -49,6 +49,15 @@ def _store_tile(base, offs_r, stride_r, offs_d, nrows, value, HEAD_DIM: tl.const
 
 
 @triton.jit
+def _heavy_first():
+    """Query block of a program in a (heads, query blocks) grid, counted from the last block. Under causal
+    masking a later query block sees more keys; the GPU starts programs in launch order (axis 0 fastest), so
+    launching the longest ones first leaves only short ones for the final wave instead of a tail of long ones
+    (the longest-first ordering FlashAttention-3 uses for causal attention)."""
+    return tl.num_programs(1) - 1 - tl.program_id(1)
+
+
+@triton.jit
 def _key_bounds(qpos, row_ok, Sk, BLOCK_N: tl.constexpr):
     """For a query block: ``hi`` = keys any row may see; ``full`` = keys (whole blocks) every row sees."""
     qmax = tl.max(tl.where(row_ok, qpos, -1), 0)
@@ -131,10 +140,10 @@ def attn_fwd(Q, K, V, Out, O2, LSE, QPOS, PAD, LAM,
              H, KV_HALF, GROUP, Sq, Sk, qk_scale, SEQ_BUCKET,
              HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (query block, batch · head pair): head i + H/2 first (o2 saved for the backward), then
-    head i, and the epilogue writes ``o1 − λ·o2``."""
-    pid_m = tl.program_id(0)
-    bp = tl.program_id(1)
+    """One program per (batch · head pair, query block): head i + H/2 first (o2 saved for the backward), then
+    head i, and the epilogue writes ``o1 − λ·o2``. Launched last query block first (see _heavy_first)."""
+    bp = tl.program_id(0)
+    pid_m = _heavy_first()
     half_h = H // 2
     b = (bp // half_h).to(tl.int64)
     i = bp % half_h
@@ -319,14 +328,15 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, DQACC, LAM,
                   H, KV_HALF, GROUP, Sq, Sk, qk_scale, scale, SEQ_BUCKET,
                   HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr, DQ_ATOMIC: tl.constexpr,
                   DO_DK: tl.constexpr, DO_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (key block, batch · g), g < KV/2, owning key/value heads g and g + KV/2: the G head pairs
+    """One program per (batch · g, key block), g < KV/2, owning key/value heads g and g + KV/2: the G head pairs
     that read them (pair i reads K[g] for head i, K[g + KV/2] for head i + H/2, and V' = [V[g], V[g + KV/2]]).
     DO_DK writes dK of both key heads, DO_DV dV of both value heads (one launch may do both, or two launches one
     each: fewer accumulators per program, at the cost of computing P twice). DK and DV have K's and V's shapes,
     contiguous. With DQ_ATOMIC (needs DO_DK), dQ/scale is accumulated too, into DQACC (B, H, Sq, DP) float32,
-    zeroed by the caller."""
-    pid_n = tl.program_id(0)
-    bg = tl.program_id(1)
+    zeroed by the caller. Key block 0, which every query sees, comes first: the heaviest programs start first
+    without reordering (see _heavy_first)."""
+    bg = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = (bg // KV_HALF).to(tl.int64)
     g = bg % KV_HALF
     half_h = H // 2
@@ -421,10 +431,10 @@ def attn_bwd_dq(Q, K, V, DO, LSE, R, QPOS, PAD, DQ, LAM,
                 H, KV_HALF, GROUP, Sq, Sk, qk_scale, scale, SEQ_BUCKET,
                 HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per (query block, batch · head pair): dQ of heads i and i + H/2, ``scale · c · Σ dS K`` with
-    c = 1 (first head) or −λ (second). DQ has Q's shape, contiguous."""
-    pid_m = tl.program_id(0)
-    bp = tl.program_id(1)
+    """One program per (batch · head pair, query block): dQ of heads i and i + H/2, ``scale · c · Σ dS K`` with
+    c = 1 (first head) or −λ (second). DQ has Q's shape, contiguous. Last query block first (see _heavy_first)."""
+    bp = tl.program_id(0)
+    pid_m = _heavy_first()
     half_h = H // 2
     b = (bp // half_h).to(tl.int64)
     i = bp % half_h
