@@ -30,7 +30,7 @@ _POINTERS = {
     "dq": (kernels.attn_bwd_dq, dict(Q="bf16", K="bf16", V="bf16", DO="bf16", LSE="fp32", R="fp32", QPOS="i64",
                                      PAD="u8", DQ="bf16", LAM="fp32")),
     "dkdv": (kernels.attn_bwd_dkdv, dict(Q="bf16", K="bf16", V="bf16", DO="bf16", LSE="fp32", R="fp32", QPOS="i64",
-                                         PAD="u8", DK="bf16", DV="bf16", DQACC="fp32", LAM="fp32")),
+                                         ORDERED="u8", PAD="u8", DK="bf16", DV="bf16", DQACC="fp32", LAM="fp32")),
 }
 
 

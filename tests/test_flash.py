@@ -35,6 +35,7 @@ class Case:
     padding: str | None = None  # "left" | "right" | "empty" (one batch row all padding)
     start: int | None = None  # first query position; default sk - sq (decode/cache); static caches give less
     dtype: torch.dtype = torch.bfloat16
+    order: str | None = None  # query positions "rotated" (last third first) or "reversed"; default increasing
     grad: bool = True
     big: bool = False  # too slow for the interpreter
 
@@ -61,6 +62,8 @@ CASES = {
     "d32-77": Case(sq=77, d=32),
     "d96-77": Case(sq=77, d=96),
     "d256-65": Case(b=1, sq=65, d=256),
+    "rotated-positions-48": Case(sq=48, order="rotated"),  # a static cache written out of order
+    "reversed-positions-40-gqa": Case(h=8, kv=2, sq=40, order="reversed"),
     "long-4096-d128": Case(b=1, h=4, kv=2, sq=4096, d=128, big=True),
 }
 
@@ -83,8 +86,12 @@ def _inputs(c: Case, gen: torch.Generator):
                 pad[row, :n] = False
         pad = pad.to(DEVICE)
     positions = torch.arange(start, start + c.sq, device=DEVICE)
+    if c.order == "rotated":
+        positions = positions.roll(c.sq // 3)
+    elif c.order == "reversed":
+        positions = positions.flip(0)
     mask = AttentionMask(query_positions=positions, key_padding=pad, k_len=sk,
-                         plain_causal=pad is None and sk == c.sq and start == 0)
+                         plain_causal=pad is None and sk == c.sq and start == 0 and c.order is None)
     return (q, k, v, lam), dout, mask
 
 

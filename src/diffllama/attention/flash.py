@@ -11,8 +11,9 @@ the Differential Transformer (Ye et al., arXiv 2410.05258); the code is written 
 
 Supported: bf16 and fp16 on CUDA; head_dim up to 256 (powers of two run unpadded, others such as 96 are padded to
 the next power of two in registers); GQA and MQA (an odd KV is expanded to H heads first, its gradient summed back
-by autograd); any Sq and Sk; causal masking by ``mask.query_positions`` (must be non-decreasing: the backward
-finds each key block's first query by binary search); key padding (left or right). Rows that see no key give 0.
+by autograd); any Sq and Sk; causal masking by ``mask.query_positions`` (any order; when they are non-decreasing,
+as they almost always are, the backward finds each key block's first query by binary search, else it visits every
+query block); key padding (left or right). Rows that see no key give 0.
 With no gradient needed and few query rows (decode), the keys are split over several programs and combined after.
 
 Falls back to the sdpa backend (same results, slower) for: ``dropout_p > 0``, float32/float64 inputs, head_dim
@@ -170,7 +171,9 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
     meta = dict(HEAD_DIM=d, DP=dp, HAS_PAD=pad is not None)
     atomic = DQ_MODE == "atomic"
     dq_acc = torch.zeros((b, h, sq, dp) if atomic else (1,), dtype=torch.float32, device=q.device)
-    args = (q, k, v, dout, lse, r, qpos, pad_t, dk, dv, dq_acc, lam, *common)
+    # Positions out of order (a static cache written out of order) are rare but legal: checked on the GPU, no sync.
+    ordered = (qpos[1:] >= qpos[:-1]).all().to(torch.uint8)
+    args = (q, k, v, dout, lse, r, qpos, ordered, pad_t, dk, dv, dq_acc, lam, *common)
     grid = lambda m: (b * kv // 2, triton.cdiv(sk, m["BLOCK_N"]))  # noqa: E731
     if split:
         _launch("dk", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=False, **meta)

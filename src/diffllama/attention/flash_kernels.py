@@ -322,7 +322,7 @@ def _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base, ls
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, DQACC, LAM,
+def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, ORDERED, PAD, DK, DV, DQACC, LAM,
                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                   stride_db, stride_dm, stride_dh, stride_pb,
                   H, KV_HALF, GROUP, Sq, Sk, qk_scale, scale, SEQ_BUCKET,
@@ -334,7 +334,9 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, DQACC, LAM,
     each: fewer accumulators per program, at the cost of computing P twice). DK and DV have K's and V's shapes,
     contiguous. With DQ_ATOMIC (needs DO_DK), dQ/scale is accumulated too, into DQACC (B, H, Sq, DP) float32,
     zeroed by the caller. Key block 0, which every query sees, comes first: the heaviest programs start first
-    without reordering (see _heavy_first)."""
+    without reordering (see _heavy_first). ORDERED (one uint8) says whether QPOS is non-decreasing; if not, the
+    binary search for the first query that sees this key block does not apply and every query block is visited
+    with the causal mask."""
     bg = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = (bg // KV_HALF).to(tl.int64)
@@ -347,6 +349,9 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, PAD, DK, DV, DQACC, LAM,
     lo = _first_query(QPOS, Sq, pid_n * BLOCK_N)
     full = tl.maximum(_first_query(QPOS, Sq, pid_n * BLOCK_N + BLOCK_N - 1), lo)
     mid = lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M  # rows [lo, mid) may see part of the block, later rows all
+    ordered = tl.load(ORDERED) != 0
+    lo = tl.where(ordered, lo, 0)
+    mid = tl.where(ordered, mid, tl.cdiv(Sq, BLOCK_M) * BLOCK_M)
     ka = _load_tile(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, True)
     kb = _load_tile(K + b * stride_kb + (g + KV_HALF) * stride_kh, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, True)
     va = _load_tile(V + b * stride_vb + g * stride_vh, offs_n, stride_vn, offs_d, Sk, HEAD_DIM, DP, True)
