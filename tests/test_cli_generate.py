@@ -117,9 +117,37 @@ def test_prompts_file_not_utf8_or_a_folder(checkpoint, tmp_path):
     bad.write_bytes(b"The people\n\xff\xfe not UTF-8\n")
     result = run(checkpoint, "-f", bad, "-n", 2)
     assert result.exit_code == 2 and not isinstance(result.exception, UnicodeDecodeError), result.output
-    assert f"error: --prompts-file '{bad}' is not UTF-8 text" in result.stderr and result.stdout == ""
+    assert f"error: --prompts-file '{bad}' line 2 is not UTF-8 text" in result.stderr and result.stdout == ""
     result = run(checkpoint, "-f", tmp_path, "-n", 2)
     assert result.exit_code == 2 and f"--prompts-file '{tmp_path}' is a directory" in result.stderr
+
+
+def test_prompt_lines_end_only_at_newlines(checkpoint, tmp_path):
+    """A form feed or U+2028 inside a line stays in its prompt, CRLF and a byte-order mark are dropped: one output
+    line per input line."""
+    prompts = ["A\x0cB", "line three\u2028tail", "last"]
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(prompts[:2]).encode() + b"\r\n\r\n" + prompts[2].encode() + b"\n")
+    result = run(checkpoint, "-f", path, "-n", 4, "--dtype", "float64")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.split("\n")[:-1]
+    assert lines == [expected_text(checkpoint, p, max_new_tokens=4).replace("\n", "\\n") for p in prompts]
+
+
+def test_interactive_crlf_and_bad_bytes(checkpoint):
+    """CRLF line ends are not part of the prompt; a line that is not UTF-8 is reported and the loop goes on."""
+    result = run(checkpoint, "-i", "-n", 8, "--dtype", "float64", input=b"\xff\r\n" + PROMPTS[0].encode() + b"\r\n\r\n")
+    assert result.exit_code == 0, result.output
+    assert "error: that line is not UTF-8 text" in result.stderr
+    assert result.stdout == expected_text(checkpoint, PROMPTS[0], max_new_tokens=8) + "\n"
+
+
+def test_non_utf8_prompt_argument_and_stdin(checkpoint):
+    result = run(checkpoint, "x\udcffy", "-n", 2)  # how Python passes an argv byte that is not UTF-8
+    assert result.exit_code == 2 and "error: PROMPT is not UTF-8 text" in result.stderr, result.output
+    result = run(checkpoint, "-f", "-", "-n", 2, input=b"ok\n\xff\n")
+    assert result.exit_code == 2 and "error: --prompts-file '-' line 2 is not UTF-8 text" in result.stderr
+    assert result.stdout == ""
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is missing")

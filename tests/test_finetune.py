@@ -487,6 +487,14 @@ def test_predict_names_a_directory_source(classifier, tmp_path):
              f"data file '{tmp_path}' is a directory; expected a file")
 
 
+def test_predict_stdin_crlf_lines_keep_no_carriage_return():
+    from diffllama.finetune.predict import read_input
+
+    task = get_task("sequence-classification", TaskOptions(max_length=16, labels=["fresh", "rotten"]))
+    examples = read_input(task, "-", b"A triumph.\r\nA mess.\r\n")
+    assert [e.text for e in examples] == ["A triumph.", "A mess."]
+
+
 def test_predict_refuses_stdin_that_is_not_utf8(classifier):
     """Was a raw TypeError from the tokenizer: under the C.UTF-8 locale Python reads stdin with surrogateescape."""
     import os

@@ -118,24 +118,42 @@ def _run_folder_hint(model_dir: str) -> str:
     return ""
 
 
+def _utf8_line(raw: bytes, where: str) -> str:
+    """One line of input without its line end (LF or CRLF); non-UTF-8 bytes raise a _GenerateError naming ``where``."""
+    try:
+        return raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError as error:
+        raise _GenerateError(f"{where} is not UTF-8 text: {error}", 2) from error
+
+
+def _check_utf8_argument(text: str, name: str) -> None:
+    """Refuse an argument holding bytes that were not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise _GenerateError(f"{name} is not UTF-8 text: {error}", 2) from error
+
+
 def _read_prompts(prompts_file: str) -> list[str]:
+    """The non-empty lines of a file or of stdin ("-"). Only LF and CRLF end a line, as in any text editor
+    (``str.splitlines`` would also split on form feeds and Unicode separators, and the output lines would no longer
+    match the input lines); a UTF-8 byte-order mark is dropped."""
     import sys
     from pathlib import Path
 
-    try:
-        if prompts_file == "-":
-            text = sys.stdin.read()
-        else:
-            path = Path(prompts_file)
-            if path.is_dir():
-                raise _GenerateError(f"--prompts-file {prompts_file!r} is a directory; expected a text file with "
-                                     f"one prompt per line", 2)
-            if not path.is_file():
-                raise _GenerateError(f"--prompts-file {prompts_file!r} does not exist", 2)
-            text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise _GenerateError(f"--prompts-file {prompts_file!r} is not UTF-8 text: {error}", 2) from error
-    prompts = [line for line in text.splitlines() if line.strip()]
+    if prompts_file == "-":
+        data = sys.stdin.buffer.read()
+    else:
+        path = Path(prompts_file)
+        if path.is_dir():
+            raise _GenerateError(f"--prompts-file {prompts_file!r} is a directory; expected a text file with "
+                                 f"one prompt per line", 2)
+        if not path.is_file():
+            raise _GenerateError(f"--prompts-file {prompts_file!r} does not exist", 2)
+        data = path.read_bytes()
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    texts = [_utf8_line(line, f"--prompts-file {prompts_file!r} line {n}") for n, line in enumerate(lines, 1)]
+    prompts = [line for line in texts if line.strip()]
     if not prompts:
         raise _GenerateError(f"--prompts-file {prompts_file!r} holds no prompts (one per non-empty line)", 2)
     return prompts
@@ -204,6 +222,8 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
     sources = sum([prompt is not None, interactive, prompts_file is not None])
     if sources != 1:
         raise _GenerateError("give exactly one of PROMPT, --interactive or --prompts-file", 2)
+    if prompt is not None:
+        _check_utf8_argument(prompt, "PROMPT")
     try:  # the shared checks first: they refuse NaN/inf, which the comparisons below would let through
         check_sampling_args(max_new_tokens=max_new_tokens, do_sample=False, temperature=temperature, top_k=top_k,
                             top_p=top_p, repetition_penalty=repetition_penalty)
@@ -273,10 +293,15 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
     elif interactive:
         while True:
             print("> ", end="", file=sys.stderr, flush=True)
-            line = sys.stdin.readline()
-            if not line or not line.strip():
+            raw = sys.stdin.buffer.readline()
+            try:
+                line = _utf8_line(raw, "that line")
+            except _GenerateError as error:
+                print(f"error: {error}", file=sys.stderr)
+                continue
+            if not line.strip():
                 break
-            stream_one(line.rstrip("\n"))
+            stream_one(line)
     else:
         eos_default = model.generation_config.get("eos_token_id", model.config.eos_token_id)
         eos = eos_default if eos_default is not None else tokenizer.eos_token_id

@@ -111,7 +111,7 @@ def read_input(task: Task, source: str, stdin_text: str | bytes | None = None) -
         text = _decode_stdin(stdin_text or "")
         first = next((line for line in text.splitlines() if line.strip()), "")
         name = Path("<stdin>.jsonl" if first.lstrip().startswith("{") else "<stdin>.txt")  # the suffix: the format
-        lines = io.StringIO(text)
+        lines = io.StringIO(text, newline=None)  # universal newlines, as for a file: CRLF ends a line
     labels = task.options.labels
     try:
         examples = task.read(name, labelled=False, lines=lines)
