@@ -85,6 +85,17 @@ def test_original_max_position_embeddings_resolves_as_in_transformers(rope, top_
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
 
 
+def test_rope_scaling_beside_rope_parameters_wins_as_in_transformers():
+    data = {**SIZES, "rope_parameters": {"rope_type": "default", "rope_theta": 999.0},
+            "rope_scaling": {"type": "linear", "factor": 2.0}}
+    ours = DiffLlamaConfig.from_dict(data)
+    theirs = hf.DiffLlamaModel(transformers.DiffLlamaConfig(**data))
+    assert ours.rope_parameters["rope_type"] == "linear" and ours.rope_parameters["rope_theta"] == 10000.0
+    x, pos = torch.zeros(1, dtype=torch.float64), positions(40)
+    for got, ref in zip(RotaryEmbedding(ours)(x, pos), theirs.rotary_emb(x, pos)):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("seq_len", [None, 20, 64, 100, torch.tensor(65)], ids=["none", "20", "64", "100", "65-tensor"])
 @pytest.mark.parametrize("rope", ROPE_CASES.values(), ids=ROPE_CASES.keys())
 def test_compute_inv_freq_matches_transformers(rope, seq_len):

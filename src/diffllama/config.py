@@ -166,7 +166,8 @@ class DiffLlamaConfig:
                 f"'multi_label_classification', got {self.problem_type!r}")
 
     def _resolve_rope(self) -> dict:
-        params = dict(self.rope_parameters or self.rope_scaling or {})
+        # transformers' precedence: a legacy rope_scaling given beside rope_parameters replaces it.
+        params = dict(self.rope_scaling or self.rope_parameters or {})
         if "type" in params and "rope_type" not in params:  # the oldest spelling
             params["rope_type"] = params["type"]
         params.setdefault("rope_type", "default")
