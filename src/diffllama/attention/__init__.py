@@ -54,6 +54,35 @@ class AttentionMask:
         return self.dense().any(dim=-1, keepdim=True)
 
 
+def check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask) -> None:
+    """The shape contract every backend shares (see the module docstring); cheap, no GPU sync.
+
+    Raises:
+        ValueError: query not (B, H, Sq, d) with an even H that is a multiple of KV, key/value not (B, KV, Sk, d),
+            or a mask that does not describe Sq queries over Sk keys of B rows.
+        TypeError: ``mask.query_positions`` not an integer tensor, ``mask.key_padding`` not bool.
+    """
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(f"query, key, value must be 4-D (B, H, S, d), got {query.dim()}, {key.dim()}, {value.dim()}")
+    b, h, sq, d = query.shape
+    if key.shape != value.shape or key.shape[0] != b or key.shape[3] != d:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be (B={b}, KV, Sk, d={d})")
+    if h % 2 or h % key.shape[1]:
+        raise ValueError(f"num heads {h} must be even and a multiple of the KV heads {key.shape[1]}")
+    if mask.k_len != key.shape[2]:
+        raise ValueError(f"mask.k_len {mask.k_len} != key length {key.shape[2]}")
+    positions = mask.query_positions
+    if positions.shape != (sq,):
+        raise ValueError(f"mask.query_positions must be ({sq},), got {tuple(positions.shape)}")
+    if positions.dtype.is_floating_point or positions.dtype.is_complex or positions.dtype == torch.bool:
+        raise TypeError(f"mask.query_positions must be an integer tensor (key indices), got {positions.dtype}")
+    padding = mask.key_padding
+    if padding is not None and padding.shape != (b, key.shape[2]):
+        raise ValueError(f"mask.key_padding must be (B={b}, Sk={key.shape[2]}), got {tuple(padding.shape)}")
+    if padding is not None and padding.dtype != torch.bool:
+        raise TypeError(f"mask.key_padding must be a bool tensor (True = real key), got {padding.dtype}")
+
+
 def pair_values(key: torch.Tensor, value: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Arrange K and the 2·head_dim wide paired V so that query head j reads key head ``j // (H / n)``.
 

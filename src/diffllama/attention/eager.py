@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from diffllama.attention import AttentionMask, combine_pairs, pair_values
+from diffllama.attention import AttentionMask, check_inputs, combine_pairs, pair_values
 
 
 def attention(
@@ -35,7 +35,11 @@ def attention(
     Returns:
         ``(out, probs)``: out (B, Sq, H/2, 2d) = o1 − λ·o2 in the query dtype; probs (B, H, Sq, Sk) or None. The softmax runs in
         float32 for half types and float64 for float64; rows with no visible key give zeros.
+
+    Raises:
+        ValueError, TypeError: inputs that break the shared contract (:func:`diffllama.attention.check_inputs`).
     """
+    check_inputs(query, key, value, mask)
     key, value2 = pair_values(key, value, query.shape[1])
     group = query.shape[1] // key.shape[1]
     b, h, sq, d = query.shape

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from diffllama import settings
-from diffllama.attention import AttentionMask, repeat_kv
+from diffllama.attention import AttentionMask, check_inputs, repeat_kv
 
 try:
     import triton
@@ -243,24 +243,6 @@ _flash_attn_forward.register_autograd(_flash_attn_autograd, setup_context=_setup
 
 # ---- the public function --------------------------------------------------------------------------------------
 
-def _check(query, key, value, mask: AttentionMask) -> None:
-    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        raise ValueError(f"query, key, value must be 4-D (B, H, S, d), got {query.dim()}, {key.dim()}, {value.dim()}")
-    b, h, _, d = query.shape
-    if key.shape != value.shape or key.shape[0] != b or key.shape[3] != d:
-        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be (B={b}, KV, Sk, d={d})")
-    if h % 2 or h % key.shape[1]:
-        raise ValueError(f"num heads {h} must be even and a multiple of the KV heads {key.shape[1]}")
-    if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError(f"query, key, value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
-    if mask.k_len != key.shape[2]:
-        raise ValueError(f"mask.k_len {mask.k_len} != key length {key.shape[2]}")
-    if mask.query_positions.shape != (query.shape[2],):
-        raise ValueError(f"mask.query_positions must be ({query.shape[2]},), got {tuple(mask.query_positions.shape)}")
-    if mask.key_padding is not None and mask.key_padding.shape != (b, key.shape[2]):
-        raise ValueError(f"mask.key_padding must be (B={b}, Sk={key.shape[2]}), got {tuple(mask.key_padding.shape)}")
-
-
 def attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -285,7 +267,9 @@ def attention(
         # as SDPA does.
         dtype = torch.get_autocast_dtype("cuda")
         query, key, value = (t.to(dtype) for t in (query, key, value))
-    _check(query, key, value, mask)
+    check_inputs(query, key, value, mask)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"query, key, value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
     if query.device.type != "cuda" and not settings.triton_interpreting():
         raise RuntimeError(f"attn_implementation='flash' needs a CUDA GPU (got {query.device.type} tensors); "
                            "use 'sdpa' or 'auto'")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from diffllama.attention import AttentionMask, combine_pairs, pair_values, repeat_kv
+from diffllama.attention import AttentionMask, check_inputs, combine_pairs, pair_values, repeat_kv
 
 FLASH_MAX_HEAD_DIM = 256
 CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
@@ -41,9 +41,11 @@ def attention(
 
     Raises:
         ValueError: if ``output_attentions`` is requested (use ``attn_implementation="eager"``).
+        ValueError, TypeError: inputs that break the shared contract (:func:`diffllama.attention.check_inputs`).
     """
     if output_attentions:
         raise ValueError("output_attentions=True needs attn_implementation='eager'; the sdpa backend has no probabilities")
+    check_inputs(query, key, value, mask)
     key, value2 = pair_values(key, value, query.shape[1])
     if mask.plain_causal:
         causal = query.shape[2] > 1
