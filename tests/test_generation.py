@@ -490,6 +490,8 @@ def test_pad_batch_and_positions():
     (dict(pad_token_id=-5), ValueError, r"pad_token_id must lie in \[0, vocab_size=96\)"),
     (dict(pad_token_id=96), ValueError, r"pad_token_id must lie in \[0, vocab_size=96\)"),
     (dict(do_sample=True, seed="a"), TypeError, "seed must be None or an int, got 'a'"),
+    (dict(do_sample=True, seed=-1), ValueError, r"seed must be an integer in \[0, 2\*\*64 - 1\], got -1"),
+    (dict(do_sample=True, seed=2 ** 64), ValueError, r"seed must be an integer in \[0, 2\*\*64 - 1\]"),
     (dict(eos_token_id="12"), TypeError, "eos_token_id must be None, an int, or a list, tuple or 0-d/1-D integer"),
     (dict(eos_token_id="abc"), TypeError, "eos_token_id must be None, an int, or a list"),
     (dict(eos_token_id=[1.7]), TypeError, r"eos_token_id must be None, an int, .* got \[1.7\]"),

@@ -236,8 +236,8 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
         raise _GenerateError("--top-k/--top-p apply to sampling: add --temperature > 0", 2)
     if batch_size < 1:
         raise _GenerateError(f"--batch-size must be >= 1, got {batch_size}", 2)
-    if seed is not None and not 0 <= seed < 2 ** 63:  # torch.Generator.manual_seed's range
-        raise _GenerateError(f"--seed must be in [0, 2**63), got {seed}", 2)
+    if seed is not None and not 0 <= seed < 2 ** 64:  # torch.Generator.manual_seed's range
+        raise _GenerateError(f"--seed must be in [0, 2**64 - 1], got {seed}", 2)
     try:
         check_sampling_args(max_new_tokens=max_new_tokens, do_sample=do_sample,
                             temperature=temperature if do_sample else 1.0, top_k=top_k, top_p=top_p,

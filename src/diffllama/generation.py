@@ -623,6 +623,8 @@ def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         raise ValueError("compile=True needs static_cache=True (the compiled step must see fixed shapes)")
     if seed is not None and not is_int(seed):
         raise TypeError(f"seed must be None or an int, got {seed!r}")
+    if seed is not None and not 0 <= seed < 2 ** 64:  # torch.Generator.manual_seed's range, as train's seed
+        raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {seed}")
     if not is_int(sync_every) or sync_every < 1:
         raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
     generator = None
