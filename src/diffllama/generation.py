@@ -13,7 +13,8 @@ The chain (the shape of pytorch-labs/gpt-fast's generate.py; written here from s
 
 Batches are left-padded: ``attention_mask`` (B, S) has zeros on the left. Position ids are the cumulative sum of the
 mask minus one (padding at 1), as transformers' ``generate`` computes them, so greedy output equals
-``transformers.DiffLlamaForCausalLM.generate`` token for token. Each row stops at its first EOS (kept in the output);
+``transformers.DiffLlamaForCausalLM.generate`` token for token (one deliberate difference: with a repetition
+penalty, transformers also penalises the pad id of a left-padded row's prompt; here only real tokens are). Each row stops at its first EOS (kept in the output);
 later positions of that row hold ``pad_token_id``; generation ends when every row has stopped or after
 ``max_new_tokens`` (by default 20, as transformers: see :func:`resolve_lengths`).
 """
