@@ -50,6 +50,33 @@ def test_resume_equals_uninterrupted(corpus, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_signal_in_the_last_step_still_exports_the_final_model(corpus, tmp_path):
+    cfg = micro_config(corpus, tmp_path / "cache", max_steps=3, eval_every=3)
+    _, result = _fit(cfg, tmp_path / "run", stop_at=3)
+    assert result.interrupted is None and result.step == 3
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
+
+
+def test_resume_finishes_a_run_whose_export_was_cut_short(corpus, tmp_path):
+    """Killed after its last checkpoint but before model/ and summary.json: --resume writes them, no training."""
+    import shutil
+
+    cfg = micro_config(corpus, tmp_path / "cache", max_steps=3, eval_every=3)
+    _, full = _fit(cfg, tmp_path / "run")
+    want = json.loads((tmp_path / "run" / "summary.json").read_text())
+    shutil.rmtree(tmp_path / "run" / "model")
+    (tmp_path / "run" / "summary.json").unlink()
+    steps_logged = len(_records(tmp_path / "run"))
+    _, again = _fit(cfg, tmp_path / "run", resume=True)
+    assert again.step == 3 and again.model_dir == tmp_path / "run" / "model"
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    got = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert got == want and len(_records(tmp_path / "run")) == steps_logged
+    _, third = _fit(cfg, tmp_path / "run", resume=True)  # now complete: nothing to do, no summary to print
+    assert "summary" not in third.metrics
+
+
 def test_checkpoint_is_a_transformers_model(corpus, tmp_path):
     transformers = pytest.importorskip("transformers")
     cfg = micro_config(corpus, tmp_path / "cache", max_steps=4, save_every=1, keep_last=2)

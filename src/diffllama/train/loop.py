@@ -181,6 +181,7 @@ class Trainer:
         self.history: list[dict] = []
         self._stop_signal: str | None = None
         self.callbacks: list = []  # called as cb(trainer, metrics) after each step
+        self._last_metrics: dict = {}  # the metrics saved with the checkpoint resumed from
         if self.resume_from is not None:
             state = ckpt.load_checkpoint(self.resume_from, module=self.module, optimizer=self.optimizer,
                                          scheduler=self.scheduler, info=self.info, fsdp=self.mode == "fsdp",
@@ -188,6 +189,7 @@ class Trainer:
             self.step = state["step"]
             self._restart_schedule()
             extra = state.get("extra") or {}
+            self._last_metrics = extra.get("metrics") or {}
             if extra.get("tokens") is not None:
                 self.tokens = int(extra["tokens"])
             else:  # a checkpoint from before the running count: its last metrics record, else steps x tokens/step
@@ -468,10 +470,14 @@ class Trainer:
             BatchTooLargeError: the first step ran out of memory (names batch size and sequence length).
         """
         cfg, info = self.cfg, self.info
-        if self.resume_from is not None and self.step >= cfg.max_steps:  # a finished run: nothing to do
-            final = self.run_dir / "model"
-            return FitResult(step=self.step, checkpoint=self.resume_from,
-                             model_dir=final if final.is_dir() else None)
+        if self.resume_from is not None and self.step >= cfg.max_steps:  # a finished run
+            result = FitResult(step=self.step, metrics=dict(self._last_metrics), checkpoint=self.resume_from)
+            if (self.run_dir / "model").is_dir() and (self.run_dir / "summary.json").is_file():
+                result.model_dir = self.run_dir / "model"  # nothing to do
+            else:  # its last step ran but the export did not (a signal in between): finish it now
+                result.model_dir = self._export_final(self.resume_from)
+                self._write_summary(result)
+            return result
         created = self._prepare_run_dir()
         writer = self._tensorboard()
         previous = self._install_signal_handlers()
@@ -543,7 +549,8 @@ class Trainer:
                 signal.signal(sig, old)
         result = FitResult(step=self.step, metrics=metrics, checkpoint=checkpoint_path,
                            interrupted=self._stop_signal)
-        if self.step >= cfg.max_steps and self._stop_signal is None:
+        if self.step >= cfg.max_steps:  # finished, even if a signal came during the last step: export (seconds)
+            result.interrupted = None
             result.model_dir = self._export_final(checkpoint_path)
             self._write_summary(result)
         return result
