@@ -80,6 +80,28 @@ def test_save_load_roundtrip_and_autotokenizer(tok, tmp_path):
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (1, 2, 0)
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_call_matches_transformers_padding(tok, tmp_path, side):
+    transformers = pytest.importorskip("transformers")
+    tok.save_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), padding_side=side)
+    got, want = tok(TEXTS, return_tensors="pt", padding_side=side), hf(TEXTS, return_tensors="pt", padding=True)
+    assert got["input_ids"].tolist() == want["input_ids"].tolist()
+    assert got["attention_mask"].tolist() == want["attention_mask"].tolist()
+    assert tok(TEXTS[0]) == {"input_ids": hf(TEXTS[0])["input_ids"], "attention_mask": hf(TEXTS[0])["attention_mask"]}
+    assert tok(TEXTS)["input_ids"] == hf(TEXTS)["input_ids"]
+    assert tok(TEXTS[0], return_tensors="pt")["input_ids"].shape == (1, len(tok.encode(TEXTS[0])))
+
+
+def test_call_bad_inputs(tok):
+    with pytest.raises(ValueError, match="return_tensors must be None or 'pt', got 'np'"):
+        tok("hi", return_tensors="np")
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'up'"):
+        tok(["hi"], return_tensors="pt", padding_side="up")
+    with pytest.raises(TypeError, match="text must be a str or a list of str, got int"):
+        tok(5)
+
+
 def test_special_tokens_from_config_files(tok, tmp_path):
     tok.backend.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))

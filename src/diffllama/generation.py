@@ -305,12 +305,16 @@ def infer_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eos:
 
 # ---- batching -------------------------------------------------------------------------------------------------------
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``(input_ids, attention_mask)``, both (B, max_len) int64.
+def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int = 0, device=None,
+              padding_side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token lists into ``(input_ids, attention_mask)``, both (B, max_len) int64: on the left (what
+    ``generate`` needs) or on the right.
 
     Raises:
-        ValueError: an empty batch or an empty sequence.
+        ValueError: an empty batch, an empty sequence, or a ``padding_side`` other than "left"/"right".
     """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if len(sequences) == 0:
         raise ValueError("pad_batch needs at least one sequence")
     if any(len(s) == 0 for s in sequences):
@@ -319,8 +323,9 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_token_id: int = 0, device=
     ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, width - len(seq):] = 1
+        cols = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
+        ids[row, cols] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, cols] = 1
     return ids.to(device), mask.to(device)
 
 

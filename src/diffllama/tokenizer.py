@@ -51,8 +51,8 @@ class Tokenizer:
     """Text <-> token ids for a DiffLlama checkpoint, backed by ``tokenizers`` or by sentencepiece.
 
     Build it with :meth:`from_pretrained` (a checkpoint directory or a tokenizer file) or :meth:`from_tokenizers`
-    (an in-memory ``tokenizers.Tokenizer``). Ids are plain Python ``int`` lists; batching and padding into tensors
-    is the caller's job (see ``diffllama.generation.pad_batch``).
+    (an in-memory ``tokenizers.Tokenizer``). Ids are plain Python ``int`` lists; calling the tokenizer
+    (``tokenizer(texts, return_tensors="pt")``) pads a batch into tensors, as transformers' tokenizers do.
 
     Special tokens (``bos_token``, ``eos_token``, ``pad_token``, ``unk_token``) are strings; their ids are looked up
     in the vocabulary. Whether ``encode`` adds BOS/EOS is decided by the tokenizer itself (the post-processor of a
@@ -212,6 +212,36 @@ class Tokenizer:
             if self._add_eos and self.eos_token_id is not None:
                 ids = ids + [self.eos_token_id]
         return ids
+
+    def __call__(self, text: str | list[str], *, add_special_tokens: bool = True, return_tensors: str | None = None,
+                 padding_side: str = "left") -> dict:
+        """transformers-style encoding: ``{"input_ids": ..., "attention_mask": ...}``.
+
+        A str gives a list of ids and a list of ones; a list of str gives a list of each. With
+        ``return_tensors="pt"`` both are (B, S) int64 tensors (B = 1 for a str), a batch padded with the pad id
+        (else EOS, else 0) on ``padding_side``: "left", which ``generate`` needs, or "right". So
+        ``model.generate(**tokenizer(prompts, return_tensors="pt"))`` works.
+
+        Raises:
+            TypeError: ``text`` is not a str or a list of str.
+            ValueError: ``return_tensors`` other than None or "pt"; with "pt", a bad ``padding_side`` or a text that
+                encodes to no token.
+        """
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        single = isinstance(text, str)
+        if not single and not isinstance(text, (list, tuple)):
+            raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")
+        ids = self.encode_batch([text] if single else text, add_special_tokens)
+        if return_tensors == "pt":
+            from diffllama.generation import pad_batch
+
+            pad = next((p for p in (self.pad_token_id, self.eos_token_id) if p is not None), 0)
+            input_ids, mask = pad_batch(ids, pad_token_id=pad, padding_side=padding_side)
+            return {"input_ids": input_ids, "attention_mask": mask}
+        masks = [[1] * len(row) for row in ids]
+        return {"input_ids": ids[0], "attention_mask": masks[0]} if single else {"input_ids": ids,
+                                                                                 "attention_mask": masks}
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """``[encode(t) for t in texts]``, in parallel for the tokenizers backend. Raises TypeError for non-str."""
