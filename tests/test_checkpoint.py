@@ -184,6 +184,23 @@ def test_missing_directory_and_bad_dtype(saved, tmp_path):
         diffllama.DiffLlamaForCausalLM.from_pretrained(saved, attn_implementation="flash3")
 
 
+def test_training_run_folder_names_the_model_to_load(saved, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-000004"
+    shutil.copytree(saved, step)
+    (step / "trainer_state.pt").write_bytes(b"")  # what marks a complete training checkpoint
+    (run / "config.yaml").write_text("max_steps: 4\n")
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match=f"unfinished training run folder: its newest checkpoint is {step}"):
+        diffllama.DiffLlamaForCausalLM.from_pretrained(run)
+    shutil.copytree(saved, run / "model")
+    with pytest.raises(FileNotFoundError, match=f"training run folder: its final model is in {run / 'model'}"):
+        diffllama.DiffLlamaForCausalLM.from_pretrained(run)
+    assert diffllama.DiffLlamaForCausalLM.from_pretrained(run / "model").num_parameters() > 0
+
+
 def test_failed_save_leaves_previous_checkpoint_loadable(saved, monkeypatch):
     import diffllama.checkpoint as ckpt
 

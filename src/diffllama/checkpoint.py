@@ -113,7 +113,8 @@ def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike, *, revision: str 
 
     Raises:
         NotADirectoryError: the path exists but is a file.
-        FileNotFoundError: naming the argument, when it is a path that does not exist, or a repo id that is neither
+        FileNotFoundError: for a training run folder (naming its final model or newest checkpoint); naming the
+            argument, when it is a path that does not exist, or a repo id that is neither
             in the local hub cache nor downloadable (the message points at ``HF_HUB_OFFLINE`` and the cache).
     """
     text = os.fspath(path_or_repo_id)
@@ -121,6 +122,11 @@ def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike, *, revision: str 
         raise FileNotFoundError("empty checkpoint path or repo id")
     path = Path(text).expanduser()
     if path.is_dir():
+        from diffllama.train.checkpoint import run_folder_hint
+
+        hint = run_folder_hint(path)
+        if hint:  # a `diffllama train` run folder holds its models one level down
+            raise FileNotFoundError(f"no config.json in {path}{hint}")
         return path
     if path.exists():
         raise NotADirectoryError(f"{text!r} is a file; expected a checkpoint directory (the folder holding it)")

@@ -101,23 +101,6 @@ def _check_attn(attn, device) -> None:
                                  f"{flash._IMPORT_ERROR}; use --attn sdpa (or auto)")
 
 
-def _run_folder_hint(model_dir: str) -> str:
-    """'; did you mean RUN/model?' when ``model_dir`` is a `diffllama train` run folder rather than a model folder."""
-    from pathlib import Path
-
-    folder = Path(model_dir).expanduser()
-    if not folder.is_dir() or (folder / "config.json").is_file():
-        return ""
-    if (folder / "model" / "config.json").is_file():
-        return f"; {model_dir} looks like a training run folder: its final model is in {folder / 'model'}"
-    from diffllama.train.checkpoint import latest_checkpoint
-
-    latest = latest_checkpoint(folder)
-    if latest is not None:
-        return f"; {model_dir} looks like an unfinished training run folder: its newest checkpoint is {latest}"
-    return ""
-
-
 def _utf8_line(raw: bytes, where: str) -> str:
     """One line of input without its line end (LF or CRLF); non-UTF-8 bytes raise a _GenerateError naming ``where``."""
     try:
@@ -259,7 +242,7 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
         model = DiffLlamaForCausalLM.from_pretrained(directory, dtype=torch_dtype, device=torch_device,
                                                      attn_implementation=attn)
     except (FileNotFoundError, NotADirectoryError) as error:
-        raise _GenerateError(f"MODEL_DIR_OR_REPO {model_dir!r}: {error}{_run_folder_hint(model_dir)}") from error
+        raise _GenerateError(f"MODEL_DIR_OR_REPO {model_dir!r}: {error}") from error
     except (ValueError, ImportError) as error:
         raise _GenerateError(f"cannot load {model_dir!r}: {error}") from error
     if "lm_head.weight" in model.loading_report["new"]:  # a task model's folder: the head would be random

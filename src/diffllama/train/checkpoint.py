@@ -68,6 +68,20 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def run_folder_hint(folder: str | os.PathLike) -> str:
+    """'; ... looks like a training run folder ...' naming the model to load instead, when ``folder`` is a
+    `diffllama train` run folder (which holds no config.json itself); else ''."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return ""
+    if (folder / "model" / "config.json").is_file():
+        return f"; {folder} looks like a training run folder: its final model is in {folder / 'model'}"
+    latest = latest_checkpoint(folder)
+    if latest is not None:
+        return f"; {folder} looks like an unfinished training run folder: its newest checkpoint is {latest}"
+    return ""
+
+
 def read_train_config(checkpoint: str | os.PathLike) -> dict:
     """The resolved run config saved in ``checkpoint`` (its ``train_config.yaml``) as a dict.
 
