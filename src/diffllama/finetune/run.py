@@ -268,7 +268,8 @@ class FineTuneTrainer(Trainer):
         return {f"eval_{k}": v for k, v in scores.items() if isinstance(v, (int, float))}
 
     def describe_eval(self, val: dict) -> str:
-        return ", ".join(f"{k} {v:.4f}" for k, v in val.items() if not k.endswith("count"))
+        return ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in val.items()
+                         if not k.endswith("count"))  # counts (tokens, sentences) print as integers
 
     def fit(self) -> FitResult:
         """As :meth:`Trainer.fit`; a resumed run whose training finished but whose ``finetune_metrics.json`` was
