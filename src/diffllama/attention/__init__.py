@@ -139,8 +139,8 @@ def resolve_implementation(name: str, device: torch.device | str) -> str:
     """Turn ``"auto"`` into a backend for ``device``: flash on a CUDA GPU where Triton imports, else sdpa.
 
     For inference and training alike: the flash backward is checked against float32/float64 eager on the GPU and
-    runs 1.7-2.2x faster than sdpa there at 4k-16k tokens (benchmarks/RESULTS.md). Flash itself falls back to sdpa for
-    float32/float64 inputs, dropout and head_dim > 256.
+    runs 1.7-2.2x faster than sdpa there at 4k-16k tokens (benchmarks/RESULTS.md). Flash itself falls back to sdpa
+    for float32/float64 inputs, dropout and head_dim > 256.
     """
     if name != "auto":
         return name
