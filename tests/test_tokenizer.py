@@ -63,6 +63,19 @@ def test_bad_inputs(tok, tmp_path):
         Tokenizer.from_pretrained(tmp_path)
 
 
+def test_run_folder_and_saving_onto_a_file(tok, tmp_path):
+    run = tmp_path / "run"
+    tok.save_pretrained(run / "model")
+    (run / "model" / "config.json").write_text("{}")
+    (run / "config.yaml").write_text("max_steps: 1\n")
+    with pytest.raises(FileNotFoundError, match=f"training run folder: its final model is in {run / 'model'}"):
+        Tokenizer.from_pretrained(run)
+    assert Tokenizer.from_pretrained(run / "model").encode_batch(TEXTS) == tok.encode_batch(TEXTS)
+    with pytest.raises(NotADirectoryError, match="is a file; expected a folder"):
+        tok.save_pretrained(run / "config.yaml")
+    assert not [p for p in (run / "model").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
 def test_save_load_roundtrip_and_autotokenizer(tok, tmp_path):
     tok.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} >= {"tokenizer.json", "tokenizer_config.json",

@@ -434,16 +434,22 @@ def default_permissions(path: str | os.PathLike) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same folder and an atomic rename; the file gets the
-    usual permissions (:func:`default_permissions`), not the temp file's 0o600."""
+def atomic_write(path: Path, write) -> Path:
+    """Create ``path`` whole or not at all: ``write(tmp)`` fills a temp file in the same folder, which an atomic
+    rename then puts in place (a reader never sees a half-written file); the file gets the usual permissions
+    (:func:`default_permissions`), not the temp file's 0o600. The temp file is removed if ``write`` fails."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        write(Path(tmp))
         default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """:func:`atomic_write` of ``text`` (UTF-8)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

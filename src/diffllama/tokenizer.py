@@ -62,8 +62,22 @@ class Tokenizer:
 
     def __init__(self, *, backend, kind: str, special_tokens: dict[str, str | None],
                  add_bos: bool = False, add_eos: bool = False, source: Path | None = None) -> None:
+        """Prefer :meth:`from_pretrained` or :meth:`from_tokenizers`.
+
+        Args:
+            backend: a ``tokenizers.Tokenizer`` (kind "tokenizers") or a ``sentencepiece.SentencePieceProcessor``
+                (kind "sentencepiece").
+            special_tokens: {"bos_token", "eos_token", "pad_token", "unk_token"} -> token string or None.
+            add_bos, add_eos: sentencepiece only: whether ``encode`` adds BOS / EOS (tokenizers: its post-processor).
+            source: the file it was read from, if any (saving onto it is skipped).
+
+        Raises:
+            ValueError: an unknown ``kind``, or a special token not in the vocabulary.
+        """
+        if kind not in ("tokenizers", "sentencepiece"):
+            raise ValueError(f"kind must be 'tokenizers' or 'sentencepiece', got {kind!r}")
         self._backend = backend
-        self._kind = kind  # "tokenizers" or "sentencepiece"
+        self._kind = kind
         self._special = {name: special_tokens.get(name) for name in _SPECIAL_NAMES}
         self._add_bos, self._add_eos = add_bos, add_eos
         self._source = source
@@ -76,20 +90,24 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, path_or_dir: str | os.PathLike, **special_tokens: str | None) -> Tokenizer:
         """Load a tokenizer from a checkpoint directory, a ``tokenizer.json`` / ``tokenizer.model`` file, or a hub
-        repo id already in the local cache.
+        repo id (resolved as the model's: local cache first, then the network unless ``HF_HUB_OFFLINE`` is set;
+        see :func:`diffllama.checkpoint.resolve_checkpoint_dir`).
 
         A directory is searched for tokenizer.json first, then tokenizer.model; special tokens come from keyword
         arguments (``bos_token=``, ``eos_token=``, ``pad_token=``, ``unk_token=``), else tokenizer_config.json,
         else special_tokens_map.json, else (sentencepiece) the model's own BOS/EOS/PAD/UNK pieces.
 
         Raises:
-            FileNotFoundError: the path does not exist, or the directory has neither tokenizer.json nor
-                tokenizer.model. ValueError: a malformed file, or a special token not in the vocabulary.
+            FileNotFoundError: the path does not exist (nor names a reachable repo), it is a training run folder
+                (the message names the model folder to give instead), or the directory has neither tokenizer.json
+                nor tokenizer.model. ValueError: a malformed file, or a special token not in the vocabulary.
             ImportError: a sentencepiece model without the ``sentencepiece`` package installed.
         """
-        path = Path(path_or_dir)
-        if not path.exists():
-            path = _resolve_repo(str(path_or_dir))
+        from diffllama.checkpoint import resolve_checkpoint_dir
+
+        path = Path(path_or_dir).expanduser()
+        if not path.is_file():
+            path = resolve_checkpoint_dir(path_or_dir)
         if path.is_file():
             directory, file = path.parent, path
         else:
@@ -311,41 +329,36 @@ class Tokenizer:
         special_tokens_map.json. sentencepiece backend: tokenizer.model and the two JSON files
         (``tokenizer_class: LlamaTokenizer``; transformers converts it on load).
 
+        Each file is written whole or not at all (a temp file and a rename), the vocabulary first.
+
         Returns:
             The paths written.
+
+        Raises:
+            NotADirectoryError: ``directory`` (or a parent) is a file.
         """
+        from diffllama.config import atomic_write, atomic_write_text
+
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"directory {str(directory)!r} is a file; expected a folder to save into")
         directory.mkdir(parents=True, exist_ok=True)
         written = []
         special = {n: t for n, t in self._special.items() if t is not None}
         if self._kind == "tokenizers":
-            self._backend.save(str(directory / TOKENIZER_JSON))
-            written.append(directory / TOKENIZER_JSON)
+            written.append(atomic_write(directory / TOKENIZER_JSON, lambda tmp: self._backend.save(str(tmp))))
             config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                       "model_max_length": 1_000_000_000_000_000_019_884_624_838_656, **special}
         else:
             target = directory / SENTENCEPIECE_MODEL
             if self._source is None or self._source.resolve() != target.resolve():
-                target.write_bytes(self._backend.serialized_model_proto())
+                atomic_write(target, lambda tmp: tmp.write_bytes(self._backend.serialized_model_proto()))
             written.append(target)
             config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": self._add_bos,
                       "add_eos_token": self._add_eos, "clean_up_tokenization_spaces": False, **special}
         for name, data in ((TOKENIZER_CONFIG, config), (SPECIAL_TOKENS_MAP, special)):
-            (directory / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            written.append(directory / name)
+            written.append(atomic_write_text(directory / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n"))
         return written
-
-
-def _resolve_repo(repo_id: str) -> Path:
-    """A hub repo id's local snapshot (via diffllama.checkpoint when available); FileNotFoundError otherwise."""
-    if repo_id.count("/") == 1 and not repo_id.startswith((".", "/")):
-        try:
-            from diffllama.checkpoint import _resolve_hub_repo
-        except ImportError:
-            pass
-        else:
-            return _resolve_hub_repo(repo_id, None)
-    raise FileNotFoundError(f"tokenizer path {repo_id!r} does not exist")
 
 
 class IncrementalDetokenizer:
