@@ -372,3 +372,68 @@ def test_device_map_cuda_without_cuda(saved):
     # transformers' loading flags that mean nothing here are accepted, not taken for config fields
     model = diffllama.DiffLlamaForCausalLM.from_pretrained(saved, low_cpu_mem_usage=True, trust_remote_code=False)
     assert model.device.type == "cpu"
+
+
+# ---- from_pretrained: what is checked before the hub is asked and before the weights are read -------------------
+
+class _Resolved(Exception):
+    """Raised by the stand-in resolver: the arguments got past every check to resolution."""
+
+
+def _no_resolution(monkeypatch):
+    import diffllama.checkpoint as ckpt
+
+    def resolve(path_or_repo_id, **kwargs):
+        raise _Resolved(path_or_repo_id)
+
+    monkeypatch.setattr(ckpt, "resolve_checkpoint_dir", resolve)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rope_thetaa=1e6), r"unknown config field\(s\) \['rope_thetaa'\]"),
+    (dict(num_label=3, pad_token_id=0), r"unknown config field\(s\) \['num_label'\]"),
+    (dict(extra={"a": 1}), r"unknown config field\(s\) \['extra'\]"),  # extra is where config.json's unknown keys go
+    (dict(attn_implementation="flash3"), r"attn_implementation must be one of \('eager', 'sdpa', 'flash', 'auto'\), "
+                                         r"got 'flash3'"),
+])
+def test_bad_overrides_are_refused_before_a_hub_id_is_resolved(monkeypatch, kwargs, match):
+    _no_resolution(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        diffllama.DiffLlamaForCausalLM.from_pretrained("some-org/some-model", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_labels=3), dict(rope_theta=5e5, pad_token_id=0),
+                                    dict(attn_implementation="eager"), dict(use_cache=False, head_dim=8)])
+def test_valid_overrides_pass_the_early_checks(monkeypatch, kwargs):
+    _no_resolution(monkeypatch)
+    with pytest.raises(_Resolved, match="some-org/some-model"):
+        diffllama.DiffLlamaForCausalLM.from_pretrained("some-org/some-model", **kwargs)
+
+
+def test_every_config_field_is_an_accepted_override():
+    import dataclasses
+
+    from diffllama.checkpoint import config_override_names
+
+    fields = {f.name for f in dataclasses.fields(diffllama.DiffLlamaConfig)}
+    assert config_override_names() == fields - {"extra"} | {"num_labels"}
+    assert {"rope_theta", "attn_implementation", "id2label", "num_labels"} <= config_override_names()
+
+
+def test_config_dtype_is_checked_before_the_weights_are_read(saved, monkeypatch):
+    import diffllama.checkpoint as ckpt
+
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "dtype": "int7"}))
+
+    def no_weights(directory):
+        raise AssertionError("the weights were read before config.json's dtype was checked")
+
+    monkeypatch.setattr(ckpt, "load_state_dict", no_weights)
+    with pytest.raises(ValueError, match="config.json's 'dtype' entry: dtype must be one of"):
+        diffllama.DiffLlamaForCausalLM.from_pretrained(saved)
+    with pytest.raises(ValueError, match="config.json's 'dtype' entry"):  # "auto" reads the entry too
+        diffllama.DiffLlamaForCausalLM.from_pretrained(saved, dtype="auto")
+    # An explicit dtype does not consult the entry, as in transformers.
+    monkeypatch.undo()
+    assert diffllama.DiffLlamaForCausalLM.from_pretrained(saved, dtype="float64").dtype == torch.float64

@@ -6,8 +6,10 @@ each safetensors file carrying the metadata ``{"format": "pt"}``; ``config.json`
 them. This module knows nothing about models: it moves ``dict[str, Tensor]`` to and from such a directory and
 resolves hub repo ids to a directory through the local huggingface_hub cache.
 
-Saving is atomic as seen from the directory: every file is first written to a staging folder inside it, and only
-once all are complete do they replace the old files (see ``save_state_dict``).
+Saving is atomic per file, not per checkpoint: every file is first written to a staging folder inside the
+directory, and only once all are complete do they replace the old files, one rename each; a failed save leaves the
+old checkpoint as it was, but a reader during the renames can pair new weights with the old config.json (see
+``save_state_dict``).
 """
 
 from __future__ import annotations
@@ -196,7 +198,7 @@ def save_state_dict(
     max_shard_size: int | str = "5GB",
     extra_files: dict[str, str] | None = None,
 ) -> list[Path]:
-    """Write ``state_dict`` to ``directory`` as safetensors in transformers' layout, atomically.
+    """Write ``state_dict`` to ``directory`` as safetensors in transformers' layout, each file atomically.
 
     Layout (transformers' ``save_pretrained``): one ``model.safetensors`` when every tensor fits in
     ``max_shard_size``, else shards ``model-00001-of-0000N.safetensors`` ... filled in ``state_dict`` order (a
@@ -205,12 +207,16 @@ def save_state_dict(
     the safetensors metadata ``{"format": "pt"}``. Tensors are detached and made contiguous; a tensor whose memory
     is already used by an earlier one (tied weights) is cloned, so both names are written.
 
-    Atomicity: all files go first to a staging folder ``directory/.staging-XXXX``. Only when every one is complete
-    are they moved in with ``os.replace``: the old index is removed, the new weights moved in, then the new index,
-    then weight files of the old checkpoint that the new one does not overwrite are removed, and ``extra_files``
-    are moved in last. An exception before that step leaves ``directory`` as it was (a directory created by this
-    call is removed again, with any parent folders it created) and no staging folder behind. During the moves a reader sees the old single-file
-    checkpoint, the new one, or no index with shards it cannot load, never a mix.
+    Atomicity, and where it ends: all files go first to a staging folder ``directory/.staging-XXXX``, and only when
+    every one is complete are they moved in, one ``os.replace`` each, so no file is ever seen half written. An
+    exception before the moves leaves ``directory`` as it was (a directory created by this call is removed again,
+    with any parent folders it created) and no staging folder behind. The moves are not one atomic step: the old
+    index is removed, the new weights moved in, then the new index, then weight files of the old checkpoint that
+    the new one does not overwrite are removed, and ``extra_files`` (config.json, ...) are moved in last. So while
+    they run a reader may find no loadable weights (old shards without their index), or the new weights beside the
+    old ``extra_files``; a process killed during the moves leaves that state behind. No order of renames can avoid
+    this, since a loader reads config.json and the weights at different moments: do not load from a directory
+    while it is being saved to.
 
     Args:
         state_dict: parameter name -> tensor (any device; written as its CPU copy).
@@ -489,8 +495,12 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
     ``dtype`` (a FutureWarning). ``device``: a torch device or its name (default CPU). ``device_map``:
     transformers' alternative to ``device``, for one device only (see :func:`device_from_map`).
     ``low_cpu_mem_usage`` and ``trust_remote_code``: accepted for transformers' call signature and ignored (the
-    weights load straight from safetensors; there is no remote code to trust). Every argument is checked before any
-    file is read.
+    weights load straight from safetensors; there is no remote code to trust). ``config_overrides``: fields of
+    ``DiffLlamaConfig`` (or ``num_labels``) replacing config.json's entries.
+
+    Order of the checks: every argument (the names of ``config_overrides`` and the ``attn_implementation`` value
+    included) is checked before ``path_or_repo_id`` is resolved, so before anything is downloaded or read;
+    config.json (its ``dtype`` entry included) is parsed and checked before any weight file is read.
 
     Keys are matched to the class: the decoder may sit under ``model.`` or ``transformer.`` (or no prefix) in the
     file; weights of another task head (e.g. ``lm_head`` when loading into a classifier) are dropped and this
@@ -499,10 +509,11 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
     Raises:
         FileNotFoundError, ValueError: see ``from_pretrained``; a ValueError lists missing/unexpected decoder keys
         and shape mismatches by name; one names ``dtype`` and ``torch_dtype`` when both are given, or ``device``
-        and ``device_map``.
+        and ``device_map``; one names the unknown ``config_overrides``, or ``attn_implementation`` and its
+        accepted values.
         NotImplementedError: a ``device_map`` spreading the model over several devices.
     """
-    from diffllama.config import DiffLlamaConfig
+    from diffllama.config import ATTN_IMPLEMENTATIONS, DiffLlamaConfig
 
     if torch_dtype is not None:
         if dtype is not None:
@@ -521,19 +532,25 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
         if device is not None:
             raise ValueError(f"give device or device_map, not both: got device={device!r}, device_map={device_map!r}")
         device = device_from_map(device_map)
-    try:
-        device = torch.device(device) if device is not None else torch.device("cpu")
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but CUDA is not available on this machine")
-    directory = resolve_checkpoint_dir(path_or_repo_id)
+    device = parse_device(device)
+    # DiffLlamaConfig.from_dict makes the same two checks, but only once config.json is at hand, which for a hub
+    # repo id means after a download.
+    unknown = sorted(set(config_overrides) - config_override_names())
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}: keyword arguments must be DiffLlamaConfig fields "
+                         f"(e.g. rope_theta, pad_token_id) or num_labels")
     if attn_implementation is not None:
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got "
+                             f"{attn_implementation!r}")
         config_overrides["attn_implementation"] = attn_implementation
+    directory = resolve_checkpoint_dir(path_or_repo_id)
     config = DiffLlamaConfig.from_pretrained(directory, **config_overrides)
-    state = load_state_dict(directory)
     if target_dtype is None:
-        target_dtype = _checkpoint_dtype(config, state)
+        target_dtype = _config_dtype(config)
+    state = load_state_dict(directory)
+    if target_dtype is None:  # transformers' "auto" without a config entry: the first floating weight's dtype
+        target_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     with torch.device(device):
         model = cls(config)
     model.to(dtype=target_dtype)
@@ -543,6 +560,31 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
 
     model.generation_config = read_generation_config(directory)
     return model.eval()
+
+
+def config_override_names() -> set[str]:
+    """The keyword arguments ``DiffLlamaConfig.from_dict`` accepts as overrides: the config's dataclass fields
+    (``extra`` excepted: unknown keys of config.json land there, never keywords) and transformers' ``num_labels``."""
+    import dataclasses
+
+    from diffllama.config import DiffLlamaConfig
+
+    return {f.name for f in dataclasses.fields(DiffLlamaConfig)} - {"extra"} | {"num_labels"}
+
+
+def parse_device(device) -> torch.device:
+    """A torch device from a device, its name (``"cpu"``, ``"cuda"``, ``"cuda:1"``) or None (the CPU).
+
+    Raises:
+        ValueError: naming ``device``: not a device, or a CUDA device on a machine without CUDA.
+    """
+    try:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available on this machine")
+    return device
 
 
 def device_from_map(device_map) -> torch.device:
@@ -574,17 +616,17 @@ def device_from_map(device_map) -> torch.device:
                          f"torch.device or 'auto', got {device_map!r}") from error
 
 
-def _checkpoint_dtype(config, state: dict[str, torch.Tensor]) -> torch.dtype:
-    """transformers' ``dtype="auto"``: config.json's ``dtype``/``torch_dtype``, else the first floating-point
-    weight's dtype, else float32."""
+def _config_dtype(config) -> torch.dtype | None:
+    """transformers' ``dtype="auto"`` as far as config.json tells it: its ``dtype`` entry, else its ``torch_dtype``
+    entry; None when neither is there (or it is ``"auto"``). Raises ValueError naming the entry for another name."""
     key = "dtype" if config.extra.get("dtype") is not None else "torch_dtype"
     named = config.extra.get(key)
-    if named is not None and named != "auto":  # "auto" in a file says no more than its absence
-        try:
-            return parse_dtype(named)
-        except ValueError as error:
-            raise ValueError(f"config.json's {key!r} entry: {error}") from None
-    return next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    if named is None or named == "auto":  # "auto" in a file says no more than its absence
+        return None
+    try:
+        return parse_dtype(named)
+    except ValueError as error:
+        raise ValueError(f"config.json's {key!r} entry: {error}") from None
 
 
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, list[str]]:
@@ -620,9 +662,7 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
         raise ValueError(f"checkpoint {source}: weights must be floating point, got {', '.join(integral[:5])}"
                          f"{' ...' if len(integral) > 5 else ''}")
     model.load_state_dict({k: v for k, v in adapted.items() if k in expected}, strict=False)
-    if new and isinstance(model, torch.nn.Module):
-        import warnings
-
+    if new:
         warnings.warn(f"{type(model).__name__}: newly initialised weights not in the checkpoint: {new}", stacklevel=3)
     return {"new": new, "dropped": dropped}
 
@@ -631,13 +671,14 @@ def save_pretrained(model: torch.nn.Module, directory, *, max_shard_size: int | 
     """Write ``model`` as transformers does: config.json (with ``architectures`` and ``dtype``) + safetensors, and
     for a causal LM ``generation_config.json`` (see :func:`generation_config_for`).
 
-    The tied ``lm_head.weight`` is omitted. Atomic as :func:`save_state_dict`: the side files are written with the
-    weights. Returns the written paths.
+    The tied ``lm_head.weight`` is omitted. Written by :func:`save_state_dict`, the side files as its
+    ``extra_files``: each file atomically, a failure before the files are moved in leaves the directory as it was,
+    and while they are moved in a reader may see the new weights with the old config.json. Returns the written
+    paths.
 
     Raises:
-        ValueError: for a bad ``max_shard_size`` (before anything is written).
+        ValueError: for a bad ``max_shard_size`` (before anything is written: see :func:`save_state_dict`).
     """
-    parse_size(max_shard_size)
     state, files = pretrained_files(model, model.state_dict())
     return save_state_dict(state, directory, max_shard_size=max_shard_size, extra_files=files)
 
