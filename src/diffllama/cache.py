@@ -29,7 +29,8 @@ class DynamicCache:
 
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor,
                cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append (B, KV, S_new, d) key/value to layer ``layer_idx``; return the layer's full (B, KV, S, d) pair."""
+        """Append (B, KV, S_new, d) key/value to layer ``layer_idx``; return the layer's full (B, KV, S, d) pair.
+        New entries always go at the end, so ``cache_position`` (kept for transformers' signature) is not used."""
         if layer_idx == len(self.keys):
             self.keys.append(key)
             self.values.append(value)
@@ -38,10 +39,6 @@ class DynamicCache:
             self.values[layer_idx] = torch.cat((self.values[layer_idx], value), dim=2)
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        """Keep batch rows ``beam_idx`` (e.g. drop finished sequences)."""
-        self.keys = [k.index_select(0, beam_idx) for k in self.keys]
-        self.values = [v.index_select(0, beam_idx) for v in self.values]
 
 
 def _memory_bytes(device: torch.device) -> int | None:
@@ -151,11 +148,6 @@ class StaticCache:
         k_all.index_copy_(2, cache_position, key.to(k_all.dtype))
         v_all.index_copy_(2, cache_position, value.to(v_all.dtype))
         return k_all, v_all
-
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        """Keep batch rows ``beam_idx`` in place (the batch size must stay the same)."""
-        for tensor in self.keys + self.values:
-            tensor.copy_(tensor.index_select(0, beam_idx))
 
 
 def _capturing(tensor: torch.Tensor) -> bool:

@@ -443,11 +443,8 @@ def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
         input_ids: (B, S) int64. attention_mask: (B, S) for a dynamic cache, (B, max_length) for a static one, or
             None (no padding). position_ids: (B, S) int64. cache: a DynamicCache or StaticCache.
     """
-    s = input_ids.shape[1]
-    cache_position = torch.arange(s, device=input_ids.device)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, cache_position=cache_position, logits_to_keep=1)
-    return out.logits[:, -1].float()
+    cache_position = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return decode_one_token(model, cache, input_ids, position_ids, cache_position, attention_mask)
 
 
 def decode_one_token(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -577,7 +574,6 @@ def _make_cache_and_step(model, batch: int, total: int, static_cache: bool, comp
     key = (batch, max_length, dtype, device)
     state = _FAST_STATE.get(model)
     if state is None or state[0] != key:
-        state = None
         _FAST_STATE.pop(model, None)  # free the old cache and graph first
         cache = StaticCache.from_config(model.config, batch, max_length, dtype, device)
         state = (key, cache, DecodeStep(model, cache, compile=True))
@@ -766,13 +762,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                             sync_every=1 if streamer is not None else 16)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    eos, pad = resolve_special_ids(model, eos_token_id, pad_token_id)
+    eos, _ = resolve_special_ids(model, eos_token_id, pad_token_id)
     new = []
     for token in steps:
         new.append(token)
         if streamer is not None:
             streamer.put(token.cpu())
-    if streamer is not None and callable(getattr(streamer, "end", None)):
+    if streamer is not None:
         streamer.end()
     out = torch.stack(new, dim=1)  # (B, n)
     if eos:  # drop trailing steps run after every row had stopped (the loop checks only every few steps)
@@ -803,8 +799,10 @@ def _check_unsupported(num_beams, return_dict_in_generate) -> None:
 def stream_text(model, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
     """Yield the continuation of one text ``prompt`` piece by piece, as it is generated.
 
-    ``tokenizer`` is a :class:`diffllama.tokenizer.Tokenizer`; its EOS/PAD ids are the defaults after the model's.
-    Multi-byte characters split across tokens are held back until complete. ``kwargs`` as :func:`generate`. A prompt
+    ``tokenizer`` is a :class:`diffllama.tokenizer.Tokenizer`; its EOS id is the default after the model's
+    (generation_config.json, then config.json). Multi-byte characters split across tokens are held back until
+    complete. ``kwargs`` as :func:`stream_generate` (so not ``streamer``, ``num_beams`` or
+    ``return_dict_in_generate``). A prompt
     that tokenizes to nothing starts from the tokenizer's BOS token (as transformers' ``generate()`` does without
     input); without a BOS token it raises ValueError.
     """
