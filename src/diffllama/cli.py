@@ -85,8 +85,6 @@ def _check_attn(attn, device) -> None:
     """Refuse an unknown --attn, and flash where it cannot run (no CUDA device, no Triton), before any loading."""
     from diffllama.config import ATTN_IMPLEMENTATIONS
 
-    if attn is None:
-        return
     if attn not in ATTN_IMPLEMENTATIONS:
         raise _GenerateError(f"--attn must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn!r}", 2)
     if attn == "flash":
@@ -221,12 +219,6 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
         raise _GenerateError(f"--batch-size must be >= 1, got {batch_size}", 2)
     if seed is not None and not 0 <= seed < 2 ** 64:  # torch.Generator.manual_seed's range
         raise _GenerateError(f"--seed must be in [0, 2**64 - 1], got {seed}", 2)
-    try:
-        check_sampling_args(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                            temperature=temperature if do_sample else 1.0, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty)
-    except (ValueError, TypeError) as error:
-        raise _GenerateError(f"--{str(error).split(' ')[0].replace('_', '-')}: {error}", 2) from error
     torch_device = _generation_device(device)
     torch_dtype = _generation_dtype(dtype, torch_device)
     _check_attn(attn, torch_device)
@@ -289,8 +281,8 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
         eos_default = model.generation_config.get("eos_token_id", model.config.eos_token_id)
         eos = eos_default if eos_default is not None else tokenizer.eos_token_id
         vocab = model.config.vocab_size  # a config's -1 means "no pad" (legacy Llama), as an id out of range
-        pad = next((p for p in (model.config.pad_token_id, tokenizer.pad_token_id) if p is not None and 0 <= p < vocab),
-                   None)
+        pad = next((p for p in (model.generation_config.get("pad_token_id"), model.config.pad_token_id,
+                                tokenizer.pad_token_id) if p is not None and 0 <= p < vocab), None)
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             encoded = tokenizer.encode_batch(chunk)
