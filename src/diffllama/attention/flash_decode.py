@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from diffllama.attention import combine_pairs
 from diffllama.attention import flash_kernels as kernels
 from diffllama.attention.flash import LOG2E, _empty
 from diffllama.settings import triton_interpreting
@@ -99,5 +100,4 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor
     total = weight.sum(0)
     per_head = (weight[..., None] * opart).sum(0) / total.clamp_min(1e-30)[..., None]  # (B, H, Sq, 2·DP)
     per_head = torch.cat((per_head[..., :d], per_head[..., dp:dp + d]), -1).to(q.dtype)  # (B, H, Sq, 2d)
-    out1, out2 = per_head.transpose(1, 2).chunk(2, dim=2)  # each (B, Sq, H/2, 2d)
-    return out1 - lambda_full.to(q.dtype) * out2
+    return combine_pairs(per_head, lambda_full.to(q.dtype))
