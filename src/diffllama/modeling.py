@@ -59,7 +59,11 @@ ACT_FNS = {
 # ---- building blocks --------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm over the last dim, computed in float32, scaled by ``weight`` in the input dtype."""
+    """Root-mean-square norm over the last dim, computed in float32, scaled by ``weight`` in the input dtype.
+
+    Source: Zhang & Sennrich, "Root Mean Square Layer Normalization" (2019), without the bias; the float32
+    recipe is transformers' ``LlamaRMSNorm`` (which ``DiffLlamaRMSNorm`` copies), matched weight for weight.
+    """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -67,7 +71,8 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., D) -> (..., D), same dtype as ``x``."""
+        """(..., D) floating -> (..., D): normalised in float32, cast back to ``x``'s dtype, then times ``weight``
+        (so the result has the promoted dtype of ``x`` and ``weight``, as in transformers)."""
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -75,7 +80,11 @@ class RMSNorm(nn.Module):
 
 
 class DiffLlamaMLP(nn.Module):
-    """SwiGLU feed-forward: ``down(act(gate(x)) * up(x))``, no biases.
+    """SwiGLU feed-forward: ``down(act(gate(x)) * up(x))``, no biases; ``act`` is ``config.hidden_act`` (SiLU by
+    default).
+
+    Source: Shazeer, "GLU Variants Improve Transformer" (2020), the SwiGLU FFN; the module is transformers'
+    ``LlamaMLP`` (``DiffLlamaMLP``), same parameter names ``gate_proj``/``up_proj``/``down_proj``.
 
     After :meth:`DiffLlamaPreTrainedModel.fuse_projections`, gate and up run as one matmul at inference.
     """
@@ -90,7 +99,7 @@ class DiffLlamaMLP(nn.Module):
         self.trust = TrustSwitch()  # on inside DiffLlamaPreTrainedModel.inference_caches()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, S, D) -> (B, S, D)."""
+        """(B, S, D) -> (B, S, D), in the dtype of ``x`` and the weights (they must agree outside autocast)."""
         if self.fused is not None and self.fused.active(self.trust.on):
             gate, up = self.fused(x)
         else:
@@ -209,11 +218,27 @@ class DiffLlamaAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         mask: AttentionMask,
-        past_key_values: DynamicCache | None = None,
+        past_key_values: DynamicCache | StaticCache | None = None,
         cache_position: torch.Tensor | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, S, D) -> (B, S, D), plus the attention probabilities (B, H, S, Sk) when asked (eager only)."""
+        """(B, S, D) -> (B, S, D), plus the attention probabilities (B, H, S, Sk) when asked (eager only).
+
+        Args:
+            hidden_states: (B, S, D) in the weights' dtype (or any floating dtype under autocast); the output has
+                the same dtype.
+            position_embeddings: RoPE ``(cos, sin)``, each (B or 1, S, d) in the dtype of ``hidden_states``
+                (:class:`diffllama.rope.RotaryEmbedding`).
+            mask: causal + padding mask over the Sk keys (:class:`diffllama.attention.AttentionMask`).
+            past_key_values: a cache this layer's keys and values (B, KV, S, d) are written to and read from.
+            cache_position: (S,) int64 cache slots of the new tokens (a static cache's; a dynamic one appends).
+            output_attentions: also return the probabilities, (B, H, S, Sk) in the activation dtype.
+
+        Raises:
+            ValueError: a mask or cache that does not match the keys (:func:`diffllama.attention.check_inputs`,
+                :meth:`diffllama.cache.StaticCache.update`). ImportError/RuntimeError: the flash backend without
+                Triton or a GPU (:func:`diffllama.attention.get_backend`).
+        """
         b, s, _ = hidden_states.shape
         if self.fused is not None and self.fused.active(self.trust.on):
             q, k, v = self.fused(hidden_states)
@@ -237,7 +262,8 @@ class DiffLlamaAttention(nn.Module):
 
 
 class DiffLlamaDecoderLayer(nn.Module):
-    """Pre-norm block: ``h = x + Attn(RMSNorm(x)); out = h + MLP(RMSNorm(h))``."""
+    """Pre-norm block: ``h = x + Attn(RMSNorm(x)); out = h + MLP(RMSNorm(h))`` (transformers'
+    ``DiffLlamaDecoderLayer``)."""
 
     def __init__(self, config: DiffLlamaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -246,9 +272,17 @@ class DiffLlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, position_embeddings, mask, past_key_values=None, cache_position=None,
-                output_attentions=False):
-        """(B, S, D) -> ((B, S, D), attention probabilities or None)."""
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        mask: AttentionMask,
+        past_key_values: DynamicCache | StaticCache | None = None,
+        cache_position: torch.Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, S, D) -> ((B, S, D), attention probabilities (B, H, S, Sk) or None), in the dtype of
+        ``hidden_states``; arguments and errors as :meth:`DiffLlamaAttention.forward`."""
         attn_out, probs = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, mask,
                                          past_key_values, cache_position, output_attentions)
         hidden_states = hidden_states + attn_out
@@ -449,10 +483,13 @@ class DiffLlamaPreTrainedModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the first parameter (the token embedding; all parameters share it unless cast apart), as
+        transformers' ``PreTrainedModel.dtype``."""
         return next(self.parameters()).dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the first parameter (the token embedding), as transformers' ``PreTrainedModel.device``."""
         return next(self.parameters()).device
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
@@ -464,8 +501,27 @@ class DiffLlamaPreTrainedModel(nn.Module):
         return total
 
     @classmethod
-    def from_config(cls, config: DiffLlamaConfig, *, dtype=None, device=None):
-        """A freshly initialised model of this class on ``device`` in ``dtype``."""
+    def from_config(cls, config: DiffLlamaConfig, *, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device | None = None):
+        """A freshly initialised model of this class on ``device`` in ``dtype`` (transformers'
+        ``from_config``).
+
+        The weights are drawn in float32 on the CPU and then cast and moved, so a seed gives the same values
+        whatever the dtype and device.
+
+        Args:
+            config: the model's hyper-parameters.
+            dtype: a torch dtype or its name, as :meth:`from_pretrained` takes them ("float32", "float", "bfloat16",
+                "float16", "half", "float64", "double"); None: float32.
+            device: a torch device or its name ("cpu", "cuda", "cuda:1"); None: the CPU.
+
+        Raises:
+            ValueError: naming ``dtype`` or ``device``, for a bad value (or CUDA asked for without CUDA), before
+                the model is built. TypeError: ``config`` not a ``DiffLlamaConfig``.
+        """
+        from diffllama.checkpoint import parse_device, parse_dtype
+
+        dtype, device = parse_dtype(dtype), parse_device(device)
         return cls(config).to(device=device, dtype=dtype)
 
     @classmethod
@@ -500,8 +556,14 @@ class DiffLlamaPreTrainedModel(nn.Module):
         """Write config.json, safetensors weights (sharded above ``max_shard_size``) and, for the causal LM,
         generation_config.json, in transformers' layout.
 
-        Tied ``lm_head.weight`` is left out, as transformers does. The write is atomic: files are staged and moved
-        into place only when all are complete, so a failure leaves the directory as it was.
+        Tied ``lm_head.weight`` is left out, as transformers does. Each file is written atomically: all are staged
+        and moved into place only when all are complete, so a failure before the moves leaves the directory as it
+        was; during the moves a reader may see the new weights with the old config.json
+        (:func:`diffllama.checkpoint.save_state_dict` gives the details).
+
+        Raises:
+            ValueError: a bad ``max_shard_size`` (see :func:`diffllama.checkpoint.parse_size`), before anything is
+                written. NotADirectoryError: ``directory``, or a folder above it, is a file.
         """
         from diffllama.checkpoint import save_pretrained
 
@@ -532,7 +594,7 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        past_key_values: DynamicCache | StaticCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         *,
@@ -547,7 +609,8 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
             attention_mask: (B, P + S) with 1/True for real tokens and 0/False for padding (P cached tokens), of
                 a bool, integer or floating dtype holding only 0 and 1; a static cache also accepts (B, max_length).
             position_ids: (B, S) or (1, S) int64 or int32 RoPE positions; default P, P+1, ... (as transformers).
-            past_key_values: a diffllama KV cache (:mod:`diffllama.cache`) to read and extend.
+            past_key_values: a diffllama KV cache (:mod:`diffllama.cache`: DynamicCache or StaticCache) to read and
+                extend.
             use_cache: return the cache in ``past_key_values`` (a new DynamicCache when none is given); None takes
                 ``config.use_cache`` (True by default, as transformers), False under gradient checkpointing in
                 training.
@@ -617,23 +680,13 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         )
 
     def _embed(self, input_ids, inputs_embeds) -> torch.Tensor:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        _input_shape(input_ids, inputs_embeds, self.config.hidden_size)
         if inputs_embeds is not None:
-            if not inputs_embeds.is_floating_point() or inputs_embeds.dim() != 3 \
-                    or inputs_embeds.shape[-1] != self.config.hidden_size or 0 in inputs_embeds.shape:
-                raise ValueError(
-                    f"inputs_embeds must be a floating tensor of shape (batch, seq, {self.config.hidden_size}) with "
-                    f"batch, seq >= 1, got {tuple(inputs_embeds.shape)} {inputs_embeds.dtype}")
             weight = self.embed_tokens.weight.dtype
             if inputs_embeds.dtype != weight and not torch.is_autocast_enabled(inputs_embeds.device.type):
                 raise ValueError(f"inputs_embeds must have the model's dtype {weight} (outside autocast), got "
                                  f"{inputs_embeds.dtype}")
             return inputs_embeds
-        _check_index_dtype("input_ids", input_ids)
-        if input_ids.dim() != 2 or 0 in input_ids.shape:
-            raise ValueError(f"input_ids must have shape (batch, seq) with batch, seq >= 1, got "
-                             f"{tuple(input_ids.shape)}")
         if not torch.compiler.is_compiling():
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= self.config.vocab_size:
@@ -667,6 +720,30 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
 # The index dtypes nn.Embedding takes (it refuses uint8, int16 and bool with its own error); ids, positions and
 # labels all accept these and no others.
 INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _input_shape(input_ids, inputs_embeds, hidden_size: int) -> tuple[int, int]:
+    """``(B, S)`` of the input: exactly one of ``input_ids`` (B, S) int64/int32 or ``inputs_embeds`` (B, S, D)
+    floating, B and S >= 1. Host-side checks only (no device sync), so the heads check their label arguments
+    against it before the decoder runs; :meth:`DiffLlamaModel._embed` adds the value checks.
+
+    Raises:
+        ValueError/TypeError: naming the argument, for both or neither given, a wrong shape or dtype.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is not None:
+        if not inputs_embeds.is_floating_point() or inputs_embeds.dim() != 3 \
+                or inputs_embeds.shape[-1] != hidden_size or 0 in inputs_embeds.shape:
+            raise ValueError(
+                f"inputs_embeds must be a floating tensor of shape (batch, seq, {hidden_size}) with "
+                f"batch, seq >= 1, got {tuple(inputs_embeds.shape)} {inputs_embeds.dtype}")
+        return tuple(inputs_embeds.shape[:2])
+    _check_index_dtype("input_ids", input_ids)
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise ValueError(f"input_ids must have shape (batch, seq) with batch, seq >= 1, got "
+                         f"{tuple(input_ids.shape)}")
+    return tuple(input_ids.shape)
 
 
 def _check_embedding(name: str, value, hidden_size: int) -> None:
@@ -711,8 +788,8 @@ def _check_num_items(value) -> None:
 
 
 def _check_positions(name: str, value: torch.Tensor, batch: int) -> None:
-    if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype == torch.bool \
-            or value.numel() != batch or value.dim() > 2:
+    if not isinstance(value, torch.Tensor) or value.dtype.is_floating_point or value.dtype.is_complex \
+            or value.dtype == torch.bool or value.numel() != batch or value.dim() > 2:
         raise ValueError(f"{name} must be an integer tensor of shape (batch={batch},) or ({batch}, 1), got "
                          f"{getattr(value, 'dtype', type(value).__name__)} {tuple(getattr(value, 'shape', ()))}")
 
@@ -774,7 +851,7 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: DynamicCache | None = None,
+        past_key_values: DynamicCache | StaticCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
@@ -785,15 +862,32 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         cache_position: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
-        """Logits (B, S_kept, vocab) in the model dtype, and the loss when ``labels`` (B, S) are given.
+        """Logits (B, S_kept, vocab) in the model dtype, and the loss when ``labels`` (B, S) are given
+        (transformers' ``DiffLlamaForCausalLM.forward``).
 
-        ``labels`` are the input ids themselves (shifted inside: position t predicts t+1); -100 is ignored. The
-        loss is the float32 mean over non-ignored targets, or their sum / ``num_items_in_batch`` when given (for
-        gradient accumulation). ``logits_to_keep``: an int keeps the last n positions (0 = all), a 1-D tensor keeps
-        those indices. Other arguments as :meth:`DiffLlamaModel.forward`.
+        Args:
+            labels: (B, S) int64 or int32, the input ids themselves (shifted inside: position t predicts t+1), each
+                in [0, vocab_size) or -100 (ignored). The loss is the float32 0-d mean over non-ignored targets,
+                or their sum / ``num_items_in_batch`` when that is given (for gradient accumulation).
+            logits_to_keep: an int keeps the last n positions (0 = all), a 1-D integer tensor keeps those indices.
+            num_items_in_batch: None, a number > 0 or a 0-d tensor (whose value is not checked: reading
+                it back would synchronise the device).
+            Other arguments as :meth:`DiffLlamaModel.forward`.
+
+        Returns:
+            CausalLMOutputWithPast (:mod:`diffllama.outputs`); its tuple with ``return_dict=False``.
+
+        Raises:
+            ValueError: naming the argument, before the decoder runs: ``labels`` not of shape (B, S) or out of
+                range, ``logits_to_keep`` not an int >= 0 or 1-D integer tensor, ``num_items_in_batch`` not None, a
+                number > 0 or a tensor; and as :meth:`DiffLlamaModel.forward`. TypeError: ``labels`` of another
+                dtype than int64/int32.
         """
         _check_logits_to_keep(logits_to_keep)
         _check_num_items(num_items_in_batch)
+        if labels is not None:
+            labels = _check_labels(labels, _input_shape(input_ids, inputs_embeds, self.config.hidden_size),
+                                   self.config.vocab_size)
         outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                              output_attentions=output_attentions, output_hidden_states=output_hidden_states,
                              cache_position=cache_position)
@@ -802,7 +896,6 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         logits = gemv.call(self.lm_head, hidden[:, keep, :], "lm_head")
         loss = None
         if labels is not None:
-            labels = _check_labels(labels, hidden.shape[:2], self.config.vocab_size)
             loss = causal_lm_loss(logits if logits.shape[1] == hidden.shape[1] else self.lm_head(hidden),
                                   labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss, logits, outputs.past_key_values, outputs.hidden_states,
@@ -842,53 +935,96 @@ class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
         nn.init.normal_(self.score.weight, 0.0, config.initializer_range)
 
     @can_return_tuple
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, *, output_attentions=False,
-                output_hidden_states=False, num_items_in_batch=None) -> SequenceClassifierOutputWithPast:
-        """Pooled logits (B, num_labels); loss when ``labels`` ((B,) int64 classes, (B,) or (B, n) floats) given.
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: DynamicCache | StaticCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        *,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> SequenceClassifierOutputWithPast:
+        """Pooled logits (B, num_labels) in the model dtype, and the loss when ``labels`` are given
+        (transformers' ``GenericForSequenceClassification.forward``).
 
-        ``num_items_in_batch`` is accepted and, as in transformers, does not change this head's loss.
+        Each row is pooled at its rightmost token that is not ``config.pad_token_id`` (the last position with
+        ``inputs_embeds``, or without a pad id at batch 1).
+
+        Args:
+            labels: by ``config.problem_type`` (inferred when unset, as in transformers, and then kept in the
+                config): single_label_classification: (B,) or (B, 1) int64/int32 classes in [0, num_labels) or
+                -100 (ignored), cross-entropy; regression: B·num_labels numbers, MSE; multi_label_classification:
+                (B, num_labels) targets in [0, 1] of any dtype (cast to the logits'), BCE with logits. The loss is a
+                0-d tensor.
+            num_items_in_batch: accepted and checked as by :class:`DiffLlamaForCausalLM` but, as in transformers,
+                it does not change this head's loss.
+            Other arguments as :meth:`DiffLlamaModel.forward`.
+
+        Returns:
+            SequenceClassifierOutputWithPast (:mod:`diffllama.outputs`); its tuple with ``return_dict=False``.
 
         Raises:
-            ValueError: batch > 1 without ``config.pad_token_id`` (the pooled position is undefined).
+            ValueError: before the decoder runs: batch > 1 without ``config.pad_token_id`` (the pooled position is
+                undefined); ``labels`` of the wrong shape or out of range; ``num_items_in_batch`` not None, a number
+                > 0 or a tensor; and as :meth:`DiffLlamaModel.forward`. TypeError: ``labels`` not a tensor, or
+                single-label classes not int64/int32.
         """
+        _check_num_items(num_items_in_batch)
+        b, _ = _input_shape(input_ids, inputs_embeds, self.config.hidden_size)
+        pad = self.config.pad_token_id
+        if pad is None and b != 1:
+            raise ValueError("sequence classification of batch size > 1 needs config.pad_token_id to find the last "
+                             "token")
+        problem = None if labels is None else self._problem_type(labels)
+        if labels is not None:
+            labels = self._checked_labels(labels, problem, b)
         outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                              output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         logits = self.score(outputs.last_hidden_state)  # (B, S, num_labels)
-        b = logits.shape[0]
-        pad = self.config.pad_token_id
-        if pad is None and b != 1:
-            raise ValueError("sequence classification of batch size > 1 needs config.pad_token_id to find the last token")
         if pad is None or input_ids is None:
             last = torch.full((b,), -1, device=logits.device)
         else:
             positions = torch.arange(input_ids.shape[1], device=logits.device)
             last = (positions * (input_ids != pad).to(logits.device)).argmax(-1)
         pooled = logits[torch.arange(b, device=logits.device), last]
-        loss = None if labels is None else self._loss(pooled, labels)
+        loss = None if labels is None else self._loss(pooled, labels, problem)
         return SequenceClassifierOutputWithPast(loss, pooled, outputs.past_key_values, outputs.hidden_states,
                                                 outputs.attentions)
 
-    def _loss(self, pooled: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _problem_type(self, labels: torch.Tensor) -> str:
+        """``config.problem_type``, or the one transformers infers from ``num_labels`` and the labels' dtype."""
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+        if self.config.problem_type is not None:
+            return self.config.problem_type
+        if self.config.num_labels == 1:
+            return "regression"
+        if labels.dtype in (torch.long, torch.int):
+            return "single_label_classification"
+        return "multi_label_classification"
+
+    def _checked_labels(self, labels: torch.Tensor, problem: str, b: int) -> torch.Tensor:
+        """``labels`` checked for ``problem`` at batch ``b``; single-label classes come back as (b,) int64."""
         n = self.config.num_labels
-        problem = self.config.problem_type
-        if problem is None:
-            if n == 1:
-                problem = "regression"
-            elif labels.dtype in (torch.long, torch.int):
-                problem = "single_label_classification"
-            else:
-                problem = "multi_label_classification"
-            self.config.problem_type = problem
-        labels = labels.to(pooled.device)
-        b = pooled.shape[0]
         if problem == "single_label_classification":
-            labels = _check_labels(labels.view(-1), (b,), n)
-            return F.cross_entropy(pooled.view(-1, n), labels, ignore_index=-100)
+            return _check_labels(labels.reshape(-1), (b,), n)
         if labels.numel() != b * n:
             shape = f"({b},) or ({b}, 1)" if n == 1 else f"({b}, {n})"
             raise ValueError(f"labels for {problem} must have shape {shape}, got {tuple(labels.shape)}")
-        labels = labels.to(pooled.dtype).view(b, n)
+        return labels
+
+    def _loss(self, pooled: torch.Tensor, labels: torch.Tensor, problem: str) -> torch.Tensor:
+        self.config.problem_type = problem  # as transformers: an inferred type is kept for later calls
+        n = self.config.num_labels
+        labels = labels.to(pooled.device)
+        if problem == "single_label_classification":
+            return F.cross_entropy(pooled.view(-1, n), labels, ignore_index=-100)
+        labels = labels.to(pooled.dtype).view(pooled.shape[0], n)
         if problem == "regression":
             return F.mse_loss(pooled.squeeze(), labels.squeeze()) if n == 1 else F.mse_loss(pooled, labels)
         return F.binary_cross_entropy_with_logits(pooled, labels)
@@ -912,21 +1048,49 @@ class DiffLlamaForTokenClassification(DiffLlamaPreTrainedModel):
         nn.init.zeros_(self.score.bias)
 
     @can_return_tuple
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, *, output_attentions=False,
-                output_hidden_states=False, num_items_in_batch=None) -> TokenClassifierOutput:
-        """Logits (B, S, num_labels); cross-entropy over ``labels`` (B, S) int64 with -100 ignored.
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: DynamicCache | StaticCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        *,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> TokenClassifierOutput:
+        """Logits (B, S, num_labels) in the model dtype, and the loss when ``labels`` are given (transformers'
+        ``GenericForTokenClassification.forward``).
 
-        The output has no cache, so none is built unless ``use_cache=True``. ``num_items_in_batch`` is accepted and,
-        as in transformers, does not change this head's loss.
+        Args:
+            labels: (B, S) int64 or int32 classes in [0, num_labels) or -100 (ignored); the loss is the float32 0-d
+                mean cross-entropy over the counted tokens.
+            use_cache: the output has no cache, so none is built unless ``use_cache=True``.
+            num_items_in_batch: accepted and checked as by :class:`DiffLlamaForCausalLM` but, as in transformers,
+                it does not change this head's loss.
+            Other arguments as :meth:`DiffLlamaModel.forward`.
+
+        Returns:
+            TokenClassifierOutput (:mod:`diffllama.outputs`); its tuple with ``return_dict=False``.
+
+        Raises:
+            ValueError: before the decoder runs: ``labels`` not (B, S) or out of range, ``num_items_in_batch`` not
+                None, a number > 0 or a tensor; and as :meth:`DiffLlamaModel.forward`. TypeError: ``labels`` of
+                another dtype than int64/int32.
         """
+        _check_num_items(num_items_in_batch)
+        if labels is not None:
+            labels = _check_labels(labels, _input_shape(input_ids, inputs_embeds, self.config.hidden_size),
+                                   self.config.num_labels)
         outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
                              bool(use_cache), output_attentions=output_attentions,
                              output_hidden_states=output_hidden_states)
         logits = self.score(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
-            labels = _check_labels(labels, logits.shape[:2], logits.shape[-1])
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1).to(logits.device),
                                    ignore_index=-100)
         return TokenClassifierOutput(loss, logits, outputs.hidden_states, outputs.attentions)
@@ -948,16 +1112,44 @@ class DiffLlamaForQuestionAnswering(DiffLlamaPreTrainedModel):
         nn.init.zeros_(self.qa_outputs.bias)
 
     @can_return_tuple
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, start_positions=None, end_positions=None, *, use_cache=None,
-                output_attentions=False, output_hidden_states=False,
-                num_items_in_batch=None) -> QuestionAnsweringModelOutput:
-        """``start_logits``, ``end_logits`` (B, S); loss when ``start_positions``/``end_positions`` (B,) given:
-        the mean of the two cross-entropies, each the mean over counted rows, or their sum / ``num_items_in_batch``
-        when given (transformers' ``ForQuestionAnsweringLoss``). The output has no cache, so none is built unless
-        ``use_cache=True``."""
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: DynamicCache | StaticCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        *,
+        use_cache: bool | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> QuestionAnsweringModelOutput:
+        """``start_logits``, ``end_logits`` (B, S) in the model dtype, and the loss when both positions are given
+        (transformers' ``GenericForQuestionAnswering.forward`` and ``ForQuestionAnsweringLoss``).
+
+        Args:
+            start_positions, end_positions: (B,) or (B, 1) tensors of an integer dtype (any but bool), token
+                indices; clamped to [0, S], and S is ignored. The loss, a 0-d tensor in the logits' dtype, is the
+                mean of the start and end cross-entropies, each the mean over counted rows, or their sum /
+                ``num_items_in_batch`` when that is given.
+            use_cache: the output has no cache, so none is built unless ``use_cache=True``.
+            num_items_in_batch: None, a number > 0 or a 0-d tensor (whose value is not checked: reading
+                it back would synchronise the device).
+            Other arguments as :meth:`DiffLlamaModel.forward`.
+
+        Returns:
+            QuestionAnsweringModelOutput (:mod:`diffllama.outputs`); its tuple with ``return_dict=False``.
+
+        Raises:
+            ValueError: naming the argument, before the decoder runs: a position tensor that is not of an integer
+                dtype or not (B,)/(B, 1), ``num_items_in_batch`` not None, a number > 0 or a tensor; and as
+                :meth:`DiffLlamaModel.forward`.
+        """
         _check_num_items(num_items_in_batch)
-        batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        batch, _ = _input_shape(input_ids, inputs_embeds, self.config.hidden_size)
         for name, value in (("start_positions", start_positions), ("end_positions", end_positions)):
             if value is not None:
                 _check_positions(name, value, batch)
