@@ -52,6 +52,19 @@ class ModelOutput:
 
 @dataclass
 class BaseModelOutputWithPast(ModelOutput):
+    """What :meth:`diffllama.DiffLlamaModel.forward` returns (transformers' ``modeling_outputs`` class of the same
+    name). Tensors are in the model's dtype (the activation dtype under autocast).
+
+    Fields:
+        last_hidden_state: (B, S, D), the final RMSNorm's output.
+        past_key_values: the ``diffllama.cache`` DynamicCache or StaticCache holding the keys and values of all
+            P + S positions, when ``use_cache``; else None.
+        hidden_states: when ``output_hidden_states``: L + 1 tensors (B, S, D), the embedding output and each
+            layer's output, the last one normed (so equal to ``last_hidden_state``); else None.
+        attentions: when ``output_attentions`` (eager backend): L tensors (B, H, S, Sk) of attention
+            probabilities, Sk the keys attended (P + S; a StaticCache's max_length); else None.
+    """
+
     last_hidden_state: torch.Tensor
     past_key_values: object | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -60,6 +73,15 @@ class BaseModelOutputWithPast(ModelOutput):
 
 @dataclass
 class CausalLMOutputWithPast(ModelOutput):
+    """What :meth:`diffllama.DiffLlamaForCausalLM.forward` returns (transformers' ``modeling_outputs`` class of
+    the same name).
+
+    Fields:
+        loss: 0-d float32 next-token cross-entropy, when ``labels`` were given; else None.
+        logits: (B, S_kept, vocab_size) in the model's dtype (S_kept from ``logits_to_keep``; S by default).
+        past_key_values, hidden_states, attentions: as :class:`BaseModelOutputWithPast`.
+    """
+
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: object | None = None
@@ -69,11 +91,28 @@ class CausalLMOutputWithPast(ModelOutput):
 
 @dataclass
 class SequenceClassifierOutputWithPast(CausalLMOutputWithPast):
-    pass
+    """What :meth:`diffllama.DiffLlamaForSequenceClassification.forward` returns (transformers'
+    ``modeling_outputs`` class of the same name): the fields of :class:`CausalLMOutputWithPast`, except
+
+    Fields:
+        loss: 0-d, in the logits' dtype, by ``config.problem_type`` (MSE, cross-entropy or BCE), when ``labels``
+            were given; else None.
+        logits: (B, num_labels) in the model's dtype, each row's logits at its last non-pad token.
+    """
 
 
 @dataclass
 class TokenClassifierOutput(ModelOutput):
+    """What :meth:`diffllama.DiffLlamaForTokenClassification.forward` returns (transformers' ``modeling_outputs``
+    class of the same name; no cache field).
+
+    Fields:
+        loss: 0-d float32 cross-entropy over the tokens whose label is not -100, when ``labels`` were given; else
+            None.
+        logits: (B, S, num_labels) in the model's dtype.
+        hidden_states, attentions: as :class:`BaseModelOutputWithPast`.
+    """
+
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -82,6 +121,17 @@ class TokenClassifierOutput(ModelOutput):
 
 @dataclass
 class QuestionAnsweringModelOutput(ModelOutput):
+    """What :meth:`diffllama.DiffLlamaForQuestionAnswering.forward` returns (transformers' ``modeling_outputs``
+    class of the same name; no cache field).
+
+    Fields:
+        loss: 0-d, in the logits' dtype, the mean of the start and end cross-entropies, when both
+            ``start_positions`` and ``end_positions`` were given; else None.
+        start_logits, end_logits: (B, S) each, in the model's dtype: per-token scores of the answer span's first and
+            last token.
+        hidden_states, attentions: as :class:`BaseModelOutputWithPast`.
+    """
+
     loss: torch.Tensor | None = None
     start_logits: torch.Tensor | None = None
     end_logits: torch.Tensor | None = None
