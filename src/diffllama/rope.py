@@ -45,6 +45,10 @@ def compute_inv_freq(
         ``int(head_dim * partial_rotary_factor)`` (factor default 1.0; ignored by the default type, as in
         transformers' DiffLlama); attention_scaling is the float that
         multiplies cos and sin (1.0 except for yarn and longrope).
+
+    Raises:
+        ValueError: an unknown ``rope_type`` (DiffLlamaConfig refuses one first, so only for configs edited after
+            construction).
     """
     params = config.rope_parameters
     rope_type, theta = params["rope_type"], params["rope_theta"]

@@ -257,7 +257,9 @@ def attention(
     """Same contract as :func:`diffllama.attention.eager.attention`; never returns probabilities.
 
     Raises:
-        ValueError: for ``output_attentions=True`` or inconsistent shapes.
+        ValueError: for ``output_attentions=True``, query/key/value of different dtypes, or shapes that break the
+            shared contract (:func:`diffllama.attention.check_inputs`, which also raises TypeError for a mask of the
+            wrong dtypes).
         RuntimeError: for CPU tensors (flash needs a CUDA GPU), or when Triton is not installed.
     """
     if output_attentions:
