@@ -67,3 +67,11 @@ def test_valid_inputs_pass_the_checks(backend):
     q, k, v, mask = _inputs()
     out, _ = get_backend(backend)(q, k, v, mask, scale=D ** -0.5, lambda_full=torch.tensor(0.5))
     assert out.shape == (B, S, H // 2, 2 * D)
+
+
+def test_resolve_implementation_refuses_unknown_names():
+    from diffllama.attention import resolve_implementation
+
+    assert resolve_implementation("auto", "cpu") == "sdpa" and resolve_implementation("eager", "cpu") == "eager"
+    with pytest.raises(ValueError, match="attn_implementation must be one of .* or 'auto', got 'flash3'"):
+        resolve_implementation("flash3", "cpu")
