@@ -292,11 +292,7 @@ class DiffLlamaConfig:
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no config.json at {file}")
-        try:
-            data = json.loads(file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file} is not valid JSON: {err}") from err
-        return cls.from_dict(data, **overrides)
+        return cls.from_dict(read_json_object(file), **overrides)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` into ``directory`` atomically (temp file, then rename). Returns the file path.
@@ -432,6 +428,21 @@ def default_permissions(path: str | os.PathLike) -> None:
     umask = os.umask(0)  # the only portable way to read the umask is to set it: put it straight back
     os.umask(umask)
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object (a dict) in the UTF-8 file ``path``.
+
+    Raises:
+        ValueError: naming the file, when it is not UTF-8, not valid JSON, or holds something else than an object.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object ({{...}}), got a {type(data).__name__}")
+    return data
 
 
 def atomic_write(path: Path, write) -> Path:

@@ -21,7 +21,6 @@ later positions of that row hold ``pad_token_id``; generation ends when every ro
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -219,16 +218,10 @@ def read_generation_config(directory: str | os.PathLike) -> dict:
     Raises:
         ValueError: the file exists but is not a JSON object.
     """
+    from diffllama.config import read_json_object
+
     path = Path(directory) / GENERATION_CONFIG
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else {}
 
 
 def check_eos_token_id(value, vocab_size: int, name: str = "eos_token_id") -> list[int]:

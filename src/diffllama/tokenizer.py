@@ -38,13 +38,10 @@ def _token_content(value) -> str | None:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    return data if isinstance(data, dict) else {}
+    """A tokenizer config file's object, {} when the file is absent (ValueError when it is malformed)."""
+    from diffllama.config import read_json_object
+
+    return read_json_object(path) if path.is_file() else {}
 
 
 class Tokenizer:
