@@ -320,6 +320,26 @@ def test_predict_into_a_pipe_closed_early_still_writes_the_metrics(classifier, t
     assert json.loads(target.read_text())["accuracy"] >= 0
 
 
+def test_predict_defaults_to_the_lengths_the_model_was_fine_tuned_with(classifier):
+    """Was: predict cut texts at 256 tokens whatever the model was fine-tuned with (here 64); the recorded value is
+    the default now, and an explicit --max-length still wins."""
+    from diffllama.finetune.predict import check_checkpoint
+
+    found = check_checkpoint(get_task("sequence-classification"), classifier)
+    assert found.settings == {"max_length": 64, "stride": 64, "max_answer_tokens": 30}
+    assert found.labels == ["fresh", "rotten"]
+    text = " ".join(["A long, winding and in the end rather moving film about two brothers."] * 12) + "\n"
+
+    def run(*args):
+        result = _cli("predict", "sequence-classification", "--model", classifier, *args, "-", input=text)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    default, recorded, longer = run(), run("--max-length", "64"), run("--max-length", "256")
+    assert default == recorded
+    assert default["scores"] != longer["scores"]  # the text is longer than 64 tokens: the cut matters
+
+
 def test_predict_names_stdin(classifier):
     _refused(_cli("predict", "sequence-classification", "--model", classifier, "-", input="\n"), 1,
              "error: <stdin> is empty: no data rows")

@@ -570,8 +570,10 @@ def predict(
     label_column: str = typer.Option("label", help="Label column / key, used for metrics when present."),
     tokens_column: str = typer.Option("tokens", help="JSONL key of the token list (tagging)."),
     tags_column: str = typer.Option("tags", help="JSONL key of the tag list (tagging)."),
-    max_length: int = typer.Option(256, help="Tokens per sequence (per window for QA)."),
-    stride: int = typer.Option(64, help="Overlap of QA context windows."),
+    max_length: int = typer.Option(None, help="Tokens per sequence (per window for QA). Default: the value the "
+                                   "model was fine-tuned with (its train_config.yaml), else 256."),
+    stride: int = typer.Option(None, help="Overlap of QA context windows. Default: the value the model was "
+                               "fine-tuned with, else 64."),
     batch_size: int = typer.Option(16, help="Sequences per forward pass (>= 1)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto (cuda when available)."),
     metrics_out: str = typer.Option(None, "--metrics-out", help="Write metrics JSON here (input with gold labels)."),
@@ -581,6 +583,7 @@ def predict(
     When the input carries gold labels, metrics are printed to stderr (and written to --metrics-out).
     Example: echo "A triumph of a film." | diffllama predict sequence-classification --model runs/ft/model -
     """
+    import dataclasses
     import json
     import os
     import sys
@@ -589,16 +592,23 @@ def predict(
     from diffllama.finetune.predict import (check_checkpoint, gold_metrics, output_records, predict as run_predict,
                                             read_input, write_metrics)
 
+    from diffllama.finetune.tasks import TaskOptions, get_task
+
     try:  # arguments and the checkpoint's class first, before any input is read or anything printed
-        task_obj = _task_options(task, text_column, label_column, tokens_column, tags_column, None, max_length,
-                                 stride)
-        _check_task_args(task, max_length, stride)
         if batch_size < 1:
             raise _GenerateError(f"--batch-size must be >= 1 (sequences per forward pass), got {batch_size}", 2)
         torch_device = _generation_device(device)
         if metrics_out:
             _check_out_file("--metrics-out", metrics_out)
-        check_checkpoint(task_obj, model)
+        found = check_checkpoint(get_task(task), model)
+        # The lengths the model was fine-tuned with, unless given now: other ones would cut texts and QA windows
+        # differently from training.
+        given = {k: v for k, v in dict(max_length=max_length, stride=stride).items() if v is not None}
+        settings = {**dataclasses.asdict(TaskOptions()), **found.settings, **given}
+        _check_task_args(task, settings["max_length"], settings["stride"])
+        task_obj = get_task(task, TaskOptions(**{**settings, "text_column": text_column, "label_column": label_column,
+                                                 "tokens_column": tokens_column, "tags_column": tags_column,
+                                                 "labels": found.labels}))
         examples = read_input(task_obj, source, sys.stdin.buffer.read() if source == "-" else None)
         predictions = run_predict(task_obj, model, examples, batch_size=batch_size, device=torch_device)
     except _GenerateError as error:

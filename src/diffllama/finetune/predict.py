@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,15 +54,29 @@ def load_for_task(task: Task, model_dir, *, device="cpu", dtype=None):
     return model, tokenizer, id2label
 
 
-def check_checkpoint(task: Task, model_dir) -> Path:
-    """The checkpoint directory of ``model_dir`` after checking that its config.json ``architectures`` names the
-    task's head class (a checkpoint without ``architectures`` passes here; :func:`load_for_task` still refuses one
-    whose head weights are missing). For a task with labels, ``task.options.labels`` becomes the checkpoint's
-    label set (``id2label`` in id order), so that :func:`read_input` refuses gold labels the model cannot predict.
+@dataclass
+class CheckpointInfo:
+    """What :func:`check_checkpoint` learns from a fine-tuned checkpoint: its ``directory``; its ``labels``
+    (``id2label`` in id order; None for QA or a config without one); ``settings``: the
+    :class:`~diffllama.finetune.tasks.TaskOptions` fields it was fine-tuned with (``max_length``, ``stride``,
+    ``max_answer_tokens``, from its ``train_config.yaml``; empty for a checkpoint not written by
+    ``diffllama finetune``)."""
+
+    directory: Path
+    labels: list[str] | None
+    settings: dict
+
+
+def check_checkpoint(task: Task, model_dir) -> CheckpointInfo:
+    """Check that ``model_dir``'s config.json ``architectures`` names the task's head class (a checkpoint without
+    ``architectures`` passes here; :func:`load_for_task` still refuses one whose head weights are missing) and
+    return its directory, label set and recorded settings (:class:`CheckpointInfo`): predicting with another
+    ``max_length``/``stride`` than the model was fine-tuned with would cut texts and windows differently, and gold
+    labels outside its label set cannot be predicted.
 
     Raises:
         FileNotFoundError / NotADirectoryError: no such checkpoint. ValueError: another model class, an
-        unreadable config.json, an ``id2label`` whose keys are not label ids.
+        unreadable config.json or train_config.yaml, an ``id2label`` whose keys are not label ids.
     """
     from diffllama.checkpoint import resolve_checkpoint_dir
 
@@ -83,18 +98,41 @@ def check_checkpoint(task: Task, model_dir) -> Path:
         raise ValueError(f"--model {model_dir} holds a {', '.join(map(str, architectures))}; predict {task.name} "
                          f"needs a checkpoint written by `diffllama finetune {task.name}` ({expected})")
     id2label = config.get("id2label") if isinstance(config, dict) else None
+    labels = None
     if task.has_labels and isinstance(id2label, dict):
         try:
-            task.options.labels = [id2label[key] for key in sorted(id2label, key=int)]
+            labels = [id2label[key] for key in sorted(id2label, key=int)]
         except (TypeError, ValueError):
             raise ValueError(f"--model {model_dir}: config.json's id2label {id2label!r} must map label ids "
                              f"(integers) to label names") from None
-    return directory
+    return CheckpointInfo(directory, labels, _recorded_settings(task, model_dir, directory))
+
+
+# TaskOptions field <- the name diffllama finetune records it under in train_config.yaml
+_RECORDED = {"max_length": "seq_len", "stride": "stride", "max_answer_tokens": "max_answer_tokens"}
+
+
+def _recorded_settings(task: Task, model_dir, directory: Path) -> dict:
+    """The TaskOptions fields recorded in ``directory/train_config.yaml`` by a ``diffllama finetune TASK`` run
+    (every checkpoint and RUN_DIR/model carry it); {} without the file or for a run of another kind."""
+    import yaml
+
+    path = directory / "train_config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ValueError(f"--model {model_dir}: cannot read train_config.yaml (the settings it was fine-tuned "
+                         f"with): {error}") from error
+    if not isinstance(saved, dict) or saved.get("task") != task.name:  # e.g. a `diffllama train` checkpoint
+        return {}
+    return {field: saved[key] for field, key in _RECORDED.items() if saved.get(key) is not None}
 
 
 def read_input(task: Task, source: str, stdin_text: str | bytes | None = None) -> list:
     """Examples from ``source`` (a path) or, for ``-``, from ``stdin_text``; labels optional, but a gold label must
-    be in ``task.options.labels`` when that is set (:func:`check_checkpoint` sets the model's).
+    be in ``task.options.labels`` when that is set (the model's: :attr:`CheckpointInfo.labels`).
 
     Args:
         stdin_text: standard input as bytes (decoded as UTF-8 here) or as text; text read with Python's
