@@ -165,7 +165,7 @@ def test_folder_left_before_the_first_step_is_a_run_folder(tmp_path):
     out = tmp_path / "run"
     cfg = resolve_config(None, _config(tmp_path))
     Trainer(cfg, out, quiet=True)._prepare_run_dir()  # what a run killed before its first step leaves
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "metrics.jsonl"] and is_run_dir(out)
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.yaml", "metrics.jsonl"] and is_run_dir(out)
     check_run_dir(out)  # a rerun may use it
     (out / "metrics.jsonl").unlink()
     with pytest.raises(ValueError, match="is an existing folder that is not a run folder"):

@@ -28,11 +28,45 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from diffllama.train.data import file_in_the_way
+from diffllama.train.data import fcntl, file_in_the_way
 from diffllama.train.distributed import DistInfo, barrier
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
+LOCK_FILE = ".lock"  # RUN_DIR/.lock: held by the run writing the folder (lock_run_dir)
+
+
+class RunDirInUse(ValueError):
+    """Another live run holds the run folder's lock."""
+
+
+def lock_run_dir(run_dir: Path):
+    """Create ``run_dir`` if needed and take an exclusive, non-blocking ``flock`` on ``run_dir/.lock``.
+
+    Two runs writing one folder would delete each other's checkpoint staging folders and interleave
+    ``metrics.jsonl``; the lock makes the second one stop at once. The OS drops it when the process dies however
+    it dies, so a killed run leaves no stale lock (the file itself stays: removing it would let two runs lock two
+    different files of the same name). On a filesystem without flock, and on Windows, the run goes on unlocked, as
+    the data cache's staging does (:func:`diffllama.train.data._staging`).
+
+    Returns:
+        The open lock file: the lock is held until it is closed (or garbage collected).
+
+    Raises:
+        RunDirInUse: (a ValueError) another process holds the lock, naming the folder.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a")
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise RunDirInUse(f"--out {str(run_dir)!r} is in use by another run (it holds {run_dir / LOCK_FILE}): "
+                              f"wait for that run to end, or choose another --out") from None
+        except OSError:  # no flock on this filesystem
+            pass
+    return handle
 
 
 def rng_state() -> dict:
@@ -179,7 +213,8 @@ def check_run_dir(run_dir: str | os.PathLike) -> None:
     if blocker is not None:
         where = "is a file" if blocker == run_dir else f"cannot be created: {blocker} is a file"
         raise ValueError(f"--out {str(run_dir)!r} {where}, expected a run folder ({expected})")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not is_run_dir(run_dir):
+    # The lock file alone is what a run refused or failed before its first write leaves (lock_run_dir).
+    if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()) and not is_run_dir(run_dir):
         raise ValueError(f"--out {str(run_dir)!r} is an existing folder that is not a run folder (no config.yaml "
                          f"with metrics.jsonl or checkpoints/), expected {expected}")
 

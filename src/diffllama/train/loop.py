@@ -128,7 +128,9 @@ class Trainer:
         CorpusError: missing/empty corpus, splits too small for ``seq_len``.
         ValueError: bad settings (e.g. a model vocabulary smaller than the tokenizer's); ``run_dir`` already
             holding checkpoints without ``resume``; ``run_dir`` not fit to be a run folder
-            (:func:`~diffllama.train.checkpoint.check_run_dir`); "ddp"/"fsdp" without torchrun; on resume,
+            (:func:`~diffllama.train.checkpoint.check_run_dir`); ``run_dir`` in use by another live run (its lock,
+            :func:`~diffllama.train.checkpoint.lock_run_dir`, taken here and held until :meth:`fit` ends: a
+            ``RunDirInUse``, before any write); "ddp"/"fsdp" without torchrun; on resume,
             settings the resumed run could not honour (:func:`~diffllama.train.config.resume_conflicts`), a damaged
             checkpoint file (:func:`~diffllama.train.checkpoint.read_checkpoint`) or a damaged ``metrics.jsonl``
             (:func:`~diffllama.train.metrics.read_metrics_file`), all before any work.
@@ -150,6 +152,48 @@ class Trainer:
                                  f"use --attn-implementation sdpa (or auto), or --device cuda")
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        self._created = not self.run_dir.exists()  # fit's clean-up removes only a folder this run created
+        self._lock = self._lock_run_dir()
+        try:
+            self._setup(resume)
+        except BaseException:
+            self._release_run_dir(remove=self._created)
+            raise
+
+    def _lock_run_dir(self):
+        """The run folder's lock (:func:`~diffllama.train.checkpoint.lock_run_dir`), held until :meth:`fit` ends.
+
+        Only rank 0 writes the folder's files and removes its staging folders, so it alone locks (the ranks of one
+        launch share the folder: a lock per rank would refuse its own siblings). The ranks then agree on the
+        outcome, so that on a refusal every rank stops at once instead of waiting for rank 0 at a barrier.
+        """
+        lock, refused = None, None
+        if self.info.is_main:
+            try:
+                lock = ckpt.lock_run_dir(self.run_dir)
+            except ckpt.RunDirInUse as error:
+                refused = error
+        if self.info.distributed:
+            flag = all_reduce_sum(torch.tensor([float(refused is not None)], device=self.device), self.info)
+            if flag.item() and refused is None:
+                refused = ckpt.RunDirInUse(f"--out {str(self.run_dir)!r} is in use by another run (rank 0 found "
+                                           f"its lock held)")
+        if refused is not None:
+            raise refused
+        return lock
+
+    def _release_run_dir(self, remove: bool = False) -> None:
+        """Release the run folder's lock; with ``remove``, delete the folder first (while still holding it)."""
+        if self._lock is None:
+            return
+        if remove:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+        self._lock.close()
+        self._lock = None
+
+    def _setup(self, resume: bool) -> None:
+        """The rest of ``__init__``, run under the run folder's lock."""
+        cfg = self.cfg
         self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
         if not resume and ckpt.latest_checkpoint(self.run_dir) is not None:
             raise ValueError(f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
@@ -438,17 +482,16 @@ class Trainer:
                     writer.add_scalar(key, value, record["step"])
 
     def _prepare_run_dir(self) -> bool:
-        """Create the run folder; trim metrics past the resumed step. Returns True if this call created it."""
-        created = not self.run_dir.exists()
+        """Write config.yaml; trim metrics past the resumed step. Returns True if this run created the folder
+        (:meth:`_lock_run_dir` did, in ``__init__``)."""
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", self.cfg.to_yaml())
             metrics = self.run_dir / "metrics.jsonl"
             if self.resume_from is None:  # a fresh record; with config.yaml it marks a run folder (check_run_dir)
                 metrics.write_text("")
             elif self._resumed_metrics is not None:  # read (and checked) before any work, in __init__
                 atomic_write_text(metrics, "".join(json.dumps(record) + "\n" for record in self._resumed_metrics))
-        return created
+        return self._created
 
     def _tensorboard(self):
         if not (self.cfg.tensorboard and self.info.is_main):
@@ -460,7 +503,8 @@ class Trainer:
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     def fit(self) -> FitResult:
-        """Train from ``self.step`` to ``max_steps``; evaluate, log and checkpoint along the way.
+        """Train from ``self.step`` to ``max_steps``; evaluate, log and checkpoint along the way. Releases the run
+        folder's lock when it returns or raises.
 
         Returns:
             :class:`FitResult`. On SIGINT/SIGTERM a checkpoint of the last finished step is written and
@@ -469,6 +513,12 @@ class Trainer:
         Raises:
             BatchTooLargeError: the first step ran out of memory (names batch size and sequence length).
         """
+        try:
+            return self._fit()
+        finally:
+            self._release_run_dir()
+
+    def _fit(self) -> FitResult:
         cfg, info = self.cfg, self.info
         if self.resume_from is not None and self.step >= cfg.max_steps:  # a finished run
             result = FitResult(step=self.step, metrics=dict(self._last_metrics), checkpoint=self.resume_from)
@@ -538,7 +588,7 @@ class Trainer:
             if last_saved is None and created and info.is_main:  # nothing worth keeping: leave no half-run
                 if writer is not None:
                     writer.close()
-                shutil.rmtree(self.run_dir, ignore_errors=True)
+                self._release_run_dir(remove=True)
             raise
         finally:
             if bar is not None:
