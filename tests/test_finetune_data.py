@@ -245,3 +245,13 @@ def test_qa_prediction_without_a_span_is_valid_json(tokenizer):
     assert empty == {"answer": "", "score": None, "start": -1, "end": -1}
     assert isinstance(found["score"], float) and found["answer"] and found["start"] >= 0
     assert json.loads(json.dumps([empty, found], allow_nan=False)) == [empty, found]
+
+
+def test_csv_header_with_a_repeated_column_is_refused(tmp_path):
+    """Was: csv.DictReader silently took the last 'label' column."""
+    path = tmp_path / "d.csv"
+    path.write_text("text,label,label\ngood,fresh,rotten\n")
+    with pytest.raises(D.DataError, match=r"d.csv: row 0 \(header\) names column\(s\) \['label'\] more than once"):
+        D.read_text_classification(path)
+    path.write_text("text,label,,\ngood,fresh,,\n")  # blank trailing columns (spreadsheet exports) are not names
+    assert [(e.text, e.label) for e in D.read_text_classification(path)] == [("good", "fresh")]

@@ -132,8 +132,9 @@ def read_text_classification(path: str | Path, text_column: str = "text", label_
         The examples in file order.
 
     Raises:
-        DataError: missing file, empty file, missing column (naming the columns found), a CSV row with more fields
-            than the header, malformed CSV (a quote left open), empty text or label.
+        DataError: missing file, empty file, missing column (naming the columns found), a column name given twice
+            in the CSV header, a CSV row with more fields than the header, malformed CSV (a quote left open), empty
+            text or label.
     """
     path = Path(path)
     examples: list[TextExample] = []
@@ -178,6 +179,11 @@ def _csv_examples(path, reader, delimiter, text_column, label_column, require_la
     if not columns:
         raise DataError(f"{path} is empty: expected a header row with columns "
                         f"{text_column!r} and {label_column!r}")
+    # DictReader keeps the last of two same-named columns: the other one's values would be dropped without a word.
+    repeated = sorted({name for name in columns if name.strip() and columns.count(name) > 1})
+    if repeated:
+        raise DataError(f"{path}: row 0 (header) names column(s) {repeated} more than once; columns: {columns}; "
+                        f"expected each column name once")
     if text_column not in columns:
         raise DataError(f"{path}: row 0 (header) has no text column {text_column!r}; columns: {columns} "
                         f"(choose one with --text-column)")
