@@ -138,10 +138,35 @@ def test_squad_answer_not_in_context(tmp_path):
     path = tmp_path / "q.json"
     data = {"data": [{"paragraphs": [{"context": "Paris is in France.", "qas": [
         {"id": "a", "question": "Where?", "answers": [{"text": "France", "answer_start": 12}]},
-        {"id": "b", "question": "What?", "answers": [{"text": "Spain", "answer_start": 0}]}]}]}]}
+        {"id": "b", "question": "What?", "answers": [{"text": "Spain"}]}]}]}]}
     path.write_text(json.dumps(data))
     with pytest.raises(D.DataError, match=r"q\.json: row 2 \(question id 'b'\): answer 'Spain' is not found"):
         D.read_squad(path)
+
+
+@pytest.mark.parametrize("start", [0, "0", 0.0])
+def test_squad_answer_not_at_its_answer_start_is_refused(tmp_path, start):
+    """Was: a wrong answer_start was replaced by the text's first occurrence (here another 'France')."""
+    path = tmp_path / "q.json"
+    context = "Paris is in France. France is big."
+    qas = [{"id": "a", "question": "Where?", "answers": [{"text": "France", "answer_start": "20"}]},
+           {"id": "b", "question": "What?", "answers": [{"text": "France", "answer_start": start}]}]
+    path.write_text(json.dumps({"data": [{"paragraphs": [{"context": context, "qas": qas}]}]}))
+    with pytest.raises(D.DataError, match=re.escape(
+            f"q.json: row 2 (question id 'b'): answer 'France' is not at its answer_start {start!r} (the context "
+            f"has 'Paris ' there)")):
+        D.read_squad(path)
+    qas.pop()
+    path.write_text(json.dumps({"data": [{"paragraphs": [{"context": context, "qas": qas}]}]}))
+    assert D.read_squad(path)[0].answer_starts == [20]  # a string offset is read as its number
+
+
+def test_squad_jsonl_answers_without_offsets_keep_their_answers(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "Where?", "context": "Paris is in France.",
+                                "answers": {"text": ["France"]}}) + "\n")
+    example = D.read_squad(path)[0]
+    assert (example.answers, example.answer_starts) == (["France"], [12])
 
 
 def test_first_subtoken_labelled_rest_ignored(tokenizer):

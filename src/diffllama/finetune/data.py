@@ -298,12 +298,14 @@ def read_tagged(path: str | Path, tokens_column: str = "tokens", tags_column: st
 def read_squad(path: str | Path, *, require_answers: bool = True, lines=None) -> list[QAExample]:
     """Read extractive QA examples from SQuAD-format JSON, or (for prediction) JSONL ``{question, context}``.
 
-    Each gold answer must occur in its context: at ``answer_start`` if given, else anywhere (the first
-    occurrence is used). Rows count the questions of the file from 1, in order.
+    Each gold answer must occur in its context: at ``answer_start`` if given (an integer, or a string or float
+    holding one), else anywhere (the first occurrence is used). Rows count the questions of the file from 1, in
+    order.
 
     Raises:
         DataError: missing/empty/invalid file, a question without ``question``/``context``, no answers (when
-            required), an answer not found in its context (naming the file, row and question id).
+            required), an answer not found in its context, or not at its ``answer_start`` (naming the file, row,
+            question id, the given start and the text found there).
     """
     path = Path(path)
     if lines is None:
@@ -316,8 +318,14 @@ def read_squad(path: str | Path, *, require_answers: bool = True, lines=None) ->
                     raise DataError(f"{path}: row {number} has no {key!r} string")
             answers = record.get("answers") or []
             if isinstance(answers, dict):  # {"text": [...], "answer_start": [...]} (the datasets layout)
-                answers = [{"text": t, "answer_start": s} for t, s in zip(answers.get("text", []),
-                                                                          answers.get("answer_start", []))]
+                texts = answers.get("text") or []
+                starts = answers.get("answer_start")
+                if starts is None:  # no offsets: each answer's first occurrence (zip would drop every answer)
+                    starts = [None] * len(texts)
+                if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
+                    raise DataError(f"{path}: row {number}: answers 'text' {texts!r} and 'answer_start' "
+                                    f"{starts!r} must be lists of the same length")
+                answers = [{"text": t, "answer_start": s} for t, s in zip(texts, starts)]
             examples.append(_qa_example(path, number, str(record.get("id", number)), record["question"],
                                         record["context"], answers, require_answers, record.get("depth")))
     else:
@@ -358,15 +366,40 @@ def _qa_example(path, number, qid, question, context, answers, require_answers, 
         text = answer.get("text") if isinstance(answer, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path}: row {number} (question id {qid!r}) has an answer without text")
-        start = answer.get("answer_start")
-        if not (isinstance(start, int) and context[start:start + len(text)] == text):
+        given = answer.get("answer_start")
+        if given is None:  # no offset given: the first occurrence
             start = context.find(text)
-        if start < 0:
-            raise DataError(f"{path}: row {number} (question id {qid!r}): answer {text!r} is not found in the "
-                            f"context")
+            if start < 0:
+                raise DataError(f"{path}: row {number} (question id {qid!r}): answer {text!r} is not found in the "
+                                f"context")
+        else:
+            # A wrong offset is refused, not searched for: the text may occur elsewhere too, and the first
+            # occurrence would then train and score the model on another span than the one the data names.
+            start = _answer_start(given)
+            if start is None:
+                raise DataError(f"{path}: row {number} (question id {qid!r}): answer {text!r} has answer_start "
+                                f"{given!r}; expected a character offset (an integer >= 0)")
+            found = context[start:start + len(text)]
+            if found != text:
+                raise DataError(f"{path}: row {number} (question id {qid!r}): answer {text!r} is not at its "
+                                f"answer_start {given!r} (the context has {found!r} there); expected the offset of "
+                                f"the answer's first character in the context (leave answer_start out to use its "
+                                f"first occurrence)")
         texts.append(text)
         starts.append(start)
     return QAExample(qid, question, context, texts, starts, number, None if depth is None else float(depth))
+
+
+def _answer_start(value) -> int | None:
+    """``answer_start`` as an int (SQuAD writers give ints, some strings such as "39" or floats such as 39.0), or
+    None when it is not a whole number >= 0."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and value >= 0 else None
 
 
 # ---- labels ------------------------------------------------------------------------------------------------------
