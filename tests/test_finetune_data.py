@@ -280,3 +280,13 @@ def test_csv_header_with_a_repeated_column_is_refused(tmp_path):
         D.read_text_classification(path)
     path.write_text("text,label,,\ngood,fresh,,\n")  # blank trailing columns (spreadsheet exports) are not names
     assert [(e.text, e.label) for e in D.read_text_classification(path)] == [("good", "fresh")]
+
+
+def test_tagging_metrics_count_a_cut_word_as_a_miss_without_a_label_of_its_own():
+    """Was: words without a prediction (cut by --max-length) formed a tag None with F1 0, lowering macro-F1."""
+    scores = M.tagging_metrics([["DET", "NOUN", "NOUN"]], [["DET", "NOUN", None]])
+    assert sorted(scores["per_tag"]) == ["DET", "NOUN"]
+    assert scores["token_accuracy"] == pytest.approx(2 / 3)
+    noun = scores["per_tag"]["NOUN"]  # 1 of 2 found, no false positive
+    assert (noun["precision"], noun["recall"], noun["support"]) == (1.0, 0.5, 2)
+    assert scores["macro_f1"] == pytest.approx((1.0 + 2 / 3) / 2)

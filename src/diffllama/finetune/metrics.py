@@ -26,7 +26,8 @@ def per_label_scores(references: list, predictions: list) -> dict:
     """Precision, recall, F1 and support (reference count) of every label in ``references`` ∪ ``predictions``.
 
     Args:
-        references, predictions: equal-length sequences of hashable labels.
+        references, predictions: equal-length sequences of hashable labels; a None prediction (no prediction, e.g.
+            a word cut off by ``max_length``) counts as wrong for its reference label and is no label of its own.
 
     Returns:
         ``{label: {"precision", "recall", "f1", "support"}}``, labels sorted by their string form.
@@ -41,9 +42,10 @@ def per_label_scores(references: list, predictions: list) -> dict:
         if ref == pred:
             tp[ref] += 1
         else:
-            fp[pred] += 1
+            if pred is not None:  # a missing prediction is a miss, not a false positive of a label "None"
+                fp[pred] += 1
             fn[ref] += 1
-    labels = sorted(set(references) | set(predictions), key=str)
+    labels = sorted(set(references) | {p for p in predictions if p is not None}, key=str)
     return {label: _prf(tp[label], fp[label], fn[label]) for label in labels}
 
 
@@ -76,7 +78,8 @@ def tagging_metrics(references: list[list], predictions: list[list]) -> dict:
     """Token accuracy and per-tag F1 over sentences of word tags.
 
     Args:
-        references, predictions: lists of sentences, each a list of tags; sentence lengths must match.
+        references, predictions: lists of sentences, each a list of tags; sentence lengths must match. A None
+            predicted tag (a word past ``max_length``) is wrong for its reference tag and adds no tag of its own.
 
     Returns:
         ``{"token_accuracy", "macro_f1", "per_tag": {tag: {...}}, "tokens": int, "sentences": int}``.
