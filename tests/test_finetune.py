@@ -300,6 +300,12 @@ def test_predict_metrics_out(classifier, tmp_path):
     assert result.exit_code == 0, result.output
     assert "accuracy" in json.loads(target.read_text())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gold.csv", "m.json"]  # no temporary file left
+    unlabelled = _cli("predict", "sequence-classification", "--model", classifier, "--metrics-out",
+                      tmp_path / "none.json", "-", input="A triumph.\n")
+    assert unlabelled.exit_code == 0 and unlabelled.stdout.count("\n") == 1, unlabelled.output
+    assert unlabelled.stderr == (f"note: --metrics-out {tmp_path / 'none.json'} not written: metrics need a gold "
+                                 f"label on every input row, and this input has rows without one\n")
+    assert not (tmp_path / "none.json").exists()
 
 
 def test_predict_into_a_pipe_closed_early_still_writes_the_metrics(classifier, tmp_path):

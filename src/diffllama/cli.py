@@ -576,11 +576,13 @@ def predict(
                                "fine-tuned with, else 64."),
     batch_size: int = typer.Option(16, help="Sequences per forward pass (>= 1)."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto (cuda when available)."),
-    metrics_out: str = typer.Option(None, "--metrics-out", help="Write metrics JSON here (input with gold labels)."),
+    metrics_out: str = typer.Option(None, "--metrics-out", help="Write metrics JSON here (input with a gold label "
+                                    "on every row; else a note says it was not written)."),
 ) -> None:
     """Predict with a fine-tuned model: one JSON line per input (label with scores, tags per word, answer span).
 
-    When the input carries gold labels, metrics are printed to stderr (and written to --metrics-out).
+    When every input row carries a gold label, metrics are printed to stderr (and written to --metrics-out;
+    without gold labels a note says the file was not written).
     Example: echo "A triumph of a film." | diffllama predict sequence-classification --model runs/ft/model -
     """
     import dataclasses
@@ -620,6 +622,9 @@ def predict(
     scores = gold_metrics(task_obj, examples, predictions)
     if scores is not None and metrics_out:  # first: a reader that stops early (| head) must not cost the file
         write_metrics(metrics_out, scores)
+    elif metrics_out:  # said, not skipped silently: a missing file would be found only later
+        print(f"note: --metrics-out {metrics_out} not written: metrics need a gold label on every input row, "
+              f"and this input has rows without one", file=sys.stderr)
     try:
         for record in output_records(task_obj, examples, predictions):
             print(json.dumps(record, ensure_ascii=False))
