@@ -353,6 +353,32 @@ def test_predict_names_stdin(classifier):
              "error: <stdin>: line 1 is not valid JSON")
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("weights", "has no weights: expected model.safetensors or model.safetensors.index.json beside its config.json"),
+    ("config", "has no config.json; expected a pretrained checkpoint directory"),
+    ("bad-config", "bad config.json"),
+])
+def test_finetune_checks_the_base_model_before_reading_data(base_model, tmp_path, monkeypatch, damage, message):
+    """Was: a base model without weights (or config) failed only after all data was read and encoded."""
+    from diffllama.finetune.tasks import SequenceClassification
+
+    base = _copy_model(base_model, tmp_path / "base")
+    if damage == "weights":
+        (base / "model.safetensors").unlink()
+    elif damage == "config":
+        (base / "config.json").unlink()
+    else:
+        (base / "config.json").write_text("{not json")
+
+    def read(*args, **kwargs):
+        raise AssertionError("data read before the base model was checked")
+    monkeypatch.setattr(SequenceClassification, "read", read)
+    result = _finetune_cli("sequence-classification", tmp_path / "run", "--model", base, "--data",
+                           DATA / "rt_test.csv")
+    _refused(result, 1, f"--model {str(base)!r}")
+    assert message in result.stderr and not (tmp_path / "run").exists()
+
+
 # ---- one pad id: batching pads with the id the model pools on (found by the tester) ---------------------------------
 
 def _copy_model(source: Path, folder: Path, *, pad_token_id="keep", pad_token: bool = True) -> Path:

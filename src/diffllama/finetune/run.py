@@ -178,12 +178,31 @@ class FineTuneTrainer(Trainer):
                              f"--num-threads, and a --batch-size x --grad-accum split of the same global batch may "
                              f"change), or choose another --out to start a new run")
 
+    def _check_model_settings(self) -> None:
+        """Check the base model before any data work: its config.json parses and a weight file is there (the
+        trainer's own check of the preset's language-model fields does not apply: the model comes from --model),
+        so that a wrong --model fails in a second, not after reading and encoding all the data."""
+        from diffllama.checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+        where = f"--model {str(self.model_dir)!r}"
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(f"{where}: model directory does not exist; expected a pretrained checkpoint "
+                                    f"directory (config.json, weights, tokenizer)")
+        try:
+            DiffLlamaConfig.from_pretrained(self.model_dir)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{where} has no config.json; expected a pretrained checkpoint directory "
+                                    f"(config.json, weights, tokenizer)") from None
+        except ValueError as error:
+            raise ValueError(f"{where}: bad config.json: {error}") from error
+        if not any((self.model_dir / name).is_file() for name in (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)):
+            raise FileNotFoundError(f"{where} has no weights: expected {SAFE_WEIGHTS_NAME} or "
+                                    f"{SAFE_WEIGHTS_INDEX_NAME} beside its config.json")
+
     def _setup_data(self) -> None:
         from diffllama.tokenizer import Tokenizer
 
         task, paths = self.task, self.paths
-        if not self.model_dir.is_dir():
-            raise FileNotFoundError(f"model directory {str(self.model_dir)!r} does not exist")
         self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
         self.pad_id = batch_pad_id(self.tokenizer, f"the tokenizer in {self.model_dir}")
         self.train_examples = task.read(paths["train"])
