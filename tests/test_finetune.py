@@ -202,8 +202,8 @@ def test_predict_refuses_a_checkpoint_without_the_head_weights(base_model, tmp_p
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--max-length", "0"], "--max-length must be a positive number of tokens per sequence, got 0"),
-    (["--max-length", "-5"], "--max-length must be a positive number of tokens per sequence, got -5"),
+    (["--max-length", "0"], "--max-length (max_length) must be a positive number of tokens per sequence, got 0"),
+    (["--max-length", "-5"], "--max-length (max_length) must be a positive number of tokens per sequence, got -5"),
 ])
 @pytest.mark.parametrize("command", ["predict", "finetune"])
 def test_max_length_must_be_positive(base_model, classifier, tmp_path, command, args, message):
@@ -217,8 +217,8 @@ def test_max_length_must_be_positive(base_model, classifier, tmp_path, command, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--stride", "-1"], "--stride must be >= 0 (overlap in tokens of consecutive QA context windows), got -1"),
-    (["--max-length", "64", "--stride", "64"], "--max-length must be at least --stride + 3 = 67 for question-answering"),
+    (["--stride", "-1"], "--stride (stride) must be >= 0 (overlap in tokens of consecutive QA context windows), got -1"),
+    (["--max-length", "64", "--stride", "64"], "--max-length (max_length) must be at least --stride + 3 = 67 for question-answering"),
 ])
 def test_finetune_qa_checks_stride(base_model, tmp_path, args, message):
     result = _cli("finetune", "question-answering", "--model", base_model, "--data", DATA / "squad_sample.json",
@@ -262,7 +262,7 @@ def test_finetune_refuses_repeated_labels_before_any_work(base_model, tmp_path, 
     """Was accepted: id2label {0: fresh, 1: fresh, 2: rotten} was saved beside label2id {fresh: 1, rotten: 2}."""
     result = _cli("finetune", task, "--model", base_model, "--data", DATA / data, "--out", tmp_path / "run",
                   "--labels", "fresh,fresh,rotten")
-    _refused(result, 1, "--labels: label 'fresh' is given more than once in ['fresh', 'fresh', 'rotten']")
+    _refused(result, 2, "--labels: label 'fresh' is given more than once in ['fresh', 'fresh', 'rotten']")
     assert not (tmp_path / "run").exists()
 
 

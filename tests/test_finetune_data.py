@@ -134,6 +134,26 @@ def test_given_labels_must_be_distinct_and_non_empty(task_name, labels, message)
         get_task(task_name, TaskOptions(labels=labels))
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(max_length=0), "--max-length (max_length) must be a positive number of tokens per sequence, got 0"),
+    (dict(max_length=True), "--max-length (max_length) must be a positive number of tokens per sequence, got True"),
+    (dict(stride=-1), "--stride (stride) must be >= 0 (overlap in tokens of consecutive QA context windows), got -1"),
+    (dict(stride=2.5), "--stride (stride) must be >= 0 (overlap in tokens of consecutive QA context windows), got 2.5"),
+    (dict(max_answer_tokens=0), "max_answer_tokens must be a positive number of tokens (longest QA answer), got 0"),
+])
+def test_task_options_check_their_numbers(options, message):
+    """Were checked only by the command line: TaskOptions(max_length=0) from Python was accepted."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TaskOptions(**options)
+
+
+def test_qa_needs_room_for_more_than_the_stride():
+    get_task("token-classification", TaskOptions(max_length=32, stride=64))  # the stride is QA's only
+    with pytest.raises(ValueError, match=re.escape("--max-length (max_length) must be at least --stride + 3 = 67 "
+                                                   "for question-answering")):
+        get_task("question-answering", TaskOptions(max_length=66, stride=64))
+
+
 def test_squad_answer_not_in_context(tmp_path):
     path = tmp_path / "q.json"
     data = {"data": [{"paragraphs": [{"context": "Paris is in France.", "qas": [

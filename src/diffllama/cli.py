@@ -438,27 +438,18 @@ def plot(
 _TASK_HELP = "sequence-classification, token-classification or question-answering."
 
 
-def _task_options(task_name, text_column, label_column, tokens_column, tags_column, labels, max_length, stride):
+def _task_options(task_name, labels=None, **options):
+    """The task with its :class:`~diffllama.finetune.tasks.TaskOptions` (``labels``: comma-separated text or a
+    list); a bad task name or option (TaskOptions and the task check them, naming the flag) is
+    :class:`_GenerateError` with exit code 2."""
     from diffllama.finetune.tasks import TaskOptions, get_task
 
-    options = TaskOptions(text_column=text_column, label_column=label_column, tokens_column=tokens_column,
-                          tags_column=tags_column, labels=[s.strip() for s in labels.split(",")] if labels else None,
-                          max_length=max_length, stride=stride)
-    return get_task(task_name, options)
-
-
-def _check_task_args(task_name, max_length, stride) -> None:
-    """Refuse a bad --max-length / --stride before any work: :class:`_GenerateError` with exit code 2."""
-    if max_length < 1:
-        raise _GenerateError(f"--max-length must be a positive number of tokens per sequence, got {max_length}", 2)
-    if task_name == "question-answering":  # --stride is only used by the QA windows
-        if stride < 0:
-            raise _GenerateError(f"--stride must be >= 0 (overlap in tokens of consecutive QA context windows), "
-                                 f"got {stride}", 2)
-        if max_length < stride + 3:
-            raise _GenerateError(f"--max-length must be at least --stride + 3 = {stride + 3} for question-answering "
-                                 f"(each window holds the question, a separator and more than --stride context "
-                                 f"tokens), got {max_length}", 2)
+    if isinstance(labels, str):
+        labels = [label.strip() for label in labels.split(",")]
+    try:
+        return get_task(task_name, TaskOptions(labels=labels, **options))
+    except ValueError as error:
+        raise _GenerateError(str(error), 2) from None
 
 
 def _check_out_file(flag: str, file) -> None:
@@ -522,9 +513,9 @@ def finetune(
 
     run_dir = Path(out or f"runs/finetune-{task}")
     try:  # arguments first, before any data is read or anything written
-        task_obj = _task_options(task, text_column, label_column, tokens_column, tags_column, labels, max_length,
-                                 stride)
-        _check_task_args(task, max_length, stride)
+        task_obj = _task_options(task, labels, text_column=text_column, label_column=label_column,
+                                 tokens_column=tokens_column, tags_column=tags_column, max_length=max_length,
+                                 stride=stride)
         check_run_dir(run_dir)
     except _GenerateError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -585,7 +576,6 @@ def predict(
     without gold labels a note says the file was not written).
     Example: echo "A triumph of a film." | diffllama predict sequence-classification --model runs/ft/model -
     """
-    import dataclasses
     import json
     import os
     import sys
@@ -594,23 +584,18 @@ def predict(
     from diffllama.finetune.predict import (check_checkpoint, gold_metrics, output_records, predict as run_predict,
                                             read_input, write_metrics)
 
-    from diffllama.finetune.tasks import TaskOptions, get_task
-
     try:  # arguments and the checkpoint's class first, before any input is read or anything printed
         if batch_size < 1:
             raise _GenerateError(f"--batch-size must be >= 1 (sequences per forward pass), got {batch_size}", 2)
         torch_device = _generation_device(device)
         if metrics_out:
             _check_out_file("--metrics-out", metrics_out)
-        found = check_checkpoint(get_task(task), model)
+        found = check_checkpoint(_task_options(task), model)  # the task's head class; its settings next
         # The lengths the model was fine-tuned with, unless given now: other ones would cut texts and QA windows
         # differently from training.
         given = {k: v for k, v in dict(max_length=max_length, stride=stride).items() if v is not None}
-        settings = {**dataclasses.asdict(TaskOptions()), **found.settings, **given}
-        _check_task_args(task, settings["max_length"], settings["stride"])
-        task_obj = get_task(task, TaskOptions(**{**settings, "text_column": text_column, "label_column": label_column,
-                                                 "tokens_column": tokens_column, "tags_column": tags_column,
-                                                 "labels": found.labels}))
+        task_obj = _task_options(task, found.labels, text_column=text_column, label_column=label_column,
+                                 tokens_column=tokens_column, tags_column=tags_column, **{**found.settings, **given})
         examples = read_input(task_obj, source, sys.stdin.buffer.read() if source == "-" else None)
         predictions = run_predict(task_obj, model, examples, batch_size=batch_size, device=torch_device)
     except _GenerateError as error:

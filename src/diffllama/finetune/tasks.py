@@ -34,8 +34,9 @@ class TaskOptions:
     text_column/label_column: CSV/JSONL names (classification). tokens_column/tags_column: JSONL keys (tagging).
     labels: the label set in order (default: the sorted labels of the training data); each label non-empty and
     given once (else ValueError).
-    max_length: tokens per sequence (window, for QA). stride: overlap of QA windows, in tokens.
-    max_answer_tokens: longest predicted answer span (QA).
+    max_length: tokens per sequence (window, for QA), >= 1. stride: overlap of QA windows, in tokens, >= 0.
+    max_answer_tokens: longest predicted answer span (QA), >= 1. A bad number is a ValueError naming the field
+    (and its command-line flag) before any work; :class:`QuestionAnswering` also needs ``max_length >= stride + 3``.
     """
 
     text_column: str = "text"
@@ -48,6 +49,15 @@ class TaskOptions:
     max_answer_tokens: int = 30
 
     def __post_init__(self) -> None:
+        for name, flag, least, meaning in (
+                ("max_length", "--max-length", 1, "a positive number of tokens per sequence"),
+                ("stride", "--stride", 0, ">= 0 (overlap in tokens of consecutive QA context windows)"),
+                ("max_answer_tokens", "max_answer_tokens", 1, "a positive number of tokens (longest QA answer)")):
+            value = getattr(self, name)
+            # bool is an int to Python, and True would quietly mean 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                shown = name if flag == name else f"{flag} ({name})"
+                raise ValueError(f"{shown} must be {meaning}, got {value!r}")
         # A repeated label would get two ids but one label2id entry (the saved id2label and label2id disagree);
         # an empty one comes from a stray comma. Refused here, before any data is read.
         if self.labels is not None:
@@ -247,6 +257,14 @@ class QuestionAnswering(Task):
     model_class = DiffLlamaForQuestionAnswering
     headline = "exact_match"
     has_labels = False
+
+    def __init__(self, options: TaskOptions | None = None) -> None:
+        super().__init__(options)
+        o = self.options
+        if o.max_length < o.stride + 3:  # checked here: only the QA windows use the stride
+            raise ValueError(f"--max-length (max_length) must be at least --stride + 3 = {o.stride + 3} "
+                             f"for question-answering (each window holds the question, a separator and more than "
+                             f"--stride context tokens), got {o.max_length}")
 
     def read(self, path, *, labelled=True, lines=None):
         return D.read_squad(path, require_answers=labelled, lines=lines)
