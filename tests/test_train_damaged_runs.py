@@ -146,3 +146,36 @@ def test_plot_leaves_out_a_last_line_cut_short(tmp_path):
     assert result.stderr == f"note: the last line of {run}/metrics.jsonl (line 4) is cut short (by a run killed " \
                             f"while writing it, or one still writing it); it is left out\n"
     assert result.stdout == f"{run}/loss.png\n" and (run / "loss.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("damage", ["", '{"steps": 4, "tok', '{"steps": 2}'],
+                         ids=["empty", "cut-short", "older-step"])
+def test_resume_redoes_the_finish_step_when_summary_json_is_not_this_steps(run, damage):
+    # the copy's own paths: the fixture's summary names the folder it was written in
+    want = {**json.loads((run / "summary.json").read_text()), "model_dir": str(run / "model"),
+            "checkpoint": str(run / "checkpoints" / "step-000004")}
+    (run / "summary.json").write_text(damage)
+    result = runner.invoke(app, ["train", "--out", str(run), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "summary.json").read_text()) == want
+    assert "done: 4 steps" in result.output and "nothing to do" not in result.output
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".summary")) == []  # no temp file left
+
+
+def test_plot_failing_mid_write_keeps_the_previous_image(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    run = _metrics(tmp_path / "run", GOOD)
+    assert runner.invoke(app, ["plot", str(run)]).exit_code == 0
+    before = (run / "loss.png").read_bytes()
+
+    def disk_full(self, target, **kwargs):
+        with open(target, "wb") as handle:
+            handle.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        from diffllama.train.plot import plot_run
+        plot_run(run)
+    assert (run / "loss.png").read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["loss.png", "metrics.jsonl"]

@@ -522,7 +522,7 @@ class Trainer:
         cfg, info = self.cfg, self.info
         if self.resume_from is not None and self.step >= cfg.max_steps:  # a finished run
             result = FitResult(step=self.step, metrics=dict(self._last_metrics), checkpoint=self.resume_from)
-            if (self.run_dir / "model").is_dir() and (self.run_dir / "summary.json").is_file():
+            if (self.run_dir / "model").is_dir() and self._summary_written():
                 result.model_dir = self.run_dir / "model"  # nothing to do
             else:  # its last step ran but the export did not (a signal in between): finish it now
                 result.model_dir = self._export_final(self.resume_from)
@@ -636,8 +636,17 @@ class Trainer:
             "model_dir": str(result.model_dir) if result.model_dir else None,
             "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         result.metrics["summary"] = summary
+
+    def _summary_written(self) -> bool:
+        """True if ``RUN_DIR/summary.json`` is this step's summary. An empty or cut-short file (left by a version
+        that wrote it in place) or an older step's does not count, so the finish step is redone."""
+        try:
+            summary = json.loads((self.run_dir / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # missing, unreadable, not JSON (UnicodeDecodeError is a ValueError)
+            return False
+        return isinstance(summary, dict) and summary.get("steps") == self.step
 
 
 def run_training(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> FitResult:

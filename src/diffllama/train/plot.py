@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from diffllama.config import atomic_write
 from diffllama.train.metrics import read_metrics_file
 
 
@@ -62,7 +63,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         out: where to write the image, as :func:`plot_path` resolves it (default ``RUN_DIR/loss.png``).
 
     Returns:
-        The path of the image written.
+        The path of the image written: written whole (a temp file renamed into place), so a reader such as an image
+        viewer refreshing it never sees a half-written file.
 
     Raises:
         FileNotFoundError / ValueError: as :func:`plot_path` (checked first) and :func:`read_metrics`.
@@ -94,6 +96,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax_lr.set_title("learning rate")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:  # the temp file's name has no image suffix: the format is the target's
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix[1:].lower()))
+    finally:
+        plt.close(fig)
     return path
