@@ -503,6 +503,35 @@ def test_finetune_resume_continues_with_the_same_settings(base_model, tmp_path, 
     assert json.loads((out / "finetune_metrics.json").read_text())["steps"] == 2
 
 
+def test_finetune_resume_refuses_changed_data_contents(base_model, tmp_path):
+    """Was accepted: the same --data path with every label flipped in place. A run saved without the fingerprint
+    (before it was recorded) still resumes."""
+    import yaml
+
+    data = tmp_path / "train.csv"
+    data.write_text((DATA / "rt_test.csv").read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "run"
+    args = ["--model", base_model, "--data", data, "--labels", "fresh,rotten"]
+    assert _finetune_cli("sequence-classification", out, *args, "--max-steps", "1").exit_code == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["data_fingerprint"]["train"]["size"] == data.stat().st_size
+    original = data.read_text(encoding="utf-8")
+    flipped = original.replace(",fresh", ",TMP").replace(",rotten", ",fresh").replace(",TMP", ",rotten")
+    assert flipped != original
+    data.write_text(flipped, encoding="utf-8")
+    before = _snapshot(out)
+    result = _finetune_cli("sequence-classification", out, *args, "--max-steps", "2", "--resume")
+    _refused(result, 1, f"--resume: the contents of --data {data} changed since the run's checkpoint "
+                        f"{out / 'checkpoints' / 'step-000001'} (size {len(original.encode())}, sha256 ")
+    assert _snapshot(out) == before
+    saved = out / "checkpoints" / "step-000001" / "train_config.yaml"  # as a run from before the fingerprint
+    old = yaml.safe_load(saved.read_text())
+    del old["data_fingerprint"]
+    saved.write_text(yaml.safe_dump(old))
+    result = _finetune_cli("sequence-classification", out, *args, "--max-steps", "2", "--resume")
+    assert result.exit_code == 0, result.output
+
+
 def test_finetune_resume_without_a_checkpoint_is_refused(base_model, tmp_path):
     result = _finetune_cli("sequence-classification", tmp_path / "run", "--model", base_model, "--data",
                            DATA / "rt_test.csv", "--resume")

@@ -82,7 +82,8 @@ class QAExample:
     depth: float | None = None
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
+    """Raise DataError unless ``path`` is an existing file (naming it)."""
     if path.is_dir():
         raise DataError(f"data file {str(path)!r} is a directory; expected a file")
     if not path.is_file():
@@ -140,7 +141,7 @@ def read_text_classification(path: str | Path, text_column: str = "text", label_
     examples: list[TextExample] = []
     suffix = path.suffix.lower()
     if lines is None:
-        _check_file(path)
+        check_file(path)
     if suffix in (".csv", ".tsv"):
         with _open_lines(path, lines, newline="") as handle:
             delimiter = "\t" if suffix == ".tsv" else ","
@@ -232,7 +233,7 @@ def read_tagged(path: str | Path, tokens_column: str = "tokens", tags_column: st
     """
     path = Path(path)
     if lines is None:
-        _check_file(path)
+        check_file(path)
     examples: list[TaggedExample] = []
     if _is_jsonl(path) or path.suffix.lower() == ".json":
         for number, record in _jsonl_rows(path, lines):
@@ -309,7 +310,7 @@ def read_squad(path: str | Path, *, require_answers: bool = True, lines=None) ->
     """
     path = Path(path)
     if lines is None:
-        _check_file(path)
+        check_file(path)
     examples: list[QAExample] = []
     if _is_jsonl(path) or lines is not None:
         for number, record in _jsonl_rows(path, lines):

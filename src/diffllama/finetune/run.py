@@ -8,8 +8,9 @@ saves), bf16 autocast on CUDA, DDP/FSDP2 under torchrun. Each checkpoint and the
 complete model directories: config.json (with ``id2label``/``label2id`` for the classification heads) +
 safetensors + tokenizer, loadable by this library's head classes and by transformers' matching Auto classes.
 
-The run's settings, with the task, model, data files and task options (:class:`FineTuneConfig`), are saved in
-``RUN_DIR/config.yaml`` and every checkpoint; ``--resume`` refuses any of them that changed.
+The run's settings, with the task, model, data files (their paths, sizes and SHA-256 digests) and task options
+(:class:`FineTuneConfig`), are saved in ``RUN_DIR/config.yaml`` and every checkpoint; ``--resume`` refuses any of
+them that changed.
 
 Evaluation runs the whole evaluation set on every rank through the wrapped module (identical work per rank, so it
 is correct under DDP and FSDP alike; evaluation sets are small next to training).
@@ -74,6 +75,8 @@ class FineTuneConfig(TrainConfig):
     stride: int | None = None
     max_answer_tokens: int | None = None
     eval_fraction: float | None = None
+    # {"train"/"eval"/"test": {"size": bytes, "sha256": hex}}: the paths alone miss a file edited in place
+    data_fingerprint: dict | None = None
 
 
 # The finetune flag of each setting a resumed run could differ in (others keep their TrainConfig names).
@@ -95,6 +98,33 @@ def resume_command(task_name: str, flags: dict) -> str:
         if value is not None:
             words += [flag, str(value)]
     return shlex.join(words + ["--resume"])
+
+
+# The flag of each data file, by its role.
+DATA_FLAGS = {"train": "--data", "eval": "--eval-data", "test": "--test-data"}
+
+
+def data_fingerprint(paths: dict) -> dict:
+    """``{role: {"size": bytes, "sha256": hex digest}}`` of each data file in ``paths`` (role -> Path or None).
+
+    Raises:
+        DataError: a path that is missing or a directory (naming it).
+    """
+    import hashlib
+
+    from diffllama.finetune.data import check_file
+
+    out = {}
+    for role, path in paths.items():
+        if path is None:
+            continue
+        check_file(path)
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        out[role] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return out
 
 
 class _ScoringInterrupted(Exception):
@@ -156,7 +186,7 @@ class FineTuneTrainer(Trainer):
         cfg = FineTuneConfig(**{**cfg.to_dict(), **options, "seq_len": task.options.max_length, "task": task.name,
                                 "base_model": str(self.model_dir.resolve()), "train_data": absolute["train"],
                                 "eval_data": absolute["eval"], "test_data": absolute["test"],
-                                "eval_fraction": eval_fraction})
+                                "eval_fraction": eval_fraction, "data_fingerprint": data_fingerprint(self.paths)})
         super().__init__(cfg, run_dir, resume=resume, info=info, quiet=quiet)
 
     # ---- hooks of the Trainer ------------------------------------------------------------------------------------
@@ -167,6 +197,17 @@ class FineTuneTrainer(Trainer):
         order inverts it), another task or --model would not even load into it."""
         saved = ckpt.read_train_config(self.resume_from)
         conflicts = resume_conflicts(saved, self.cfg, ckpt.saved_world_size(self.resume_from), self.info.world_size)
+        # Runs saved before the fingerprint lack it and are not compared (resume_conflicts skips missing fields).
+        old_prints, new_prints = conflicts.pop("data_fingerprint", ({}, {}))
+        for role, flag in DATA_FLAGS.items():
+            old, new = (old_prints or {}).get(role), (new_prints or {}).get(role)
+            # a changed path is reported below as a changed flag; here: the same path with other contents
+            if old != new and saved.get(f"{role}_data") == getattr(self.cfg, f"{role}_data"):
+                raise ValueError(f"--resume: the contents of {flag} {getattr(self.cfg, f'{role}_data')} changed "
+                                 f"since the run's checkpoint {self.resume_from} (size {old['size']}, sha256 "
+                                 f"{old['sha256'][:12]}... then; size {new['size']}, sha256 {new['sha256'][:12]}... "
+                                 f"now); --resume continues training on the data the run started with: restore "
+                                 f"that file, or choose another --out to start a new run")
         # model.* are the preset's language-model fields, unused here: the weights come from --model
         listed = [f"{RESUME_FLAGS.get(name, name)} {old!r} in the checkpoint vs {new!r} now"
                   for name, (old, new) in conflicts.items() if not name.startswith("model.")]
