@@ -310,3 +310,14 @@ def test_tagging_metrics_count_a_cut_word_as_a_miss_without_a_label_of_its_own()
     noun = scores["per_tag"]["NOUN"]  # 1 of 2 found, no false positive
     assert (noun["precision"], noun["recall"], noun["support"]) == (1.0, 0.5, 2)
     assert scores["macro_f1"] == pytest.approx((1.0 + 2 / 3) / 2)
+
+
+def test_write_retrieval_qa_checks_arguments_before_creating_anything(tmp_path):
+    from diffllama.finetune.retrieval import write_retrieval_qa
+
+    target = tmp_path / "new" / "kir.json"
+    with pytest.raises(ValueError, match="no document has 50 words"):
+        write_retrieval_qa(target, ["too short"], 3, passage_words=50)
+    assert list(tmp_path.iterdir()) == []  # was: the folder was created first
+    write_retrieval_qa(target, [" ".join(f"w{i}" for i in range(60))], 3, passage_words=50)
+    assert len(D.read_squad(target)) == 3 and [p.name for p in target.parent.iterdir()] == ["kir.json"]

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from diffllama.config import atomic_write_text
 from diffllama.finetune.data import DataError, batch_pad_id
 from diffllama.finetune.tasks import Task
 
@@ -187,17 +187,8 @@ def predict(task: Task, model_dir, examples: list, *, batch_size: int = 16, devi
 
 
 def write_metrics(path, scores: dict) -> None:
-    """Write ``scores`` as JSON to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as out:
-            json.dump(scores, out, indent=2)
-            out.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    """Write ``scores`` as JSON to ``path`` atomically (:func:`diffllama.config.atomic_write_text`)."""
+    atomic_write_text(Path(path), json.dumps(scores, indent=2) + "\n")
 
 
 def output_records(task: Task, examples: list, predictions: list) -> list[dict]:

@@ -16,6 +16,8 @@ import json
 import random
 from pathlib import Path
 
+from diffllama.config import atomic_write_text
+
 NAMES = ("Adams", "Baker", "Carter", "Dalton", "Ellis", "Foster", "Garcia", "Harper", "Irving", "Jensen", "Keller",
          "Lawson", "Monroe", "Nolan", "Owens", "Porter", "Quinn", "Reyes", "Sutton", "Turner", "Upton", "Vaughn",
          "Walsh", "Young", "Zimmer")
@@ -81,8 +83,13 @@ def build_retrieval_qa(documents: list[str], count: int, *, passage_words: int =
 
 
 def write_retrieval_qa(path: str | Path, documents: list[str], count: int, **kwargs) -> Path:
-    """:func:`build_retrieval_qa` written as JSON to ``path`` (parent folders created). Returns the path."""
+    """:func:`build_retrieval_qa` written as JSON to ``path`` atomically (parent folders created). Returns the path.
+
+    Raises:
+        ValueError: as :func:`build_retrieval_qa`, before any folder or file is created.
+    """
     path = Path(path)
+    text = json.dumps(build_retrieval_qa(documents, count, **kwargs)) + "\n"  # first: bad arguments write nothing
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(build_retrieval_qa(documents, count, **kwargs)) + "\n", encoding="utf-8")
+    atomic_write_text(path, text)
     return path

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffllama.config import DiffLlamaConfig
+from diffllama.config import DiffLlamaConfig, atomic_write_text
 from diffllama.finetune.data import DataError, batch_pad_id
 from diffllama.finetune.tasks import Task
 from diffllama.train import checkpoint as ckpt
@@ -381,7 +381,7 @@ class FineTuneTrainer(Trainer):
         if not self.info.is_main:
             return
         summary = scored["summary"]
-        (self.run_dir / "finetune_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(self.run_dir / "finetune_metrics.json", json.dumps(summary, indent=2) + "\n")
         result.metrics["summary"] = summary
 
     def report(self) -> dict:
