@@ -123,3 +123,15 @@ def test_config_file_values_of_the_wrong_type(tmp_path, text, expected):
     with pytest.raises(ValueError) as caught:
         resolve_config(None, _write(tmp_path / "run.yaml", text))
     assert str(caught.value).startswith(expected), str(caught.value)
+
+
+def test_resume_compares_data_paths_absolute(tmp_path, monkeypatch):
+    """A run saved before data paths were stored absolute named them relative to the folder it ran in."""
+    from diffllama.train.config import absolute_paths, resume_conflicts
+
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(data=absolute_paths(["corpus/a.txt"]))
+    assert cfg.data == [str(tmp_path / "corpus" / "a.txt")]
+    assert resume_conflicts({"data": ["corpus/a.txt"]}, cfg, 1, 1) == {}
+    assert resume_conflicts({"data": ["other/a.txt"]}, cfg, 1, 1) == \
+        {"data": ([str(tmp_path / "other" / "a.txt")], [str(tmp_path / "corpus" / "a.txt")])}

@@ -232,3 +232,30 @@ def test_staging_of_a_killed_process_is_removed_by_the_next_preparation(tmp_path
         live.terminate()  # SIGTERM: the writer removes its own staging folder and lock, and exits 143
         assert live.wait(timeout=60) == 143
     assert sorted(p.name for p in (cache / "data").iterdir()) == sorted([folder.name, ".tmp-legacy"])
+
+
+def test_corpus_changes_name_each_changed_file(tmp_path):
+    from diffllama.train.data import corpus_changes, file_fingerprints
+
+    a, b, c = (tmp_path / name for name in ("a.txt", "b.txt", "c.txt"))
+    a.write_text("alpha")
+    b.write_text("beta")
+    saved = file_fingerprints([a, b])
+    assert saved[0] == {"path": str(a), "size": 5,
+                        "sha256": "8ed3f6ad685b959ead7022518e1af76cd816f8e8ec7ccdda1ed4018e8f2223f8"}
+    assert corpus_changes(saved, file_fingerprints([a, b])) == []
+    b.write_text("BETA")
+    c.write_text("gamma!")
+    assert corpus_changes(saved, file_fingerprints([a, b, c])) == [
+        f"{b} has other content of the same size", f"{c} is new"]
+    b.write_text("beta, longer")
+    assert corpus_changes(saved, file_fingerprints([b])) == [f"{a} is no longer part of it",
+                                                             f"{b} has 12 bytes, 4 before"]
+    b.write_text("beta")
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "a.txt").write_text("alpha")
+    (moved / "b.txt").write_text("beta")
+    assert corpus_changes(saved, file_fingerprints([moved / "a.txt", moved / "b.txt"])) == []  # a moved corpus
+    assert corpus_changes(saved, file_fingerprints([b, a])) == [
+        "its files hold the same contents in another order (renamed files)"]

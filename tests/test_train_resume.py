@@ -178,3 +178,41 @@ def test_resume_with_more_steps_follows_the_new_schedule(corpus, tmp_path):
     assert want[0] != pytest.approx(3e-3 * lr_lambda(4, 2, 6, 0.1))
     assert [r["lr"] for r in _records(tmp_path / "run") if r["step"] > 4 and "lr" in r] == want
     assert result.step == 12 and yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["max_steps"] == 12
+
+
+def test_resume_refuses_a_changed_corpus_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = small_corpus(tmp_path / "corpus", documents=25)
+    cfg = micro_config(path, tmp_path / "cache", data=["corpus/small.jsonl"], max_steps=2, save_every=2)
+    _fit(cfg, tmp_path / "run")
+    # stored absolute: the run reads the same file from any folder
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"] == [str(path)]
+    original = path.read_bytes()
+    path.write_bytes(original.replace(b"Fellow", b"Dear", 1))  # same line count, 2 bytes fewer
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000002"
+    again = micro_config(path, tmp_path / "cache", max_steps=3, save_every=2)
+    with pytest.raises(ValueError) as caught:
+        Trainer(again, tmp_path / "run", resume=True, quiet=True)
+    assert str(caught.value) == (
+        f"--resume: the corpus changed since checkpoint {checkpoint} was written ({path} has "
+        f"{len(original) - 2:,} bytes, {len(original):,} before); a resumed run must read the data it started with: "
+        f"restore those files, or choose another --out to start a new run on the new data")
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    path.write_bytes(original)
+    monkeypatch.chdir(tmp_path / "corpus")  # the saved absolute path still names the file
+    assert Trainer(again, tmp_path / "run", resume=True, quiet=True).step == 2
+
+
+def test_checkpoint_without_a_corpus_record_still_resumes(tmp_path):
+    """Checkpoints of versions before the record: resumed unchecked, as before."""
+    path = small_corpus(tmp_path / "corpus", documents=25)
+    cfg = micro_config(path, tmp_path / "cache", max_steps=2, save_every=2)
+    _fit(cfg, tmp_path / "run")
+    state_file = tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert [r["path"] for r in state["extra"].pop("data_files")] == [str(path)]
+    torch.save(state, state_file)
+    path.write_bytes(path.read_bytes().replace(b"Fellow", b"Dear", 1))
+    assert Trainer(micro_config(path, tmp_path / "cache", max_steps=3), tmp_path / "run", resume=True,
+                   quiet=True).step == 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -180,6 +181,11 @@ def fit_positions(model: dict[str, Any], seq_len: int) -> dict[str, Any]:
     return {**model, "max_position_embeddings": max(model.get("max_position_embeddings") or 0, seq_len)}
 
 
+def absolute_paths(paths: list[str]) -> list[str]:
+    """``paths`` made absolute against the current folder (``~`` expanded; links kept, as the user named them)."""
+    return [os.path.abspath(os.path.expanduser(path)) for path in paths]
+
+
 def resume_conflicts(saved: dict[str, Any], cfg: TrainConfig, saved_world: int, world: int) -> dict[str, tuple]:
     """``{setting: (checkpoint's value, value now)}`` for the settings a resumed run could not honour.
 
@@ -191,6 +197,9 @@ def resume_conflicts(saved: dict[str, Any], cfg: TrainConfig, saved_world: int, 
     ``grad_accum`` and ``processes`` that differ are listed.
     """
     now = cfg.to_dict()
+    if isinstance(saved.get("data"), list) and all(isinstance(path, str) for path in saved["data"]):
+        # A run saved before data paths were stored absolute read relative ones against the current folder
+        saved = {**saved, "data": absolute_paths(saved["data"])}
     skip = RESUME_MAY_CHANGE + BATCH_SPLIT + ("model",)
     conflicts = {name: (saved[name], value) for name, value in now.items()
                  if name not in skip and name in saved and saved[name] != value}

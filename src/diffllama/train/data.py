@@ -196,6 +196,14 @@ def count_documents(files: list[Path], text_field: str = "text") -> int:
 CONTENT_HASH_LIMIT = 256 << 20  # files up to this size are identified by content, larger ones by path/size/mtime
 
 
+def _file_sha256(path: Path) -> str:
+    content = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            content.update(block)
+    return content.hexdigest()
+
+
 def inputs_fingerprint(files: list[Path], text_field: str) -> str:
     """SHA-256 hex identifying the corpus: each file's name and content hash (files up to 256 MiB) or its resolved
     path, size and mtime (larger files, where hashing would cost seconds per GB), plus ``text_field``."""
@@ -203,14 +211,50 @@ def inputs_fingerprint(files: list[Path], text_field: str) -> str:
     for path in files:
         stat = path.stat()
         if stat.st_size <= CONTENT_HASH_LIMIT:
-            content = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    content.update(block)
-            digest.update(f"|{path.name}|{content.hexdigest()}".encode())
+            digest.update(f"|{path.name}|{_file_sha256(path)}".encode())
         else:
             digest.update(f"|{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
+
+
+def file_fingerprints(files: list[Path]) -> list[dict]:
+    """One record per corpus file, in corpus order: ``{"path", "size", "sha256"}``, or ``{"path", "size",
+    "mtime_ns"}`` for files above 256 MiB (as :func:`inputs_fingerprint` identifies them). A run stores them with
+    each checkpoint so that ``--resume`` can tell a changed corpus (:func:`corpus_changes`)."""
+    records = []
+    for path in files:
+        stat = path.stat()
+        record = {"path": str(path), "size": stat.st_size}
+        if stat.st_size <= CONTENT_HASH_LIMIT:
+            record["sha256"] = _file_sha256(path)
+        else:
+            record["mtime_ns"] = stat.st_mtime_ns
+        records.append(record)
+    return records
+
+
+def corpus_changes(saved: list[dict], now: list[dict]) -> list[str]:
+    """How the corpus ``now`` differs from ``saved`` (both :func:`file_fingerprints`), one phrase per file naming
+    it; [] when both hold the same contents in the same order (the same token stream: a moved corpus, or the
+    bundled one of another installation, still counts as the same)."""
+    def contents(records):
+        return [{key: value for key, value in record.items() if key != "path"} for record in records]
+
+    if contents(saved) == contents(now):
+        return []
+    old, new = {r["path"]: r for r in saved}, {r["path"]: r for r in now}
+    changes = []
+    for path in sorted(old.keys() | new.keys()):
+        if path not in new:
+            changes.append(f"{path} is no longer part of it")
+        elif path not in old:
+            changes.append(f"{path} is new")
+        elif old[path]["size"] != new[path]["size"]:
+            changes.append(f"{path} has {new[path]['size']:,} bytes, {old[path]['size']:,} before")
+        elif old[path] != new[path]:
+            changes.append(f"{path} has other content of the same size" if "sha256" in new[path]
+                           else f"{path} was modified (its modification time changed)")
+    return changes or ["its files hold the same contents in another order (renamed files)"]
 
 
 def default_cache_dir() -> Path:

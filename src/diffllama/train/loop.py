@@ -32,9 +32,11 @@ from diffllama import settings
 from diffllama.config import DiffLlamaConfig, atomic_write_text
 from diffllama.modeling import DiffLlamaForCausalLM
 from diffllama.train import checkpoint as ckpt
-from diffllama.train.config import TrainConfig, describe_resume_conflicts, fit_positions, resume_conflicts
+from diffllama.train.config import (TrainConfig, absolute_paths, describe_resume_conflicts, fit_positions,
+                                    resume_conflicts)
 from diffllama.train.data import (BatchPlan, CorpusError, DataMeta, TokenShards, bundled_corpus, cache_root,
-                                  list_input_files, load_or_train_tokenizer, prepare_data)
+                                  corpus_changes, file_fingerprints, list_input_files, load_or_train_tokenizer,
+                                  prepare_data)
 from diffllama.train.distributed import (DistInfo, all_reduce_sum, init_distributed, parallel_mode, parallelize)
 from diffllama.train.loss import linear_cross_entropy
 from diffllama.train.metrics import read_metrics_file
@@ -136,8 +138,14 @@ class Trainer:
             (:func:`~diffllama.train.metrics.read_metrics_file`), all before any work.
     """
 
+    # Corpus files as file_fingerprints records them, saved with each checkpoint (set on rank 0 by _setup_data;
+    # None where a subclass reads its own data, whose resume checks are its own).
+    data_files: list[dict] | None = None
+
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
                  info: DistInfo | None = None, quiet: bool = False) -> None:
+        # Absolute corpus paths in config.yaml: a --resume from another folder reads the same files.
+        cfg.data = absolute_paths(cfg.data)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         ckpt.check_run_dir(self.run_dir)
@@ -204,6 +212,7 @@ class Trainer:
             # Every file the resume reads is read now: a damaged one stops the run before any work or write.
             saved = ckpt.read_checkpoint(self.resume_from, self.info.rank)
             self._resumed_metrics = self._metrics_to_keep(saved.state["step"])
+            self._saved_data_files = (saved.state.get("extra") or {}).get("data_files")
 
         # ---- data, tokenizer and model: hooks a subclass may replace (diffllama.finetune.run.FineTuneTrainer)
         self._check_model_settings()
@@ -269,13 +278,26 @@ class Trainer:
         self.scheduler.last_epoch = self.step - 1
         self.scheduler.step()  # last_epoch back to self.step; each group's lr = peak x lr_lambda(self.step)
 
+    def _check_corpus(self, files: list[Path]) -> None:
+        """Set ``data_files`` (saved with each checkpoint); on resume refuse a corpus whose files changed since the
+        checkpoint recorded them, naming each changed file. Checkpoints of versions without the record are
+        resumed unchecked."""
+        self.data_files = file_fingerprints(files)
+        saved = self._saved_data_files if self.resume_from else None
+        changes = corpus_changes(saved, self.data_files) if saved is not None else []
+        if changes:
+            raise ValueError(f"--resume: the corpus changed since checkpoint {self.resume_from} was written "
+                             f"({'; '.join(changes)}); a resumed run must read the data it started with: restore "
+                             f"those files, or choose another --out to start a new run on the new data")
+
     def _setup_data(self) -> None:
         """Set ``tokenizer``, ``meta``, ``train_data`` and ``val_data`` (each with ``len`` and ``batch(indices)``)."""
         cfg = self.cfg
         cache = cache_root(cfg.cache_dir)
         files = list_input_files(cfg.data or [str(bundled_corpus())])
         tokenizer_dir = str(self.resume_from) if self.resume_from else (cfg.tokenizer or None)
-        if self.info.is_main:  # rank 0 builds the cache; the others then find it
+        if self.info.is_main:  # rank 0 checks the corpus and builds the cache; the others then find it
+            self._check_corpus(files)
             self.tokenizer = load_or_train_tokenizer(files, cfg.text_field, cfg.tokenizer_vocab_size, cache,
                                                      tokenizer_dir)
             folder, self.meta = prepare_data(files, self.tokenizer, text_field=cfg.text_field,
@@ -468,7 +490,8 @@ class Trainer:
                                     optimizer=self.optimizer, scheduler=self.scheduler, tokenizer=self.tokenizer,
                                     config_yaml=self.cfg.to_yaml(), info=self.info, fsdp=self.mode == "fsdp",
                                     keep_last=self.cfg.keep_last,
-                                    extra={"metrics": metrics, "tokens": self.tokens})
+                                    extra={"metrics": metrics, "tokens": self.tokens,
+                                           "data_files": self.data_files})
 
     def _log(self, record: dict, writer) -> None:
         self.history.append(record)
