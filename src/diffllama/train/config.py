@@ -33,11 +33,15 @@ PARALLEL = ("auto", "none", "ddp", "fsdp")
 class TrainConfig:
     """Every setting of a training run. Units: steps are optimizer steps; sizes are in tokens or sequences.
 
-    Fields (defaults are those of the ``tiny`` preset where a preset sets them):
+    Fields (the dataclass defaults below are generic ones, not a preset's: ``TrainConfig()`` trains a
+    ``DiffLlamaConfig()``-default model, about 1 B parameters, for 600 steps. :func:`resolve_config` starts from a
+    preset, ``tiny`` by default, whose ``train`` and ``model`` fields replace these; use it, not the bare dataclass,
+    for a run like ``diffllama train``'s):
         preset: the preset the run started from (informational once resolved).
         model: ``DiffLlamaConfig`` fields; ``vocab_size: None`` = tokenizer vocabulary rounded up to 64.
-        data: text files (.txt, .md, optionally .gz), folders of them, or JSONL files (text in ``text_field``);
-            empty = the bundled State of the Union corpus.
+        data: text files (.txt, .md, .text, .rst: one document each), JSON Lines files (.jsonl, .json: one object
+            per line, text in ``text_field``), any of them optionally .gz, or folders of them; empty = the bundled
+            State of the Union corpus. A run stores them as absolute paths.
         text_field: the JSON key holding a document's text in JSONL inputs.
         tokenizer: a directory holding a tokenizer (a checkpoint or ``save_pretrained`` output) to reuse; empty =
             train a byte-level BPE of ``tokenizer_vocab_size`` tokens on the training data.
