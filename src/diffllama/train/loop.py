@@ -478,8 +478,7 @@ class Trainer:
         if not self.info.distributed:
             return self._stop_signal is not None
         flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
-        if self.info.distributed:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() and self._stop_signal is None:
             self._stop_signal = "SIGTERM"
         return bool(flag.item())
@@ -521,7 +520,7 @@ class Trainer:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # tensorboard not installed
+        except ImportError:  # tensorboard not installed
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
