@@ -290,12 +290,30 @@ class Trainer:
                              f"({'; '.join(changes)}); a resumed run must read the data it started with: restore "
                              f"those files, or choose another --out to start a new run on the new data")
 
+    def _check_vocab_fits(self, tokenizer_dir: str | None) -> None:
+        """Refuse a ``model.vocab_size`` below the tokenizer's size before BPE training and tokenization: a given
+        tokenizer's size is read from its files, a tokenizer to train has at most ``tokenizer_vocab_size`` tokens."""
+        vocab = self.cfg.model.get("vocab_size")
+        if not vocab:  # unset: the tokenizer's size rounded up (_model_config)
+            return
+        if tokenizer_dir:
+            from diffllama.tokenizer import Tokenizer
+
+            size, source = Tokenizer.from_pretrained(tokenizer_dir).vocab_size, f"the tokenizer in {tokenizer_dir}"
+        else:
+            size, source = self.cfg.tokenizer_vocab_size, "tokenizer_vocab_size (the BPE to train)"
+        if vocab < size:
+            raise ValueError(f"model vocab_size {vocab} is smaller than {source}: {size} tokens; set model.vocab_size "
+                             f"to at least {size} or leave it unset (the tokenizer's size rounded up to 64)"
+                             + ("" if tokenizer_dir else ", or lower tokenizer_vocab_size (--vocab-size)"))
+
     def _setup_data(self) -> None:
         """Set ``tokenizer``, ``meta``, ``train_data`` and ``val_data`` (each with ``len`` and ``batch(indices)``)."""
         cfg = self.cfg
         cache = cache_root(cfg.cache_dir)
         files = list_input_files(cfg.data or [str(bundled_corpus())])
         tokenizer_dir = str(self.resume_from) if self.resume_from else (cfg.tokenizer or None)
+        self._check_vocab_fits(tokenizer_dir)
         if self.info.is_main:  # rank 0 checks the corpus and builds the cache; the others then find it
             self._check_corpus(files)
             self.tokenizer = load_or_train_tokenizer(files, cfg.text_field, cfg.tokenizer_vocab_size, cache,
@@ -344,10 +362,8 @@ class Trainer:
                           dict(bos_token_id=None, eos_token_id=None, pad_token_id=None))
 
     def _model_config(self) -> DiffLlamaConfig:
-        tok_vocab = self.tokenizer.vocab_size
-        vocab = self.cfg.model.get("vocab_size") or -(-tok_vocab // 64) * 64
-        if vocab < tok_vocab:
-            raise ValueError(f"model vocab_size {vocab} is smaller than the tokenizer's {tok_vocab} tokens")
+        # A set vocab_size was checked against the tokenizer before the data work (_check_vocab_fits)
+        vocab = self.cfg.model.get("vocab_size") or -(-self.tokenizer.vocab_size // 64) * 64
         config = self._config_with(vocab, dict(bos_token_id=self.tokenizer.bos_token_id,
                                                eos_token_id=self.tokenizer.eos_token_id,
                                                pad_token_id=self.tokenizer.pad_token_id))
