@@ -321,3 +321,11 @@ def test_write_retrieval_qa_checks_arguments_before_creating_anything(tmp_path):
     assert list(tmp_path.iterdir()) == []  # was: the folder was created first
     write_retrieval_qa(target, [" ".join(f"w{i}" for i in range(60))], 3, passage_words=50)
     assert len(D.read_squad(target)) == 3 and [p.name for p in target.parent.iterdir()] == ["kir.json"]
+
+
+def test_labelled_text_of_another_format_names_every_accepted_suffix(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("good\n")
+    with pytest.raises(D.DataError, match=re.escape("labelled data must be .csv, .tsv, or JSON Lines (.jsonl, "
+                                                    ".ndjson or .json: one object per line), got 'd.txt'")):
+        D.read_text_classification(path)

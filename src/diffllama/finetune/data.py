@@ -124,7 +124,8 @@ def read_text_classification(path: str | Path, text_column: str = "text", label_
     """Read texts (and labels) from a CSV/TSV file with a header row, a JSONL file, or (unlabelled) plain text.
 
     Args:
-        path: the file (``.csv``, ``.tsv``, ``.jsonl``, or ``.txt`` / ``-`` for one text per line, unlabelled).
+        path: the file (``.csv``, ``.tsv``, JSON Lines as ``.jsonl``/``.ndjson``/``.json``, or ``.txt`` / ``-``
+            for one text per line, unlabelled).
         text_column, label_column: column names (CSV header) or keys (JSONL). Labels are kept as strings.
         require_labels: raise when a row has no label; when False, labels are read if the column exists.
         lines: read these lines instead of opening ``path`` (stdin for ``diffllama predict``).
@@ -165,7 +166,8 @@ def read_text_classification(path: str | Path, text_column: str = "text", label_
                                           label_column in record))
     else:
         if require_labels:
-            raise DataError(f"{path}: labelled data must be .csv, .tsv or .jsonl, got {path.name!r}")
+            raise DataError(f"{path}: labelled data must be .csv, .tsv, or JSON Lines (.jsonl, .ndjson or .json: "
+                            f"one object per line), got {path.name!r}")
         with _open_lines(path, lines) as handle:
             for number, line in enumerate(handle, 1):
                 if line.strip():
@@ -548,12 +550,13 @@ def batch_pad_id(tokenizer, source="the tokenizer") -> int:
     return pad
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int, value_dtype=torch.long) -> torch.Tensor:
-    """Right-pad int sequences to the longest: (B, S_max) int64 tensor filled with ``pad_id``."""
+def right_pad(sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Right-pad int sequences to the longest: (B, S_max) int64 tensor filled with ``pad_id`` (-100 for label
+    rows, which :func:`diffllama.generation.pad_batch`'s ids-and-mask padding is not made for)."""
     width = max(len(s) for s in sequences)
-    out = torch.full((len(sequences), width), pad_id, dtype=value_dtype)
+    out = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     for i, s in enumerate(sequences):
-        out[i, :len(s)] = torch.tensor(s, dtype=value_dtype)
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
     return out
 
 

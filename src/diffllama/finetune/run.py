@@ -305,9 +305,6 @@ class FineTuneTrainer(Trainer):
                     targets.pin_memory().to(self.device, non_blocking=True))
         return inputs, targets
 
-    def _batch(self, indices, data):
-        return self._to_device(data.batch(indices))
-
     # ---- evaluation ------------------------------------------------------------------------------------------------
 
     def predict(self, examples) -> list:

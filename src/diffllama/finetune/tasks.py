@@ -73,12 +73,11 @@ class TaskOptions:
 
 
 class Task:
-    """Base class: a fine-tuning task. Subclasses set ``name``, ``model_class``, ``headline`` (the main metric) and
-    ``has_labels`` (whether the head predicts from a label set: config.json's ``id2label``)."""
+    """Base class: a fine-tuning task. Subclasses set ``name``, ``model_class`` and ``has_labels`` (whether the head
+    predicts from a label set: config.json's ``id2label``)."""
 
     name = ""
     model_class = None
-    headline = ""
     has_labels = True
 
     def __init__(self, options: TaskOptions | None = None) -> None:
@@ -143,7 +142,6 @@ class SequenceClassification(Task):
 
     name = "sequence-classification"
     model_class = DiffLlamaForSequenceClassification
-    headline = "accuracy"
 
     def read(self, path, *, labelled=True, lines=None):
         return D.read_text_classification(path, self.options.text_column, self.options.label_column,
@@ -158,7 +156,7 @@ class SequenceClassification(Task):
         pad = D.batch_pad_id(tokenizer)
 
         def collate(items):  # -> (B, S) ids, (B,) labels
-            return D.pad_batch([i for i, _ in items], pad), torch.tensor([y for _, y in items], dtype=torch.long)
+            return D.right_pad([i for i, _ in items], pad), torch.tensor([y for _, y in items], dtype=torch.long)
         return D.Features(list(zip(ids, labels)), collate)
 
     def forward(self, model, inputs):
@@ -193,7 +191,6 @@ class TokenClassification(Task):
 
     name = "token-classification"
     model_class = DiffLlamaForTokenClassification
-    headline = "token_accuracy"
 
     def read(self, path, *, labelled=True, lines=None):
         return D.read_tagged(path, self.options.tokens_column, self.options.tags_column, require_tags=labelled,
@@ -212,7 +209,7 @@ class TokenClassification(Task):
         pad = D.batch_pad_id(tokenizer)
 
         def collate(batch):  # -> (B, S) ids, (B, S) labels with -100 on padding and non-first sub-tokens
-            return D.pad_batch([b[0] for b in batch], pad), D.pad_batch([b[1] for b in batch], -100)
+            return D.right_pad([b[0] for b in batch], pad), D.right_pad([b[1] for b in batch], -100)
         return D.Features(items, collate)
 
     def forward(self, model, inputs):
@@ -255,7 +252,6 @@ class QuestionAnswering(Task):
 
     name = "question-answering"
     model_class = DiffLlamaForQuestionAnswering
-    headline = "exact_match"
     has_labels = False
 
     def __init__(self, options: TaskOptions | None = None) -> None:
@@ -278,7 +274,7 @@ class QuestionAnswering(Task):
         pad = D.batch_pad_id(tokenizer)
 
         def collate(batch):  # -> (B, S) ids, (B, 2) start/end positions
-            return (D.pad_batch([f.input_ids for f in batch], pad),
+            return (D.right_pad([f.input_ids for f in batch], pad),
                     torch.tensor([[f.start, f.end] for f in batch], dtype=torch.long))
         return D.Features(features, collate)
 
