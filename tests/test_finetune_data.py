@@ -329,3 +329,13 @@ def test_labelled_text_of_another_format_names_every_accepted_suffix(tmp_path):
     with pytest.raises(D.DataError, match=re.escape("labelled data must be .csv, .tsv, or JSON Lines (.jsonl, "
                                                     ".ndjson or .json: one object per line), got 'd.txt'")):
         D.read_text_classification(path)
+
+
+@pytest.mark.parametrize("content", ['[{"text": "good", "label": "fresh"}]\n',
+                                     '[\n  {"text": "good", "label": "fresh"}\n]\n'], ids=["one-line", "pretty"])
+def test_a_json_array_is_refused_as_not_json_lines(tmp_path, content):
+    path = tmp_path / "d.json"
+    path.write_text(content)
+    with pytest.raises(D.DataError, match=re.escape("d.json: line 1 starts a JSON array; expected JSON Lines: one "
+                                                    "JSON object per line")):
+        D.read_text_classification(path)

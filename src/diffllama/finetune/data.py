@@ -110,10 +110,18 @@ def _open_lines(path: Path, lines=None, **open_args):
 
 def _jsonl_rows(path: Path, lines=None):
     """(line number, dict) for each non-blank line of a JSONL file (or of ``lines``)."""
+    # A regular JSON array ("[" alone on a line, or the whole array on one) is the likeliest wrong format: say so.
+    array = ("{path}: line {number} starts a JSON array; expected JSON Lines: one JSON object per line, "
+             "e.g. {{\"text\": \"...\", \"label\": \"...\"}}, without the enclosing [ ] and commas")
+
+    def invalid(number, error):
+        if error.doc.lstrip().startswith("["):
+            return DataError(array.format(path=path, number=number))
+        return DataError(f"{path}: line {number} is not valid JSON: {error}")
     with _open_lines(path, lines) as handle:
-        records = jsonl_records(handle, lambda number, error: DataError(
-            f"{path}: line {number} is not valid JSON: {error}"))
-        for number, record in records:
+        for number, record in jsonl_records(handle, invalid):
+            if isinstance(record, list):
+                raise DataError(array.format(path=path, number=number))
             if not isinstance(record, dict):
                 raise DataError(f"{path}: line {number} is not a JSON object")
             yield number, record
