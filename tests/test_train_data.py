@@ -259,3 +259,18 @@ def test_corpus_changes_name_each_changed_file(tmp_path):
     assert corpus_changes(saved, file_fingerprints([moved / "a.txt", moved / "b.txt"])) == []  # a moved corpus
     assert corpus_changes(saved, file_fingerprints([b, a])) == [
         "its files hold the same contents in another order (renamed files)"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('[{"text": "a"}, {"text": "b"}]\n', '1: [{"text": "a"}, {"text": "b"}] is not a JSON object; expected JSON Lines: '
+                                         'one JSON object per line, its text under the text field (a JSON array file '
+                                         'must be rewritten with one element per line)'),
+    ('[\n  {"text": "a"}\n]\n', "1: not valid JSON (Expecting value: line 2 column 1 (char 2)); expected JSON Lines: "
+                                "one JSON object per line, its text under the text field"),
+], ids=["one-line-array", "pretty-printed-array"])
+def test_a_json_array_file_is_told_json_lines_are_expected(tmp_path, content, message):
+    path = tmp_path / "corpus.json"
+    path.write_text(content)
+    with pytest.raises(CorpusError) as caught:
+        list(iter_documents([path]))
+    assert str(caught.value) == f"{path}:{message}"

@@ -168,10 +168,16 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
         if text.strip():
             yield text
         return
+    lines_hint = "expected JSON Lines: one JSON object per line, its text under the text field"
     records = jsonl_records(_utf8_lines(path), lambda number, error: CorpusError(
-        f"{path}:{number}: not valid JSON ({error})"))
+        f"{path}:{number}: not valid JSON ({error}); {lines_hint}"))
     for number, record in records:
-        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(record, dict):  # e.g. a whole JSON array on one line
+            shown = json.dumps(record)
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            raise CorpusError(f"{path}:{number}: {shown} is not a JSON object; {lines_hint} (a JSON array file "
+                              f"must be rewritten with one element per line)")
+        text = record.get(text_field)
         if not isinstance(text, str):
             raise CorpusError(f"{path}:{number}: no string field {text_field!r} "
                               f"(set --text-field to the key holding the text)")
