@@ -274,3 +274,12 @@ def test_a_json_array_file_is_told_json_lines_are_expected(tmp_path, content, me
     with pytest.raises(CorpusError) as caught:
         list(iter_documents([path]))
     assert str(caught.value) == f"{path}:{message}"
+
+
+def test_document_tail_split_counts_the_bytes_of_a_character_cut_in_two(tmp_path):
+    """Ten 3-byte characters, one token per byte: the cut after 28 of 31 tokens falls inside the tenth one."""
+    tokenizer = train_bpe(iter(["plain ascii text only"] * 5), 300)
+    (tmp_path / "euros.txt").write_text("€" * 10)
+    folder, meta = prepare_data([tmp_path / "euros.txt"], tokenizer, val_fraction=0.1, cache_dir=tmp_path / "cache")
+    assert (meta.split, meta.train_tokens, meta.val_tokens) == ("document tails", 28, 3)
+    assert (meta.train_bytes, meta.val_bytes) == (27, 3)  # 9 whole characters; the 10th (2 of its bytes + EOS)

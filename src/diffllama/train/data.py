@@ -541,8 +541,9 @@ def prepare_data(files: list[Path], tokenizer, *, text_field: str = "text", val_
     if eos is None:
         raise ValueError("the tokenizer has no EOS token, needed as the document separator")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    # "bytes2": caches of earlier versions counted the bytes of a document cut inside a character wrongly
     key = hashlib.sha256(f"{inputs_fingerprint(files, text_field)}|{tokenizer_fingerprint(tokenizer)}|"
-                         f"{val_fraction}".encode()).hexdigest()[:16]
+                         f"{val_fraction}|bytes2".encode()).hexdigest()[:16]
     folder = cache_dir / "data" / key
     if (folder / "meta.json").is_file():
         return folder, DataMeta(**json.loads((folder / "meta.json").read_text()))
@@ -575,6 +576,10 @@ def prepare_data(files: list[Path], tokenizer, *, text_field: str = "text", val_
                     train.write(ids[:cut])
                     val.write(ids[cut:])
                     head = tokenizer.decode(ids[:cut].tolist(), skip_special_tokens=True)
+                    # A cut inside a multi-byte character decodes its first bytes as U+FFFD (3 bytes): that
+                    # character's bytes count to validation, so both counts are the text's own bytes.
+                    while head.endswith("\ufffd") and not text.startswith(head):
+                        head = head[:-1]
                     stats["train_bytes"] += len(head.encode("utf-8"))
                     stats["val_bytes"] += len(text.encode("utf-8")) - len(head.encode("utf-8"))
                     stats["train_documents"] += 1
