@@ -530,7 +530,8 @@ class DiffLlamaPreTrainedModel(nn.Module):
         """Load a checkpoint directory or hub repo id written by transformers or by this library.
 
         Args:
-            path_or_repo_id: local directory (config.json + safetensors) or a hub repo id in the local cache.
+            path_or_repo_id: local directory (config.json + safetensors) or a hub repo id (the local cache first,
+                then downloaded unless ``HF_HUB_OFFLINE=1``).
             dtype: torch dtype or its name ("float32", "bfloat16", "float16", "float64"), or None / "auto" (the
                 default): the checkpoint's ``dtype``/``torch_dtype`` entry, else its first floating weight's dtype,
                 else float32 (as transformers). torch_dtype: transformers' deprecated name for ``dtype``.
