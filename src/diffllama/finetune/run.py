@@ -335,10 +335,12 @@ class FineTuneTrainer(Trainer):
         if self.resume_from is None or self.step < self.cfg.max_steps or self._scored():
             return super().fit()
         result = FitResult(step=self.step, checkpoint=self.resume_from)
-        if not self._interruptible(result, lambda: result.metrics.update(self.evaluate())):
-            return result
-        result.model_dir = self._export_final(self.resume_from)
-        self._write_summary(result)
+        try:
+            if self._interruptible(result, lambda: result.metrics.update(self.evaluate())):
+                result.model_dir = self._export_final(self.resume_from)
+                self._write_summary(result)
+        finally:  # as Trainer.fit: the run folder is free for the next run once this one is done
+            self._release_run_dir()
         return result
 
     def _scored(self) -> bool:
