@@ -35,6 +35,6 @@ def test_model_vocab_below_the_tokenizer_is_refused_before_bpe_training_leaving_
         Trainer(micro_config(corpus, tmp_path / "cache", model={"vocab_size": 300}), tmp_path / "run", quiet=True)
     assert str(caught.value) == ("model vocab_size 300 is smaller than tokenizer_vocab_size (the BPE to train): 320 "
                                  "tokens; set model.vocab_size to at least 320 or leave it unset (the tokenizer's "
-                                 "size rounded up to 64), or lower tokenizer_vocab_size (--vocab-size)")
+                                 "size rounded up to 64), or lower tokenizer_vocab_size (--tokenizer-vocab-size)")
     assert not (tmp_path / "cache").exists()  # no tokenizer trained, no data tokenized
     assert not (tmp_path / "run").exists()  # the folder its lock created is removed again

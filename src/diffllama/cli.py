@@ -34,8 +34,8 @@ def _check_environment(ctx: typer.Context) -> None:
 
 # ---- generate (inference) ---------------------------------------------------------------------------------------
 
-class _GenerateError(Exception):
-    """A user error of `diffllama generate`: printed as 'error: ...' with exit code 1 (or 2 for bad arguments)."""
+class _UsageError(Exception):
+    """A user error of a `diffllama` command: printed as 'error: ...' with exit code 1 (or 2 for bad arguments)."""
 
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
@@ -61,13 +61,13 @@ def _generation_device(device: str):
     except RuntimeError:
         parsed = None
     if parsed is None or parsed.type not in ("cpu", "cuda"):
-        raise _GenerateError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}", 2)
+        raise _UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}", 2)
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise _GenerateError(f"--device {device} was requested but CUDA is not available on this machine "
-                                 f"(use --device cpu)")
+            raise _UsageError(f"--device {device} was requested but CUDA is not available on this machine "
+                              f"(use --device cpu)")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise _GenerateError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise _UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return parsed
 
 
@@ -77,7 +77,7 @@ def _generation_dtype(dtype: str, device):
     if dtype == "auto":  # the checkpoint's dtype on a GPU; float32 on CPU (bf16 matmuls are slow there)
         return None if device.type == "cuda" else "float32"
     if dtype not in DTYPES:
-        raise _GenerateError(f"--dtype must be auto or one of {', '.join(sorted(DTYPES))}, got {dtype!r}", 2)
+        raise _UsageError(f"--dtype must be auto or one of {', '.join(sorted(DTYPES))}, got {dtype!r}", 2)
     return dtype
 
 
@@ -86,25 +86,25 @@ def _check_attn(attn, device) -> None:
     from diffllama.config import ATTN_IMPLEMENTATIONS
 
     if attn not in ATTN_IMPLEMENTATIONS:
-        raise _GenerateError(f"--attn must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn!r}", 2)
+        raise _UsageError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn!r}", 2)
     if attn == "flash":
         from diffllama import settings
         from diffllama.attention import flash
 
         if device.type != "cuda" and not settings.triton_interpreting():
-            raise _GenerateError(f"--attn flash needs a CUDA GPU, but generation runs on {device}: use --attn sdpa "
-                                 f"(or auto), or --device cuda on a machine with a GPU")
+            raise _UsageError(f"--attn-implementation flash needs a CUDA GPU, but generation runs on {device}: "
+                              f"use sdpa (or auto), or --device cuda on a machine with a GPU")
         if flash.triton is None:
-            raise _GenerateError(f"--attn flash needs Triton (pip install triton), which failed to import: "
-                                 f"{flash._IMPORT_ERROR}; use --attn sdpa (or auto)")
+            raise _UsageError(f"--attn-implementation flash needs Triton (pip install triton), which failed to "
+                              f"import: {flash._IMPORT_ERROR}; use sdpa (or auto)")
 
 
 def _utf8_line(raw: bytes, where: str) -> str:
-    """One line of input without its line end (LF or CRLF); non-UTF-8 bytes raise a _GenerateError naming ``where``."""
+    """One line of input without its line end (LF or CRLF); non-UTF-8 bytes raise a _UsageError naming ``where``."""
     try:
         return raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
     except UnicodeDecodeError as error:
-        raise _GenerateError(f"{where} is not UTF-8 text: {error}", 2) from error
+        raise _UsageError(f"{where} is not UTF-8 text: {error}", 2) from error
 
 
 def _check_utf8_argument(text: str, name: str) -> None:
@@ -112,7 +112,7 @@ def _check_utf8_argument(text: str, name: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise _GenerateError(f"{name} is not UTF-8 text: {error}", 2) from error
+        raise _UsageError(f"{name} is not UTF-8 text: {error}", 2) from error
 
 
 def _read_prompts(prompts_file: str) -> list[str]:
@@ -127,16 +127,16 @@ def _read_prompts(prompts_file: str) -> list[str]:
     else:
         path = Path(prompts_file)
         if path.is_dir():
-            raise _GenerateError(f"--prompts-file {prompts_file!r} is a directory; expected a text file with "
-                                 f"one prompt per line", 2)
+            raise _UsageError(f"--prompts-file {prompts_file!r} is a directory; expected a text file with "
+                              f"one prompt per line", 2)
         if not path.is_file():
-            raise _GenerateError(f"--prompts-file {prompts_file!r} does not exist", 2)
+            raise _UsageError(f"--prompts-file {prompts_file!r} does not exist", 2)
         data = path.read_bytes()
     lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
     texts = [_utf8_line(line, f"--prompts-file {prompts_file!r} line {n}") for n, line in enumerate(lines, 1)]
     prompts = [line for line in texts if line.strip()]
     if not prompts:
-        raise _GenerateError(f"--prompts-file {prompts_file!r} holds no prompts (one per non-empty line)", 2)
+        raise _UsageError(f"--prompts-file {prompts_file!r} holds no prompts (one per non-empty line)", 2)
     return prompts
 
 
@@ -155,7 +155,7 @@ def generate(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype",
                               help="auto (checkpoint's on CUDA, float32 on CPU), float32, bfloat16, float16, float64."),
-    attn: str = typer.Option("auto", "--attn", help="Attention backend: eager, sdpa, flash, auto (flash on a CUDA "
+    attn: str = typer.Option("auto", "--attn-implementation", "--attn", help="Attention backend: eager, sdpa, flash, auto (flash on a CUDA "
                              "GPU with Triton, else sdpa)."),
     compile: bool = typer.Option(False, "--compile", help="Static KV cache + torch.compile'd decode step "
                                  "(CUDA graphs on GPU); the first prompt pays the compilation (tens of seconds), "
@@ -182,7 +182,7 @@ def generate(
                       top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, device=device, dtype=dtype,
                       attn=attn, compile=compile, interactive=interactive, prompts_file=prompts_file,
                       batch_size=batch_size)
-    except _GenerateError as error:
+    except _UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         raise typer.Exit(error.code)
     except KeyboardInterrupt:
@@ -202,23 +202,23 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
 
     sources = sum([prompt is not None, interactive, prompts_file is not None])
     if sources != 1:
-        raise _GenerateError("give exactly one of PROMPT, --interactive or --prompts-file", 2)
+        raise _UsageError("give exactly one of PROMPT, --interactive or --prompts-file", 2)
     if prompt is not None:
         _check_utf8_argument(prompt, "PROMPT")
     try:  # the shared checks first: they refuse NaN/inf, which the comparisons below would let through
         check_sampling_args(max_new_tokens=max_new_tokens, do_sample=False, temperature=temperature, top_k=top_k,
                             top_p=top_p, repetition_penalty=repetition_penalty)
     except (ValueError, TypeError) as error:
-        raise _GenerateError(f"--{str(error).split(' ')[0].replace('_', '-')}: {error}", 2) from error
+        raise _UsageError(f"--{str(error).split(' ')[0].replace('_', '-')}: {error}", 2) from error
     if temperature < 0:
-        raise _GenerateError(f"--temperature must be >= 0 (0 = greedy), got {temperature}", 2)
+        raise _UsageError(f"--temperature must be >= 0 (0 = greedy), got {temperature}", 2)
     do_sample = temperature > 0
     if not do_sample and (top_k is not None or top_p is not None):
-        raise _GenerateError("--top-k/--top-p apply to sampling: add --temperature > 0", 2)
+        raise _UsageError("--top-k/--top-p apply to sampling: add --temperature > 0", 2)
     if batch_size < 1:
-        raise _GenerateError(f"--batch-size must be >= 1, got {batch_size}", 2)
+        raise _UsageError(f"--batch-size must be >= 1, got {batch_size}", 2)
     if seed is not None and not 0 <= seed < 2 ** 64:  # torch.Generator.manual_seed's range
-        raise _GenerateError(f"--seed must be in [0, 2**64 - 1], got {seed}", 2)
+        raise _UsageError(f"--seed must be in [0, 2**64 - 1], got {seed}", 2)
     torch_device = _generation_device(device)
     torch_dtype = _generation_dtype(dtype, torch_device)
     _check_attn(attn, torch_device)
@@ -229,17 +229,17 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
         directory = resolve_checkpoint_dir(model_dir)
         tokenizer = Tokenizer.from_pretrained(directory)
         if prompt is not None and not tokenizer.encode(prompt) and tokenizer.bos_token_id is None:
-            raise _GenerateError("prompt is empty (after tokenization the prompt has no tokens, and the tokenizer "
-                                 "has no BOS token to start from): give PROMPT some text", 2)
+            raise _UsageError("prompt is empty (after tokenization the prompt has no tokens, and the tokenizer "
+                              "has no BOS token to start from): give PROMPT some text", 2)
         model = DiffLlamaForCausalLM.from_pretrained(directory, dtype=torch_dtype, device=torch_device,
                                                      attn_implementation=attn)
     except (FileNotFoundError, NotADirectoryError) as error:
-        raise _GenerateError(f"MODEL_DIR_OR_REPO {model_dir!r}: {error}") from error
+        raise _UsageError(f"MODEL_DIR_OR_REPO {model_dir!r}: {error}") from error
     except (ValueError, ImportError) as error:
-        raise _GenerateError(f"cannot load {model_dir!r}: {error}") from error
+        raise _UsageError(f"cannot load {model_dir!r}: {error}") from error
     if "lm_head.weight" in model.loading_report["new"]:  # a task model's folder: the head would be random
-        raise _GenerateError(f"{model_dir!r} has no language-model head (lm_head.weight is not in its weights: a "
-                             f"fine-tuned task model?); generate needs a causal LM checkpoint")
+        raise _UsageError(f"{model_dir!r} has no language-model head (lm_head.weight is not in its weights: a "
+                          f"fine-tuned task model?); generate needs a causal LM checkpoint")
     if tokenizer.eos_token_id is not None and model.generation_config.get("eos_token_id") is None \
             and model.config.eos_token_id is None:
         model.generation_config["eos_token_id"] = tokenizer.eos_token_id
@@ -271,7 +271,7 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
             raw = sys.stdin.buffer.readline()
             try:
                 line = _utf8_line(raw, "that line")
-            except _GenerateError as error:
+            except _UsageError as error:
                 print(f"error: {error}", file=sys.stderr)
                 continue
             if not line.strip():
@@ -364,7 +364,8 @@ def train(
                                                   help="Recompute layer activations in backward."),
     parallel: str = typer.Option(None, help="auto (DDP under torchrun), none, ddp, fsdp (FSDP2)."),
     tokenizer: str = typer.Option(None, help="Reuse the tokenizer in this folder instead of training a BPE."),
-    vocab_size: int = typer.Option(None, help="BPE vocabulary size to train."),
+    vocab_size: int = typer.Option(None, "--tokenizer-vocab-size", "--vocab-size",
+                                   help="BPE vocabulary size to train (the model's vocab_size follows it)."),
     text_field: str = typer.Option(None, help="JSONL key holding the text."),
     val_fraction: float = typer.Option(None, help="Share of documents held out for validation."),
     cache_dir: str = typer.Option(None, help="Tokenized-data cache (default ~/.cache/diffllama)."),
@@ -441,7 +442,7 @@ _TASK_HELP = "sequence-classification, token-classification or question-answerin
 def _task_options(task_name, labels=None, **options):
     """The task with its :class:`~diffllama.finetune.tasks.TaskOptions` (``labels``: comma-separated text or a
     list); a bad task name or option (TaskOptions and the task check them, naming the flag) is
-    :class:`_GenerateError` with exit code 2."""
+    :class:`_UsageError` with exit code 2."""
     from diffllama.finetune.tasks import TaskOptions, get_task
 
     if isinstance(labels, str):
@@ -449,7 +450,7 @@ def _task_options(task_name, labels=None, **options):
     try:
         return get_task(task_name, TaskOptions(labels=labels, **options))
     except ValueError as error:
-        raise _GenerateError(str(error), 2) from None
+        raise _UsageError(str(error), 2) from None
 
 
 def _check_out_file(flag: str, file) -> None:
@@ -458,10 +459,10 @@ def _check_out_file(flag: str, file) -> None:
 
     path = Path(file)
     if path.is_dir():
-        raise _GenerateError(f"{flag} {file} is a directory; expected a file path", 2)
+        raise _UsageError(f"{flag} {file} is a directory; expected a file path", 2)
     parent = path.parent
     if not parent.is_dir():
-        raise _GenerateError(f"{flag} {file}: its folder {parent} does not exist (create it first)", 2)
+        raise _UsageError(f"{flag} {file}: its folder {parent} does not exist (create it first)", 2)
 
 
 @app.command()
@@ -517,7 +518,7 @@ def finetune(
                                  tokens_column=tokens_column, tags_column=tags_column, max_length=max_length,
                                  stride=stride)
         check_run_dir(run_dir)
-    except _GenerateError as error:
+    except _UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         raise typer.Exit(error.code)
     except ValueError as error:
@@ -566,7 +567,7 @@ def predict(
     stride: int = typer.Option(None, help="Overlap of QA context windows. Default: the value the model was "
                                "fine-tuned with, else 64."),
     batch_size: int = typer.Option(16, help="Sequences per forward pass (>= 1)."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto (cuda when available)."),
+    device: str = typer.Option("auto", help="auto (cuda when available, as generate and train), cpu, cuda or cuda:N."),
     metrics_out: str = typer.Option(None, "--metrics-out", help="Write metrics JSON here (input with a gold label "
                                     "on every row; else a note says it was not written)."),
 ) -> None:
@@ -586,7 +587,7 @@ def predict(
 
     try:  # arguments and the checkpoint's class first, before any input is read or anything printed
         if batch_size < 1:
-            raise _GenerateError(f"--batch-size must be >= 1 (sequences per forward pass), got {batch_size}", 2)
+            raise _UsageError(f"--batch-size must be >= 1 (sequences per forward pass), got {batch_size}", 2)
         torch_device = _generation_device(device)
         if metrics_out:
             _check_out_file("--metrics-out", metrics_out)
@@ -598,7 +599,7 @@ def predict(
                                  tokens_column=tokens_column, tags_column=tags_column, **{**found.settings, **given})
         examples = read_input(task_obj, source, sys.stdin.buffer.read() if source == "-" else None)
         predictions = run_predict(task_obj, model, examples, batch_size=batch_size, device=torch_device)
-    except _GenerateError as error:
+    except _UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         raise typer.Exit(error.code)
     except (DataError, ValueError, FileNotFoundError, NotADirectoryError) as error:

@@ -305,7 +305,7 @@ class Trainer:
         if vocab < size:
             raise ValueError(f"model vocab_size {vocab} is smaller than {source}: {size} tokens; set model.vocab_size "
                              f"to at least {size} or leave it unset (the tokenizer's size rounded up to 64)"
-                             + ("" if tokenizer_dir else ", or lower tokenizer_vocab_size (--vocab-size)"))
+                             + ("" if tokenizer_dir else ", or lower tokenizer_vocab_size (--tokenizer-vocab-size)"))
 
     def _setup_data(self) -> None:
         """Set ``tokenizer``, ``meta``, ``train_data`` and ``val_data`` (each with ``len`` and ``batch(indices)``)."""
