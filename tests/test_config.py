@@ -143,8 +143,11 @@ def test_wrong_model_type_and_bad_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         DiffLlamaConfig.from_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(FileNotFoundError, match="checkpoint directory .*missing' does not exist"):
         DiffLlamaConfig.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json at .*empty/config.json"):
+        DiffLlamaConfig.from_pretrained(tmp_path / "empty")
 
 
 def test_a_config_that_validates_builds_a_model():

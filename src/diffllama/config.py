@@ -282,13 +282,19 @@ class DiffLlamaConfig:
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> DiffLlamaConfig:
-        """Read ``config.json`` from a checkpoint directory (or a path to the file itself).
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **overrides: Any) -> DiffLlamaConfig:
+        """Read ``config.json`` from a checkpoint directory, a path to the file itself, or a hub repo id (resolved as
+        the model's: :func:`diffllama.checkpoint.resolve_checkpoint_dir`).
 
         Raises:
-            FileNotFoundError: if there is no config.json there. ValueError: as :meth:`from_dict`, or for bad JSON.
+            FileNotFoundError: if there is no config.json there (or the path or repo id does not resolve).
+            ValueError: as :meth:`from_dict`, or for bad JSON.
         """
-        path = Path(path)
+        path = Path(path_or_repo_id).expanduser()
+        if not path.is_file():
+            from diffllama.checkpoint import resolve_checkpoint_dir  # checkpoint imports this module
+
+            path = resolve_checkpoint_dir(path_or_repo_id)
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no config.json at {file}")
