@@ -24,6 +24,17 @@ def test_bundled_corpus_is_there():
     assert first["year"] == 1790 and "Senate" in first["text"]
 
 
+def test_linked_folders_are_followed_once(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.txt").write_text("linked text")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("alpha")
+    (tmp_path / "docs" / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "docs", target_is_directory=True)  # a link cycle
+    files = list_input_files([str(tmp_path / "docs")])
+    assert files == [(tmp_path / "docs" / "a.txt").resolve(), (tmp_path / "elsewhere" / "x.txt").resolve()]
+
+
 def test_input_discovery_and_errors(tmp_path):
     (tmp_path / "docs" / "sub").mkdir(parents=True)
     (tmp_path / "docs" / "a.txt").write_text("alpha beta")

@@ -75,11 +75,27 @@ def _kind(path: Path) -> str | None:
     return None
 
 
+def _walk_files(folder: Path) -> Iterator[Path]:
+    """Every file below ``folder``, following links to folders (each real folder once, so a link loop ends) as
+    well as links to files: a corpus assembled from links reads as the same corpus copied."""
+    seen = set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in names:
+            file = Path(root) / name
+            if file.is_file():
+                yield file
+
+
 def list_input_files(paths: list[str | os.PathLike]) -> list[Path]:
     """Expand corpus paths into a sorted, de-duplicated list of corpus files.
 
     A folder contributes every file below it with a known suffix (``.txt .md .text .rst .jsonl .json``, optionally
-    ``.gz``); a file is taken as given if its suffix is known.
+    ``.gz``), links to files and folders included; a file is taken as given if its suffix is known.
 
     Raises:
         CorpusError: a path that does not exist, a file of unknown type, or no corpus file at all.
@@ -92,7 +108,7 @@ def list_input_files(paths: list[str | os.PathLike]) -> list[Path]:
         if not path.exists():
             raise CorpusError(f"corpus path {str(raw)!r} does not exist")
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
+            found = sorted(p for p in _walk_files(path) if _kind(p) is not None)
             if not found:
                 raise CorpusError(f"corpus folder {str(raw)!r} holds no text files "
                                   f"({', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}, optionally .gz)")
