@@ -193,22 +193,11 @@ def write_metrics(path, scores: dict) -> None:
 
 def output_records(task: Task, examples: list, predictions: list) -> list[dict]:
     """JSON-ready records pairing each example's identity with its prediction."""
-    records = []
-    for example, prediction in zip(examples, predictions):
-        if task.name == "sequence-classification":
-            records.append({"row": example.row, "text": example.text, **prediction})
-        elif task.name == "token-classification":
-            records.append({"row": example.row, **prediction})
-        else:
-            records.append({"row": example.row, "id": example.qid, "question": example.question, **prediction})
-    return records
+    return [task.output_record(example, prediction) for example, prediction in zip(examples, predictions)]
 
 
 def gold_metrics(task: Task, examples: list, predictions: list) -> dict | None:
     """Metrics when every example has gold labels, else None."""
-    labelled = {"sequence-classification": lambda e: e.label is not None,
-                "token-classification": lambda e: e.tags is not None,
-                "question-answering": lambda e: bool(e.answers)}[task.name]
-    if examples and all(labelled(e) for e in examples):
+    if examples and all(task.is_labelled(e) for e in examples):
         return task.score(examples, predictions)
     return None

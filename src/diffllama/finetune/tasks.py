@@ -129,6 +129,14 @@ class Task:
         """The trivial baseline on the evaluation examples (majority class / tag / answer)."""
         raise NotImplementedError
 
+    def is_labelled(self, example) -> bool:
+        """Whether ``example`` carries its gold label (tags, answers), so it can be scored."""
+        raise NotImplementedError
+
+    def output_record(self, example, prediction: dict) -> dict:
+        """The JSON-ready record ``diffllama predict`` prints: the example's identity and its prediction."""
+        return {"row": example.row, **prediction}
+
     @staticmethod
     def _batched(features, batch_size, forward, device):
         for start in range(0, len(features), batch_size):
@@ -179,6 +187,12 @@ class SequenceClassification(Task):
 
     def score(self, examples, predictions):
         return M.classification_metrics([e.label for e in examples], [p["label"] for p in predictions])
+
+    def is_labelled(self, example):
+        return example.label is not None
+
+    def output_record(self, example, prediction):
+        return {"row": example.row, "text": example.text, **prediction}
 
     def baseline(self, train_examples, eval_examples):
         return {"majority_accuracy": M.majority_baseline([e.label for e in train_examples],
@@ -237,6 +251,9 @@ class TokenClassification(Task):
 
     def score(self, examples, predictions):
         return M.tagging_metrics([e.tags for e in examples], [p["tags"] for p in predictions])
+
+    def is_labelled(self, example):
+        return example.tags is not None
 
     def baseline(self, train_examples, eval_examples):
         tags = Counter(t for e in train_examples for t in e.tags)
@@ -324,6 +341,12 @@ class QuestionAnswering(Task):
         if groups is not None:
             out["by_depth"] = out.pop("by_group")
         return out
+
+    def is_labelled(self, example):
+        return bool(example.answers)
+
+    def output_record(self, example, prediction):
+        return {"row": example.row, "id": example.qid, "question": example.question, **prediction}
 
     def baseline(self, train_examples, eval_examples):
         top = Counter(e.answers[0] for e in train_examples).most_common(1)[0][0]
