@@ -611,6 +611,26 @@ def test_resume_of_a_finished_run_without_metrics_writes_them(base_model, tmp_pa
     assert f"weights restored from {out / 'checkpoints' / 'step-000002'} (step 2)" in result.stdout
 
 
+def test_resume_of_a_scored_run_changes_nothing_and_keeps_its_tokenizer(base_model, tmp_path):
+    """Was: --resume of a finished fine-tuning run rewrote finetune_metrics.json with empty eval metrics (it looked
+    for train's summary.json); and a resumed run read its tokenizer from --model, not from its checkpoint."""
+    import shutil
+
+    base, out = tmp_path / "base", tmp_path / "run"
+    shutil.copytree(base_model, base)
+    args = ["--model", base, "--data", DATA / "rt_test.csv", "--labels", "fresh,rotten", "--save-every", "2"]
+    assert _finetune_cli("sequence-classification", out, *args, "--max-steps", "2").exit_code == 0
+    before = (out / "finetune_metrics.json").read_bytes()
+    assert json.loads(before)["eval"]
+    result = _finetune_cli("sequence-classification", out, *args, "--max-steps", "2", "--resume")
+    assert result.exit_code == 0, result.output
+    assert (out / "finetune_metrics.json").read_bytes() == before
+    (base / "tokenizer.json").write_text("{not a tokenizer")  # --model changed since: the checkpoint's is used
+    result = _finetune_cli("sequence-classification", out, *args, "--max-steps", "3", "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "finetune_metrics.json").read_text())["steps"] == 3
+
+
 def test_signal_during_final_scoring_is_reported_and_resume_scores(base_model, tmp_path, monkeypatch):
     """Was: SIGTERM while the test set was scored ended the process silently, with no metrics written."""
     import os

@@ -30,6 +30,13 @@ def test_second_run_on_a_folder_in_use_is_refused_before_any_write(corpus, tmp_p
     assert again.step == 2
 
 
+def test_a_lock_path_that_is_not_a_file_is_one_clear_error(corpus, tmp_path):
+    run = tmp_path / "run"
+    (run / ".lock").mkdir(parents=True)
+    with pytest.raises(ValueError, match=f"--out {str(run)!r}: {run / '.lock'} is not a regular file; remove it"):
+        Trainer(micro_config(corpus, tmp_path / "cache", max_steps=2), run, quiet=True)
+
+
 def test_model_vocab_below_the_tokenizer_is_refused_before_bpe_training_leaving_no_folder(corpus, tmp_path):
     with pytest.raises(ValueError) as caught:
         Trainer(micro_config(corpus, tmp_path / "cache", model={"vocab_size": 300}), tmp_path / "run", quiet=True)

@@ -244,7 +244,8 @@ class FineTuneTrainer(Trainer):
         from diffllama.tokenizer import Tokenizer
 
         task, paths = self.task, self.paths
-        self.tokenizer = Tokenizer.from_pretrained(self.model_dir)
+        # A resumed run keeps the tokenizer its checkpoint was trained with, whatever --model holds now.
+        self.tokenizer = Tokenizer.from_pretrained(self.resume_from or self.model_dir)
         self.pad_id = batch_pad_id(self.tokenizer, f"the tokenizer in {self.model_dir}")
         self.train_examples = task.read(paths["train"])
         # The label set comes from every row of --data, before an evaluation split is held out of it.
@@ -342,6 +343,10 @@ class FineTuneTrainer(Trainer):
         finally:  # as Trainer.fit: the run folder is free for the next run once this one is done
             self._release_run_dir()
         return result
+
+    def _summary_written(self) -> bool:
+        """A fine-tuning run's summary is its ``finetune_metrics.json`` (it writes no summary.json)."""
+        return self._scored()
 
     def _scored(self) -> bool:
         """True if ``RUN_DIR/finetune_metrics.json`` holds the metrics of this step (an older step's file, left by a

@@ -54,9 +54,17 @@ def lock_run_dir(run_dir: Path):
 
     Raises:
         RunDirInUse: (a ValueError) another process holds the lock, naming the folder.
+        ValueError: the folder cannot be created or written (read-only, no permission), or its ``.lock`` is not a
+            regular file.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a")
+    lock = run_dir / LOCK_FILE
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if lock.exists() and not lock.is_file():  # a folder or a FIFO there would fail or block the open below
+            raise ValueError(f"--out {str(run_dir)!r}: {lock} is not a regular file; remove it")
+        handle = open(lock, "a")
+    except OSError as error:
+        raise ValueError(f"--out {str(run_dir)!r} cannot be written: {error}") from None
     if fcntl is not None:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
