@@ -181,6 +181,15 @@ def test_squad_answer_not_at_its_answer_start_is_refused(tmp_path, start):
     assert D.read_squad(path)[0].answer_starts == [20]  # a string offset is read as its number
 
 
+def test_squad_answer_start_of_non_ascii_digits_is_refused_by_row(tmp_path):
+    path = tmp_path / "q.json"
+    qas = [{"id": "b", "question": "What?", "answers": [{"text": "France", "answer_start": "³"}]}]
+    path.write_text(json.dumps({"data": [{"paragraphs": [{"context": "Paris is in France.", "qas": qas}]}]}))
+    with pytest.raises(D.DataError, match=re.escape(
+            "row 1 (question id 'b'): answer 'France' has answer_start '³'; expected a character offset")):
+        D.read_squad(path)
+
+
 def test_squad_jsonl_answers_without_offsets_keep_their_answers(tmp_path):
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"question": "Where?", "context": "Paris is in France.",

@@ -111,6 +111,8 @@ def test_call_bad_inputs(tok):
         tok("hi", return_tensors="np")
     with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'up'"):
         tok(["hi"], return_tensors="pt", padding_side="up")
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right', got 'middle'"):
+        tok(["hi"], padding_side="middle")
     with pytest.raises(TypeError, match="text must be a str or a list of str, got int"):
         tok(5)
 

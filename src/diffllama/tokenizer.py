@@ -239,11 +239,13 @@ class Tokenizer:
 
         Raises:
             TypeError: ``text`` is not a str or a list of str.
-            ValueError: ``return_tensors`` other than None or "pt"; with "pt", a bad ``padding_side`` or a text that
-                encodes to no token.
+            ValueError: ``return_tensors`` other than None or "pt", a ``padding_side`` other than "left"/"right",
+                or (with "pt") a text that encodes to no token.
         """
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         single = isinstance(text, str)
         if not single and not isinstance(text, (list, tuple)):
             raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")

@@ -406,7 +406,7 @@ def _answer_start(value) -> int | None:
     None when it is not a whole number >= 0."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():  # not "³", which int() refuses
         value = int(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
