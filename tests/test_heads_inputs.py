@@ -31,6 +31,7 @@ CAUSAL_CASES = [
     (dict(input_ids=IDS, labels=IDS, logits_to_keep=-1), ValueError, "logits_to_keep must be an int >= 0"),
     (dict(input_ids=IDS, labels=IDS, num_items_in_batch=0), ValueError, "num_items_in_batch must be None"),
     (dict(labels=IDS), ValueError, "pass exactly one of input_ids or inputs_embeds"),
+    (dict(input_ids=IDS, labels=IDS.tolist()), TypeError, "labels must be a tensor, got list"),
 ]
 
 
@@ -47,7 +48,10 @@ def test_causal_lm_refuses_bad_arguments_before_the_decoder(monkeypatch, kwargs,
     (dict(pad_token_id=None), dict(inputs_embeds=torch.zeros(2, 5, 32)), ValueError, "needs config.pad_token_id"),
     (dict(), dict(input_ids=IDS, labels=torch.tensor([1, 7])), ValueError,
      r"labels must lie in \[0, 2\) or be -100 \(ignored\), got 7"),
-    (dict(), dict(input_ids=IDS, labels=torch.tensor([1, 0, 1])), ValueError, r"labels must have shape \(2,\)"),
+    (dict(), dict(input_ids=IDS, labels=torch.tensor([1, 0, 1])), ValueError,
+     r"labels for single_label_classification must have shape \(2,\) or \(2, 1\), got \(3,\)"),
+    (dict(num_labels=3), dict(input_ids=IDS, labels=torch.zeros(2, 3, dtype=torch.long)), ValueError,
+     r"must have shape \(2,\) or \(2, 1\), got \(2, 3\)"),  # the shape given, not its flattening
     (dict(num_labels=3, problem_type="multi_label_classification"), dict(input_ids=IDS, labels=torch.ones(2)),
      ValueError, r"labels for multi_label_classification must have shape \(2, 3\), got \(2,\)"),
     (dict(num_labels=1), dict(input_ids=IDS, labels=torch.ones(3)), ValueError,

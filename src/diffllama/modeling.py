@@ -818,9 +818,15 @@ def _check_position_ids(position_ids: torch.Tensor, batch: int, seq: int) -> Non
 
 # ---- heads ------------------------------------------------------------------------------------------------------
 
+def _check_tensor(name: str, value) -> None:
+    if not torch.is_tensor(value):
+        raise TypeError(f"{name} must be a tensor, got {type(value).__name__}")
+
+
 def _check_labels(labels: torch.Tensor, shape: tuple, num_classes: int) -> torch.Tensor:
     """Class labels: shape ``shape``, int64 or int32, each in [0, num_classes) or -100 (ignored); returned as int64
     (the dtype cross-entropy needs)."""
+    _check_tensor("labels", labels)
     if labels.shape != shape:
         raise ValueError(f"labels must have shape {tuple(shape)}, got {tuple(labels.shape)}")
     _check_index_dtype("labels", labels)
@@ -1012,7 +1018,10 @@ class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
     def _checked_labels(self, labels: torch.Tensor, problem: str, b: int) -> torch.Tensor:
         """``labels`` checked for ``problem`` at batch ``b``; single-label classes come back as (b,) int64."""
         n = self.config.num_labels
+        _check_tensor("labels", labels)
         if problem == "single_label_classification":
+            if labels.numel() != b:  # (b,) or (b, 1); name the shape given, not its flattening
+                raise ValueError(f"labels for {problem} must have shape ({b},) or ({b}, 1), got {tuple(labels.shape)}")
             return _check_labels(labels.reshape(-1), (b,), n)
         if labels.numel() != b * n:
             shape = f"({b},) or ({b}, 1)" if n == 1 else f"({b}, {n})"
