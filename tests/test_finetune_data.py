@@ -311,6 +311,14 @@ def test_csv_header_with_a_repeated_column_is_refused(tmp_path):
     assert [(e.text, e.label) for e in D.read_text_classification(path)] == [("good", "fresh")]
 
 
+def test_jsonl_object_with_a_repeated_key_is_refused(tmp_path):
+    """Was: json kept the last 'text' silently, as DictReader did with a repeated CSV column."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "good", "label": "fresh"}\n{"text": "a", "label": "x", "text": "b"}\n')
+    with pytest.raises(D.DataError, match=r"d.jsonl: line 2 is not valid JSON: key\(s\) \['text'\] given twice"):
+        D.read_text_classification(path)
+
+
 def test_tagging_metrics_count_a_cut_word_as_a_miss_without_a_label_of_its_own():
     """Was: words without a prediction (cut by --max-length) formed a tag None with F1 0, lowering macro-F1."""
     scores = M.tagging_metrics([["DET", "NOUN", "NOUN"]], [["DET", "NOUN", None]])

@@ -149,17 +149,26 @@ def _utf8_lines(path: Path) -> Iterator[str]:
 def jsonl_records(lines, invalid) -> Iterator[tuple[int, object]]:
     """(line number from 1, parsed JSON value) for each non-blank line of ``lines``.
 
-    A line that is not valid JSON raises ``invalid(number, error)`` (chained to the ``JSONDecodeError``), so each
-    caller raises its own error type, naming the file and line its own way.
+    A line that is not valid JSON, or whose object names a key twice (``json`` would silently keep the last value,
+    as csv's DictReader does with a repeated column), raises ``invalid(number, error)`` (chained to a
+    ``JSONDecodeError``), so each caller raises its own error type, naming the file and line its own way.
     """
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=lambda pairs: _unique_keys(pairs, line))
         except json.JSONDecodeError as error:
             raise invalid(number, error) from error
         yield number, record
+
+
+def _unique_keys(pairs: list[tuple[str, object]], line: str) -> dict:
+    record = dict(pairs)
+    if len(record) < len(pairs):
+        repeated = sorted({key for key, _ in pairs if sum(k == key for k, _ in pairs) > 1})
+        raise json.JSONDecodeError(f"key(s) {repeated} given twice in one object", line, 0)
+    return record
 
 
 def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]:
