@@ -346,6 +346,22 @@ def test_predict_defaults_to_the_lengths_the_model_was_fine_tuned_with(classifie
     assert default["scores"] != longer["scores"]  # the text is longer than 64 tokens: the cut matters
 
 
+def test_predict_names_a_damaged_record_not_a_flag(classifier, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(classifier, model)
+    record = model / "train_config.yaml"
+    record.write_text(record.read_text().replace("seq_len: 64", "seq_len: abc"))
+    result = _cli("predict", "sequence-classification", "--model", model, "-", input="A triumph.\n")
+    assert result.exit_code == 1 and f"error: --model {model}: its train_config.yaml records a bad setting" \
+        in result.stderr, result.output
+    record.write_text("task: [unclosed\n")
+    result = _cli("predict", "sequence-classification", "--model", model, "-", input="A triumph.\n")
+    assert result.exit_code == 1 and "cannot read train_config.yaml" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1  # YAML's multi-line message on one line
+
+
 def test_predict_names_stdin(classifier):
     _refused(_cli("predict", "sequence-classification", "--model", classifier, "-", input="\n"), 1,
              "error: <stdin> is empty: no data rows")

@@ -21,7 +21,7 @@ import torch
 
 from diffllama.config import atomic_write_text
 from diffllama.finetune.data import DataError, batch_pad_id
-from diffllama.finetune.tasks import Task
+from diffllama.finetune.tasks import Task, TaskOptions
 
 
 def load_for_task(task: Task, model_dir, *, device="cpu", dtype=None):
@@ -124,10 +124,15 @@ def _recorded_settings(task: Task, model_dir, directory: Path) -> dict:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise ValueError(f"--model {model_dir}: cannot read train_config.yaml (the settings it was fine-tuned "
-                         f"with): {error}") from error
+                         f"with): {' '.join(str(error).split())}") from error  # YAML's message spans lines
     if not isinstance(saved, dict) or saved.get("task") != task.name:  # e.g. a `diffllama train` checkpoint
         return {}
-    return {field: saved[key] for field, key in _RECORDED.items() if saved.get(key) is not None}
+    recorded = {field: saved[key] for field, key in _RECORDED.items() if saved.get(key) is not None}
+    try:  # a damaged record must not be blamed on a flag the user did not give
+        TaskOptions(**recorded)
+    except ValueError as error:
+        raise ValueError(f"--model {model_dir}: its train_config.yaml records a bad setting: {error}") from None
+    return recorded
 
 
 def read_input(task: Task, source: str, stdin_text: str | bytes | None = None) -> list:
