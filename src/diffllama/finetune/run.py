@@ -110,20 +110,15 @@ def data_fingerprint(paths: dict) -> dict:
     Raises:
         DataError: a path that is missing or a directory (naming it).
     """
-    import hashlib
-
     from diffllama.finetune.data import check_file
+    from diffllama.train.data import file_sha256
 
     out = {}
     for role, path in paths.items():
         if path is None:
             continue
         check_file(path)
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        out[role] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+        out[role] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     return out
 
 

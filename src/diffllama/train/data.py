@@ -227,7 +227,8 @@ def count_documents(files: list[Path], text_field: str = "text") -> int:
 CONTENT_HASH_LIMIT = 256 << 20  # files up to this size are identified by content, larger ones by path/size/mtime
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of the bytes of file ``path``, read in 1 MiB blocks."""
     content = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -242,7 +243,7 @@ def inputs_fingerprint(files: list[Path], text_field: str) -> str:
     for path in files:
         stat = path.stat()
         if stat.st_size <= CONTENT_HASH_LIMIT:
-            digest.update(f"|{path.name}|{_file_sha256(path)}".encode())
+            digest.update(f"|{path.name}|{file_sha256(path)}".encode())
         else:
             digest.update(f"|{path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return digest.hexdigest()
@@ -257,7 +258,7 @@ def file_fingerprints(files: list[Path]) -> list[dict]:
         stat = path.stat()
         record = {"path": str(path), "size": stat.st_size}
         if stat.st_size <= CONTENT_HASH_LIMIT:
-            record["sha256"] = _file_sha256(path)
+            record["sha256"] = file_sha256(path)
         else:
             record["mtime_ns"] = stat.st_mtime_ns
         records.append(record)
