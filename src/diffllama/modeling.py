@@ -296,6 +296,11 @@ class DiffLlamaPreTrainedModel(nn.Module):
     """Shared plumbing: config, weight init (transformers' scheme), checkpoint I/O, gradient checkpointing."""
 
     base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    # transformers' Trainer passes num_items_in_batch (the label count of the whole accumulated batch) only to
+    # models that declare this; without it each micro-batch's mean is averaged and accumulation changes the loss.
+    accepts_loss_kwargs = True
 
     def __init__(self, config: DiffLlamaConfig) -> None:
         super().__init__()
@@ -417,10 +422,31 @@ class DiffLlamaPreTrainedModel(nn.Module):
                             f"{gradient_checkpointing_kwargs!r}")
         self.base_model.gradient_checkpointing = True
         self.base_model.checkpoint_kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        if self.base_model.checkpoint_kwargs["use_reentrant"]:
+            # Reentrant checkpointing gives no gradient to a layer whose input needs none, as happens when the
+            # embeddings are frozen (LoRA, adapters); transformers does the same for PEFT models.
+            self.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
         """Turn activation recomputation off again."""
         self.base_model.gradient_checkpointing = False
+
+    def enable_input_require_grads(self) -> None:
+        """Make the input embeddings' output require grad even when the embedding weights are frozen, so that
+        reentrant activation checkpointing still back-propagates into the layers (transformers' method)."""
+        def require_grad(module, inputs, output):
+            if torch.is_grad_enabled():  # generation (inference mode) must not mark its tensors
+                output.requires_grad_(True)
+
+        self.disable_input_require_grads()
+        self._input_grad_hook = self.get_input_embeddings().register_forward_hook(require_grad)
+
+    def disable_input_require_grads(self) -> None:
+        """Undo :meth:`enable_input_require_grads`."""
+        hook = getattr(self, "_input_grad_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._input_grad_hook = None
 
     @property
     def is_gradient_checkpointing(self) -> bool:
