@@ -56,3 +56,17 @@ def test_reentrant_checkpointing_trains_layers_under_frozen_embeddings():
     assert grad is not None and grad.abs().sum() > 0
     with torch.inference_mode():  # generation is unaffected by the hook
         assert model.generate(ids, max_new_tokens=2).shape == (2, 10)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_num_parameters_takes_transformers_arguments_in_their_order(tied):
+    """Was num_parameters(exclude_embeddings): a positional True meant only_trainable in transformers."""
+    from conftest import hf_model
+
+    config = tiny_config(tie_word_embeddings=tied)
+    ours, theirs = diffllama.DiffLlamaForCausalLM(config), hf_model("DiffLlamaForCausalLM", config)
+    for model in (ours, theirs):
+        model.get_input_embeddings().weight.requires_grad_(False)
+        model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    for args in [(), (True,), (False, True), (True, True)]:
+        assert ours.num_parameters(*args) == theirs.num_parameters(*args), args

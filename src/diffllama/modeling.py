@@ -518,13 +518,13 @@ class DiffLlamaPreTrainedModel(nn.Module):
         """The device of the first parameter (the token embedding), as transformers' ``PreTrainedModel.device``."""
         return next(self.parameters()).device
 
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count (tied weights once); optionally without the token embedding."""
-        params = {id(p): p for p in self.parameters()}
-        total = sum(p.numel() for p in params.values())
-        if exclude_embeddings:
-            total -= self.base_model.embed_tokens.weight.numel()
-        return total
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count (tied weights once), in transformers' argument order: optionally only those that require
+        grad, optionally without the token embedding (and a tied ``lm_head``, the same tensor)."""
+        embedding = self.base_model.embed_tokens.weight
+        params = {id(p): p for p in self.parameters()
+                  if (p.requires_grad or not only_trainable) and not (exclude_embeddings and p is embedding)}
+        return sum(p.numel() for p in params.values())
 
     @classmethod
     def from_config(cls, config: DiffLlamaConfig, *, dtype: str | torch.dtype | None = None,
