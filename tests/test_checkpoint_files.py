@@ -470,6 +470,27 @@ def test_unreachable_repo_error_is_one_line(tmp_path, monkeypatch):
     assert message.endswith("OSError: Got: ConnectError An error happened while trying to locate the files on the Hub.)")
 
 
+def test_from_pretrained_passes_revision_and_local_files_only_to_the_hub(monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    calls = []
+
+    def not_cached(**kwargs):
+        calls.append(kwargs)
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
+    from diffllama import DiffLlamaForCausalLM
+
+    with pytest.raises(FileNotFoundError, match="local_files_only is set, so only the local cache was searched"):
+        DiffLlamaForCausalLM.from_pretrained("org/model", revision="v1", local_files_only=True)
+    assert [(c["revision"], c.get("local_files_only")) for c in calls] == [("v1", True)]  # no download tried
+
+
 def test_resolve_missing_paths(tmp_path, monkeypatch, hub_cache):
     _, calls = hub_cache
     monkeypatch.chdir(tmp_path)

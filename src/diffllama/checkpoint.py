@@ -94,7 +94,8 @@ def parse_size(size: int | str) -> int:
 # locating a checkpoint
 
 
-def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike, *, revision: str | None = None) -> Path:
+def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
+                           local_files_only: bool = False) -> Path:
     """Return the local directory of a checkpoint given as a directory or as a hub repo id.
 
     An existing directory is returned as is (``~`` expanded). Anything else that reads as a filesystem path (a
@@ -109,6 +110,7 @@ def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike, *, revision: str 
         path_or_repo_id: a local checkpoint directory, or a hub repo id.
         revision: a branch, tag or commit hash of the hub repo (default: the hub's default branch); ignored for a
             local directory.
+        local_files_only: search only the local hub cache, as with ``HF_HUB_OFFLINE`` (transformers' keyword).
 
     Returns:
         The checkpoint directory.
@@ -134,7 +136,7 @@ def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike, *, revision: str 
         raise NotADirectoryError(f"{text!r} is a file; expected a checkpoint directory (the folder holding it)")
     if not isinstance(path_or_repo_id, str) or _looks_like_path(text) or not _REPO_ID_RE.fullmatch(text):
         raise FileNotFoundError(f"checkpoint directory {text!r} does not exist")
-    return _resolve_hub_repo(text, revision)
+    return _resolve_hub_repo(text, revision, local_files_only)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -157,7 +159,7 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or truthy("HF_HUB_OFFLINE") or truthy("TRANSFORMERS_OFFLINE")
 
 
-def _resolve_hub_repo(repo_id: str, revision: str | None) -> Path:
+def _resolve_hub_repo(repo_id: str, revision: str | None, local_files_only: bool = False) -> Path:
     """The cached (else freshly downloaded) snapshot folder of a hub model repo; FileNotFoundError if neither."""
     from huggingface_hub import snapshot_download
 
@@ -168,7 +170,7 @@ def _resolve_hub_repo(repo_id: str, revision: str | None) -> Path:
         return Path(snapshot_download(**kwargs, local_files_only=True))
     except Exception as error:  # noqa: BLE001
         last_error: Exception = error
-    offline = _hub_offline()
+    offline = _hub_offline() or local_files_only
     if not offline:
         try:
             return Path(snapshot_download(**kwargs))
@@ -176,7 +178,7 @@ def _resolve_hub_repo(repo_id: str, revision: str | None) -> Path:
             last_error = error
     where = f"revision {revision!r} of " if revision else ""
     how = (
-        "HF_HUB_OFFLINE is set, so only the local cache was searched; unset it to download"
+        "HF_HUB_OFFLINE or local_files_only is set, so only the local cache was searched; unset it to download"
         if offline
         else "it is not in the local hub cache and could not be downloaded"
     )
@@ -486,14 +488,16 @@ def parse_dtype(dtype: str | torch.dtype | None, default: torch.dtype = torch.fl
 
 
 def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_implementation=None, torch_dtype=None,
-                    device_map=None, low_cpu_mem_usage=None, trust_remote_code=None, **config_overrides):
+                    device_map=None, revision=None, local_files_only=False, low_cpu_mem_usage=None,
+                    trust_remote_code=None, **config_overrides):
     """Build ``cls`` from a checkpoint directory or cached hub repo (see ``DiffLlamaPreTrainedModel.from_pretrained``).
 
     ``dtype``: a torch dtype or its name (see :func:`parse_dtype`), or None or ``"auto"`` (the default, as in
     transformers 5.17): the checkpoint's, i.e. the ``dtype``/``torch_dtype`` entry of config.json, else that of the
     first floating-point weight in the files, else float32. ``torch_dtype``: transformers' deprecated name for
     ``dtype`` (a FutureWarning). ``device``: a torch device or its name (default CPU). ``device_map``:
-    transformers' alternative to ``device``, for one device only (see :func:`device_from_map`).
+    transformers' alternative to ``device``, for one device only (see :func:`device_from_map`). ``revision`` and
+    ``local_files_only``: for a hub repo id, as :func:`resolve_checkpoint_dir`.
     ``low_cpu_mem_usage`` and ``trust_remote_code``: accepted for transformers' call signature and ignored (the
     weights load straight from safetensors; there is no remote code to trust). ``config_overrides``: fields of
     ``DiffLlamaConfig`` (or ``num_labels``) replacing config.json's entries.
@@ -544,7 +548,7 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
             raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got "
                              f"{attn_implementation!r}")
         config_overrides["attn_implementation"] = attn_implementation
-    directory = resolve_checkpoint_dir(path_or_repo_id)
+    directory = resolve_checkpoint_dir(path_or_repo_id, revision=revision, local_files_only=local_files_only)
     config = DiffLlamaConfig.from_pretrained(directory, **config_overrides)
     if target_dtype is None:
         target_dtype = _config_dtype(config)

@@ -564,6 +564,7 @@ class DiffLlamaPreTrainedModel(nn.Module):
             device: where to put the weights (default CPU). device_map: transformers' alternative for one device
                 (a device, its name or index, ``{"": device}``, or "auto": the first GPU if any, else CPU).
             attn_implementation: "eager", "sdpa", "flash" or "auto".
+            revision, local_files_only: for a hub repo id: a branch, tag or commit; search only the local cache.
             config_overrides: config fields to replace (or ``num_labels``).
             ``generation_config.json``, when present, is read into ``model.generation_config`` (a dict).
 
