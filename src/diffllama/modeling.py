@@ -1032,8 +1032,7 @@ class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
 
     def _problem_type(self, labels: torch.Tensor) -> str:
         """``config.problem_type``, or the one transformers infers from ``num_labels`` and the labels' dtype."""
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a tensor, got {type(labels).__name__}")
+        _check_tensor("labels", labels)
         if self.config.problem_type is not None:
             return self.config.problem_type
         if self.config.num_labels == 1:
@@ -1045,7 +1044,6 @@ class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
     def _checked_labels(self, labels: torch.Tensor, problem: str, b: int) -> torch.Tensor:
         """``labels`` checked for ``problem`` at batch ``b``; single-label classes come back as (b,) int64."""
         n = self.config.num_labels
-        _check_tensor("labels", labels)
         if problem == "single_label_classification":
             if labels.numel() != b:  # (b,) or (b, 1); name the shape given, not its flattening
                 raise ValueError(f"labels for {problem} must have shape ({b},) or ({b}, 1), got {tuple(labels.shape)}")
