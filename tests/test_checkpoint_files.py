@@ -489,6 +489,12 @@ def test_from_pretrained_passes_revision_and_local_files_only_to_the_hub(monkeyp
     with pytest.raises(FileNotFoundError, match="local_files_only is set, so only the local cache was searched"):
         DiffLlamaForCausalLM.from_pretrained("org/model", revision="v1", local_files_only=True)
     assert [(c["revision"], c.get("local_files_only")) for c in calls] == [("v1", True)]  # no download tried
+    calls.clear()
+    with pytest.raises(TypeError, match="local_files_only must be a bool, got 'yes'"):
+        DiffLlamaForCausalLM.from_pretrained("org/model", local_files_only="yes")
+    with pytest.raises(TypeError, match="revision must be None or a str"):
+        DiffLlamaForCausalLM.from_pretrained("org/model", revision=3)
+    assert calls == []  # refused before the hub is asked
 
 
 def test_resolve_missing_paths(tmp_path, monkeypatch, hub_cache):

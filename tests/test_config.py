@@ -231,3 +231,16 @@ def test_failed_config_save_removes_the_folders_it_created(tmp_path, monkeypatch
     with pytest.raises(OSError, match="No space left"):
         DiffLlamaConfig().save_pretrained(tmp_path / "cfg" / "x" / "y")
     assert not any(tmp_path.iterdir())
+
+
+def test_read_json_object_names_the_file_for_each_way_it_can_be_wrong(tmp_path):
+    from diffllama.config import read_json_object
+
+    path = tmp_path / "generation_config.json"
+    path.write_text('{"max_new_tokens": 5}')
+    assert read_json_object(path) == {"max_new_tokens": 5}
+    for data, message in [(b"[1, 2]", "must hold a JSON object ({...}), got a list"),
+                          (b'{"a": 1', "is not valid JSON"), (b'{"a": "\xff"}', "is not valid JSON")]:
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=re.escape(f"{path} {message}")):
+            read_json_object(path)

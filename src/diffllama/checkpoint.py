@@ -515,6 +515,7 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
         and shape mismatches by name; one names ``dtype`` and ``torch_dtype`` when both are given, or ``device``
         and ``device_map``; one names the unknown ``config_overrides``, or ``attn_implementation`` and its
         accepted values.
+        TypeError: ``local_files_only`` not a bool, ``revision`` not None or a str.
         NotImplementedError: a ``device_map`` spreading the model over several devices.
     """
     from diffllama.config import ATTN_IMPLEMENTATIONS, DiffLlamaConfig
@@ -537,6 +538,10 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
             raise ValueError(f"give device or device_map, not both: got device={device!r}, device_map={device_map!r}")
         device = device_from_map(device_map)
     device = parse_device(device)
+    if not isinstance(local_files_only, bool):
+        raise TypeError(f"local_files_only must be a bool, got {local_files_only!r}")
+    if revision is not None and not isinstance(revision, str):
+        raise TypeError(f"revision must be None or a str (a branch, tag or commit hash), got {revision!r}")
     # DiffLlamaConfig.from_dict makes the same two checks, but only once config.json is at hand, which for a hub
     # repo id means after a download.
     unknown = sorted(set(config_overrides) - config_override_names())
