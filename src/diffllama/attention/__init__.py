@@ -17,20 +17,26 @@ BACKENDS = ("eager", "sdpa", "flash")
 
 @dataclass
 class AttentionMask:
-    """Which keys each query may see: causal by position in the key axis, and real (not padding) keys only.
+    """Which keys each query may see: causal by position in the key axis, real (not padding) keys only, and, for
+    packed rows, keys of the query's own document only.
 
     Attributes:
         query_positions: (Sq,) int64, the key index of each query; query i sees key j iff j <= query_positions[i].
         key_padding: (B, Sk) bool, True for real tokens, or None when every key is real.
         k_len: Sk, the number of keys (cached plus new).
-        plain_causal: True when the mask is exactly the square causal mask (no padding, Sq == Sk, positions
-            0..S-1), so a backend may use its ``is_causal`` fast path instead of a dense mask.
+        plain_causal: True when the mask is exactly the square causal mask (no padding, no documents, Sq == Sk,
+            positions 0..S-1), so a backend may use its ``is_causal`` fast path instead of a dense mask.
+        document_ids: (B, Sk) int32, the document of each key in a packed row (non-decreasing along the row), or
+            None for one document per row. Query i sees key j only if ``document_ids[b, j] ==
+            document_ids[b, query_positions[i]]`` (transformers' packed-sequence masking, as with
+            ``DataCollatorWithFlattening``).
     """
 
     query_positions: torch.Tensor
     key_padding: torch.Tensor | None
     k_len: int
     plain_causal: bool = False
+    document_ids: torch.Tensor | None = None
     _dense: torch.Tensor | None = field(default=None, repr=False)
 
     def dense(self) -> torch.Tensor:
@@ -41,6 +47,9 @@ class AttentionMask:
             allowed = allowed[None, None]
             if self.key_padding is not None:
                 allowed = allowed & self.key_padding[:, None, None, :]
+            if self.document_ids is not None:
+                query_docs = self.document_ids[:, self.query_positions]  # (B, Sq)
+                allowed = allowed & (query_docs[:, None, :, None] == self.document_ids[:, None, None, :])
             self._dense = allowed
         return self._dense
 
@@ -50,7 +59,7 @@ class AttentionMask:
         Such rows output zeros in every backend, so padded positions never hold NaN.
         """
         if self.key_padding is None:
-            return None
+            return None  # a query always sees itself, also inside its own document
         return self.dense().any(dim=-1, keepdim=True)
 
 
@@ -81,6 +90,11 @@ def check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
         raise ValueError(f"mask.key_padding must be (B={b}, Sk={key.shape[2]}), got {tuple(padding.shape)}")
     if padding is not None and padding.dtype != torch.bool:
         raise TypeError(f"mask.key_padding must be a bool tensor (True = real key), got {padding.dtype}")
+    docs = mask.document_ids
+    if docs is not None and docs.shape != (b, key.shape[2]):
+        raise ValueError(f"mask.document_ids must be (B={b}, Sk={key.shape[2]}), got {tuple(docs.shape)}")
+    if docs is not None and docs.dtype != torch.int32:
+        raise TypeError(f"mask.document_ids must be an int32 tensor (document index per key), got {docs.dtype}")
 
 
 def pair_values(key: torch.Tensor, value: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
