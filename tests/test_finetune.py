@@ -685,6 +685,7 @@ def test_max_length_above_the_model_positions_raises_them(base_model, tmp_path):
     assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["max_position_embeddings"] == 64
 
 
+@pytest.mark.slow
 def test_two_fsdp_processes_score_the_test_set_as_one(base_model, tmp_path):
     """The final test scoring runs on every rank: a sharded model's forward is collective, so rank 0 scoring alone
     stopped the run (the other rank had left). Two gloo processes give the one-process metrics."""
