@@ -154,9 +154,11 @@ class RotaryEmbedding(nn.Module):
     transformers 5.17 keeps them float32 through ``from_pretrained``/``from_config`` but casts them on
     ``.to(dtype)``/``.half()``; here every path gives the numbers of its ``from_pretrained``.
 
-    ``dynamic`` is stateful, as in transformers: a call whose ``max(position_ids) + 1`` exceeds the cached length recomputes the frequencies for that length; a call shorter
-    than ``max_position_embeddings`` after a longer one reverts to the original frequencies. ``longrope`` picks the
-    long factors when ``max(position_ids) + 1 > original_max_position_embeddings`` (no state, no host sync).
+    ``dynamic`` is stateful, as in transformers: a call whose ``max(position_ids) + 1`` exceeds the cached length
+    recomputes the frequencies for that length; a call shorter than ``max_position_embeddings`` after a longer one
+    reverts to the original frequencies (so it cannot be compiled: :func:`check_compile_supported`). ``longrope``
+    picks the long factors when ``max(position_ids) + 1 > original_max_position_embeddings`` (no state, no host
+    sync).
     """
 
     def __init__(self, config: DiffLlamaConfig):
