@@ -11,7 +11,9 @@ import torch
 
 import diffllama
 from conftest import hf_model, padded_batch, tiny_config
+from diffllama.cache import StaticCache
 from diffllama.generation import (
+    DecodeStep,
     apply_repetition_penalty,
     check_eos_token_id,
     check_sampling_args,
@@ -624,3 +626,42 @@ def test_compiled_static_decode_matches_eager():
     eager = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
     compiled = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[], static_cache=True, compile=True)
     assert torch.equal(compiled, eager)
+
+
+def test_compile_refuses_dynamic_rope_before_any_work(monkeypatch):
+    """Dynamic NTK RoPE recomputes its frequencies from state kept between calls (a host-side branch): refused by
+    name before the cache, the projection fusion or Dynamo see it, instead of a data-dependent error inside Dynamo."""
+    config = tiny_config(num_hidden_layers=1, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                               "factor": 2.0})
+    model = diffllama.DiffLlamaForCausalLM(config).eval()
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: compiled.append(args))
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(ValueError, match="rope_type 'dynamic' cannot be compiled"):
+        model.generate(ids, max_new_tokens=2, static_cache=True, compile=True)
+    with pytest.raises(ValueError, match="rope_type 'dynamic' cannot be compiled"):
+        DecodeStep(model, StaticCache.from_config(config, 1, 8, torch.float32), compile=True)
+    assert not compiled and model.model.layers[0].mlp.fused is None
+    assert model.generate(ids, max_new_tokens=2, static_cache=True).shape == (1, 5)  # uncompiled: as before
+
+
+@pytest.mark.slow
+def test_compiled_rotary_gives_float32_angles_in_bf16():
+    """Dynamo and AOTAutograd (what the compiled decode step goes through before Inductor; Inductor itself takes
+    ~30 s here, see test_compiled_static_decode_matches_eager) trace the rotary module with its float32 buffers:
+    in a bfloat16 model its cos/sin at positions up to 32767 are transformers' (float32 angles rounded once)."""
+    from transformers.models.diffllama import modeling_diffllama as hf
+
+    from conftest import hf_config
+
+    config = tiny_config(rope_parameters={"rope_type": "longrope", "rope_theta": 500000.0,
+                                          "original_max_position_embeddings": 32,
+                                          "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [4.0, 5.0, 6.0, 8.0]})
+    rotary = diffllama.DiffLlamaForCausalLM(config).bfloat16().model.rotary_emb
+    step = torch.compile(rotary, fullgraph=True, dynamic=False, backend="aot_eager")
+    reference = hf.DiffLlamaRotaryEmbedding(hf_config(config))
+    x = torch.zeros(1, dtype=torch.bfloat16)
+    for pos in (torch.tensor([[5]]), torch.tensor([[1000]]), torch.tensor([[32767]])):  # short, then long factors
+        for got, ref in zip(step(x, pos), reference(x, pos)):
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got, ref), (pos, (got.float() - ref.float()).abs().max())

@@ -6,6 +6,7 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.diffllama import modeling_diffllama as hf
 
+from diffllama import DiffLlamaForCausalLM
 from diffllama.config import DiffLlamaConfig
 from diffllama.rope import RotaryEmbedding, apply_rotary_pos_emb, compute_inv_freq, rotate_half
 
@@ -174,3 +175,101 @@ def test_rotation_preserves_norms_and_relative_position(rope):
     scores = q_embed[:, :2] @ k_embed.transpose(-1, -2)  # (2, 2, 5, 5): query head h against kv head h
     # Angles are rounded in float32 (as transformers), so shifted positions agree to ~1e-7 relative, not exactly.
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-5, atol=1e-5)
+
+
+# ---- float32 frequencies whatever the model dtype (issue 14) -----------------------------------------------------
+
+THETA_500K = {  # rope_theta 500000 (Llama 3's): a bfloat16 inv_freq puts cos off by 0.25 at position 1000
+    "default": {"rope_type": "default", "rope_theta": 500000.0},
+    "dynamic": {**ROPE_CASES["dynamic"], "rope_theta": 500000.0},
+    "longrope": {**ROPE_CASES["longrope"], "rope_theta": 500000.0},
+}
+# Every way a half-precision model comes to be: (config, checkpoint folder) -> model.
+LOW_PRECISION_PATHS = {
+    "to-bf16": lambda config, folder: DiffLlamaForCausalLM(config).to(torch.bfloat16),
+    "to-device-and-fp16": lambda config, folder: DiffLlamaForCausalLM(config).to("cpu", torch.float16),
+    "half": lambda config, folder: DiffLlamaForCausalLM(config).half(),
+    "bfloat16": lambda config, folder: DiffLlamaForCausalLM(config).bfloat16(),
+    "from_config": lambda config, folder: DiffLlamaForCausalLM.from_config(config, dtype="bfloat16"),
+    "from_pretrained-dtype": lambda config, folder: DiffLlamaForCausalLM.from_pretrained(folder, dtype="bfloat16"),
+    "from_pretrained-bf16-checkpoint": lambda config, folder: DiffLlamaForCausalLM.from_pretrained(folder),
+}
+LONG_POSITIONS = (1, 1000, 4000, 8191, 16384, 30000, 32767)
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoints(tmp_path_factory):
+    """A bfloat16 checkpoint folder per THETA_500K case (config.json says dtype bfloat16)."""
+    folders = {}
+    for name, rope in THETA_500K.items():
+        folders[name] = tmp_path_factory.mktemp(f"bf16-{name}")
+        DiffLlamaForCausalLM(DiffLlamaConfig(**SIZES, rope_parameters=dict(rope))).bfloat16().save_pretrained(
+            folders[name])
+    return folders
+
+
+@pytest.mark.parametrize("path", LOW_PRECISION_PATHS, ids=LOW_PRECISION_PATHS.keys())
+@pytest.mark.parametrize("rope", THETA_500K, ids=THETA_500K.keys())
+def test_half_precision_models_keep_float32_frequencies_and_transformers_cos_sin(rope, path, bf16_checkpoints):
+    """The rotary buffers stay float32 (bit for bit the freshly computed ones) through every cast and load, and
+    the cos/sin up to position 32767 equal those of transformers' rotary module (float32 buffers, as its
+    from_pretrained leaves them) for activations of the model's dtype, i.e. are float32 angles rounded once."""
+    config, theirs = configs(THETA_500K[rope])
+    model = LOW_PRECISION_PATHS[path](config, bf16_checkpoints[rope])
+    assert model.dtype in (torch.bfloat16, torch.float16)
+    rotary = model.model.rotary_emb
+    fresh = RotaryEmbedding(config)
+    buffers = dict(rotary.named_buffers())
+    assert set(buffers) == set(dict(fresh.named_buffers())) and len(buffers) >= 2
+    for name, buffer in buffers.items():
+        assert buffer.dtype == torch.float32, name
+        assert torch.equal(buffer, getattr(fresh, name)), name
+    x = torch.zeros(1, dtype=model.dtype)
+    inv_freq, scaling = compute_inv_freq(config, torch.tensor(1001))  # dynamic, longrope: for length 1001
+    cos = rotary(x, torch.tensor([[1000]]))[0][0, 0, :HALF].double()
+    # Within one bf16 ulp of the exact value: rounding of the result, not of the angle (0.25 off with a bf16 inv_freq).
+    assert (cos - (1000 * inv_freq.double()).cos() * scaling).abs().max() <= 2 ** -7
+    reference = hf.DiffLlamaRotaryEmbedding(theirs)
+    for last in (20, *LONG_POSITIONS):  # in call order, so the dynamic state moves alike
+        pos = torch.tensor([[0, 1, last // 2, last]])
+        for got, ref in zip(rotary(x, pos), reference(x, pos)):
+            assert got.dtype == model.dtype
+            assert torch.equal(got, ref), (last, (got.float() - ref.float()).abs().max())
+
+
+def test_double_keeps_float32_buffers_and_float64_model_matches_transformers():
+    config, theirs = configs(THETA_500K["default"])
+    rotary = RotaryEmbedding(config).double()
+    assert rotary.inv_freq.dtype == torch.float32
+    x, pos = torch.zeros(1, dtype=torch.float64), torch.tensor([[0, 1000, 32767]])
+    for got, ref in zip(rotary(x, pos), hf.DiffLlamaRotaryEmbedding(theirs)(x, pos)):
+        assert got.dtype == torch.float64 and torch.equal(got, ref)
+
+
+def test_bf16_logits_match_transformers_bf16_model_at_large_positions(tmp_path):
+    """A tiny bfloat16 model at positions up to 32767, against transformers' bfloat16 model (from_pretrained) with
+    the same weights: both err from the float64 run by bfloat16 rounding alone. With a bfloat16 inv_freq the
+    relative angles between far-apart positions are off by whole turns and the logits by O(1)."""
+    from conftest import hf_model, tiny_config
+
+    config = tiny_config(num_hidden_layers=2, num_key_value_heads=2, initializer_range=0.2,
+                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    reference64 = hf_model("DiffLlamaForCausalLM", config, torch.float64)
+    ours = DiffLlamaForCausalLM(config)
+    ours.load_state_dict(reference64.state_dict())
+    ours.bfloat16().save_pretrained(tmp_path)
+    with torch.no_grad():
+        reference64.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    theirs = transformers.DiffLlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert theirs.model.rotary_emb.inv_freq.dtype == torch.float32
+    ids = torch.randint(1, 96, (2, 8))
+    pos = torch.stack([torch.arange(8) + 30000, torch.linspace(0, 32767, 8).long()])  # far apart in row 1
+    with torch.no_grad():
+        exact = reference64(input_ids=ids, position_ids=pos).logits
+        got = ours(input_ids=ids, position_ids=pos).logits.double()
+        ref = theirs(input_ids=ids, position_ids=pos).logits.double()
+    ours_err, theirs_err = (got - exact).abs().max().item(), (ref - exact).abs().max().item()
+    # Logits of size ~4: both ~0.06-0.08 from float64 (bfloat16 weights and activations); ~1.0 with bf16 angles.
+    assert theirs_err < 0.15
+    assert ours_err <= 1.5 * theirs_err, (ours_err, theirs_err)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0.15)

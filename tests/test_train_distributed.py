@@ -59,3 +59,34 @@ def test_two_processes_match_one(parallel, tmp_path):
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp2_mixed_precision_keeps_rope_frequencies_float32(tmp_path):
+    """FSDP2 with bfloat16 parameters for compute (one gloo process): the rotary buffers are not parameters, so
+    fully_shard moves them without a cast; the cos/sin the model uses are float32 angles rounded to bfloat16."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from diffllama import DiffLlamaConfig, DiffLlamaForCausalLM
+    from diffllama.rope import RotaryEmbedding
+    from diffllama.train.distributed import DistInfo, parallelize
+
+    config = DiffLlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, max_position_embeddings=64,
+                             rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = DiffLlamaForCausalLM(config)
+        parallelize(model, model.model.layers, mode="fsdp", info=DistInfo(), mixed_precision=torch.bfloat16)
+        assert isinstance(model, FSDPModule)
+        seen = []
+        model.model.rotary_emb.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out)))
+        pos = torch.tensor([[0, 1000, 30000, 32767]])
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]), position_ids=pos)
+    finally:
+        dist.destroy_process_group()
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    (activation_dtype, (cos, sin)), = seen
+    assert activation_dtype == cos.dtype == torch.bfloat16  # the computation really ran in bfloat16
+    expected = RotaryEmbedding(config)(torch.zeros(1, dtype=torch.bfloat16), pos)
+    assert torch.equal(cos, expected[0]) and torch.equal(sin, expected[1])

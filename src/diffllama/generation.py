@@ -33,6 +33,7 @@ import torch
 
 from diffllama.cache import DynamicCache, StaticCache
 from diffllama.config import is_int, token_ids
+from diffllama.rope import check_compile_supported
 
 GENERATION_CONFIG = "generation_config.json"
 # New tokens when no length is given anywhere: transformers' GenerationConfig default (max_length=20), which its
@@ -480,10 +481,17 @@ class DecodeStep:
         compile_mode: a ``torch.compile`` mode instead of the default options.
         fuse: call ``model.fuse_projections()`` first (default: when compiling). It changes no result and
             no parameter value; see :meth:`~diffllama.modeling.DiffLlamaPreTrainedModel.fuse_projections`.
+
+    Raises:
+        ValueError: ``compile`` with a RoPE type that cannot be compiled
+            (:func:`diffllama.rope.check_compile_supported`), before the model is touched; ``cuda_graph`` without
+            a StaticCache.
     """
 
     def __init__(self, model, cache, *, compile: bool = False, cuda_graph: bool | None = None,
                  compile_mode: str | None = None, fuse: bool | None = None) -> None:
+        if compile:
+            check_compile_supported(model.config)
         self.model, self.cache = model, cache
         if fuse is None:
             fuse = compile
@@ -616,6 +624,8 @@ def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         pad = eos[0] if eos else 0
     if compile and not static_cache:
         raise ValueError("compile=True needs static_cache=True (the compiled step must see fixed shapes)")
+    if compile:
+        check_compile_supported(model.config)
     if seed is not None and not is_int(seed):
         raise TypeError(f"seed must be None or an int, got {seed!r}")
     if seed is not None and not 0 <= seed < 2 ** 64:  # torch.Generator.manual_seed's range, as train's seed
@@ -739,8 +749,9 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             ``max_new_tokens`` <= 0, ``max_length`` <= S, ``min_new_tokens`` < 0, ``num_beams`` < 1, no length
             given and S >= ``max_position_embeddings``, a NaN or infinite
             ``temperature``/``top_p``/``repetition_penalty``, ``temperature`` <= 0 when sampling, ``top_k`` not an int >= 1, ``top_p`` outside (0, 1],
-            ``repetition_penalty`` <= 0, ``compile`` without ``static_cache``, a static cache too large for the
-            memory.
+            ``repetition_penalty`` <= 0, ``compile`` without ``static_cache``, ``compile`` with a RoPE type that
+            cannot be compiled (``dynamic``: :func:`diffllama.rope.check_compile_supported`), a static cache too
+            large for the memory.
     """
     if streamer is not None and not (callable(getattr(streamer, "put", None))
                                      and callable(getattr(streamer, "end", None))):

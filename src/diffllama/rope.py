@@ -95,6 +95,23 @@ def compute_inv_freq(
     raise ValueError(f"unknown rope_type {rope_type!r}")
 
 
+def check_compile_supported(config: DiffLlamaConfig) -> None:
+    """Refuse, before any compilation, a RoPE type that ``torch.compile(fullgraph=True)`` cannot trace.
+
+    ``dynamic`` keeps its NTK frequencies as state between calls and recomputes them when ``max(position_ids) + 1``
+    grows past the cached length (transformers' ``dynamic_rope_update``): a Python branch on a tensor value, which
+    fails inside Dynamo with a data-dependent control-flow error. The other types compile: ``longrope`` picks its
+    short or long factors with ``torch.where``, the rest are fixed.
+
+    Raises:
+        ValueError: naming ``rope_type``, for ``dynamic``.
+    """
+    rope_type = config.rope_parameters["rope_type"]
+    if rope_type == "dynamic":
+        raise ValueError(f"rope_type {rope_type!r} cannot be compiled: its frequencies change with the sequence "
+                         f"length through state kept between calls; use compile=False (the eager decode step)")
+
+
 def _yarn(config, params, theta, dim, exponents) -> tuple[torch.Tensor, float]:
     original_max = _original_max(config)
     factor = params.get("factor")
@@ -130,11 +147,18 @@ def _yarn(config, params, theta, dim, exponents) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for RoPE, matching transformers' ``DiffLlamaRotaryEmbedding`` with ``dynamic_rope_update``.
 
-    ``inv_freq`` (and ``original_inv_freq``, ``long_inv_freq`` for longrope) are non-persistent buffers: they move
-    with the module but are not in the state dict. ``dynamic`` is stateful, as in transformers: a call whose
-    ``max(position_ids) + 1`` exceeds the cached length recomputes the frequencies for that length; a call shorter
-    than ``max_position_embeddings`` after a longer one reverts to the original frequencies. ``longrope`` picks the
-    long factors when ``max(position_ids) + 1 > original_max_position_embeddings`` (no state, no host sync).
+    ``inv_freq`` (and ``original_inv_freq``, ``long_inv_freq`` for longrope) are non-persistent float32 buffers:
+    they move with the module but are not in the state dict, and they stay float32 whatever the model is cast to
+    (``.to(dtype)``, ``.half()``, ``.bfloat16()``, ``from_config``/``from_pretrained`` with a ``dtype``): with
+    ``rope_theta`` = 500000 a bfloat16 ``inv_freq`` puts the cosines at position 1000 off by up to 0.25.
+    transformers 5.17 keeps them float32 through ``from_pretrained``/``from_config`` but casts them on
+    ``.to(dtype)``/``.half()``; here every path gives the numbers of its ``from_pretrained``.
+
+    ``dynamic`` is stateful, as in transformers: a call whose ``max(position_ids) + 1`` exceeds the cached length
+    recomputes the frequencies for that length; a call shorter than ``max_position_embeddings`` after a longer one
+    reverts to the original frequencies (so it cannot be compiled: :func:`check_compile_supported`). ``longrope``
+    picks the long factors when ``max(position_ids) + 1 > original_max_position_embeddings`` (no state, no host
+    sync).
     """
 
     def __init__(self, config: DiffLlamaConfig):
@@ -149,6 +173,17 @@ class RotaryEmbedding(nn.Module):
             self.original_max = _original_max(config)
             long_inv_freq, _ = compute_inv_freq(config, self.original_max + 1)
             self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module.to/half/bfloat16/double all end here and would cast the buffers with the weights; the angles
+        # must come from float32 frequencies, so a buffer whose dtype fn changed takes the device alone, from the
+        # float32 tensor it had before (casting back would keep the rounding).
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, new in self._buffers.items():
+            if new is not None and new.dtype != before[name].dtype:
+                self._buffers[name] = before[name].to(new.device)
+        return self
 
     def _dynamic_update(self, position_ids: torch.Tensor) -> None:
         seq_len = position_ids.max() + 1  # a 0-d tensor, so the NTK base is computed in float32 as transformers does
