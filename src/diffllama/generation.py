@@ -142,8 +142,8 @@ def resolve_lengths(model, prompt_length: int, *, max_new_tokens=None, max_lengt
     """The most and the fewest new tokens per row, ``(max_new_tokens, min_new_tokens)``, as transformers 5.17's
     ``generate`` derives them from its arguments and ``model.generation_config``.
 
-    ``prompt_length`` is the (padded) width S of ``input_ids``. Each of ``max_new_tokens``, ``max_length`` and
-    ``min_new_tokens`` is the argument when given, else the generation config's (a dict, as
+    ``prompt_length`` is the (padded) width S of ``input_ids`` (or of ``inputs_embeds``). Each of
+    ``max_new_tokens``, ``max_length`` and ``min_new_tokens`` is the argument when given, else the generation config's (a dict, as
     :func:`read_generation_config` returns; absent or {} for a model not loaded from a checkpoint). Then, as in
     transformers, the most new tokens is the first of:
 
@@ -371,8 +371,7 @@ def _check_inputs(input_ids, attention_mask, vocab_size: int, inferred_from: int
         raise ValueError(FOUR_D_MASK_MESSAGE)
     if tuple(attention_mask.shape) != shape:
         raise ValueError(f"attention_mask must be a tensor of the shape of input_ids (or of inputs_embeds' batch and "
-                         f"seq) {shape}, got "
-                         f"{tuple(attention_mask.shape)}")
+                         f"seq) {shape}, got {tuple(attention_mask.shape)}")
     if attention_mask.dtype.is_complex:  # as the model's forward
         raise TypeError(f"attention_mask must be a bool, integer or float (0/1) tensor, got {attention_mask.dtype}")
     if bool(((attention_mask != 0) & (attention_mask != 1)).any()):  # before the cast, which would truncate 0.5
@@ -487,8 +486,8 @@ def decode_one_token(model, cache, input_ids: torch.Tensor | None, position_ids:
     then) for a prompt given as embeddings (:func:`prefill`).
     """
     out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=cache, use_cache=True, cache_position=cache_position, logits_to_keep=1)
+                position_ids=position_ids, past_key_values=cache, use_cache=True, cache_position=cache_position,
+                logits_to_keep=1)
     return out.logits[:, -1].float()
 
 
@@ -733,7 +732,8 @@ def _steps(model, input_ids, mask, cache, step, cache_length, eos, pad, generato
 
 
 def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
-             inputs_embeds: torch.Tensor | None = None, max_new_tokens: int | None = None, max_length: int | None = None, min_new_tokens: int | None = None,
+             inputs_embeds: torch.Tensor | None = None, max_new_tokens: int | None = None,
+             max_length: int | None = None, min_new_tokens: int | None = None,
              do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, repetition_penalty: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
@@ -792,7 +792,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         NotImplementedError: ``num_beams`` > 1 or ``return_dict_in_generate=True``.
         ValueError: naming the argument: neither ``input_ids`` nor ``inputs_embeds``; bad shape of
             ``input_ids``/``inputs_embeds``/``attention_mask`` (right padding, all-padding rows, values other than 0
-            and 1, a 4-D mask), ``inputs_embeds`` not of the model's dtype or not of ``input_ids``' (B, S), ids outside [0, vocab_size) in ``input_ids``, the EOS ids or ``pad_token_id``,
+            and 1, a 4-D mask), ``inputs_embeds`` not of the model's dtype or not of ``input_ids``' (B, S), ids
+            outside [0, vocab_size) in ``input_ids``, the EOS ids or ``pad_token_id``,
             ``max_new_tokens`` <= 0, ``max_length`` <= S, ``min_new_tokens`` < 0, ``num_beams`` < 1, no length
             given and S >= ``max_position_embeddings``, a NaN or infinite
             ``temperature``/``top_p``/``repetition_penalty``, ``temperature`` <= 0 when sampling, ``top_k`` not an int >= 1, ``top_p`` outside (0, 1],
