@@ -509,6 +509,8 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
     Keys are matched to the class: the decoder may sit under ``model.`` or ``transformer.`` (or no prefix) in the
     file; weights of another task head (e.g. ``lm_head`` when loading into a classifier) are dropped and this
     class's missing head weights keep their fresh initialisation; both are listed in ``model.loading_report``.
+    Where config.json and the weight files disagree (tied or untied head, extra, missing or misshapen keys,
+    dtypes), see :func:`_load_into`: transformers' behaviour, or a ValueError naming the keys.
 
     Raises:
         FileNotFoundError, ValueError: see ``from_pretrained``; a ValueError lists missing/unexpected decoder keys
@@ -639,7 +641,13 @@ def _config_dtype(config) -> torch.dtype | None:
 
 
 def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> dict[str, list[str]]:
-    """Copy ``state`` into ``model`` after prefix adaptation; returns {"new": [...], "dropped": [...]}."""
+    """Copy ``state`` into ``model`` after prefix adaptation; returns {"new": [...], "dropped": [...]}.
+
+    As transformers 5.17's loading: another task's head weights are dropped, this class's missing head weights
+    keep their initialisation (a UserWarning names them), ``rotary_emb.inv_freq`` buffers of old checkpoints are
+    dropped (derived from the config), a tied config meets the file's ``lm_head.weight`` as :func:`_resolve_tie`
+    says; weights of another floating dtype are cast to the model's. Missing or unexpected decoder keys, shape
+    mismatches and non-floating weights are refused (transformers would initialise or ignore them)."""
     prefix = model.base_model_prefix + "." if model.base_model_prefix else ""
     expected = model.state_dict()
     adapted = {}
@@ -647,10 +655,16 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
         if not key.startswith(HEAD_PREFIXES):
             key = prefix + next((key[len(p):] for p in BASE_PREFIXES if key.startswith(p)), key)
         adapted[key] = tensor
-    if model.config.tie_word_embeddings:
-        adapted.pop("lm_head.weight", None)
-        expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
-    dropped = sorted(k for k in adapted if k not in expected and k.startswith(HEAD_PREFIXES))
+    # Old checkpoints hold RoPE's inv_freq, a buffer derived from the config (transformers ignores it too).
+    derived = sorted(k for k in adapted if k.endswith("rotary_emb.inv_freq"))
+    for key in derived:
+        del adapted[key]
+    if model.config.tie_word_embeddings and "lm_head.weight" in expected:
+        _resolve_tie(model, adapted, prefix + "embed_tokens.weight", source)
+        if model.config.tie_word_embeddings:  # still tied: the file's head, if any, equals the embedding
+            adapted.pop("lm_head.weight", None)
+            expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
+    dropped = sorted(k for k in adapted if k not in expected and k.startswith(HEAD_PREFIXES)) + derived
     unexpected = sorted(k for k in adapted if k not in expected and k not in dropped)
     missing = sorted(k for k in expected if k not in adapted)
     new = [k for k in missing if k.startswith(HEAD_PREFIXES)]
@@ -674,6 +688,30 @@ def _load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: s
     if new:
         warnings.warn(f"{type(model).__name__}: newly initialised weights not in the checkpoint: {new}", stacklevel=3)
     return {"new": new, "dropped": dropped}
+
+
+def _resolve_tie(model: torch.nn.Module, adapted: dict[str, torch.Tensor], embed_key: str, source: str) -> None:
+    """Reconcile ``config.tie_word_embeddings=True`` with the file's ``lm_head.weight``, as transformers 5.17's
+    ``tie_weights`` does on loading: a head equal to the embedding (in the model's dtype) is the tie itself; a
+    head without an embedding in the file gives the embedding its values; a head that differs is kept, untied, with
+    a UserWarning, and ``model.config.tie_word_embeddings`` becomes False so that ``tie_weights`` and
+    ``save_pretrained`` keep it (transformers leaves its config saying True). Edits ``adapted`` and ``model``."""
+    head = adapted.get("lm_head.weight")
+    if head is None:
+        return
+    embed = adapted.get(embed_key)
+    if embed is None:
+        adapted[embed_key] = head
+        return
+    dtype = model.lm_head.weight.dtype
+    if head.shape == embed.shape and torch.equal(head.to(dtype), embed.to(dtype)):
+        return
+    warnings.warn(f"checkpoint {source}: config.json sets tie_word_embeddings=true but the weight files hold an "
+                  f"lm_head.weight that differs from {embed_key}: the file's head is kept and not tied, as "
+                  f"transformers does (model.config.tie_word_embeddings is now False; set it so in config.json "
+                  f"to silence this warning)", UserWarning, stacklevel=5)  # from_pretrained's caller
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
 
 
 def save_pretrained(model: torch.nn.Module, directory, *, max_shard_size: int | str = "5GB") -> list[Path]:

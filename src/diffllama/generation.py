@@ -143,8 +143,8 @@ def resolve_lengths(model, prompt_length: int, *, max_new_tokens=None, max_lengt
     """The most and the fewest new tokens per row, ``(max_new_tokens, min_new_tokens)``, as transformers 5.17's
     ``generate`` derives them from its arguments and ``model.generation_config``.
 
-    ``prompt_length`` is the (padded) width S of ``input_ids``. Each of ``max_new_tokens``, ``max_length`` and
-    ``min_new_tokens`` is the argument when given, else the generation config's (a dict, as
+    ``prompt_length`` is the (padded) width S of ``input_ids`` (or of ``inputs_embeds``). Each of
+    ``max_new_tokens``, ``max_length`` and ``min_new_tokens`` is the argument when given, else the generation config's (a dict, as
     :func:`read_generation_config` returns; absent or {} for a model not loaded from a checkpoint). Then, as in
     transformers, the most new tokens is the first of:
 
@@ -332,27 +332,52 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
-def _check_inputs(input_ids, attention_mask, vocab_size: int, inferred_from: int | None = None) -> torch.Tensor:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise TypeError(f"input_ids must be an integer tensor of shape (batch, seq), got "
-                        f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
-        raise ValueError(f"input_ids must have shape (batch, seq) with batch, seq >= 1, got {tuple(input_ids.shape)}")
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got values in [{low}, {high}]")
+def _check_inputs(input_ids, attention_mask, vocab_size: int, inferred_from: int | None = None,
+                  inputs_embeds=None, dtype: torch.dtype | None = None, hidden_size: int | None = None
+                  ) -> torch.Tensor:
+    """The checked (B, S) int64 0/1 mask of a prompt given as ``input_ids`` (B, S), ``inputs_embeds`` (B, S, D) of
+    ``dtype`` with D = ``hidden_size``, or both (of the same B and S); errors name the argument."""
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("pass input_ids (B, S), inputs_embeds (B, S, hidden_size), or both")
+    if input_ids is not None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point \
+                or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor of shape (batch, seq), got "
+                            f"{getattr(input_ids, 'dtype', type(input_ids).__name__)}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids must have shape (batch, seq) with batch, seq >= 1, got "
+                             f"{tuple(input_ids.shape)}")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"input_ids must lie in [0, vocab_size={vocab_size}), got values in [{low}, {high}]")
+    if inputs_embeds is not None:
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point() \
+                or inputs_embeds.dim() != 3 or inputs_embeds.shape[2] != hidden_size or 0 in inputs_embeds.shape:
+            raise ValueError(f"inputs_embeds must be a floating tensor of shape (batch, seq, hidden_size="
+                             f"{hidden_size}) with batch, seq >= 1, got {_describe(inputs_embeds)}")
+        if inputs_embeds.dtype != dtype:
+            raise ValueError(f"inputs_embeds must have the model's dtype {dtype}, got {inputs_embeds.dtype}")
+        if input_ids is not None and input_ids.shape != inputs_embeds.shape[:2]:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} "
+                             f"must describe the same (batch, seq) prompt")
+    shape = tuple((input_ids if input_ids is not None else inputs_embeds).shape[:2])
+    device = (input_ids if input_ids is not None else inputs_embeds).device
     if attention_mask is None:
-        return torch.ones_like(input_ids, dtype=torch.long)
+        return torch.ones(shape, dtype=torch.long, device=device)
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be None or a torch.Tensor, got {type(attention_mask).__name__}")
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, got "
-                         f"{tuple(attention_mask.shape)}")
+    if attention_mask.dim() == 4:
+        from diffllama.modeling import FOUR_D_MASK_MESSAGE
+
+        raise ValueError(FOUR_D_MASK_MESSAGE)
+    if tuple(attention_mask.shape) != shape:
+        raise ValueError(f"attention_mask must be a tensor of the shape of input_ids (or of inputs_embeds' batch and "
+                         f"seq) {shape}, got {tuple(attention_mask.shape)}")
     if attention_mask.dtype.is_complex:  # as the model's forward
         raise TypeError(f"attention_mask must be a bool, integer or float (0/1) tensor, got {attention_mask.dtype}")
     if bool(((attention_mask != 0) & (attention_mask != 1)).any()):  # before the cast, which would truncate 0.5
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
-    mask = attention_mask.to(device=input_ids.device).long()
+    mask = attention_mask.to(device=device).long()
     source = "" if inferred_from is None else (
         f" (no attention_mask was given, so it was inferred as input_ids != pad_token_id={inferred_from}, as "
         f"transformers does; pass attention_mask to say which tokens are real)")
@@ -362,6 +387,13 @@ def _check_inputs(input_ids, attention_mask, vocab_size: int, inferred_from: int
     if bool((mask[:, -1] == 0).any()):
         raise ValueError("every row of attention_mask needs at least one real token (a 1)" + source)
     return mask
+
+
+def _describe(value) -> str:
+    """Shape and dtype of a tensor, else its type name, for error messages."""
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {value.dtype}"
+    return type(value).__name__
 
 
 # ---- sampling -------------------------------------------------------------------------------------------------------
@@ -429,28 +461,34 @@ def next_tokens(logits: torch.Tensor, *, do_sample: bool = False, temperature: f
 
 # ---- model steps ----------------------------------------------------------------------------------------------------
 
-def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-            cache) -> torch.Tensor:
+def prefill(model, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+            position_ids: torch.Tensor, cache, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """Run the prompt through ``model`` once, writing slots 0..S-1 of ``cache``; return last logits (B, V) float32.
 
     Args:
-        input_ids: (B, S) int64. attention_mask: (B, S) for a dynamic cache, (B, max_length) for a static one, or
-            None (no padding). position_ids: (B, S) int64. cache: a DynamicCache or StaticCache.
+        input_ids: (B, S) int64, or None with ``inputs_embeds`` (B, S, D) in the model's dtype, which the model
+            then reads instead (as transformers' generate: the embeddings win when both are given).
+        attention_mask: (B, S) for a dynamic cache, (B, max_length) for a static one, or None (no padding).
+        position_ids: (B, S) int64. cache: a DynamicCache or StaticCache.
     """
-    cache_position = torch.arange(input_ids.shape[1], device=input_ids.device)
-    return decode_one_token(model, cache, input_ids, position_ids, cache_position, attention_mask)
+    cache_position = torch.arange(position_ids.shape[1], device=position_ids.device)
+    return decode_one_token(model, cache, None if inputs_embeds is not None else input_ids, position_ids,
+                            cache_position, attention_mask, inputs_embeds)
 
 
-def decode_one_token(model, cache, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                     cache_position: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def decode_one_token(model, cache, input_ids: torch.Tensor | None, position_ids: torch.Tensor,
+                     cache_position: torch.Tensor, attention_mask: torch.Tensor | None,
+                     inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding step: (B, 1) tokens at positions (B, 1), cache slot ``cache_position`` (1,) -> (B, V) float32.
 
     ``attention_mask`` covers every cache slot so far ((B, slot + 1) for a dynamic cache, (B, max_length) for a
     static one) or is None. Free of host synchronisation under ``torch.compile`` (the model's input checks are
-    skipped there), so it can be captured in a CUDA graph.
+    skipped there), so it can be captured in a CUDA graph. ``inputs_embeds`` (B, S, D) replaces ``input_ids`` (None
+    then) for a prompt given as embeddings (:func:`prefill`).
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, cache_position=cache_position, logits_to_keep=1)
+    out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                position_ids=position_ids, past_key_values=cache, use_cache=True, cache_position=cache_position,
+                logits_to_keep=1)
     return out.logits[:, -1].float()
 
 
@@ -585,7 +623,8 @@ def _make_cache_and_step(model, batch: int, total: int, static_cache: bool, comp
 # ---- generation loop ------------------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+def stream_generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                    inputs_embeds: torch.Tensor | None = None,
                     max_new_tokens: int | None = None, max_length: int | None = None,
                     min_new_tokens: int | None = None, do_sample: bool | None = None,
                     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
@@ -611,15 +650,21 @@ def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
                                                    if given[k] is not None})
     device = model.device
     input_ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids
-    mask = _check_inputs(input_ids, attention_mask, model.config.vocab_size)
+    inputs_embeds = inputs_embeds.to(device) if isinstance(inputs_embeds, torch.Tensor) else inputs_embeds
+    prompt = dict(vocab_size=model.config.vocab_size, inputs_embeds=inputs_embeds, dtype=model.dtype,
+                  hidden_size=model.config.hidden_size)
+    mask = _check_inputs(input_ids, attention_mask, **prompt)
+    b, s = mask.shape
     sampling["max_new_tokens"], min_new_tokens = resolve_lengths(
-        model, input_ids.shape[1], max_new_tokens=max_new_tokens, max_length=max_length,
-        min_new_tokens=min_new_tokens)
+        model, s, max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens)
     eos, pad = _configured_special_ids(model, eos_token_id, pad_token_id)
-    if attention_mask is None:
+    if attention_mask is None and input_ids is not None:  # embeddings alone say nothing of padding
         inferred = infer_attention_mask(input_ids, pad, eos)
         if inferred is not None:
-            mask = _check_inputs(input_ids, inferred, model.config.vocab_size, inferred_from=pad)
+            mask = _check_inputs(input_ids, inferred, inferred_from=pad, **prompt)
+    if input_ids is None and sampling["repetition_penalty"] != 1.0:
+        warnings.warn("repetition_penalty with inputs_embeds and without input_ids penalises only the new tokens, "
+                      "not the prompt (as transformers)", UserWarning, stacklevel=3)  # past inference_mode
     if pad is None:
         pad = eos[0] if eos else 0
     if compile and not static_cache:
@@ -635,21 +680,21 @@ def stream_generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
-    b, s = input_ids.shape
     model.refresh_inference_caches(force=True)  # λ written through .data since the last call bumps no version
     cache, step, cache_length = _make_cache_and_step(model, b, s + sampling["max_new_tokens"], static_cache,
                                                      compile)
-    return _steps(model, input_ids.long(), mask, cache, step, cache_length, eos, pad, generator, **sampling,
-                  min_new_tokens=min_new_tokens, static_cache=static_cache, sync_every=int(sync_every))
+    return _steps(model, None if input_ids is None else input_ids.long(), mask, cache, step, cache_length, eos, pad,
+                  generator, **sampling, inputs_embeds=inputs_embeds, min_new_tokens=min_new_tokens,
+                  static_cache=static_cache, sync_every=int(sync_every))
 
 
 @torch.inference_mode()
-def _steps(model, input_ids, mask, cache, step, cache_length, eos, pad, generator, *, max_new_tokens,
-           min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, static_cache,
+def _steps(model, input_ids, mask, cache, step, cache_length, eos, pad, generator, *, inputs_embeds,
+           max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, static_cache,
            sync_every) -> Iterator[torch.Tensor]:
     """The generation loop of :func:`stream_generate`, on checked arguments."""
-    device = input_ids.device
-    b, s = input_ids.shape
+    device = mask.device
+    b, s = mask.shape
     has_padding = bool((mask == 0).any())
     positions = position_ids_from_mask(mask)
     if static_cache:  # one mask over every slot: real prompt tokens, then all new tokens
@@ -659,12 +704,14 @@ def _steps(model, input_ids, mask, cache, step, cache_length, eos, pad, generato
     else:
         full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
         prompt_mask = mask if has_padding else None
-    logits = prefill(model, input_ids, prompt_mask, positions, cache)
+    logits = prefill(model, input_ids, prompt_mask, positions, cache, inputs_embeds)
 
     seen = None
     if repetition_penalty != 1.0:
         counts = torch.zeros(b, model.config.vocab_size, dtype=torch.long, device=device)
-        seen = counts.scatter_add_(1, input_ids, mask) > 0  # (B, V): tokens of the prompt, padding excluded
+        if input_ids is not None:  # the prompt's tokens, padding excluded; embeddings alone have none
+            counts.scatter_add_(1, input_ids, mask)
+        seen = counts > 0  # (B, V)
     eos_tensor = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     next_position = positions[:, -1:] + 1  # (B, 1)
@@ -694,21 +741,29 @@ def _steps(model, input_ids, mask, cache, step, cache_length, eos, pad, generato
         cache.set_seq_length(s + max_new_tokens)
 
 
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-             max_new_tokens: int | None = None, max_length: int | None = None, min_new_tokens: int | None = None,
+def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+             inputs_embeds: torch.Tensor | None = None, max_new_tokens: int | None = None,
+             max_length: int | None = None, min_new_tokens: int | None = None,
              do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, repetition_penalty: float | None = None,
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              seed: int | None = None, streamer=None, static_cache: bool = False, compile: bool = False,
              num_beams: int = 1, return_dict_in_generate: bool | None = False) -> torch.Tensor:
     """Continue left-padded prompts; returns the prompts plus new tokens, (B, S + n) int64, n <= the most new
-    tokens (see ``max_new_tokens``).
+    tokens (see ``max_new_tokens``); for a prompt given as ``inputs_embeds`` alone, the new tokens only (B, n).
 
     Args:
         model: a DiffLlamaForCausalLM (any device and dtype; put it in eval mode).
-        input_ids: (B, S) integer token ids, left-padded. attention_mask: (B, S) 0/1. None: as transformers,
-            ``input_ids != pad_token_id`` when a pad id is set (argument or config), is not an EOS id and occurs
-            in ``input_ids`` (:func:`infer_attention_mask`), else no padding.
+        input_ids: (B, S) integer token ids, left-padded. attention_mask: (B, S) 0/1 (2-D only: a 4-D mask is
+            refused). None: as transformers, ``input_ids != pad_token_id`` when a pad id is set (argument or
+            config), is not an EOS id and occurs in ``input_ids`` (:func:`infer_attention_mask`), else no padding.
+        inputs_embeds: (B, S, hidden_size) in the model's dtype (soft prompts, prefix embeddings): the prompt the
+            model reads, instead of embedding ``input_ids``. As transformers 5.17's generate: alone, the result
+            holds only the new tokens, no mask is inferred, and the repetition penalty sees only new tokens (a
+            UserWarning says so); with ``input_ids`` of the same (B, S), those are returned before the new tokens,
+            give the inferred mask and the penalised prompt tokens. Lengths count S as the prompt's (one
+            difference: with embeddings alone and no length given, transformers' 20 new tokens are capped at
+            ``max_position_embeddings`` ignoring S; here at ``max_position_embeddings - S``, as for ids).
         max_new_tokens: the most new tokens per row, >= 1; n is smaller when every row stopped earlier.
         max_length: instead, the most total tokens per row, prompt included (transformers' meaning): > S, giving
             ``max_length - S`` new tokens; ``max_new_tokens`` wins when both are given. Either not given: that of
@@ -735,7 +790,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         num_beams: 1 only (accepted for transformers' signature): beam search is not implemented.
         return_dict_in_generate: False or None only: the result is always the tensor of token ids.
 
-    Every check runs before the streamer is called or the model is run.
+    Every check runs before the streamer is called or the model is run. The streamer's first ``put`` gets
+    ``input_ids``, or an empty (B, 0) tensor for embeddings alone (as transformers).
 
     Raises:
         TypeError: naming the argument: ``input_ids`` not an integer tensor, a complex ``attention_mask``, a
@@ -744,8 +800,10 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             ``streamer`` without ``put``, a non-int ``max_length``/``min_new_tokens``/``num_beams``, a non-bool
             ``return_dict_in_generate``.
         NotImplementedError: ``num_beams`` > 1 or ``return_dict_in_generate=True``.
-        ValueError: naming the argument: bad shape of ``input_ids``/``attention_mask`` (right padding, all-padding
-            rows, values other than 0 and 1), ids outside [0, vocab_size) in ``input_ids``, the EOS ids or ``pad_token_id``,
+        ValueError: naming the argument: neither ``input_ids`` nor ``inputs_embeds``; bad shape of
+            ``input_ids``/``inputs_embeds``/``attention_mask`` (right padding, all-padding rows, values other than 0
+            and 1, a 4-D mask), ``inputs_embeds`` not of the model's dtype or not of ``input_ids``' (B, S), ids
+            outside [0, vocab_size) in ``input_ids``, the EOS ids or ``pad_token_id``,
             ``max_new_tokens`` <= 0, ``max_length`` <= S, ``min_new_tokens`` < 0, ``num_beams`` < 1, no length
             given and S >= ``max_position_embeddings``, a NaN or infinite
             ``temperature``/``top_p``/``repetition_penalty``, ``temperature`` <= 0 when sampling, ``top_k`` not an int >= 1, ``top_p`` outside (0, 1],
@@ -758,14 +816,16 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise TypeError("streamer must have put(tokens) and end() methods")
     _check_unsupported(num_beams, return_dict_in_generate)
     # stream_generate checks every argument when called: before the streamer is called or the model run
-    steps = stream_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, max_length=max_length,
+    steps = stream_generate(model, input_ids, attention_mask, inputs_embeds=inputs_embeds,
+                            max_new_tokens=max_new_tokens, max_length=max_length,
                             min_new_tokens=min_new_tokens, do_sample=do_sample,
                             temperature=temperature, top_k=top_k, top_p=top_p,
                             repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
                             pad_token_id=pad_token_id, seed=seed, static_cache=static_cache, compile=compile,
                             sync_every=1 if streamer is not None else 16)
     if streamer is not None:
-        streamer.put(input_ids.cpu())
+        b = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        streamer.put(input_ids.cpu() if input_ids is not None else torch.empty(b, 0, dtype=torch.long))
     eos, _ = resolve_special_ids(model, eos_token_id, pad_token_id)
     new = []
     for token in steps:
@@ -780,6 +840,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         done = stopped.all(0)  # (n,)
         if bool(done.any()):
             out = out[:, :int(done.int().argmax()) + 1]
+    if input_ids is None:  # transformers: embeddings alone give the new tokens only
+        return out
     return torch.cat([input_ids.to(out.device).long(), out], dim=1)
 
 

@@ -636,6 +636,7 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
             input_ids: (B, S) int64 or int32 token ids in [0, vocab_size), or ``inputs_embeds`` (B, S, D) floating.
             attention_mask: (B, P + S) with 1/True for real tokens and 0/False for padding (P cached tokens), of
                 a bool, integer or floating dtype holding only 0 and 1; a static cache also accepts (B, max_length).
+                4-D masks (transformers' custom masks) are refused with a ValueError naming these forms.
             position_ids: (B, S) or (1, S) int64 or int32 RoPE positions; default P, P+1, ... (as transformers).
             past_key_values: a diffllama KV cache (:mod:`diffllama.cache`: DynamicCache or StaticCache) to read and
                 extend.
@@ -729,6 +730,8 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
             if attention_mask.dtype.is_complex:
                 raise TypeError(f"attention_mask must be a bool, integer or float (0/1) tensor, got "
                                 f"{attention_mask.dtype}")
+            if attention_mask.dim() == 4:
+                raise ValueError(FOUR_D_MASK_MESSAGE)
             if attention_mask.dim() != 2 or attention_mask.shape[0] != batch \
                     or attention_mask.shape[1] not in (total, k_len):
                 raise ValueError(f"attention_mask must have shape (batch={batch}, past + seq={total}), "
@@ -743,6 +746,14 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         s = cache_position.shape[0]
         plain = key_padding is None and total == s and k_len == s
         return AttentionMask(query_positions=cache_position, key_padding=key_padding, k_len=k_len, plain_causal=plain)
+
+
+# transformers also takes a 4-D (B, 1, S, P + S) mask of its own making; the backends here build theirs from the
+# 2-D padding mask and the positions, so a 4-D one is refused by every forward and generate alike.
+FOUR_D_MASK_MESSAGE = (
+    "a 4-D attention_mask (batch, 1, query, key) is not supported: pass attention_mask as None (every token "
+    "real) or a 2-D (batch, past + seq) tensor of 0 (padding) and 1 (real token), bool, integer or float; with a "
+    "static cache also (batch, max_length); generate takes the 2-D (batch, seq) mask of the prompt")
 
 
 # The index dtypes nn.Embedding takes (it refuses uint8, int16 and bool with its own error); ids, positions and
@@ -935,8 +946,10 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         return CausalLMOutputWithPast(loss, logits, outputs.past_key_values, outputs.hidden_states,
                                       outputs.attentions)
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """Continue left-padded prompts (B, S) -> (B, S + n) int64; see :func:`diffllama.generation.generate`."""
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
+        """Continue left-padded prompts (B, S) -> (B, S + n) int64, or (B, n) for ``inputs_embeds`` alone; see
+        :func:`diffllama.generation.generate`."""
         from diffllama.generation import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
