@@ -653,7 +653,8 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
             document_ids: packed rows, explicitly: (B, S) int64/int32, the document of each token, non-decreasing
                 along each row (any values; a new document starts wherever the value changes). A token attends only
                 to earlier tokens of its own document, so each document's output equals the document run alone.
-                Without ``position_ids`` the positions restart at 0 in each document.
+                Without ``position_ids`` the positions restart at 0 in each document. With an ``attention_mask`` as
+                well, a key must be both real and of the query's document.
             cu_seq_lens_q, cu_seq_lens_k: packed rows as transformers' ``DataCollatorWithFlattening(
                 return_flash_attn_kwargs=True)`` gives them: (N + 1,) int32/int64 cumulative document lengths over
                 the B·S tokens taken row after row, from 0 to B·S, strictly increasing, with every row start
