@@ -12,6 +12,12 @@ matrix products (all but the input embedding, LM head included), QK width = H·d
 2·H·d for DiffLlama in the fused form (transformers' two-call DiffLlama computes more than this; the same
 model-FLOP count is used for both DiffLlama implementations so MFU compares like with like).
 
+With ``--document-mask`` every row holds documents of ``--document-length`` tokens (default 1024), each ended by
+token 2 as EOS: ours trains with the document mask of ``diffllama train --document-mask`` (TrainModule's
+``document_separator``), transformers' models get position_ids that restart per document (their packed-sequence
+mask; no cache). Without it the rows are the same random tokens, one sequence per row. Compare the two runs'
+tokens/s for the cost of document masking.
+
 Usage (GPU): PYTHONPATH=src python benchmarks/train.py --cases ours-sdpa,hf-diffllama,hf-llama,ours-1b-sdpa
 Case names: ours-{sdpa,flash}[-compile][-ckpt], hf-diffllama, hf-llama; '-1b' in a name selects the 1.2B shape\n(batch 4 x 4096), else the 0.4b preset's (batch 8 x 2048). Each case runs in its own process (a crash cannot\nspoil the next). Prints one JSON line per case and a table at the end.
 """
@@ -44,8 +50,12 @@ def flops_per_token(shape: dict, n_matmul: int, diff: bool) -> float:
     return 6 * n_matmul + attn
 
 
-def build(case: str, shape: dict, device: torch.device):
-    """(module, step_loss_fn, n_matmul_params, is_diff) for a case name."""
+EOS = 2  # the document separator of --document-mask; random tokens are drawn above it
+
+
+def build(case: str, shape: dict, device: torch.device, document_mask: bool = False):
+    """(module, step_loss_fn, n_matmul_params, is_diff) for a case name; ``document_mask``: rows are packed
+    documents ended by :data:`EOS` (see the module docstring)."""
     fields = {k: v for k, v in shape.items() if k not in ("batch", "seq")}
     if case.startswith("ours"):
         from diffllama import DiffLlamaConfig, DiffLlamaForCausalLM
@@ -55,7 +65,7 @@ def build(case: str, shape: dict, device: torch.device):
         config = DiffLlamaConfig(**fields, attn_implementation=impl)
         with torch.device(device):
             model = DiffLlamaForCausalLM(config)
-        module = TrainModule(model)
+        module = TrainModule(model, document_separator=EOS if document_mask else None)
         if "compile" in case:
             for layer in model.model.layers:
                 layer.compile()
@@ -76,19 +86,29 @@ def build(case: str, shape: dict, device: torch.device):
     model.train()
 
     def loss_fn(x, y, scale):
-        return model(input_ids=x, labels=x, use_cache=False).loss
+        packing = {}
+        if document_mask:  # transformers masks documents from position_ids restarts (no mask, no cache)
+            from diffllama.modeling import document_position_ids
+            from diffllama.train.loop import separator_documents
+
+            packing["position_ids"] = document_position_ids(separator_documents(x, EOS))
+        return model(input_ids=x, labels=x, use_cache=False, **packing).loss
     embed = model.get_input_embeddings().weight.numel()
     return model, loss_fn, sum(p.numel() for p in model.parameters()) - embed, case == "hf-diffllama"
 
 
-def bench(case: str, shape_name: str, warmup: int, steps: int) -> dict:
+def bench(case: str, shape_name: str, warmup: int, steps: int, document_length: int = 0) -> dict:
+    """One case's timing; ``document_length`` > 0: packed documents of that many tokens with document masking."""
     shape = SHAPES[shape_name]
     device = torch.device("cuda")
     torch.manual_seed(0)
-    module, loss_fn, n_matmul, diff = build(case, shape, device)
+    module, loss_fn, n_matmul, diff = build(case, shape, device, document_mask=document_length > 0)
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
     b, s = shape["batch"], shape["seq"]
-    batches = [torch.randint(0, shape["vocab_size"], (b, s + 1), device=device) for _ in range(4)]
+    batches = [torch.randint(EOS + 1, shape["vocab_size"], (b, s + 1), device=device) for _ in range(4)]
+    if document_length:
+        for w in batches:
+            w[:, document_length - 1::document_length] = EOS
     scale = 1.0 / (b * s)
 
     def step(i):
@@ -117,7 +137,8 @@ def bench(case: str, shape_name: str, warmup: int, steps: int) -> dict:
     result = {"case": case, "shape": shape_name, "batch": b, "seq": s, "tokens_per_s": round(tps),
               "step_ms": round(1000 * dt / steps, 1), "mfu": round(tps * fpt / PEAK_FLOPS, 4),
               "gflop_per_token": round(fpt / 1e9, 3), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
-              "warmup_s": round(warm_s, 1), "loss": round(float(loss.detach()), 4)}
+              "warmup_s": round(warm_s, 1), "loss": round(float(loss.detach()), 4),
+              "document_length": document_length or None}
     del module, opt, batches, loss_fn
     gc.collect()
     torch.cuda.empty_cache()
@@ -132,11 +153,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip remaining cases after this many seconds (default: no limit)")
+    parser.add_argument("--document-mask", action="store_true",
+                        help="rows of packed documents (see --document-length), trained with document masking")
+    parser.add_argument("--document-length", type=int, default=1024, help="tokens per document with --document-mask")
     parser.add_argument("--single", help="run one case in this process (used internally)")
     args = parser.parse_args()
+    if args.document_mask and args.document_length < 1:
+        parser.error(f"--document-length must be >= 1, got {args.document_length}")
     if args.single:
         shape = "1b" if "-1b" in args.single else "0.4b"
-        print(json.dumps(bench(args.single.replace("-1b", ""), shape, args.warmup, args.steps)), flush=True)
+        length = args.document_length if args.document_mask else 0
+        print(json.dumps(bench(args.single.replace("-1b", ""), shape, args.warmup, args.steps, length)), flush=True)
         return
     start = time.perf_counter()
     results = []
@@ -150,7 +177,8 @@ def main() -> None:
         else:
             # One process per case: a crash (e.g. an illegal memory access) cannot poison the next case.
             command = [sys.executable, __file__, "--single", case, "--warmup", str(args.warmup),
-                       "--steps", str(args.steps)]
+                       "--steps", str(args.steps), "--document-length", str(args.document_length)]
+            command += ["--document-mask"] if args.document_mask else []
             try:
                 proc = subprocess.run(command, capture_output=True, text=True, timeout=left)
                 lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -36,10 +36,11 @@ def _single(cfg, out):
     return trainer.history
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one(parallel, tmp_path):
+@pytest.mark.parametrize("parallel, document_mask", [("ddp", False), ("fsdp", False), ("fsdp", True)],
+                         ids=["ddp", "fsdp", "fsdp-document-mask"])
+def test_two_processes_match_one(parallel, document_mask, tmp_path):
     corpus = small_corpus(tmp_path / "corpus")
-    common = dict(max_steps=4, eval_every=2, save_every=2, grad_accum=2)
+    common = dict(max_steps=4, eval_every=2, save_every=2, grad_accum=2, document_mask=document_mask)
     single = _single(micro_config(corpus, tmp_path / "cache", batch_size=4, parallel="none", **common),
                      tmp_path / "single")
     cfg = micro_config(corpus, tmp_path / "cache", batch_size=2, parallel=parallel, **common)

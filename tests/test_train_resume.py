@@ -30,8 +30,10 @@ def corpus(tmp_path_factory):
     return small_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def test_resume_equals_uninterrupted(corpus, tmp_path):
-    cfg = micro_config(corpus, tmp_path / "cache", max_steps=6, save_every=3, eval_every=2)
+@pytest.mark.parametrize("document_mask", [False, True], ids=["", "document-mask"])
+def test_resume_equals_uninterrupted(corpus, tmp_path, document_mask):
+    cfg = micro_config(corpus, tmp_path / "cache", max_steps=6, save_every=3, eval_every=2,
+                       document_mask=document_mask)
     _, full = _fit(cfg, tmp_path / "full")
     _, cut = _fit(cfg, tmp_path / "cut", stop_at=4)
     assert cut.interrupted == "SIGTERM" and cut.step == 4 and cut.checkpoint.name == "step-000004"

@@ -362,6 +362,9 @@ def train(
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile each decoder layer."),
     activation_checkpointing: bool = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing",
                                                   help="Recompute layer activations in backward."),
+    document_mask: bool = typer.Option(None, "--document-mask/--no-document-mask",
+                                       help="Attend only within each document of a packed sequence (split after "
+                                            "each EOS), positions restarting per document."),
     parallel: str = typer.Option(None, help="auto (DDP under torchrun), none, ddp, fsdp (FSDP2)."),
     tokenizer: str = typer.Option(None, help="Reuse the tokenizer in this folder instead of training a BPE."),
     vocab_size: int = typer.Option(None, "--tokenizer-vocab-size", "--vocab-size",
@@ -389,7 +392,8 @@ def train(
                  warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
                  eval_batches=eval_batches, log_every=log_every, save_every=save_every, keep_last=keep_last,
                  seed=seed, device=device, dtype=dtype, compile=compile,
-                 activation_checkpointing=activation_checkpointing, parallel=parallel, tokenizer=tokenizer,
+                 activation_checkpointing=activation_checkpointing, document_mask=document_mask,
+                 parallel=parallel, tokenizer=tokenizer,
                  tokenizer_vocab_size=vocab_size, text_field=text_field, val_fraction=val_fraction,
                  cache_dir=cache_dir, num_threads=num_threads, data=list(data) if data else None,
                  model={"attn_implementation": attn_implementation} if attn_implementation else None)

@@ -629,6 +629,11 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         cache_position: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | None = None,
+        max_length_k: int | None = None,
     ) -> BaseModelOutputWithPast:
         """Run the decoder.
 
@@ -646,6 +651,27 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
             output_attentions: return per-layer probabilities (eager backend only).
             output_hidden_states: return the embedding output and every layer's output (the last one normed).
             cache_position: (S,) int64 slots of the new tokens in the cache; default P .. P+S-1.
+            document_ids: packed rows, explicitly: (B, S) int64/int32, the document of each token, non-decreasing
+                along each row (any values; a new document starts wherever the value changes). A token attends only
+                to earlier tokens of its own document, so each document's output equals the document run alone.
+                Without ``position_ids`` the positions restart at 0 in each document. With an ``attention_mask`` as
+                well, a key must be both real and of the query's document.
+            cu_seq_lens_q, cu_seq_lens_k: packed rows as transformers' ``DataCollatorWithFlattening(
+                return_flash_attn_kwargs=True)`` gives them: (N + 1,) int32/int64 cumulative document lengths over
+                the B·S tokens taken row after row, from 0 to B·S, strictly increasing, with every row start
+                (a multiple of S) among them (a document cannot span two rows). Both equal when both are given
+                (there is no cache). The alternative to ``document_ids``, with the same meaning.
+            max_length_q, max_length_k: optional with ``cu_seq_lens_*``: the longest document's length (int); it
+                carries no information here and is only checked.
+
+        Packed rows without the explicit forms: as transformers 5 (``masking_utils.find_packed_sequence_indices``),
+        when ``position_ids`` are given without ``attention_mask`` and without ``past_key_values``, each place
+        where a position is not the previous one plus 1 starts a new document (e.g. ``[0 1 2 0 1 0 1 2 3]`` holds
+        three), at any batch size; this costs one device sync per forward. transformers applies it only when no
+        cache is built, so with ``use_cache`` left unset (the config's True) it silently attends across documents;
+        here packed rows found this way turn the cache off instead (``past_key_values`` comes back None), and an
+        explicit ``use_cache=True`` is refused. Under ``torch.compile`` the documents are derived without the
+        check (as transformers when tracing) whenever ``use_cache`` is False.
 
         Returns:
             BaseModelOutputWithPast with ``last_hidden_state`` (B, S, D); its tuple with ``return_dict=False``
@@ -654,7 +680,10 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         Raises:
             ValueError/TypeError: naming the argument, for both or neither of input_ids/inputs_embeds, wrong
             dtypes or shapes, token ids out of range, a mask of the wrong shape or with values other than 0 and 1,
-            a cache of another library (e.g. transformers' DynamicCache).
+            a cache of another library (e.g. transformers' DynamicCache); packed documents (explicit, or found in
+            ``position_ids``) with ``past_key_values`` or ``use_cache=True`` (a cache cannot hold documents),
+            ``document_ids`` with ``cu_seq_lens_*``, bad ``document_ids``/``cu_seq_lens_*``/``max_length_*``
+            (dtype, shape, order, total length, a document across rows, a wrong longest length).
         """
         if past_key_values is not None and not isinstance(past_key_values, (DynamicCache, StaticCache)):
             raise TypeError(f"past_key_values must be None or a diffllama.cache DynamicCache or StaticCache, got "
@@ -668,7 +697,21 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
             raise ValueError(f"past_key_values holds a batch of {cached} rows, the input has {b}")
         if self.gradient_checkpointing and self.training:  # as transformers: recomputed layers cannot fill a cache
             use_cache = False
-        elif use_cache is None:  # as transformers: the config's use_cache
+        documents = _explicit_documents(document_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+                                        b, s, inputs_embeds.device)
+        if documents is None and position_ids is not None and attention_mask is None and past_key_values is None:
+            _check_position_ids(position_ids, b, s)
+            documents = _documents_from_positions(position_ids.to(inputs_embeds.device).expand(b, s),
+                                                  derive_unchecked=use_cache is False)
+        if documents is not None:
+            if past_key_values is not None or use_cache:
+                raise ValueError("packed documents (document_ids, cu_seq_lens_q/k, or position_ids that restart "
+                                 "without an attention_mask) cannot go with past_key_values or use_cache=True: a "
+                                 "KV cache holds one sequence per row; pass use_cache=False")
+            use_cache = False
+            if position_ids is None:  # each document as if run alone
+                position_ids = document_position_ids(documents)
+        if use_cache is None:  # as transformers: the config's use_cache
             use_cache = self.config.use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
@@ -683,7 +726,8 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
             position_ids = cache_position.unsqueeze(0)
         _check_position_ids(position_ids, b, s)
         k_len = max_length if max_length is not None else past + s
-        mask = self._build_mask(attention_mask, cache_position, b, k_len if past is None else past + s, k_len)
+        mask = self._build_mask(attention_mask, cache_position, b, k_len if past is None else past + s, k_len,
+                                documents)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -724,7 +768,8 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         return self.embed_tokens(input_ids)
 
     @staticmethod
-    def _build_mask(attention_mask, cache_position, batch: int, total: int, k_len: int) -> AttentionMask:
+    def _build_mask(attention_mask, cache_position, batch: int, total: int, k_len: int,
+                    documents: torch.Tensor | None = None) -> AttentionMask:
         key_padding = None
         if attention_mask is not None:
             if attention_mask.dtype.is_complex:
@@ -744,8 +789,102 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
             if not torch.compiler.is_compiling() and bool(key_padding.all()):
                 key_padding = None
         s = cache_position.shape[0]
-        plain = key_padding is None and total == s and k_len == s
-        return AttentionMask(query_positions=cache_position, key_padding=key_padding, k_len=k_len, plain_causal=plain)
+        plain = key_padding is None and documents is None and total == s and k_len == s
+        return AttentionMask(query_positions=cache_position, key_padding=key_padding, k_len=k_len, plain_causal=plain,
+                             document_ids=documents)
+
+
+# ---- packed documents (several documents in one row) ---------------------------------------------------------------
+
+def _document_starts_to_ids(starts: torch.Tensor) -> torch.Tensor:
+    """(B, S) bool, True where a document starts -> (B, S) int32 document index within each row, from 0."""
+    starts = starts.clone()
+    starts[:, 0] = False  # the first token starts document 0 whatever the flag says
+    return starts.cumsum(-1, dtype=torch.int32)
+
+
+def _documents_from_positions(position_ids: torch.Tensor, derive_unchecked: bool) -> torch.Tensor | None:
+    """transformers' ``find_packed_sequence_indices``: (B, S) positions -> (B, S) int32 documents, a new one
+    wherever a position is not the previous plus 1, or None when every row holds one document. That check syncs
+    the device; under torch.compile it cannot run, and the documents are then derived unchecked when
+    ``derive_unchecked`` (no cache wanted), else None."""
+    starts = F.pad(position_ids.diff(dim=-1) != 1, (1, 0), value=False)  # (B, S)
+    if torch.compiler.is_compiling():
+        return _document_starts_to_ids(starts) if derive_unchecked else None
+    return _document_starts_to_ids(starts) if bool(starts.any()) else None
+
+
+def document_position_ids(document_ids: torch.Tensor) -> torch.Tensor:
+    """RoPE positions that restart at 0 in each document, as transformers' ``DataCollatorWithFlattening`` makes
+    them: (B, S) non-decreasing document ids (any integer dtype) -> (B, S) int64. No device sync."""
+    s = document_ids.shape[-1]
+    index = torch.arange(s, device=document_ids.device).expand_as(document_ids)
+    starts = F.pad(document_ids.diff(dim=-1) != 0, (1, 0), value=True)
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=-1).values  # each token's document start
+    return index - first
+
+
+def _explicit_documents(document_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, batch: int,
+                        seq: int, device: torch.device) -> torch.Tensor | None:
+    """The (B, S) int32 documents given by ``document_ids`` or ``cu_seq_lens_q/k`` (see
+    :meth:`DiffLlamaModel.forward`), checked; None when neither is given. Value checks sync the device and are
+    skipped under torch.compile.
+
+    Raises:
+        ValueError/TypeError: naming the argument, as listed in :meth:`DiffLlamaModel.forward`.
+    """
+    cu_given = cu_seq_lens_q is not None or cu_seq_lens_k is not None
+    if document_ids is not None and cu_given:
+        raise ValueError("pass packed documents one way: document_ids or cu_seq_lens_q/cu_seq_lens_k, not both")
+    if not cu_given and (max_length_q is not None or max_length_k is not None):
+        raise ValueError("max_length_q/max_length_k go with cu_seq_lens_q/cu_seq_lens_k, which were not given")
+    checking = not torch.compiler.is_compiling()
+    if document_ids is not None:
+        _check_index_dtype("document_ids", document_ids)
+        if document_ids.shape != (batch, seq):
+            raise ValueError(f"document_ids must have shape (batch={batch}, seq={seq}), got "
+                             f"{tuple(document_ids.shape)}")
+        document_ids = document_ids.to(device)
+        step = document_ids.diff(dim=-1)
+        if checking and bool((step < 0).any()):
+            row, col = (int(i) for i in (step < 0).nonzero()[0])
+            raise ValueError(f"document_ids must be non-decreasing along each row (documents packed one after "
+                             f"another), got {int(document_ids[row, col])} then {int(document_ids[row, col + 1])} "
+                             f"at row {row}, positions {col} and {col + 1}")
+        return _document_starts_to_ids(F.pad(step != 0, (1, 0), value=False))
+    if not cu_given:
+        return None
+    total = batch * seq
+    for name, value in (("cu_seq_lens_q", cu_seq_lens_q), ("cu_seq_lens_k", cu_seq_lens_k)):
+        if value is None:
+            continue
+        _check_index_dtype(name, value)
+        if value.dim() != 1 or value.shape[0] < 2:
+            raise ValueError(f"{name} must be a 1-D tensor (documents + 1,) of cumulative lengths from 0 to "
+                             f"batch x seq = {total}, got shape {tuple(value.shape)}")
+    if cu_seq_lens_q is not None and cu_seq_lens_k is not None and (
+            cu_seq_lens_q.shape != cu_seq_lens_k.shape or (checking and not torch.equal(
+                cu_seq_lens_q.cpu(), cu_seq_lens_k.cpu()))):
+        raise ValueError("cu_seq_lens_q and cu_seq_lens_k must be equal (no cache: queries and keys are the same "
+                         "tokens)")
+    cu = (cu_seq_lens_q if cu_seq_lens_q is not None else cu_seq_lens_k).to(device=device, dtype=torch.int64)
+    lengths = cu.diff()
+    if checking:
+        bounds = cu.tolist()
+        if bounds[0] != 0 or bounds[-1] != total or min(lengths.tolist()) < 1:
+            raise ValueError(f"cu_seq_lens_q/k must rise strictly from 0 to batch x seq = {total} (cumulative "
+                             f"document lengths), got {bounds}")
+        missing = sorted(set(range(seq, total, seq)) - set(bounds))
+        if missing:
+            raise ValueError(f"cu_seq_lens_q/k must hold every row start (multiples of seq = {seq}): a document "
+                             f"cannot span two rows, but {missing[0]} is missing from {bounds}")
+        longest = int(lengths.max())
+        for name, value in (("max_length_q", max_length_q), ("max_length_k", max_length_k)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value != longest):
+                raise ValueError(f"{name} must be the longest document's length {longest} (an int), got {value!r}")
+    starts = torch.zeros(total, dtype=torch.bool, device=device)
+    starts[cu[:-1]] = True
+    return _document_starts_to_ids(starts.view(batch, seq))
 
 
 # transformers also takes a 4-D (B, 1, S, P + S) mask of its own making; the backends here build theirs from the
@@ -906,6 +1045,7 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         output_hidden_states: bool = False,
         cache_position: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        **packing,
     ) -> CausalLMOutputWithPast:
         """Logits (B, S_kept, vocab) in the model dtype, and the loss when ``labels`` (B, S) are given
         (transformers' ``DiffLlamaForCausalLM.forward``).
@@ -917,6 +1057,8 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
             logits_to_keep: an int keeps the last n positions (0 = all), a 1-D integer tensor keeps those indices.
             num_items_in_batch: None, a number > 0 or a 0-d tensor (whose value is not checked: reading
                 it back would synchronise the device).
+            packing: ``document_ids``, ``cu_seq_lens_q``/``cu_seq_lens_k``, ``max_length_q``/``max_length_k``, passed
+                to the decoder (packed rows, see :meth:`DiffLlamaModel.forward`); any other name is a TypeError.
             Other arguments as :meth:`DiffLlamaModel.forward`.
 
         Returns:
@@ -935,7 +1077,7 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
                                    self.config.vocab_size)
         outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                              output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                             cache_position=cache_position)
+                             cache_position=cache_position, **packing)
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = gemv.call(self.lm_head, hidden[:, keep, :], "lm_head")
@@ -995,6 +1137,7 @@ class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         num_items_in_batch: int | torch.Tensor | None = None,
+        **packing,
     ) -> SequenceClassifierOutputWithPast:
         """Pooled logits (B, num_labels) in the model dtype, and the loss when ``labels`` are given
         (transformers' ``GenericForSequenceClassification.forward``).
@@ -1010,6 +1153,8 @@ class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
                 0-d tensor.
             num_items_in_batch: accepted and checked as by :class:`DiffLlamaForCausalLM` but, as in transformers,
                 it does not change this head's loss.
+            packing: ``document_ids``, ``cu_seq_lens_q``/``cu_seq_lens_k``, ``max_length_q``/``max_length_k``, passed
+                to the decoder (packed rows, see :meth:`DiffLlamaModel.forward`); any other name is a TypeError.
             Other arguments as :meth:`DiffLlamaModel.forward`.
 
         Returns:
@@ -1031,7 +1176,8 @@ class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
         if labels is not None:
             labels = self._checked_labels(labels, problem, b)
         outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                             output_attentions=output_attentions, output_hidden_states=output_hidden_states)
+                             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                             **packing)
         logits = self.score(outputs.last_hidden_state)  # (B, S, num_labels)
         if pad is None or input_ids is None:
             last = torch.full((b,), -1, device=logits.device)
@@ -1109,6 +1255,7 @@ class DiffLlamaForTokenClassification(DiffLlamaPreTrainedModel):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         num_items_in_batch: int | torch.Tensor | None = None,
+        **packing,
     ) -> TokenClassifierOutput:
         """Logits (B, S, num_labels) in the model dtype, and the loss when ``labels`` are given (transformers'
         ``GenericForTokenClassification.forward``).
@@ -1119,6 +1266,8 @@ class DiffLlamaForTokenClassification(DiffLlamaPreTrainedModel):
             use_cache: the output has no cache, so none is built unless ``use_cache=True``.
             num_items_in_batch: accepted and checked as by :class:`DiffLlamaForCausalLM` but, as in transformers,
                 it does not change this head's loss.
+            packing: ``document_ids``, ``cu_seq_lens_q``/``cu_seq_lens_k``, ``max_length_q``/``max_length_k``, passed
+                to the decoder (packed rows, see :meth:`DiffLlamaModel.forward`); any other name is a TypeError.
             Other arguments as :meth:`DiffLlamaModel.forward`.
 
         Returns:
@@ -1135,7 +1284,7 @@ class DiffLlamaForTokenClassification(DiffLlamaPreTrainedModel):
                                    self.config.num_labels)
         outputs = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
                              bool(use_cache), output_attentions=output_attentions,
-                             output_hidden_states=output_hidden_states)
+                             output_hidden_states=output_hidden_states, **packing)
         logits = self.score(self.dropout(outputs.last_hidden_state))
         loss = None
         if labels is not None:
@@ -1174,6 +1323,7 @@ class DiffLlamaForQuestionAnswering(DiffLlamaPreTrainedModel):
         output_attentions: bool = False,
         output_hidden_states: bool = False,
         num_items_in_batch: int | torch.Tensor | None = None,
+        **packing,
     ) -> QuestionAnsweringModelOutput:
         """``start_logits``, ``end_logits`` (B, S) in the model dtype, and the loss when both positions are given
         (transformers' ``GenericForQuestionAnswering.forward`` and ``ForQuestionAnsweringLoss``).
@@ -1186,6 +1336,8 @@ class DiffLlamaForQuestionAnswering(DiffLlamaPreTrainedModel):
             use_cache: the output has no cache, so none is built unless ``use_cache=True``.
             num_items_in_batch: None, a number > 0 or a 0-d tensor (whose value is not checked: reading
                 it back would synchronise the device).
+            packing: ``document_ids``, ``cu_seq_lens_q``/``cu_seq_lens_k``, ``max_length_q``/``max_length_k``, passed
+                to the decoder (packed rows, see :meth:`DiffLlamaModel.forward`); any other name is a TypeError.
             Other arguments as :meth:`DiffLlamaModel.forward`.
 
         Returns:
@@ -1203,7 +1355,7 @@ class DiffLlamaForQuestionAnswering(DiffLlamaPreTrainedModel):
                 _check_positions(name, value, batch)
         outputs = self.transformer(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds,
                                    bool(use_cache), output_attentions=output_attentions,
-                                   output_hidden_states=output_hidden_states)
+                                   output_hidden_states=output_hidden_states, **packing)
         logits = self.qa_outputs(outputs.last_hidden_state)
         start_logits, end_logits = (t.squeeze(-1).contiguous() for t in logits.split(1, dim=-1))
         loss = None

@@ -59,6 +59,8 @@ class TrainConfig:
         seed: seeds weights, data order and dropout, in [0, 2**64 - 1]. device: "auto", "cpu", "cuda".
         dtype: "auto" (bfloat16 autocast on CUDA, float32 on CPU), "float32" or "bfloat16" (autocast).
         compile: ``torch.compile`` each decoder layer. activation_checkpointing: recompute layer activations.
+        document_mask: attend only within each document of a packed row, split at the EOS separators, with RoPE
+            positions restarting per document (:class:`diffllama.train.loop.TrainModule`); validation too.
         parallel: "auto" (DDP when launched with several processes), "none", "ddp", "fsdp" (FSDP2).
         loss_chunk_size: tokens per chunk of the fused LM head + cross-entropy (0 = automatic).
         num_threads: CPU threads for torch (0 = torch's default).
@@ -98,6 +100,7 @@ class TrainConfig:
     dtype: str = "auto"
     compile: bool = False
     activation_checkpointing: bool = False
+    document_mask: bool = False
     parallel: str = "auto"
     loss_chunk_size: int = 0
     num_threads: int = 0
@@ -139,7 +142,7 @@ class TrainConfig:
         for name in ("preset", "text_field", "tokenizer", "cache_dir"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("compile", "activation_checkpointing", "tensorboard"):
+        for name in ("compile", "activation_checkpointing", "document_mask", "tensorboard"):
             if not isinstance(getattr(self, name), bool):  # YAML's 'no' in quotes would otherwise count as true
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", str(self.device)):

@@ -42,23 +42,47 @@ from diffllama.train.loss import linear_cross_entropy
 from diffllama.train.metrics import read_metrics_file
 
 
+def separator_documents(input_ids: torch.Tensor, separator_id: int) -> torch.Tensor:
+    """The document of each token of packed rows whose documents end with ``separator_id`` (the EOS that
+    :func:`~diffllama.train.data.prepare_data` appends to every document): (B, S) int64/int32 ids -> (B, S) int32,
+    from 0 in each row, non-decreasing (:attr:`diffllama.attention.AttentionMask.document_ids`).
+
+    A separator belongs to the document it ends: it sees that document and is seen by it, and the token after it
+    starts the next document. (So the separator is predicted from its own document, and its own target, the next
+    document's first token, is predicted from the ended document alone.) No device sync.
+    """
+    ends = (input_ids == separator_id).to(torch.int32)
+    return ends.cumsum(-1, dtype=torch.int32) - ends  # separators strictly before each token
+
+
 class TrainModule(nn.Module):
     """The causal LM plus the chunked LM-head loss: the module that DDP/FSDP wrap.
 
     ``forward(input_ids (B, S) int64, targets (B, S) int64, scale)`` returns ``scale × Σ CE`` as a float32 scalar,
     computed from the decoder's last hidden state without materialising the full float32 logits.
+
+    With ``document_separator`` (``--document-mask``) each row is split into documents at that token
+    (:func:`separator_documents`): a token attends only to its own document, and the RoPE positions restart at 0
+    in each document (as transformers' ``DataCollatorWithFlattening`` numbers them, and as a document starts at
+    generation time), so every document trains as if it were alone in its row. The targets are unchanged.
     """
 
-    def __init__(self, model: DiffLlamaForCausalLM, chunk_size: int = 0) -> None:
+    def __init__(self, model: DiffLlamaForCausalLM, chunk_size: int = 0, document_separator: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.document_separator = document_separator
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, scale) -> torch.Tensor:
         # Embedding here and passing inputs_embeds skips the model's token-range check, a device sync per call;
         # the data pipeline guarantees ids < tokenizer vocab <= model vocab.
         embeds = self.model.model.embed_tokens(input_ids)  # (B, S, D)
-        hidden = self.model.model(inputs_embeds=embeds, use_cache=False).last_hidden_state  # (B, S, D)
+        packing = {}
+        if self.document_separator is not None:
+            # Positions then restart per document (the model's default for explicit documents). The model's check
+            # that the ids are non-decreasing costs one device sync per call.
+            packing["document_ids"] = separator_documents(input_ids, self.document_separator)
+        hidden = self.model.model(inputs_embeds=embeds, use_cache=False, **packing).last_hidden_state  # (B, S, D)
         return linear_cross_entropy(hidden, self.model.lm_head.weight, targets, scale=scale,
                                     chunk_size=self.chunk_size)
 
@@ -335,7 +359,8 @@ class Trainer:
         self.model_config = self._model_config()
         with torch.device(self.device):
             model = DiffLlamaForCausalLM(self.model_config)
-        return model, TrainModule(model, self.cfg.loss_chunk_size)
+        separator = self.tokenizer.eos_token_id if self.cfg.document_mask else None
+        return model, TrainModule(model, self.cfg.loss_chunk_size, separator)
 
     def _count_targets(self, batch) -> int:
         """Loss targets in one micro-batch as the data gives it: (B, S + 1) windows, all but the first column."""
@@ -700,5 +725,5 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     return trainer.fit()
 
 
-__all__ = ["Trainer", "TrainModule", "FitResult", "BatchTooLargeError", "CorpusError", "run_training", "lr_lambda",
-           "build_optimizer"]
+__all__ = ["Trainer", "TrainModule", "separator_documents", "FitResult", "BatchTooLargeError", "CorpusError",
+           "run_training", "lr_lambda", "build_optimizer"]
