@@ -85,7 +85,8 @@ def main() -> None:
             for b in ints(args.batches):
                 r = measure(b, h, d, args.docs, args.doc_len)
                 rows.append(r)
-                print(f"{b:>2} {h:>3} {d:>4} {r['S']:>6} | {r['documents_fwd_ms']:>7.3f}ms {r['causal_fwd_ms']:>6.3f}ms "
+                print(f"{b:>2} {h:>3} {d:>4} {r['S']:>6} | "
+                      f"{r['documents_fwd_ms']:>7.3f}ms {r['causal_fwd_ms']:>6.3f}ms "
                       f"{r['fwd_ratio']:>6.3f} | {r['documents_fwd_bwd_ms']:>7.3f}ms {r['causal_fwd_bwd_ms']:>6.3f}ms "
                       f"{r['fwd_bwd_ratio']:>6.3f} | {r['documents_check']:>10.2e} {r['causal_check']:>8.2e}",
                       flush=True)

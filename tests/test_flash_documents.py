@@ -144,6 +144,21 @@ def test_flash_documents_atomic_dq_and_split_backward(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRET, reason="the interpreter's block shapes (the GPU runs its own configs)")
+@pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
+def test_flash_documents_with_unequal_blocks(blocks, monkeypatch):
+    """Query and key blocks of different sizes, as the GPU configs have (fwd 128 x 64, dK/dV' 64 x 128): the
+    block bounds from the documents must not assume BLOCK_M == BLOCK_N."""
+    from diffllama.attention import flash
+
+    monkeypatch.setattr(flash, "POISON", True)
+    monkeypatch.setattr(flash, "INTERPRET_BLOCKS", blocks)
+    tensors, dout, mask = _inputs(1, 4, 2, 16, [[3, 40, 6, 21]], [5])
+    _check(tensors, dout, mask, torch.float16, label=f"blocks {blocks}")
+
+
+@pytest.mark.gpu
 @gpu
 def test_short_packed_row_without_gradients_keeps_documents_apart(monkeypatch):
     """Few rows and no gradient take the decode kernel, which has no document mask: a packed row must not."""

@@ -42,6 +42,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 LOG2E = 1.4426950408889634
 POISON = False  # tests set this: every output buffer starts as NaN, so an unwritten element shows
+# (BLOCK_M, BLOCK_N) under Triton's interpreter; tests set unequal ones, as the GPU configs have.
+INTERPRET_BLOCKS = (16, 16)
 # How the backward gets dQ: "kernel" runs a separate dQ kernel that recomputes the scores (deterministic; the faster
 # form on the H200 at head_dim 128 and at 64 for S >= 2048, benchmarks/RESULTS.md), "atomic" adds it from the dK/dV
 # kernel (float32 relaxed atomics, no recomputation).
@@ -95,10 +97,10 @@ _TUNED: dict = {}
 def _launch(kind: str, kernel, grid, dp: int, *args, **kwargs) -> None:
     """Run ``kernel`` with a config from ``_configs(kind, dp)``: autotuned (Triton's autotuner, once per kernel,
     head_dim, padding and sequence-length bucket), or only the first candidate when the environment sets
-    ``DIFFLLAMA_FLASH_AUTOTUNE=0``; a fixed small config under the interpreter. Every candidate's gradients were
+    ``DIFFLLAMA_FLASH_AUTOTUNE=0``; ``INTERPRET_BLOCKS`` under the interpreter. Every candidate's gradients were
     checked on the H200 by benchmarks/tune_flash_bwd.py."""
     if settings.triton_interpreting():
-        meta = {"BLOCK_M": 16, "BLOCK_N": 16}
+        meta = {"BLOCK_M": INTERPRET_BLOCKS[0], "BLOCK_N": INTERPRET_BLOCKS[1]}
         kernel[grid(meta)](*args, **kwargs, **meta)
         return
     if settings.VALUES["DIFFLLAMA_FLASH_AUTOTUNE"] == "0":
@@ -117,7 +119,8 @@ def _launch(kind: str, kernel, grid, dp: int, *args, **kwargs) -> None:
         compiled = _TUNED[key][grid](*args, **kwargs)
         best = _TUNED[key].best_config
     if settings.VALUES["DIFFLLAMA_FLASH_DEBUG"] == "1":
-        print(f"[flash] {kind} d{dp} {kwargs.get('HAS_PAD')} {kwargs.get('HAS_DOC')} {best} regs {getattr(compiled, 'n_regs', '?')} "
+        print(f"[flash] {kind} d{dp} pad {kwargs.get('HAS_PAD')} doc {kwargs.get('HAS_DOC')} {best} "
+              f"regs {getattr(compiled, 'n_regs', '?')} "
               f"spills {getattr(compiled, 'n_spills', '?')}", flush=True)
 
 
