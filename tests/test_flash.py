@@ -228,12 +228,14 @@ def test_training_ops_trace_under_compile_fullgraph_and_pass_opcheck():
     lam32 = leaves[3].float().reshape(1).requires_grad_()
     # (B, H, S, d) views of (B, S, H, d) tensors, as the model passes them: the fakes must give the real strides.
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in leaves[:3])
-    args = (q, k, v, mask.query_positions, pad, lam32, c.d ** -0.5)
-    torch.library.opcheck(flash._flash_attn_forward, args)
-    with torch.no_grad():  # the backward op has no autograd formula of its own (no double backward)
-        out, o2, lse = flash._flash_attn_forward(*args)
-    torch.library.opcheck(flash._flash_attn_backward,
-                          (dout.to(dtype), *args[:3], out, o2, lse, *args[3:5], lam32.detach(), args[6]))
+    docs = (torch.arange(c.sq, device=DEVICE) >= 17).to(torch.int32).expand(c.b, c.sq).contiguous()
+    for doc_ids in (None, docs):  # the ops with and without packed documents
+        args = (q, k, v, mask.query_positions, pad, doc_ids, lam32, c.d ** -0.5)
+        torch.library.opcheck(flash._flash_attn_forward, args)
+        with torch.no_grad():  # the backward op has no autograd formula of its own (no double backward)
+            out, o2, lse = flash._flash_attn_forward(*args)
+        torch.library.opcheck(flash._flash_attn_backward,
+                              (dout.to(dtype), *args[:3], out, o2, lse, *args[3:6], lam32.detach(), args[7]))
 
 
 def test_auto_picks_flash_on_cuda_for_training_and_inference(monkeypatch):

@@ -13,7 +13,9 @@ Supported: bf16 and fp16 on CUDA; head_dim up to 256 (powers of two run unpadded
 the next power of two in registers); GQA and MQA (an odd KV is expanded to H heads first, its gradient summed back
 by autograd); any Sq and Sk; causal masking by ``mask.query_positions`` (any order; when they are non-decreasing,
 as they almost always are, the backward finds each key block's first query by binary search, else it visits every
-query block); key padding (left or right). Rows that see no key give 0.
+query block); key padding (left or right); packed documents (``mask.document_ids``: key blocks of earlier
+documents are skipped in the forward and dQ passes, query blocks of later documents in the dK/dV' pass, so a packed
+row costs about what its documents cost alone). Rows that see no key give 0.
 With no gradient needed and few query rows (decode), the keys are split over several programs and combined after.
 
 Falls back to the sdpa backend (same results, slower) for: ``dropout_p > 0``, float32/float64 inputs, head_dim
@@ -40,6 +42,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 LOG2E = 1.4426950408889634
 POISON = False  # tests set this: every output buffer starts as NaN, so an unwritten element shows
+# (BLOCK_M, BLOCK_N) under Triton's interpreter; tests set unequal ones, as the GPU configs have.
+INTERPRET_BLOCKS = (16, 16)
 # How the backward gets dQ: "kernel" runs a separate dQ kernel that recomputes the scores (deterministic; the faster
 # form on the H200 at head_dim 128 and at 64 for S >= 2048, benchmarks/RESULTS.md), "atomic" adds it from the dK/dV
 # kernel (float32 relaxed atomics, no recomputation).
@@ -93,10 +97,10 @@ _TUNED: dict = {}
 def _launch(kind: str, kernel, grid, dp: int, *args, **kwargs) -> None:
     """Run ``kernel`` with a config from ``_configs(kind, dp)``: autotuned (Triton's autotuner, once per kernel,
     head_dim, padding and sequence-length bucket), or only the first candidate when the environment sets
-    ``DIFFLLAMA_FLASH_AUTOTUNE=0``; a fixed small config under the interpreter. Every candidate's gradients were
+    ``DIFFLLAMA_FLASH_AUTOTUNE=0``; ``INTERPRET_BLOCKS`` under the interpreter. Every candidate's gradients were
     checked on the H200 by benchmarks/tune_flash_bwd.py."""
     if settings.triton_interpreting():
-        meta = {"BLOCK_M": 16, "BLOCK_N": 16}
+        meta = {"BLOCK_M": INTERPRET_BLOCKS[0], "BLOCK_N": INTERPRET_BLOCKS[1]}
         kernel[grid(meta)](*args, **kwargs, **meta)
         return
     if settings.VALUES["DIFFLLAMA_FLASH_AUTOTUNE"] == "0":
@@ -109,12 +113,14 @@ def _launch(kind: str, kernel, grid, dp: int, *args, **kwargs) -> None:
             # The dK launch adds dQ into DQACC: the autotuner must zero it before each trial (and the real run).
             accumulates = kind in ("dkdv", "dk")
             _TUNED[key] = triton.autotune(_configs(kind, dp),
-                                          key=["HEAD_DIM", "HAS_PAD", "SEQ_BUCKET"] + ["DQ_ATOMIC"] * accumulates,
+                                          key=["HEAD_DIM", "HAS_PAD", "HAS_DOC", "SEQ_BUCKET"]
+                                          + ["DQ_ATOMIC"] * accumulates,
                                           reset_to_zero=["DQACC"] if accumulates else None)(kernel)
         compiled = _TUNED[key][grid](*args, **kwargs)
         best = _TUNED[key].best_config
     if settings.VALUES["DIFFLLAMA_FLASH_DEBUG"] == "1":
-        print(f"[flash] {kind} d{dp} {kwargs.get('HAS_PAD')} {best} regs {getattr(compiled, 'n_regs', '?')} "
+        print(f"[flash] {kind} d{dp} pad {kwargs.get('HAS_PAD')} doc {kwargs.get('HAS_DOC')} {best} "
+              f"regs {getattr(compiled, 'n_regs', '?')} "
               f"spills {getattr(compiled, 'n_spills', '?')}", flush=True)
 
 
@@ -128,7 +134,17 @@ def _strides(t: torch.Tensor, dims: int = 3) -> tuple[int, ...]:
     return tuple(t.stride())[:dims]
 
 
-def _forward(q, k, v, qpos, pad, lam, scale):
+def _doc_args(docs: torch.Tensor | None, qpos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(DOC, DOC_OK, stride)`` kernel arguments. DOC_OK is one uint8 on the GPU (no sync), 1 when every row of
+    ``docs`` is non-decreasing: the kernels skip blocks by document only then; unsorted ids (outside
+    AttentionMask's contract) are masked block by block instead, so they stay right, only slower. Without
+    documents both pointers are ``qpos`` (valid, never read: HAS_DOC is off) and nothing is launched."""
+    if docs is None:
+        return qpos, qpos, 0
+    return docs, (docs[:, 1:] >= docs[:, :-1]).all().to(torch.uint8).reshape(1), docs.stride(0)
+
+
+def _forward(q, k, v, qpos, pad, docs, lam, scale):
     b, h, sq, d = q.shape
     kv, sk = k.shape[1], k.shape[2]
     dp = triton.next_power_of_2(d)
@@ -136,12 +152,14 @@ def _forward(q, k, v, qpos, pad, lam, scale):
     o2 = _empty((b, sq, h // 2, 2 * d), q.dtype, q.device)
     lse = _empty((b, h, sq), torch.float32, q.device)
     pad_t = pad if pad is not None else qpos  # any valid pointer; unused without HAS_PAD
+    docs_t, docs_ok, docs_stride = _doc_args(docs, qpos)
     grid = lambda meta: (b * h // 2, triton.cdiv(sq, meta["BLOCK_M"]))  # noqa: E731
     _launch("fwd", kernels.attn_fwd, grid, dp,
-            q, k, v, out, o2, lse, qpos, pad_t, lam,
+            q, k, v, out, o2, lse, qpos, pad_t, docs_t, docs_ok, lam,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), pad.stride(0) if pad is not None else 0,
+            docs_stride,
             h, kv // 2, h // kv, sq, sk, scale * LOG2E, _seq_bucket(sk),
-            HEAD_DIM=d, DP=dp, HAS_PAD=pad is not None)
+            HEAD_DIM=d, DP=dp, HAS_PAD=pad is not None, HAS_DOC=docs is not None)
     return out, o2, lse
 
 
@@ -151,7 +169,7 @@ def _bwd_split(dp: int) -> bool:
     return BWD_MODE == "split" or (BWD_MODE == "auto" and dp > 64)
 
 
-def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
+def _backward(dout, q, k, v, out, o2, lse, qpos, pad, docs, lam, scale):
     b, h, sq, d = q.shape
     kv, sk = k.shape[1], k.shape[2]
     dp = triton.next_power_of_2(d)
@@ -166,14 +184,16 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
     dk = _empty((b, kv, sk, d), k.dtype, k.device)
     dv = _empty((b, kv, sk, d), v.dtype, v.device)
     pad_t = pad if pad is not None else qpos
+    docs_t, docs_ok, docs_stride = _doc_args(docs, qpos)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), pad.stride(0) if pad is not None else 0,
+              docs_stride,
               h, kv // 2, h // kv, sq, sk, scale * LOG2E, scale, _seq_bucket(sk))
-    meta = dict(HEAD_DIM=d, DP=dp, HAS_PAD=pad is not None)
+    meta = dict(HEAD_DIM=d, DP=dp, HAS_PAD=pad is not None, HAS_DOC=docs is not None)
     atomic = DQ_MODE == "atomic"
     dq_acc = torch.zeros((b, h, sq, dp) if atomic else (1,), dtype=torch.float32, device=q.device)
     # Positions out of order (a static cache written out of order) are rare but legal: checked on the GPU, no sync.
     ordered = (qpos[1:] >= qpos[:-1]).all().to(torch.uint8)
-    args = (q, k, v, dout, lse, r, qpos, ordered, pad_t, dk, dv, dq_acc, lam, *common)
+    args = (q, k, v, dout, lse, r, qpos, ordered, pad_t, docs_t, docs_ok, dk, dv, dq_acc, lam, *common)
     grid = lambda m: (b * kv // 2, triton.cdiv(sk, m["BLOCK_N"]))  # noqa: E731
     if split:
         _launch("dk", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=False, **meta)
@@ -184,7 +204,7 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
         dq.copy_(dq_acc[..., :d].mul_(scale))
     else:
         _launch("dq", kernels.attn_bwd_dq, lambda m: (b * h // 2, triton.cdiv(sq, m["BLOCK_M"])), dp,
-                q, k, v, dout, lse, r, qpos, pad_t, dq, lam, *common, **meta)
+                q, k, v, dout, lse, r, qpos, pad_t, docs_t, docs_ok, dq, lam, *common, **meta)
     dlam = -r[:, h // 2:].sum()
     return dq, dk, dv, dlam
 
@@ -195,16 +215,17 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
 
 @torch.library.custom_op("diffllama::flash_attn_forward", mutates_args=())
 def _flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor,
-                       pad: torch.Tensor | None, lam: torch.Tensor, scale: float
+                       pad: torch.Tensor | None, docs: torch.Tensor | None, lam: torch.Tensor, scale: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, o2, lse)``: out = o1 − λ·o2 and the second heads' o2, both (B, Sq, H/2, 2d) in q's dtype, and the
     base-2 log-sum-exp (B, H, Sq) float32 (+inf for rows that see no key). q (B, H, Sq, d), k/v (B, KV, Sk, d)
-    with KV even; qpos (Sq,) int64; pad (B, Sk) uint8 or None; lam (1,) float32."""
-    return _forward(q, k, v, qpos, pad, lam, scale)
+    with KV even; qpos (Sq,) int64; pad (B, Sk) uint8 or None; docs (B, Sk) int32 contiguous (document of each
+    key, :attr:`AttentionMask.document_ids`) or None; lam (1,) float32."""
+    return _forward(q, k, v, qpos, pad, docs, lam, scale)
 
 
 @_flash_attn_forward.register_fake
-def _flash_attn_forward_fake(q, k, v, qpos, pad, lam, scale):
+def _flash_attn_forward_fake(q, k, v, qpos, pad, docs, lam, scale):
     b, h, sq, d = q.shape
     out = q.new_empty((b, sq, h // 2, 2 * d))
     return out, torch.empty_like(out), q.new_empty((b, h, sq), dtype=torch.float32)
@@ -213,29 +234,29 @@ def _flash_attn_forward_fake(q, k, v, qpos, pad, lam, scale):
 @torch.library.custom_op("diffllama::flash_attn_backward", mutates_args=())
 def _flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         o2: torch.Tensor, lse: torch.Tensor, qpos: torch.Tensor, pad: torch.Tensor | None,
-                        lam: torch.Tensor, scale: float
+                        docs: torch.Tensor | None, lam: torch.Tensor, scale: float
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dλ)`` for :func:`_flash_attn_forward`'s inputs (dλ a 0-d float32) given dout = ∂L/∂out."""
-    return _backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale)
+    return _backward(dout, q, k, v, out, o2, lse, qpos, pad, docs, lam, scale)
 
 
 @_flash_attn_backward.register_fake
-def _flash_attn_backward_fake(dout, q, k, v, out, o2, lse, qpos, pad, lam, scale):
+def _flash_attn_backward_fake(dout, q, k, v, out, o2, lse, qpos, pad, docs, lam, scale):
     # Contiguous like the real outputs (empty_like would copy the strides of a transposed q).
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(())
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, qpos, pad, lam, scale = inputs
+    q, k, v, qpos, pad, docs, lam, scale = inputs
     out, o2, lse = output
-    ctx.save_for_backward(q, k, v, out, o2, lse, qpos, pad, lam)
+    ctx.save_for_backward(q, k, v, out, o2, lse, qpos, pad, docs, lam)
     ctx.scale = scale
 
 
 def _flash_attn_autograd(ctx, dout, _grad_o2, _grad_lse):
-    q, k, v, out, o2, lse, qpos, pad, lam = ctx.saved_tensors
-    dq, dk, dv, dlam = _flash_attn_backward(dout, q, k, v, out, o2, lse, qpos, pad, lam, ctx.scale)
-    return dq, dk, dv, None, None, dlam.reshape(lam.shape), None
+    q, k, v, out, o2, lse, qpos, pad, docs, lam = ctx.saved_tensors
+    dq, dk, dv, dlam = _flash_attn_backward(dout, q, k, v, out, o2, lse, qpos, pad, docs, lam, ctx.scale)
+    return dq, dk, dv, None, None, None, dlam.reshape(lam.shape), None
 
 
 _flash_attn_forward.register_autograd(_flash_attn_autograd, setup_context=_setup_context)
@@ -291,12 +312,17 @@ def attention(
     pad = mask.key_padding
     if pad is not None:
         pad = pad.to(device=query.device, dtype=torch.uint8).contiguous()  # a copy: Inductor cannot lower bool.view(uint8)
+    docs = mask.document_ids
+    if docs is not None:
+        docs = docs.to(device=query.device, dtype=torch.int32).contiguous()
     lambda_full = lambda_full.reshape(())
 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, lambda_full))
-    if not needs_grad and query.shape[2] <= 64:  # decode: a custom op, so compiled and CUDA-graphed steps use it
+    # decode: a custom op, so compiled and CUDA-graphed steps use it. It has no document mask (packed documents
+    # come without caches), so a short packed row without gradients takes the full forward instead.
+    if not needs_grad and query.shape[2] <= 64 and docs is None:
         from diffllama.attention.flash_decode import decode
 
         return decode(query, key, value, qpos, pad, lambda_full, scale), None
     lam = lambda_full.to(torch.float32).reshape(1)  # differentiable: dλ flows back to lambda_full's dtype
-    return _flash_attn_forward(query, key, value, qpos, pad, lam, float(scale))[0], None
+    return _flash_attn_forward(query, key, value, qpos, pad, docs, lam, float(scale))[0], None

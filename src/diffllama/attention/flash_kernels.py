@@ -2,7 +2,15 @@
 
 Layouts (all strides passed explicitly; the last dimension must be contiguous):
     Q (B, H, Sq, d), K and V (B, KV, Sk, d) with an even KV (the launcher expands an odd KV to H heads),
-    Out and O2 (B, Sq, H/2, 2d), LSE and R (B, H, Sq) float32, QPOS (Sq,) int64, PAD (B, Sk) uint8 (1 = real key).
+    Out and O2 (B, Sq, H/2, 2d), LSE and R (B, H, Sq) float32, QPOS (Sq,) int64, PAD (B, Sk) uint8 (1 = real key),
+    DOC (B, Sk) int32 (document of each key, non-decreasing along a row; with HAS_DOC only).
+
+Packed documents (HAS_DOC): query i sees key j only if DOC[b, j] == DOC[b, QPOS[i]], on top of causality and padding.
+Since the ids are non-decreasing, the keys a query block may see start at the first key of its smallest document:
+the forward and dQ kernels start their key loop there (a binary search of DOC), and the dK/dV' kernel ends its query
+loop at the first query past the key block's last document, so a packed row costs about what its documents cost
+alone. Blocks inside one document on both sides skip the elementwise mask. DOC_OK (one uint8, computed on the GPU)
+says whether DOC is non-decreasing; if not, no block is skipped and every block is masked (slow but right).
 
 Head pairing (DESIGN.md §1 step 4), worked out for the kernels: with G = H / KV, pair i (query heads i and
 i + H/2) reads key heads ``ka = i // G`` and ``kb = ka + KV/2`` and both of its heads use the same paired value
@@ -69,14 +77,33 @@ def _key_bounds(qpos, row_ok, Sk, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _mask_keys(x, FILL: tl.constexpr, offs_n, qpos, pad_base, Sk, MASKED: tl.constexpr, HAS_PAD: tl.constexpr):
-    """``x`` (BM, BN) with ``FILL`` where a query may not see a key: a later position or past Sk (MASKED blocks
-    only) and padding (HAS_PAD). Unmasked blocks without padding pass through untouched."""
+def _doc_bounds(doc_base, qdoc, row_ok, full, sorted_docs, Sk, BLOCK_N: tl.constexpr):
+    """For a query block of packed documents (``qdoc`` (BM,) the document of each query): ``lo``, the first key
+    block that holds a key of the block's first document (earlier blocks are skipped), and ``ustart``, where the
+    blocks inside the queries' one document begin (blocks in [ustart, full) need no mask; ``full`` when the
+    queries span several documents). Without sorted ids nothing is skipped: lo = 0, ustart = full."""
+    dmin = tl.min(tl.where(row_ok, qdoc, 2147483647), 0)
+    dmax = tl.max(tl.where(row_ok, qdoc, -1), 0)
+    lo = (_search_sorted(doc_base, Sk, dmin) // BLOCK_N * BLOCK_N).to(tl.int32)
+    own = tl.cdiv(_search_sorted(doc_base, Sk, dmax), BLOCK_N) * BLOCK_N
+    ustart = tl.minimum(tl.maximum(tl.where(dmin == dmax, own, full), lo), full).to(tl.int32)
+    return tl.where(sorted_docs, lo, 0), tl.where(sorted_docs, ustart, full)
+
+
+@triton.jit
+def _mask_keys(x, FILL: tl.constexpr, offs_n, qpos, pad_base, doc_base, qdoc, Sk, MASKED: tl.constexpr,
+               HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr):
+    """``x`` (BM, BN) with ``FILL`` where a query may not see a key: a later position, past Sk or another document
+    (MASKED blocks only; ``qdoc`` (BM,) the document of each query) and padding (HAS_PAD). Unmasked blocks without
+    padding pass through untouched."""
     if MASKED:
         ok = (offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] < Sk)
         if HAS_PAD:
             keep = tl.load(pad_base + offs_n, mask=offs_n < Sk, other=0) != 0
             ok = ok & keep[None, :]
+        if HAS_DOC:
+            kdoc = tl.load(doc_base + offs_n, mask=offs_n < Sk, other=-1)
+            ok = ok & (kdoc[None, :] == qdoc[:, None])
         x = tl.where(ok, x, FILL)
     else:
         if HAS_PAD:
@@ -87,16 +114,16 @@ def _mask_keys(x, FILL: tl.constexpr, offs_n, qpos, pad_base, Sk, MASKED: tl.con
 
 @triton.jit
 def _fwd_loop(acc_a, acc_b, m_i, l_i, q, k_base, va_base, vb_base, stride_kn, stride_vn, pad_base, qpos,
-              offs_n0, offs_d, lo, hi, Sk, qk_scale,
+              doc_base, qdoc, offs_n0, offs_d, lo, hi, Sk, qk_scale,
               HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              HAS_PAD: tl.constexpr):
+              HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr):
     """Online softmax over key blocks [lo, hi) for one query head: both halves of the 2d-wide value."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + offs_n0
         k = _load_tile(k_base, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, MASKED)  # (BN, DP)
         s = tl.dot(q, tl.trans(k)) * qk_scale  # (BM, BN), base-2 logits
-        s = _mask_keys(s, float("-inf"), offs_n, qpos, pad_base, Sk, MASKED, HAS_PAD)
+        s = _mask_keys(s, float("-inf"), offs_n, qpos, pad_base, doc_base, qdoc, Sk, MASKED, HAS_PAD, HAS_DOC)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -111,22 +138,27 @@ def _fwd_loop(acc_a, acc_b, m_i, l_i, q, k_base, va_base, vb_base, stride_kn, st
 
 
 @triton.jit
-def _fwd_head(q, k_base, va_base, vb_base, stride_kn, stride_vn, pad_base, qpos, offs_n0, offs_d,
-              lo, full, hi, Sk, qk_scale,
+def _fwd_head(q, k_base, va_base, vb_base, stride_kn, stride_vn, pad_base, qpos, doc_base, qdoc, offs_n0, offs_d,
+              lo, ustart, full, hi, Sk, qk_scale,
               HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_PAD: tl.constexpr):
-    """One query head over keys [lo, hi): unmasked blocks up to ``full``, then masked ones. Returns the
-    normalised halves of the output and the base-2 LSE (+inf for rows with no key, -inf never)."""
+              HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr):
+    """One query head over keys [lo, hi): with HAS_DOC masked blocks up to ``ustart`` (document borders), then
+    unmasked blocks up to ``full``, then masked ones (causal border). Returns the normalised halves of the output
+    and the base-2 LSE (+inf for rows with no key, -inf never)."""
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_a = tl.zeros([BLOCK_M, DP], tl.float32)
     acc_b = tl.zeros([BLOCK_M, DP], tl.float32)
+    if HAS_DOC:
+        acc_a, acc_b, m_i, l_i = _fwd_loop(acc_a, acc_b, m_i, l_i, q, k_base, va_base, vb_base, stride_kn,
+                                           stride_vn, pad_base, qpos, doc_base, qdoc, offs_n0, offs_d, lo, ustart,
+                                           Sk, qk_scale, HEAD_DIM, DP, BLOCK_N, True, HAS_PAD, HAS_DOC)
     acc_a, acc_b, m_i, l_i = _fwd_loop(acc_a, acc_b, m_i, l_i, q, k_base, va_base, vb_base, stride_kn, stride_vn,
-                                       pad_base, qpos, offs_n0, offs_d, lo, full, Sk, qk_scale,
-                                       HEAD_DIM, DP, BLOCK_N, False, HAS_PAD)
+                                       pad_base, qpos, doc_base, qdoc, offs_n0, offs_d, ustart, full, Sk, qk_scale,
+                                       HEAD_DIM, DP, BLOCK_N, False, HAS_PAD, HAS_DOC)
     acc_a, acc_b, m_i, l_i = _fwd_loop(acc_a, acc_b, m_i, l_i, q, k_base, va_base, vb_base, stride_kn, stride_vn,
-                                       pad_base, qpos, offs_n0, offs_d, tl.maximum(full, lo), hi, Sk, qk_scale,
-                                       HEAD_DIM, DP, BLOCK_N, True, HAS_PAD)
+                                       pad_base, qpos, doc_base, qdoc, offs_n0, offs_d, tl.maximum(full, lo), hi,
+                                       Sk, qk_scale, HEAD_DIM, DP, BLOCK_N, True, HAS_PAD, HAS_DOC)
     seen = l_i > 0.0
     inv = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
     lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("inf"))
@@ -134,14 +166,15 @@ def _fwd_head(q, k_base, va_base, vb_base, stride_kn, stride_vn, pad_base, qpos,
 
 
 @triton.jit
-def attn_fwd(Q, K, V, Out, O2, LSE, QPOS, PAD, LAM,
+def attn_fwd(Q, K, V, Out, O2, LSE, QPOS, PAD, DOC, DOC_OK, LAM,
              stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-             stride_ob, stride_om, stride_oh, stride_pb,
+             stride_ob, stride_om, stride_oh, stride_pb, stride_docb,
              H, KV_HALF, GROUP, Sq, Sk, qk_scale, SEQ_BUCKET,
-             HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr,
+             HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (batch · head pair, query block): head i + H/2 first (o2 saved for the backward), then
-    head i, and the epilogue writes ``o1 − λ·o2``. Launched last query block first (see _heavy_first)."""
+    head i, and the epilogue writes ``o1 − λ·o2``. Launched last query block first (see _heavy_first). With
+    HAS_DOC the key loop starts at the query block's first document (see _doc_bounds)."""
     bp = tl.program_id(0)
     pid_m = _heavy_first()
     half_h = H // 2
@@ -156,6 +189,13 @@ def attn_fwd(Q, K, V, Out, O2, LSE, QPOS, PAD, LAM,
     qpos = tl.load(QPOS + offs_m, mask=row_ok, other=0)
     full, hi = _key_bounds(qpos, row_ok, Sk, BLOCK_N)
     pad_base = PAD + b * stride_pb
+    doc_base = DOC + b * stride_docb
+    lo = 0
+    ustart = 0
+    qdoc = qpos
+    if HAS_DOC:
+        qdoc = tl.load(doc_base + qpos, mask=row_ok, other=0)
+        lo, ustart = _doc_bounds(doc_base, qdoc, row_ok, full, tl.load(DOC_OK) != 0, Sk, BLOCK_N)
     va_base = V + b * stride_vb + ka * stride_vh
     vb_base = V + b * stride_vb + kb * stride_vh
     o_rows = b * stride_ob + i * stride_oh
@@ -163,8 +203,8 @@ def attn_fwd(Q, K, V, Out, O2, LSE, QPOS, PAD, LAM,
     # Second head of the pair: o2, kept for the backward (and re-read just below).
     q = _load_tile(Q + b * stride_qb + (i + half_h) * stride_qh, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
     o2a, o2b, lse2 = _fwd_head(q, K + b * stride_kb + kb * stride_kh, va_base, vb_base, stride_kn, stride_vn,
-                               pad_base, qpos, offs_n0, offs_d, 0, full, hi, Sk, qk_scale,
-                               HEAD_DIM, DP, BLOCK_M, BLOCK_N, HAS_PAD)
+                               pad_base, qpos, doc_base, qdoc, offs_n0, offs_d, lo, ustart, full, hi, Sk, qk_scale,
+                               HEAD_DIM, DP, BLOCK_M, BLOCK_N, HAS_PAD, HAS_DOC)
     _store_tile(O2 + o_rows, offs_m, stride_om, offs_d, Sq, o2a.to(O2.dtype.element_ty), HEAD_DIM, DP)
     _store_tile(O2 + o_rows + HEAD_DIM, offs_m, stride_om, offs_d, Sq, o2b.to(O2.dtype.element_ty), HEAD_DIM, DP)
     tl.store(LSE + (b * H + i + half_h) * Sq + offs_m, lse2, mask=row_ok)
@@ -172,8 +212,8 @@ def attn_fwd(Q, K, V, Out, O2, LSE, QPOS, PAD, LAM,
     # First head, then the differential combination with the rounded o2 (the backward sees the same o2).
     q = _load_tile(Q + b * stride_qb + i * stride_qh, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
     o1a, o1b, lse1 = _fwd_head(q, K + b * stride_kb + ka * stride_kh, va_base, vb_base, stride_kn, stride_vn,
-                               pad_base, qpos, offs_n0, offs_d, 0, full, hi, Sk, qk_scale,
-                               HEAD_DIM, DP, BLOCK_M, BLOCK_N, HAS_PAD)
+                               pad_base, qpos, doc_base, qdoc, offs_n0, offs_d, lo, ustart, full, hi, Sk, qk_scale,
+                               HEAD_DIM, DP, BLOCK_M, BLOCK_N, HAS_PAD, HAS_DOC)
     tl.store(LSE + (b * H + i) * Sq + offs_m, lse1, mask=row_ok)
     lam = tl.load(LAM)
     tl.debug_barrier()
@@ -213,8 +253,8 @@ def attn_fwd_split(Q, K, V, OPART, LPART, QPOS, PAD,
     q = _load_tile(Q + b * stride_qb + j * stride_qh, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
     oa, ob, lse = _fwd_head(q, K + b * stride_kb + (j // GROUP) * stride_kh, V + b * stride_vb + va_h * stride_vh,
                             V + b * stride_vb + (va_h + KV_HALF) * stride_vh, stride_kn, stride_vn,
-                            PAD + b * stride_pb, qpos, offs_n0, offs_d, lo, lo, hi, Sk, qk_scale,
-                            HEAD_DIM, DP, BLOCK_M, BLOCK_N, HAS_PAD)
+                            PAD + b * stride_pb, qpos, PAD, qpos, offs_n0, offs_d, lo, lo, lo, hi, Sk, qk_scale,
+                            HEAD_DIM, DP, BLOCK_M, BLOCK_N, HAS_PAD, False)
     lse = tl.where(lse == float("inf"), float("-inf"), lse)
     row = (split * B + b) * H + j
     base = OPART + row * Sq * 2 * DP
@@ -252,13 +292,13 @@ def attn_bwd_pre(Out, O2, DO, R, LAM,
 
 
 @triton.jit
-def _first_query(QPOS, Sq, target):
-    """Smallest row index whose position is >= target (QPOS non-decreasing); Sq if none."""
+def _search_sorted(BASE, n, target):
+    """Smallest index i < n with BASE[i] >= target (BASE[:n] non-decreasing); n if none."""
     lo = tl.zeros([], tl.int32)
-    hi = tl.zeros([], tl.int32) + Sq
+    hi = tl.zeros([], tl.int32) + n
     while lo < hi:
         mid = (lo + hi) // 2
-        below = tl.load(QPOS + mid) < target
+        below = tl.load(BASE + mid) < target
         lo = tl.where(below, mid + 1, lo)
         hi = tl.where(below, hi, mid)
     return lo
@@ -274,15 +314,16 @@ def _pair_probs_t(ka, kb, q1, q2, lse1, lse2, qk_scale):
 
 @triton.jit
 def _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base, lse1_base, lse2_base, r1_base,
-               r2_base, dq1_base, dq2_base, QPOS, offs_n, col_keep, offs_d, stride_qm, stride_dm, lo, hi, Sq,
-               qk_scale, neg_lam,
+               r2_base, dq1_base, dq2_base, QPOS, offs_n, col_keep, doc_base, kdoc, offs_d, stride_qm, stride_dm,
+               lo, hi, Sq, qk_scale, neg_lam,
                HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-               DO_DK: tl.constexpr, DO_DV: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+               DO_DK: tl.constexpr, DO_DV: tl.constexpr, DQ_ATOMIC: tl.constexpr, HAS_DOC: tl.constexpr):
     """One head pair's contribution over query rows [lo, hi) to this key block's gradients. Both heads share dO
     and V', so ``dP = dO·V'ᵀ`` is computed once for the pair and ``dV' = (P1 − λ·P2)ᵀ·dO`` is one product: 10·d
     multiply-adds per (query, key) for the pair instead of 14·d for two separate heads.
     DO_DK: accumulate dK of both key heads (and, with DQ_ATOMIC, add c·dS·K into the float32 dQ buffers).
-    DO_DV: accumulate dV' = [dV_a, dV_b]. Scores are kept transposed (BN, BM) so the accumulators stay key-major."""
+    DO_DV: accumulate dV' = [dV_a, dV_b]. Scores are kept transposed (BN, BM) so the accumulators stay key-major.
+    MASKED blocks apply the causal mask and, with HAS_DOC, the document mask (``kdoc`` (BN,) the keys' documents)."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Sq
@@ -296,6 +337,9 @@ def _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base, ls
         if MASKED:
             qp = tl.load(QPOS + offs_m, mask=row_ok, other=-1)
             seen = offs_n[:, None] <= qp[None, :]
+            if HAS_DOC:
+                qdoc = tl.load(doc_base + qp, mask=row_ok, other=-1)
+                seen = seen & (kdoc[:, None] == qdoc[None, :])
             p1 = tl.where(seen, p1, 0.0)
             p2 = tl.where(seen, p2, 0.0)
         if DQ_ATOMIC:  # padding and out-of-range keys must not reach dQ (their own dK/dV rows are zeroed later)
@@ -322,12 +366,13 @@ def _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base, ls
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, ORDERED, PAD, DK, DV, DQACC, LAM,
+def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, ORDERED, PAD, DOC, DOC_OK, DK, DV, DQACC, LAM,
                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                  stride_db, stride_dm, stride_dh, stride_pb,
+                  stride_db, stride_dm, stride_dh, stride_pb, stride_docb,
                   H, KV_HALF, GROUP, Sq, Sk, qk_scale, scale, SEQ_BUCKET,
-                  HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-                  DO_DK: tl.constexpr, DO_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr,
+                  DQ_ATOMIC: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
     """One program per (batch · g, key block), g < KV/2, owning key/value heads g and g + KV/2: the G head pairs
     that read them (pair i reads K[g] for head i, K[g + KV/2] for head i + H/2, and V' = [V[g], V[g + KV/2]]).
     DO_DK writes dK of both key heads, DO_DV dV of both value heads (one launch may do both, or two launches one
@@ -336,7 +381,8 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, ORDERED, PAD, DK, DV, DQACC, LAM,
     zeroed by the caller. Key block 0, which every query sees, comes first: the heaviest programs start first
     without reordering (see _heavy_first). ORDERED (one uint8) says whether QPOS is non-decreasing; if not, the
     binary search for the first query that sees this key block does not apply and every query block is visited
-    with the causal mask."""
+    with the causal mask. With HAS_DOC the query loop ends at the first query after the key block's last document
+    (QPOS ordered and DOC_OK only); rows [mid, uend) lie in the block's one document and skip the mask."""
     bg = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = (bg // KV_HALF).to(tl.int64)
@@ -346,12 +392,24 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, ORDERED, PAD, DK, DV, DQACC, LAM,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
     col_ok = offs_n < Sk
-    lo = _first_query(QPOS, Sq, pid_n * BLOCK_N)
-    full = tl.maximum(_first_query(QPOS, Sq, pid_n * BLOCK_N + BLOCK_N - 1), lo)
+    lo = _search_sorted(QPOS, Sq, pid_n * BLOCK_N)
+    full = tl.maximum(_search_sorted(QPOS, Sq, pid_n * BLOCK_N + BLOCK_N - 1), lo)
     mid = lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M  # rows [lo, mid) may see part of the block, later rows all
     ordered = tl.load(ORDERED) != 0
     lo = tl.where(ordered, lo, 0)
     mid = tl.where(ordered, mid, tl.cdiv(Sq, BLOCK_M) * BLOCK_M)
+    uend = Sq
+    doc_base = DOC + b * stride_docb
+    kdoc = offs_n
+    if HAS_DOC:
+        kdoc = tl.load(doc_base + offs_n, mask=col_ok, other=-2)
+        first_doc = tl.load(doc_base + pid_n * BLOCK_N)
+        last_doc = tl.load(doc_base + tl.minimum(pid_n * BLOCK_N + BLOCK_N, Sk) - 1)
+        docs_ok = tl.load(DOC_OK) != 0
+        qend = _search_sorted(QPOS, Sq, _search_sorted(doc_base, Sk, last_doc + 1))
+        qend = tl.where(ordered & docs_ok, qend, Sq)
+        mid = tl.where((first_doc == last_doc) & docs_ok, tl.minimum(mid, qend), qend)
+        uend = mid + tl.maximum(qend - mid, 0) // BLOCK_M * BLOCK_M
     ka = _load_tile(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, True)
     kb = _load_tile(K + b * stride_kb + (g + KV_HALF) * stride_kh, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, True)
     va = _load_tile(V + b * stride_vb + g * stride_vh, offs_n, stride_vn, offs_d, Sk, HEAD_DIM, DP, True)
@@ -381,12 +439,18 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, ORDERED, PAD, DK, DV, DQACC, LAM,
         dq2_base = DQACC + (b * H + h2) * Sq * DP
         dka, dkb, dva, dvb = _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base, lse1_base,
                                         lse2_base, r1_base, r2_base, dq1_base, dq2_base, QPOS, offs_n, col_keep,
-                                        offs_d, stride_qm, stride_dm, lo, mid, Sq, qk_scale, neg_lam,
-                                        HEAD_DIM, DP, BLOCK_M, True, DO_DK, DO_DV, DQ_ATOMIC)
+                                        doc_base, kdoc, offs_d, stride_qm, stride_dm, lo, mid, Sq, qk_scale,
+                                        neg_lam, HEAD_DIM, DP, BLOCK_M, True, DO_DK, DO_DV, DQ_ATOMIC, HAS_DOC)
         dka, dkb, dva, dvb = _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base, lse1_base,
                                         lse2_base, r1_base, r2_base, dq1_base, dq2_base, QPOS, offs_n, col_keep,
-                                        offs_d, stride_qm, stride_dm, mid, Sq, Sq, qk_scale, neg_lam,
-                                        HEAD_DIM, DP, BLOCK_M, False, DO_DK, DO_DV, DQ_ATOMIC)
+                                        doc_base, kdoc, offs_d, stride_qm, stride_dm, mid, uend, Sq, qk_scale,
+                                        neg_lam, HEAD_DIM, DP, BLOCK_M, False, DO_DK, DO_DV, DQ_ATOMIC, HAS_DOC)
+        if HAS_DOC:  # the rows of the block's last document that do not fill a whole query block
+            dka, dkb, dva, dvb = _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base,
+                                            lse1_base, lse2_base, r1_base, r2_base, dq1_base, dq2_base, QPOS,
+                                            offs_n, col_keep, doc_base, kdoc, offs_d, stride_qm, stride_dm, uend,
+                                            qend, Sq, qk_scale, neg_lam, HEAD_DIM, DP, BLOCK_M, True, DO_DK, DO_DV,
+                                            DQ_ATOMIC, HAS_DOC)
 
     if HAS_PAD:  # padding keys got garbage probabilities (their LSE excluded them): their gradients are 0
         dka = tl.where(keep[:, None], dka, 0.0)
@@ -407,9 +471,9 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, ORDERED, PAD, DK, DV, DQACC, LAM,
 
 @triton.jit
 def _dq_loop(dq1, dq2, q1, q2, doa, dob, lse1, lse2, r1, r2, ka_base, kb_base, va_base, vb_base, stride_kn,
-             stride_vn, pad_base, qpos, offs_n0, offs_d, lo, hi, Sk, qk_scale,
+             stride_vn, pad_base, qpos, doc_base, qdoc, offs_n0, offs_d, lo, hi, Sk, qk_scale,
              HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-             HAS_PAD: tl.constexpr):
+             HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr):
     """dQ of both heads of a pair over key blocks [lo, hi), sharing ``dP = dO·V'ᵀ`` between them."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -420,8 +484,8 @@ def _dq_loop(dq1, dq2, q1, q2, doa, dob, lse1, lse2, r1, r2, ka_base, kb_base, v
         vb = _load_tile(vb_base, offs_n, stride_vn, offs_d, Sk, HEAD_DIM, DP, MASKED)
         p1 = tl.math.exp2(tl.dot(q1, tl.trans(ka)) * qk_scale - lse1[:, None])
         p2 = tl.math.exp2(tl.dot(q2, tl.trans(kb)) * qk_scale - lse2[:, None])
-        p1 = _mask_keys(p1, 0.0, offs_n, qpos, pad_base, Sk, MASKED, HAS_PAD)
-        p2 = _mask_keys(p2, 0.0, offs_n, qpos, pad_base, Sk, MASKED, HAS_PAD)
+        p1 = _mask_keys(p1, 0.0, offs_n, qpos, pad_base, doc_base, qdoc, Sk, MASKED, HAS_PAD, HAS_DOC)
+        p2 = _mask_keys(p2, 0.0, offs_n, qpos, pad_base, doc_base, qdoc, Sk, MASKED, HAS_PAD, HAS_DOC)
         dp = tl.dot(doa, tl.trans(va))
         dp = tl.dot(dob, tl.trans(vb), dp)
         dq1 = tl.dot((p1 * (dp - r1[:, None])).to(ka.dtype), ka, dq1)
@@ -430,14 +494,15 @@ def _dq_loop(dq1, dq2, q1, q2, doa, dob, lse1, lse2, r1, r2, ka_base, kb_base, v
 
 
 @triton.jit
-def attn_bwd_dq(Q, K, V, DO, LSE, R, QPOS, PAD, DQ, LAM,
+def attn_bwd_dq(Q, K, V, DO, LSE, R, QPOS, PAD, DOC, DOC_OK, DQ, LAM,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                stride_db, stride_dm, stride_dh, stride_pb,
+                stride_db, stride_dm, stride_dh, stride_pb, stride_docb,
                 H, KV_HALF, GROUP, Sq, Sk, qk_scale, scale, SEQ_BUCKET,
-                HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr,
+                HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program per (batch · head pair, query block): dQ of heads i and i + H/2, ``scale · c · Σ dS K`` with
-    c = 1 (first head) or −λ (second). DQ has Q's shape, contiguous. Last query block first (see _heavy_first)."""
+    c = 1 (first head) or −λ (second). DQ has Q's shape, contiguous. Last query block first (see _heavy_first).
+    With HAS_DOC the key loop skips earlier documents as the forward does."""
     bp = tl.program_id(0)
     pid_m = _heavy_first()
     half_h = H // 2
@@ -450,6 +515,13 @@ def attn_bwd_dq(Q, K, V, DO, LSE, R, QPOS, PAD, DQ, LAM,
     row_ok = offs_m < Sq
     qpos = tl.load(QPOS + offs_m, mask=row_ok, other=0)
     full, hi = _key_bounds(qpos, row_ok, Sk, BLOCK_N)
+    doc_base = DOC + b * stride_docb
+    lo = 0
+    ustart = 0
+    qdoc = qpos
+    if HAS_DOC:
+        qdoc = tl.load(doc_base + qpos, mask=row_ok, other=0)
+        lo, ustart = _doc_bounds(doc_base, qdoc, row_ok, full, tl.load(DOC_OK) != 0, Sk, BLOCK_N)
     q1 = _load_tile(Q + b * stride_qb + i * stride_qh, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
     q2 = _load_tile(Q + b * stride_qb + (i + half_h) * stride_qh, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
     do_base = DO + b * stride_db + i * stride_dh
@@ -466,12 +538,16 @@ def attn_bwd_dq(Q, K, V, DO, LSE, R, QPOS, PAD, DQ, LAM,
     pad_base = PAD + b * stride_pb
     dq1 = tl.zeros([BLOCK_M, DP], tl.float32)
     dq2 = tl.zeros([BLOCK_M, DP], tl.float32)
+    if HAS_DOC:
+        dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, doa, dob, lse1, lse2, r1, r2, ka_base, kb_base, va_base, vb_base,
+                            stride_kn, stride_vn, pad_base, qpos, doc_base, qdoc, offs_n0, offs_d, lo, ustart, Sk,
+                            qk_scale, HEAD_DIM, DP, BLOCK_N, True, HAS_PAD, HAS_DOC)
     dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, doa, dob, lse1, lse2, r1, r2, ka_base, kb_base, va_base, vb_base,
-                        stride_kn, stride_vn, pad_base, qpos, offs_n0, offs_d, 0, full, Sk, qk_scale,
-                        HEAD_DIM, DP, BLOCK_N, False, HAS_PAD)
+                        stride_kn, stride_vn, pad_base, qpos, doc_base, qdoc, offs_n0, offs_d, ustart, full, Sk,
+                        qk_scale, HEAD_DIM, DP, BLOCK_N, False, HAS_PAD, HAS_DOC)
     dq1, dq2 = _dq_loop(dq1, dq2, q1, q2, doa, dob, lse1, lse2, r1, r2, ka_base, kb_base, va_base, vb_base,
-                        stride_kn, stride_vn, pad_base, qpos, offs_n0, offs_d, full, hi, Sk, qk_scale,
-                        HEAD_DIM, DP, BLOCK_N, True, HAS_PAD)
+                        stride_kn, stride_vn, pad_base, qpos, doc_base, qdoc, offs_n0, offs_d, full, hi, Sk,
+                        qk_scale, HEAD_DIM, DP, BLOCK_N, True, HAS_PAD, HAS_DOC)
     _store_tile(DQ + ((b * H + i) * Sq) * HEAD_DIM, offs_m, HEAD_DIM, offs_d, Sq,
                 (dq1 * scale).to(DQ.dtype.element_ty), HEAD_DIM, DP)
     _store_tile(DQ + ((b * H + i + half_h) * Sq) * HEAD_DIM, offs_m, HEAD_DIM, offs_d, Sq,
