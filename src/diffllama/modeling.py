@@ -667,11 +667,11 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         Packed rows without the explicit forms: as transformers 5 (``masking_utils.find_packed_sequence_indices``),
         when ``position_ids`` are given without ``attention_mask`` and without ``past_key_values``, each place
         where a position is not the previous one plus 1 starts a new document (e.g. ``[0 1 2 0 1 0 1 2 3]`` holds
-        three), at any batch size; this costs one device sync per forward. transformers applies it only when no
-        cache is built, so with ``use_cache`` left unset (the config's True) it silently attends across documents;
-        here packed rows found this way turn the cache off instead (``past_key_values`` comes back None), and an
-        explicit ``use_cache=True`` is refused. Under ``torch.compile`` the documents are derived without the
-        check (as transformers when tracing) whenever ``use_cache`` is False.
+        three), at any batch size, and only when no cache is built (``use_cache`` False, or unset with the
+        config's ``use_cache`` False): with a cache, as in transformers, ``position_ids`` are RoPE positions only,
+        so gaps in them (e.g. custom positions at inference) never cut a row into documents. The check costs one
+        device sync per forward; under ``torch.compile`` the documents are derived without it (as transformers
+        does when tracing).
 
         Returns:
             BaseModelOutputWithPast with ``last_hidden_state`` (B, S, D); its tuple with ``return_dict=False``
@@ -680,8 +680,8 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         Raises:
             ValueError/TypeError: naming the argument, for both or neither of input_ids/inputs_embeds, wrong
             dtypes or shapes, token ids out of range, a mask of the wrong shape or with values other than 0 and 1,
-            a cache of another library (e.g. transformers' DynamicCache); packed documents (explicit, or found in
-            ``position_ids``) with ``past_key_values`` or ``use_cache=True`` (a cache cannot hold documents),
+            a cache of another library (e.g. transformers' DynamicCache); explicit packed documents with
+            ``past_key_values`` or ``use_cache=True`` (a cache cannot hold documents),
             ``document_ids`` with ``cu_seq_lens_*``, bad ``document_ids``/``cu_seq_lens_*``/``max_length_*``
             (dtype, shape, order, total length, a document across rows, a wrong longest length).
         """
@@ -699,20 +699,19 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
             use_cache = False
         documents = _explicit_documents(document_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
                                         b, s, inputs_embeds.device)
-        if documents is None and position_ids is not None and attention_mask is None and past_key_values is None:
-            _check_position_ids(position_ids, b, s)
-            documents = _documents_from_positions(position_ids.to(inputs_embeds.device).expand(b, s),
-                                                  derive_unchecked=use_cache is False)
         if documents is not None:
             if past_key_values is not None or use_cache:
-                raise ValueError("packed documents (document_ids, cu_seq_lens_q/k, or position_ids that restart "
-                                 "without an attention_mask) cannot go with past_key_values or use_cache=True: a "
-                                 "KV cache holds one sequence per row; pass use_cache=False")
+                raise ValueError("packed documents (document_ids or cu_seq_lens_q/k) cannot go with past_key_values "
+                                 "or use_cache=True: a KV cache holds one sequence per row; pass use_cache=False")
             use_cache = False
-            if position_ids is None:  # each document as if run alone
-                position_ids = document_position_ids(documents)
         if use_cache is None:  # as transformers: the config's use_cache
             use_cache = self.config.use_cache
+        if documents is None and position_ids is not None and attention_mask is None and past_key_values is None \
+                and not use_cache:  # transformers' condition exactly: with a cache built it does not look
+            _check_position_ids(position_ids, b, s)
+            documents = _documents_from_positions(position_ids.to(inputs_embeds.device).expand(b, s))
+        if documents is not None and position_ids is None:  # each document as if run alone
+            position_ids = document_position_ids(documents)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         max_length = getattr(past_key_values, "max_length", None)
@@ -803,14 +802,14 @@ def _document_starts_to_ids(starts: torch.Tensor) -> torch.Tensor:
     return starts.cumsum(-1, dtype=torch.int32)
 
 
-def _documents_from_positions(position_ids: torch.Tensor, derive_unchecked: bool) -> torch.Tensor | None:
+def _documents_from_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
     """transformers' ``find_packed_sequence_indices``: (B, S) positions -> (B, S) int32 documents, a new one
     wherever a position is not the previous plus 1, or None when every row holds one document. That check syncs
-    the device; under torch.compile it cannot run, and the documents are then derived unchecked when
-    ``derive_unchecked`` (no cache wanted), else None."""
+    the device; under torch.compile it cannot run, and the documents are then derived unchecked (as transformers
+    does when tracing)."""
     starts = F.pad(position_ids.diff(dim=-1) != 1, (1, 0), value=False)  # (B, S)
     if torch.compiler.is_compiling():
-        return _document_starts_to_ids(starts) if derive_unchecked else None
+        return _document_starts_to_ids(starts)
     return _document_starts_to_ids(starts) if bool(starts.any()) else None
 
 
