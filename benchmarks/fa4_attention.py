@@ -25,7 +25,7 @@ fa4-diff and flash against float32 eager (out, dq, dk, dv, dλ). TFLOP/s counts 
 (forward 2·B·H·S²·d, forward + backward 3.5x that) for llama rows and 1.5x that for the 2d-wide rows, so every
 row's TFLOP/s is useful work per second; %peak is that over the measured 8192³ bf16 matmul rate. The forward and
 forward + backward of a row are timed apart, so a backward that fails to compile still leaves the forward.
-Prints the table as it goes; JSON to DIR/fa4_attention.json (default $OUT or benchmarks/).
+Prints the table as it goes; JSON to DIR/fa4_attention.json after every row (default $OUT or benchmarks/).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attention import EAGER_MAX_S, _eager_reference, _errors, _llama_reference, bench, matmul_peak
 
+# The rows the acceptance turns on come first, so a run cut off at its time limit still has them.
+ROWS = ("llama-cudnn", "flash", "fa4-2d", "fa4-diff", "fa4-d", "llama-fa2")
 DIFF_ROWS = ("fa4-2d", "fa4-diff", "flash")
 RESULTS: dict = {"core": []}
 
@@ -127,7 +129,7 @@ def _check(name, got, t, refs) -> str:
     return "vs sdpa32: " + _errors([to_bhsd(x) for x in got], refs[key])
 
 
-def core(dims, seqs, tokens, peak) -> None:
+def core(dims, seqs, tokens, peak, out_path) -> None:
     impls = _impls()
     print(f"\n== causal bf16, B = {tokens}/S, H*d = 2048; matmul peak {peak:.0f} TFLOP/s; "
           f"%peak counts 1.5x Llama FLOPs for {', '.join(DIFF_ROWS)}")
@@ -141,7 +143,7 @@ def core(dims, seqs, tokens, peak) -> None:
             refs: dict = {}
             base = {}
             llama_flops = 2 * b * h * s * s * d
-            for name in ("llama-cudnn", "llama-fa2", "fa4-d", "flash", "fa4-2d", "fa4-diff"):
+            for name in ROWS:
                 fn = impls[name]
                 args, leaves, dout = _inputs(name, t, d ** -0.5)
                 flops = llama_flops * (1.5 if name in DIFF_ROWS else 1.0)
@@ -167,6 +169,8 @@ def core(dims, seqs, tokens, peak) -> None:
                     row["error"] = repr(err)[:400]
                     traceback.print_exc()
                 RESULTS["core"].append(row)
+                with open(out_path, "w") as f:  # after every row: a run killed at its limit keeps what it measured
+                    json.dump(RESULTS, f, indent=1)
                 print(f"{d:>4} {s:>6} {b:>3} {h:>3} {name:>11} {row.get('fwd_ms', float('nan')):8.3f} "
                       f"{row.get('fwd_pct_peak', float('nan')):5.1f}% {row.get('fb_ms', float('nan')):8.3f} "
                       f"{row.get('fb_pct_peak', float('nan')):5.1f}% {row.get('vs_cudnn') or float('nan'):8.2f} "
@@ -195,11 +199,8 @@ def main(argv=None) -> None:
     print(RESULTS["env"], flush=True)
     peak = matmul_peak()
     RESULTS["matmul_peak_tflops"] = peak
-    try:
-        core([int(x) for x in args.dims.split(",")], [int(x) for x in args.seqs.split(",")], args.tokens, peak)
-    finally:
-        with open(os.path.join(args.out, "fa4_attention.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1)
+    core([int(x) for x in args.dims.split(",")], [int(x) for x in args.seqs.split(",")], args.tokens, peak,
+         os.path.join(args.out, "fa4_attention.json"))
 
 
 if __name__ == "__main__":
