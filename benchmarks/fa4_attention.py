@@ -14,7 +14,10 @@ row runs in its native layout on the same values: SDPA and ours on contiguous (B
     fa4-d        ``flash_attn.cute.flash_attn_func`` at value width d: Llama on FA4
     fa4-2d       the same at value width 2d (q/k width d, v width 2d, one softmax): the fused differential kernel
                  alone, without the pairing of V or the ``o1 − λ·o2`` combine
-    fa4-diff     the whole differential op on fa4-2d, in plain autograd: V' of each head pair built from v as
+    fa4-2d-alt   only where fa4-2d failed and 2d > 128: fa4-2d with the backward tiles FA4 picks for
+                 head_dim <= 192 with a value wider than 128 (64 x 96 blocks, one dO stage, dK/dV' swapped), since
+                 FA4 picks the head_dim <= 128 tiles whatever the value width, and those may not fit at value 256
+    fa4-diff     the whole differential op on fa4-2d (on fa4-2d-alt's tiles where only those worked), in plain autograd: V' of each head pair built from v as
                  :func:`diffllama.attention.pair_values` does, one FA4 call, ``o1 − λ·o2`` as
                  :func:`diffllama.attention.combine_pairs` (dλ and the sum of dV' over the pair by autograd)
     flash        ours, :func:`diffllama.attention.flash.attention` (the full differential op)
@@ -31,6 +34,7 @@ Prints the table as it goes; JSON to DIR/fa4_attention.json after every row (def
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -43,8 +47,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from attention import EAGER_MAX_S, _eager_reference, _errors, _llama_reference, bench, matmul_peak
 
 # The rows the acceptance turns on come first, so a run cut off at its time limit still has them.
-ROWS = ("llama-cudnn", "flash", "fa4-2d", "fa4-diff", "fa4-d", "llama-fa2")
-DIFF_ROWS = ("fa4-2d", "fa4-diff", "flash")
+ROWS = ("llama-cudnn", "flash", "fa4-2d", "fa4-2d-alt", "fa4-diff", "fa4-d", "llama-fa2")
+DIFF_ROWS = ("fa4-2d", "fa4-2d-alt", "fa4-diff", "flash")
 RESULTS: dict = {"core": []}
 
 
@@ -79,7 +83,24 @@ def _impls():
 
     return {"llama-cudnn": sdpa_on([SDPBackend.CUDNN_ATTENTION]),
             "llama-fa2": sdpa_on([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]),
-            "fa4-d": fa4, "fa4-2d": fa4, "fa4-diff": fa4_diff, "flash": ours}
+            "fa4-d": fa4, "fa4-2d": fa4, "fa4-2d-alt": fa4, "fa4-diff": fa4_diff, "flash": ours}
+
+
+@contextlib.contextmanager
+def _alt_bwd_tiles(on: bool):
+    """While on, FA4's SM90 backward takes its wide-value head_dim <= 192 tiles for any value wider than 128."""
+    from flash_attn.cute import interface
+
+    default = interface._tile_size_bwd_sm90
+    wide = interface.BwdConfig(m_block_size=64, n_block_size=96, num_stages_Q=2, num_stages_dO=1, num_stages_PdS=1,
+                               SdP_swapAB=False, dKV_swapAB=True, dQ_swapAB=False, AtomLayoutMSdP=1,
+                               AtomLayoutNdKV=2, AtomLayoutMdQ=1, num_wg=2)
+    if on:
+        interface._tile_size_bwd_sm90 = lambda d, dv, *a, **kw: wide if dv > 128 else default(d, dv, *a, **kw)
+    try:
+        yield
+    finally:
+        interface._tile_size_bwd_sm90 = default
 
 
 def _inputs(name, t, scale):
@@ -88,7 +109,7 @@ def _inputs(name, t, scale):
         return (t["q"], t["k"], t["v"], scale), (t["q"], t["k"], t["v"]), t["dout"]
     if name == "fa4-d":
         return (t["q4"], t["k4"], t["v4"], scale), (t["q4"], t["k4"], t["v4"]), t["dout4"]
-    if name == "fa4-2d":
+    if name in ("fa4-2d", "fa4-2d-alt"):
         return (t["q4"], t["k4"], t["v24"], scale), (t["q4"], t["k4"], t["v24"]), t["dout24"]
     if name == "fa4-diff":
         return (t["q4"], t["k4"], t["v4"], t["lam"], scale), (t["q4"], t["k4"], t["v4"], t["lam"]), t["ddiff"]
@@ -123,7 +144,7 @@ def _check(name, got, t, refs) -> str:
             refs["eager"] = _eager_reference(t["q"], t["k"], t["v"], t["lam"], t["mask"], t["ddiff"])
         out, *grads = got
         return "vs eager32: " + _errors((out, *[to_bhsd(g) for g in grads[:3]], grads[3]), refs["eager"])
-    key, v, dout = ("sdpa2", t["v2"], t["dout2"]) if name == "fa4-2d" else ("sdpa", t["v"], t["dout"])
+    key, v, dout = ("sdpa2", t["v2"], t["dout2"]) if name.startswith("fa4-2d") else ("sdpa", t["v"], t["dout"])
     if key not in refs:
         refs[key] = _llama_reference(t["q"], t["k"], v, dout)
     return "vs sdpa32: " + _errors([to_bhsd(x) for x in got], refs[key])
@@ -141,33 +162,40 @@ def core(dims, seqs, tokens, peak, out_path) -> None:
             b = max(1, tokens // s)
             t = _tensors(b, h, s, d)
             refs: dict = {}
-            base = {}
+            base, failed = {}, {}
             llama_flops = 2 * b * h * s * s * d
             for name in ROWS:
+                if name == "fa4-2d-alt" and not (2 * d > 128 and failed.get("fa4-2d")):
+                    continue
                 fn = impls[name]
                 args, leaves, dout = _inputs(name, t, d ** -0.5)
                 flops = llama_flops * (1.5 if name in DIFF_ROWS else 1.0)
                 row = dict(d=d, S=s, B=b, H=h, impl=name)
-                try:  # the first call also compiles: keep it, and the references, out of the timed region
-                    out = fn(*args)
-                    grads = torch.autograd.grad(out, leaves, dout)
-                    if s <= EAGER_MAX_S:
-                        row["check"] = _check(name, (out, *grads), t, refs)
-                    del out, grads
-                except Exception as err:  # noqa: BLE001 - a failed check (or backward) still lets the forward time
-                    row["check"] = f"check failed: {repr(err)[:300]}"
-                    traceback.print_exc()
-                try:
-                    row["fwd_ms"] = bench(lambda: fn(*args))
-                    row["fwd_pct_peak"] = 100 * flops / row["fwd_ms"] / 1e9 / peak
-                    row["fb_ms"] = bench(lambda: torch.autograd.grad(fn(*args), leaves, dout))
-                    row["fb_pct_peak"] = 100 * 3.5 * flops / row["fb_ms"] / 1e9 / peak
-                    base[name] = row["fb_ms"]
-                    row["vs_cudnn"] = row["fb_ms"] / base["llama-cudnn"] if "llama-cudnn" in base else None
-                    row["vs_flash"] = row["fb_ms"] / base["flash"] if "flash" in base else None
-                except Exception as err:  # noqa: BLE001 - one failing row must not stop the table
-                    row["error"] = repr(err)[:400]
-                    traceback.print_exc()
+                # fa4-diff follows fa4-2d-alt's backward tiles where those worked and the default ones did not.
+                use_alt = name == "fa4-2d-alt" or (name == "fa4-diff" and failed.get("fa4-2d-alt") is False)
+                row["bwd_tiles"] = "alt" if use_alt else "default"
+                with _alt_bwd_tiles(use_alt):
+                    try:  # the first call also compiles: keep it, and the references, out of the timed region
+                        out = fn(*args)
+                        grads = torch.autograd.grad(out, leaves, dout)
+                        if s <= EAGER_MAX_S:
+                            row["check"] = _check(name, (out, *grads), t, refs)
+                        del out, grads
+                    except Exception as err:  # noqa: BLE001 - a failed check (or backward) still lets the forward time
+                        row["check"] = f"check failed: {repr(err)[:300]}"
+                        traceback.print_exc()
+                    try:
+                        row["fwd_ms"] = bench(lambda: fn(*args))
+                        row["fwd_pct_peak"] = 100 * flops / row["fwd_ms"] / 1e9 / peak
+                        row["fb_ms"] = bench(lambda: torch.autograd.grad(fn(*args), leaves, dout))
+                        row["fb_pct_peak"] = 100 * 3.5 * flops / row["fb_ms"] / 1e9 / peak
+                        base[name] = row["fb_ms"]
+                        row["vs_cudnn"] = row["fb_ms"] / base["llama-cudnn"] if "llama-cudnn" in base else None
+                        row["vs_flash"] = row["fb_ms"] / base["flash"] if "flash" in base else None
+                    except Exception as err:  # noqa: BLE001 - one failing row must not stop the table
+                        row["error"] = repr(err)[:400]
+                        traceback.print_exc()
+                failed[name] = "error" in row or row.get("check", "").startswith("check failed")
                 RESULTS["core"].append(row)
                 with open(out_path, "w") as f:  # after every row: a run killed at its limit keeps what it measured
                     json.dump(RESULTS, f, indent=1)
