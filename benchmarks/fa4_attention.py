@@ -1,4 +1,4 @@
-"""FlashAttention-4's Hopper kernels (CuTe DSL) at value width 2d beside Llama's kernels and our Triton kernel (issue 19).
+"""FlashAttention-4 (CuTe DSL, Hopper) at value width 2d beside Llama's kernels and our Triton kernel (issue 19).
 
 Usage (on an H100/H200 with the wheels of ``benchmarks/fa4_setup.sh`` installed, from the repo root):
 
@@ -14,12 +14,12 @@ row runs in its native layout on the same values: SDPA and ours on contiguous (B
     fa4-d        ``flash_attn.cute.flash_attn_func`` at value width d: Llama on FA4
     fa4-2d       the same at value width 2d (q/k width d, v width 2d, one softmax): the fused differential kernel
                  alone, without the pairing of V or the ``o1 − λ·o2`` combine
-    fa4-2d-alt   only where fa4-2d failed and 2d > 128: fa4-2d with the backward tiles FA4 picks for
-                 head_dim <= 192 with a value wider than 128 (64 x 96 blocks, one dO stage, dK/dV' swapped), since
-                 FA4 picks the head_dim <= 128 tiles whatever the value width, and those may not fit at value 256
-    fa4-diff     the whole differential op on fa4-2d (on fa4-2d-alt's tiles where only those worked), in plain autograd: V' of each head pair built from v as
-                 :func:`diffllama.attention.pair_values` does, one FA4 call, ``o1 − λ·o2`` as
-                 :func:`diffllama.attention.combine_pairs` (dλ and the sum of dV' over the pair by autograd)
+    fa4-2d-alt   only where fa4-2d failed and 2d > 128: fa4-2d on the tiles FA4 picks for a value wider than 128
+                 at 128 < head_dim <= 192 (see :func:`_wide_value_tiles`)
+    fa4-diff     the whole differential op on fa4-2d (on fa4-2d-alt's tiles where only those worked), in plain
+                 autograd: V' of each head pair built from v as :func:`diffllama.attention.pair_values` does, one
+                 FA4 call, ``o1 − λ·o2`` as :func:`diffllama.attention.combine_pairs` (dλ and the sum of dV' over
+                 the pair by autograd)
     flash        ours, :func:`diffllama.attention.flash.attention` (the full differential op)
 
 Checks at S <= ``attention.EAGER_MAX_S`` (relative L2 error): llama rows and fa4-d against float32 SDPA math on the
@@ -87,20 +87,28 @@ def _impls():
 
 
 @contextlib.contextmanager
-def _alt_bwd_tiles(on: bool):
-    """While on, FA4's SM90 backward takes its wide-value head_dim <= 192 tiles for any value wider than 128."""
+def _wide_value_tiles(on: bool):
+    """While on, FA4's SM90 kernels take the tiles FA4 picks for 128 < head_dim <= 192 with a value wider than
+    128 (forward 128 x 112 blocks; backward 64 x 96, one dO stage, dK/dV' swapped) for any value wider than 128.
+
+    FA4 picks its head_dim <= 128 tiles whatever the value width; by our count of its shared-memory layout the
+    backward ones need about 288 KB at value width 256 (Q 32, dO 64, K 32, V 64, P and dS 64, dQ accumulator 32),
+    over the 227 KB a Hopper block can have. The wide-value backward tiles need about 192 KB.
+    """
     from flash_attn.cute import interface
 
-    default = interface._tile_size_bwd_sm90
-    wide = interface.BwdConfig(m_block_size=64, n_block_size=96, num_stages_Q=2, num_stages_dO=1, num_stages_PdS=1,
-                               SdP_swapAB=False, dKV_swapAB=True, dQ_swapAB=False, AtomLayoutMSdP=1,
-                               AtomLayoutNdKV=2, AtomLayoutMdQ=1, num_wg=2)
+    fwd_default, bwd_default = interface._tile_size_fwd_sm90, interface._tile_size_bwd_sm90
+    fwd_wide = interface.FwdConfig(128, 112, True, True)
+    bwd_wide = interface.BwdConfig(m_block_size=64, n_block_size=96, num_stages_Q=2, num_stages_dO=1,
+                                   num_stages_PdS=1, SdP_swapAB=False, dKV_swapAB=True, dQ_swapAB=False,
+                                   AtomLayoutMSdP=1, AtomLayoutNdKV=2, AtomLayoutMdQ=1, num_wg=2)
     if on:
-        interface._tile_size_bwd_sm90 = lambda d, dv, *a, **kw: wide if dv > 128 else default(d, dv, *a, **kw)
+        interface._tile_size_fwd_sm90 = lambda d, dv, *a, **kw: fwd_wide if dv > 128 else fwd_default(d, dv, *a, **kw)
+        interface._tile_size_bwd_sm90 = lambda d, dv, *a, **kw: bwd_wide if dv > 128 else bwd_default(d, dv, *a, **kw)
     try:
         yield
     finally:
-        interface._tile_size_bwd_sm90 = default
+        interface._tile_size_fwd_sm90, interface._tile_size_bwd_sm90 = fwd_default, bwd_default
 
 
 def _inputs(name, t, scale):
@@ -171,10 +179,10 @@ def core(dims, seqs, tokens, peak, out_path) -> None:
                 args, leaves, dout = _inputs(name, t, d ** -0.5)
                 flops = llama_flops * (1.5 if name in DIFF_ROWS else 1.0)
                 row = dict(d=d, S=s, B=b, H=h, impl=name)
-                # fa4-diff follows fa4-2d-alt's backward tiles where those worked and the default ones did not.
+                # fa4-diff follows fa4-2d-alt's tiles where those worked and the default ones did not.
                 use_alt = name == "fa4-2d-alt" or (name == "fa4-diff" and failed.get("fa4-2d-alt") is False)
-                row["bwd_tiles"] = "alt" if use_alt else "default"
-                with _alt_bwd_tiles(use_alt):
+                row["tiles"] = "wide-value" if use_alt else "default"
+                with _wide_value_tiles(use_alt):
                     try:  # the first call also compiles: keep it, and the references, out of the timed region
                         out = fn(*args)
                         grads = torch.autograd.grad(out, leaves, dout)
