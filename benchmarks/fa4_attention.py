@@ -92,8 +92,8 @@ def _wide_value_tiles(on: bool):
     128 (forward 128 x 112 blocks; backward 64 x 96, one dO stage, dK/dV' swapped) for any value wider than 128.
 
     FA4 picks its head_dim <= 128 tiles whatever the value width; by our count of its shared-memory layout the
-    backward ones need about 288 KB at value width 256 (Q 32, dO 64, K 32, V 64, P and dS 64, dQ accumulator 32),
-    over the 227 KB a Hopper block can have. The wide-value backward tiles need about 192 KB.
+    backward ones need about 256 KB at value width 256 (Q 32, dO 64, K 32, V 64, dS 32, dQ accumulator 32; P stays
+    in registers), over the 227 KB a Hopper block can have. The wide-value backward tiles need about 192 KB.
     """
     from flash_attn.cute import interface
 
