@@ -14,8 +14,7 @@ row runs in its native layout on the same values: SDPA and ours on contiguous (B
     fa4-d        ``flash_attn.cute.flash_attn_func`` at value width d: Llama on FA4
     fa4-2d       the same at value width 2d (q/k width d, v width 2d, one softmax): the fused differential kernel
                  alone, without the pairing of V or the ``o1 − λ·o2`` combine
-    fa4-2d-alt   only where fa4-2d failed and 2d > 128: fa4-2d on the tiles FA4 picks for a value wider than 128
-                 at 128 < head_dim <= 192 (see :func:`_wide_value_tiles`)
+    fa4-2d-alt   only where fa4-2d failed: fa4-2d on smaller tiles of FA4's own (see :func:`_wide_value_tiles`)
     fa4-diff     the whole differential op on fa4-2d (on fa4-2d-alt's tiles where only those worked), in plain
                  autograd: V' of each head pair built from v as :func:`diffllama.attention.pair_values` does, one
                  FA4 call, ``o1 − λ·o2`` as :func:`diffllama.attention.combine_pairs` (dλ and the sum of dV' over
@@ -88,12 +87,15 @@ def _impls():
 
 @contextlib.contextmanager
 def _wide_value_tiles(on: bool):
-    """While on, FA4's SM90 kernels take the tiles FA4 picks for 128 < head_dim <= 192 with a value wider than
-    128 (forward 128 x 112 blocks; backward 64 x 96, one dO stage, dK/dV' swapped) for any value wider than 128.
+    """While on, FA4's SM90 kernels take smaller tiles wherever the value is wider than the query/key head.
 
-    FA4 picks its head_dim <= 128 tiles whatever the value width; by our count of its shared-memory layout the
-    backward ones need about 256 KB at value width 256 (Q 32, dO 64, K 32, V 64, dS 32, dQ accumulator 32; P stays
-    in registers), over the 227 KB a Hopper block can have. The wide-value backward tiles need about 192 KB.
+    FA4 picks its tiles by head_dim whatever the value width. By our count of its shared-memory layout
+    (flash_bwd_sm90.py), its backward tiles then need about 256 KB at d = 128, value 256 (Q 32, dO 64, K 32, V 64,
+    dS 32, dQ accumulator 32; P stays in registers) and about 240 KB at d = 64, value 128, over the 227 KB a
+    Hopper block can have. The tiles taken instead are FA4's own for a larger head_dim class: for a value up to
+    128 those of head_dim 96 (64 x 128 blocks, about 144 KB at d = 64); for a wider value those of
+    128 < head_dim <= 192 with a value wider than 128 (backward 64 x 96 blocks, one dO stage, dK/dV' swapped,
+    about 192 KB at d = 128; forward 128 x 112 blocks).
     """
     from flash_attn.cute import interface
 
@@ -102,9 +104,17 @@ def _wide_value_tiles(on: bool):
     bwd_wide = interface.BwdConfig(m_block_size=64, n_block_size=96, num_stages_Q=2, num_stages_dO=1,
                                    num_stages_PdS=1, SdP_swapAB=False, dKV_swapAB=True, dQ_swapAB=False,
                                    AtomLayoutMSdP=1, AtomLayoutNdKV=2, AtomLayoutMdQ=1, num_wg=2)
+
+    def fwd(d, dv, *args, **kwargs):
+        return fwd_wide if dv > 128 else fwd_default(d, dv, *args, **kwargs)
+
+    def bwd(d, dv, *args, **kwargs):
+        if dv <= d:
+            return bwd_default(d, dv, *args, **kwargs)
+        return bwd_wide if dv > 128 else bwd_default(max(d, 96), dv, *args, **kwargs)
+
     if on:
-        interface._tile_size_fwd_sm90 = lambda d, dv, *a, **kw: fwd_wide if dv > 128 else fwd_default(d, dv, *a, **kw)
-        interface._tile_size_bwd_sm90 = lambda d, dv, *a, **kw: bwd_wide if dv > 128 else bwd_default(d, dv, *a, **kw)
+        interface._tile_size_fwd_sm90, interface._tile_size_bwd_sm90 = fwd, bwd
     try:
         yield
     finally:
@@ -173,7 +183,7 @@ def core(dims, seqs, tokens, peak, out_path) -> None:
             base, failed = {}, {}
             llama_flops = 2 * b * h * s * s * d
             for name in ROWS:
-                if name == "fa4-2d-alt" and not (2 * d > 128 and failed.get("fa4-2d")):
+                if name == "fa4-2d-alt" and not failed.get("fa4-2d"):
                     continue
                 fn = impls[name]
                 args, leaves, dout = _inputs(name, t, d ** -0.5)
