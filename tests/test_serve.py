@@ -29,6 +29,7 @@ import diffllama  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from diffllama.serve import api  # noqa: E402
 from diffllama.serve.engine import Engine  # noqa: E402
+from test_serve_engine import _one_thread  # noqa: E402,F401  (the autouse fixture: one BLAS thread)
 from test_tokenizer import make_bytelevel  # noqa: E402
 
 # A minimal ChatML-like template (the shape of many hub templates).
@@ -37,16 +38,6 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
 MAX_BATCH = 8
 MAX_SEQ_LEN = 96
 PROMPTS = [f"The quick brown fox {'jumps ' * (i % 5)}over {i}" for i in range(32)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Two cores shared by the engine thread, uvicorn and the reference `generate`: one BLAS thread each avoids
-    # oversubscription (tens of times slower on a busy machine). Results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 The scheme (the one of Orca, Yu et al. OSDI 2022, "iteration-level scheduling", and of vLLM's scheduler; written
 here from scratch on diffllama's public model API):
 
-- The KV cache is one :class:`~diffllama.cache.StaticCache` of ``max_batch`` rows ("slots") of ``max_seq_len``
+- The KV cache is one :class:`SlotCache` (a :class:`~diffllama.cache.StaticCache`) of ``max_batch`` rows ("slots") of ``max_seq_len``
   positions. A request owns one slot from admission to its end; its tokens sit at positions 0, 1, ... of its row,
   so every row has its own position (the model's ``position_ids`` and the cache slot written are per row).
 - Each engine iteration (1) drops cancelled and timed-out requests, freeing their slots; (2) admits queued requests
@@ -32,6 +32,7 @@ from __future__ import annotations
 import heapq
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -170,6 +171,15 @@ class SlotCache(StaticCache):
         self.row_positions = row_positions
         self._length = 0
 
+    @classmethod
+    def allocate(cls, config, batch_size: int, max_length: int, dtype: torch.dtype, device) -> "SlotCache":
+        """Zeroed keys and values, (batch_size, KV, max_length, head_dim) per layer of ``config``. (Unlike
+        StaticCache's constructor it does not mark them static for CUDA graphs, which the engine does not use, and
+        so does not import torch._dynamo: seconds at start-up.)"""
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        return cls(keys, [torch.zeros_like(k) for k in keys])
+
     def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor,
                cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """As :meth:`StaticCache.update`; with ``row_positions``, ``key``/``value`` are (B, KV, 1, d) and row b
@@ -228,7 +238,7 @@ class Engine:
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.device = model.device
-        self.cache = StaticCache.from_config(model.config, max_batch, max_seq_len, model.dtype, self.device)
+        self.cache = SlotCache.allocate(model.config, max_batch, max_seq_len, model.dtype, self.device)
         self.stats = EngineStats()
         self._free = list(range(max_batch))  # a heap: the lowest slot first keeps the decode view [0, hi) short
         self._waiting: deque[Request] = deque()
@@ -277,9 +287,8 @@ class Engine:
             self._thread.join(timeout)
 
     def free_slots(self) -> int:
-        """Slots not held by any request."""
-        with self._lock:
-            return len(self._free)
+        """Slots not held by any request (read without locking: a snapshot)."""
+        return len(self._free)
 
     # ---- the engine thread -------------------------------------------------------------------------------------
 
@@ -292,8 +301,14 @@ class Engine:
                             self._lock.wait()
                         if self._stopping:
                             break
-                    self.step()
-        except BaseException as error:  # a bug or an out-of-memory: every request learns it, new ones are refused
+                    try:
+                        self.step()
+                    except Exception as error:  # e.g. out of memory: the running requests fail, the engine goes on
+                        traceback.print_exc()
+                        for request in list(self._running.values()):
+                            self._finish(request, "error", error=f"engine step failed: {type(error).__name__}: "
+                                                                  f"{error}")
+        except BaseException as error:  # the thread itself is ending: every request learns it, new ones are refused
             self.error = error
             with self._lock:
                 self._stopping = True
