@@ -239,6 +239,41 @@ def test_32_concurrent_streams_equal_generate_alone(server, reference):
     assert "# TYPE diffllama_generation_tokens_per_second gauge" in metrics
 
 
+def test_mixed_load_ends_with_no_leaked_slots(server):
+    """Abandoned streams, sampled n=2, chat streams and stop strings at once: all answered, no slot leaked."""
+    base, app = server
+    finished = dict(app.state.engine.stats.finished)
+
+    def run(i):
+        c = client(base)
+        if i % 4 == 0:  # read two events, then hang up
+            body = {"model": "tiny", "prompt": PROMPTS[i], "max_tokens": 60, "stream": True, "ignore_eos": True}
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=10) as response:
+                events = (line for line in response.iter_lines() if line.startswith("data:"))
+                next(events), next(events)
+            return "abandoned"
+        if i % 4 == 1:
+            out = c.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=6, n=2, seed=i,
+                                       extra_body={"top_k": 5})
+            return out.choices[1].finish_reason
+        if i % 4 == 2:
+            stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[i]}],
+                                               max_tokens=6, temperature=0, stream=True)
+            return [chunk.choices[0].finish_reason for chunk in stream][-1]
+        out = c.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=8, temperature=0, stop=["e"],
+                                   logprobs=1)
+        assert "e" not in out.choices[0].text
+        return out.choices[0].finish_reason
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(run, range(16)))
+    assert results.count("abandoned") == 4 and all(r in ("stop", "length") for r in results if r != "abandoned")
+    wait_free(app)
+    after = app.state.engine.stats.finished
+    assert after.get("cancelled", 0) - finished.get("cancelled", 0) == 4
+    assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+
+
 def test_disconnect_mid_stream_frees_slot(server):
     base, app = server
     engine = app.state.engine

@@ -66,6 +66,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _null_is_default(cls, value, info):
+    """An explicit JSON null takes the field's default, as OpenAI's API does for its optional fields."""
+    return cls.model_fields[info.field_name].default if value is None else value
+
+
 class StreamOptions(_Strict):
     """``stream_options``: ``include_usage`` adds a last chunk with the usage counts (and no choices)."""
 
@@ -89,6 +94,9 @@ class _Sampling(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     ignore_eos: bool = False
     user: str | None = None
+
+    _defaults = field_validator("n", "stream", "temperature", "top_p", "presence_penalty", "frequency_penalty",
+                                "ignore_eos", mode="before")(classmethod(_null_is_default))
 
     @field_validator("stop")
     @classmethod
@@ -115,6 +123,8 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
 
+    _echo_default = field_validator("echo", mode="before")(classmethod(_null_is_default))
+
 
 class TextPart(_Strict):
     """A text part of a message's content."""
@@ -140,6 +150,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    _logprobs_default = field_validator("logprobs", mode="before")(classmethod(_null_is_default))
 
 
 # ---- chat template ------------------------------------------------------------------------------------------------
