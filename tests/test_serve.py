@@ -7,7 +7,6 @@ and OpenAI's error body; cancellations and load end with every cache slot free.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import socket
@@ -233,7 +232,8 @@ def test_32_concurrent_streams_equal_generate_alone(server, reference):
     wait_free(app)
     metrics = httpx.get(f"{base}/metrics", timeout=10).text
     assert "diffllama_queue_length 0" in metrics and "diffllama_running_requests 0" in metrics
-    count = next(line for line in metrics.splitlines() if line.startswith("diffllama_time_to_first_token_seconds_count"))
+    ttft_count = "diffllama_time_to_first_token_seconds_count"
+    count = next(line for line in metrics.splitlines() if line.startswith(ttft_count))
     assert int(count.split()[1]) >= 32
     assert "diffllama_inter_token_latency_seconds_bucket{le=\"+Inf\"}" in metrics
     assert "# TYPE diffllama_generation_tokens_per_second gauge" in metrics
@@ -341,7 +341,8 @@ def test_chat_without_template_400(checkpoint):
     response = TestClient(app).post("/v1/chat/completions",
                                     json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
     assert response.status_code == 400
-    assert response.json()["error"]["code"] == "no_chat_template" and "chat template" in response.json()["error"]["message"]
+    error = response.json()["error"]
+    assert error["code"] == "no_chat_template" and "chat template" in error["message"]
 
 
 def test_api_key_401(checkpoint):

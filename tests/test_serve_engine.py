@@ -100,6 +100,10 @@ def test_arguments_and_queue_bound(model, tok):
     with pytest.raises(ValueError, match="prefill_chunk"):
         Engine(model, tok, prefill_chunk=0)
     engine = Engine(model, tok, max_batch=1, max_seq_len=32, max_queue=1)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        engine.submit(Request([1] * 32, SamplingParams(max_tokens=1), lambda out: None))
+    with pytest.raises(ValueError, match="vocab_size"):
+        engine.submit(Request([1, tok.vocab_size], SamplingParams(max_tokens=1), lambda out: None))
     engine.submit(Request([1, 2], SamplingParams(max_tokens=2), lambda out: None))
     with pytest.raises(QueueFull):
         engine.submit(Request([1, 2], SamplingParams(max_tokens=2), lambda out: None))

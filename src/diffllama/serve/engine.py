@@ -3,9 +3,10 @@
 The scheme (the one of Orca, Yu et al. OSDI 2022, "iteration-level scheduling", and of vLLM's scheduler; written
 here from scratch on diffllama's public model API):
 
-- The KV cache is one :class:`SlotCache` (a :class:`~diffllama.cache.StaticCache`) of ``max_batch`` rows ("slots") of ``max_seq_len``
-  positions. A request owns one slot from admission to its end; its tokens sit at positions 0, 1, ... of its row,
-  so every row has its own position (the model's ``position_ids`` and the cache slot written are per row).
+- The KV cache is one :class:`SlotCache` (a :class:`~diffllama.cache.StaticCache`) of ``max_batch`` rows
+  ("slots") of ``max_seq_len`` positions. A request owns one slot from admission to its end; its tokens sit at
+  positions 0, 1, ... of its row, so every row has its own position (the model's ``position_ids`` and the cache
+  slot written are per row).
 - Each engine iteration (1) drops cancelled and timed-out requests, freeing their slots; (2) admits queued requests
   into free slots; (3) prefills new requests in chunks of at most ``prefill_chunk`` tokens in all, so a long prompt
   does not stall running streams for more than one chunk; (4) runs one decode step for every request that has its
@@ -63,6 +64,8 @@ class SamplingParams:
         stop: strings that end the output (not included in it). stop_token_ids: ids that end it (not included).
         eos_token_ids: the model's end ids: they end the output too (not included) unless ``ignore_eos``.
         logprobs: None (off) or how many most likely alternatives to report per token (0 = only the chosen one).
+            Log-probabilities are the model's (log-softmax of its float32 logits, before temperature, top-k and
+            top-p), as vLLM reports them by default.
         prompt_logprobs: also report the log-probability of each prompt token after the first (OpenAI's
             ``echo`` with ``logprobs``).
     """
@@ -259,8 +262,16 @@ class Engine:
         """Queue ``request``; it is admitted into the batch when a slot frees.
 
         Raises:
+            ValueError: a prompt of ``max_seq_len`` tokens or more, or ids outside [0, vocab_size) (checked here, so
+                that one bad request cannot fail the batch it would join).
             QueueFull: ``max_queue`` requests wait already. EngineStopped: :meth:`stop` was called.
         """
+        if len(request.prompt_ids) >= self.max_seq_len:
+            raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; a slot holds {self.max_seq_len} "
+                             f"(max_seq_len), prompt and output together")
+        vocab = self.model.config.vocab_size
+        if not all(0 <= i < vocab for i in request.prompt_ids):
+            raise ValueError(f"prompt ids must lie in [0, vocab_size={vocab})")
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
