@@ -36,7 +36,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode import SHAPES  # noqa: E402  (the shapes every benchmark shares)
+from decode import SHAPES, build_models  # noqa: E402  (the shapes and random models the benchmarks share)
 
 RESULTS: dict = {"rows": []}
 
@@ -65,17 +65,6 @@ def percentile(values, q: float) -> float:
         return float("nan")
     values = sorted(values)
     return values[min(len(values) - 1, max(0, round(q / 100 * len(values)) - 1))]
-
-
-def build_model(shape: str):
-    from diffllama import DiffLlamaConfig, DiffLlamaForCausalLM
-
-    config = DiffLlamaConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="auto",
-                             pad_token_id=0)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = DiffLlamaForCausalLM(config).to(torch.bfloat16).eval()
-    return model
 
 
 def bench_sequential(model, prompts, outputs, *, compile: bool) -> dict:
@@ -170,7 +159,7 @@ def bench_shape(shape: str, args) -> None:
     from diffllama.serve.engine import Engine
 
     log(f"== {shape} ==")
-    model = build_model(shape)
+    model = build_models(shape, with_hf=False, attn="auto")[0]
     vocab = model.config.vocab_size
     rng = random.Random(0)
     lo_p, hi_p, lo_n, hi_n = (32, 128, 32, 128) if args.quick else (32, 256, 64, 256)
