@@ -309,8 +309,11 @@ def test_models_health(server):
     ({"prompt": "hi", "max_tokens": MAX_SEQ_LEN}, "max_tokens"),
     ({"prompt": [1, 2, 100000]}, "prompt"),
     ({"prompt": "hi", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"prompt": "hi", "stop": ["a"] * 5}, "stop"),
+    ({"prompt": "hi", "stream": "abc"}, "stream"),
+    ({"prompt": 5}, "prompt"),
 ], ids=["temperature", "top_p", "n", "max_tokens", "logprobs", "unknown", "penalty", "missing", "too-long",
-        "too-many-new", "bad-id", "bad-stop-id"])
+        "too-many-new", "bad-id", "bad-stop-id", "five-stops", "stream-type", "prompt-type"])
 def test_bad_requests_400_name_the_field(server, body, param):
     base, _ = server
     response = httpx.post(f"{base}/v1/completions", json={"model": "tiny", **body}, timeout=10)

@@ -364,7 +364,7 @@ def _validation_response(error: RequestValidationError) -> JSONResponse:
         return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                         param=None, code="invalid_json").response()
     # A union (prompt: str | list[...]) reports one error per member type: name the field without the member.
-    loc = [part for part in loc if not part.startswith(("list[", "str", "int", "float", "bool"))]
+    loc = [part for part in loc if not _union_member(part)]
     param = ".".join(loc) or None
     if first.get("type") == "extra_forbidden":
         message = f"{param}: unknown field (not part of this endpoint's parameters)"
@@ -373,6 +373,12 @@ def _validation_response(error: RequestValidationError) -> JSONResponse:
     else:
         message = f"{param}: {first.get('msg')} (got {first.get('input')!r})"
     return APIError(400, message, param=param).response()
+
+
+def _union_member(part: str) -> bool:
+    """Whether a location part is pydantic's tag of a union member ("str", "list[int]", "TextPart"), not a field."""
+    return part in ("str", "int", "float", "bool", "none") or part.startswith(("list[", "dict[", "function-")) \
+        or part[:1].isupper()
 
 
 def _check_model(name: str | None, served: str) -> None:
