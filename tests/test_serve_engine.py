@@ -3,6 +3,7 @@ hold-back, queue bounds, and recovery from a failed step."""
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import pytest
@@ -137,3 +138,27 @@ def test_failed_step_fails_its_requests_and_the_engine_goes_on(model, tok, monke
     assert results[0].finish_reason == "error" and "simulated" in results[0].error
     assert results[1].finish_reason == "length" and results[1].completion_tokens == 3
     assert engine.free_slots() == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_engine(model, tok):
+    """On a GPU: float32 (flash falls back to sdpa there) equals `generate` alone token for token; bfloat16 (the flash
+    prefill and decode kernels, with per-row key padding) runs every request to its length and frees every slot."""
+    prompts = [tok.encode("one two three " * (i + 1)) for i in range(5)]
+    lengths = [3, 9, 5, 12, 7]
+    for dtype in (torch.float32, torch.bfloat16):
+        config = copy.deepcopy(model.config)
+        config.attn_implementation = "auto"
+        cuda = diffllama.DiffLlamaForCausalLM(config)
+        cuda.load_state_dict(model.state_dict())
+        cuda = cuda.to("cuda", dtype).eval()
+        engine = Engine(cuda, tok, max_batch=3, max_seq_len=64, prefill_chunk=5)
+        outs = run(engine, prompts, [SamplingParams(max_tokens=n, temperature=0, eos_token_ids=[]) for n in lengths])
+        assert engine.free_slots() == 3
+        for ids, n, out in zip(prompts, lengths, outs):
+            got = [t for o in out for t in o.token_ids]
+            assert len(got) == n and out[-1].finish_reason == "length"
+            if dtype == torch.float32:
+                want = cuda.generate(torch.tensor([ids], device="cuda"), max_new_tokens=n, eos_token_id=[])
+                assert got == want[0, len(ids):].tolist()
