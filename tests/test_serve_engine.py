@@ -83,6 +83,20 @@ def test_chunked_prefill_and_batching_equal_generate(model, tok):
     assert engine.free_slots() == 3
 
 
+def test_sampled_rows_drawn_together_keep_their_settings(model, tok):
+    """Unseeded rows with equal settings draw in one call: top_k=1 must still give the greedy tokens, and a seeded
+    row reproduces its draw whatever runs beside it."""
+    engine = Engine(model, tok, max_batch=4, max_seq_len=64)
+    ids = tok.encode("Hello world")
+    want = model.generate(torch.tensor([ids]), max_new_tokens=6, eos_token_id=[])[0, len(ids):].tolist()
+    top1 = SamplingParams(max_tokens=6, temperature=1.0, top_k=1, eos_token_ids=[])
+    seeded = SamplingParams(max_tokens=6, temperature=1.5, seed=11, eos_token_ids=[])
+    outs = run(engine, [ids] * 4, [top1, top1, top1, seeded])
+    assert all([t for o in out for t in o.token_ids] == want for out in outs[:3])
+    alone = run(engine, [ids], [seeded])[0]
+    assert [t for o in alone for t in o.token_ids] == [t for o in outs[3] for t in o.token_ids]
+
+
 def test_stop_string_held_back_and_cut(model, tok):
     engine = Engine(model, tok, max_batch=1, max_seq_len=64)
     ids = tok.encode("Hello world")

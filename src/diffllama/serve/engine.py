@@ -433,12 +433,19 @@ class Engine:
     def _sample(self, requests: list[Request], logits: torch.Tensor) -> list[int]:
         """One token per request from its (V,) row of ``logits`` (len(requests), V) float32."""
         out = logits.argmax(dim=-1).tolist()  # greedy rows: as generate's next_tokens(do_sample=False)
+        # Sampled rows: one draw per group of equal settings (rows with a seed each draw from their own generator).
+        groups: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
             params = request.params
             if params.temperature > 0:
-                out[i] = int(next_tokens(logits[i:i + 1], do_sample=True, temperature=params.temperature,
-                                         top_k=params.top_k, top_p=params.top_p if params.top_p < 1 else None,
-                                         generator=request.generator)[0])
+                key = (params.temperature, params.top_k, params.top_p if params.top_p < 1 else None)
+                groups.setdefault(key if request.generator is None else (i, *key), []).append(i)
+        for key, rows in groups.items():
+            temperature, top_k, top_p = key[-3:]
+            picked = next_tokens(logits[rows], do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 generator=requests[rows[0]].generator)
+            for i, token in zip(rows, picked.tolist()):
+                out[i] = token
         if any(r.params.logprobs is not None for r in requests):
             scores = torch.log_softmax(logits, dim=-1)
             for i, request in enumerate(requests):
