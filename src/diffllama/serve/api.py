@@ -51,6 +51,7 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     def response(self) -> JSONResponse:
+        """The JSON response: this status and OpenAI's error body."""
         return JSONResponse(status_code=self.status, content=error_body(self.message, self.type, self.param,
                                                                         self.code))
 
