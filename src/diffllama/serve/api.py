@@ -478,6 +478,9 @@ class _Job:
         except EngineStopped as error:
             self.cancel()
             raise APIError(503, str(error), "service_unavailable") from error
+        except ValueError as error:  # the engine's own prompt checks (the endpoints check first)
+            self.cancel()
+            raise APIError(400, f"prompt: {error}", param="prompt") from error
 
     def _emitter(self, loop, index: int):
         def emit(out: Output) -> None:
