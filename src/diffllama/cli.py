@@ -627,6 +627,98 @@ def predict(
         print(json.dumps({"metrics": brief}), file=sys.stderr)
 
 
+# ---- serve (an OpenAI-compatible server) -------------------------------------------------------------------------
+
+@app.command()
+def serve(
+    model_dir: str = typer.Argument(..., metavar="MODEL_DIR_OR_REPO",
+                                    help="Checkpoint directory (config.json, safetensors, tokenizer) or a hub repo id."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Requests decoded at once (KV-cache slots)."),
+    max_seq_len: int = typer.Option(None, "--max-seq-len",
+                                    help="Tokens per request, prompt included (default: max_position_embeddings)."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting for a slot before 429 answers."),
+    prefill_chunk: int = typer.Option(256, "--prefill-chunk",
+                                      help="Prompt tokens prefilled per engine step, between decode steps."),
+    api_key: str = typer.Option(None, "--api-key", envvar="DIFFLLAMA_API_KEY",
+                                help="Require 'Authorization: Bearer KEY' on /v1/ (also from $DIFFLLAMA_API_KEY)."),
+    served_model_name: str = typer.Option(None, "--served-model-name",
+                                          help="Model id in the API (default: MODEL_DIR_OR_REPO as given)."),
+    chat_template: str = typer.Option(None, "--chat-template",
+                                      help="Jinja chat template file (default: the tokenizer's, if any)."),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds a request may take (408 after)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype",
+                              help="auto (checkpoint's on CUDA, float32 on CPU), float32, bfloat16, float16, float64."),
+    attn: str = typer.Option("auto", "--attn-implementation", "--attn", help="Attention backend: eager, sdpa, flash, "
+                             "auto (flash on a CUDA GPU with Triton, else sdpa)."),
+) -> None:
+    """Serve a checkpoint over OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models, /health,
+    /metrics), with continuous batching. Needs FastAPI and uvicorn (the package's serve extra).
+
+    Example: diffllama serve runs/tiny/model --port 8000
+    """
+    import sys
+
+    try:
+        _run_serve(model_dir, host=host, port=port, max_batch=max_batch, max_seq_len=max_seq_len,
+                   max_queue=max_queue, prefill_chunk=prefill_chunk, api_key=api_key,
+                   served_model_name=served_model_name, chat_template=chat_template,
+                   request_timeout=request_timeout, device=device, dtype=dtype, attn=attn)
+    except _UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(error.code)
+
+
+def _run_serve(model_dir, *, host, port, max_batch, max_seq_len, max_queue, prefill_chunk, api_key,
+               served_model_name, chat_template, request_timeout, device, dtype, attn) -> None:
+    import sys
+
+    try:
+        from diffllama.serve import api
+    except ImportError as error:
+        raise _UsageError(f"diffllama serve needs FastAPI and uvicorn: pip install 'diffllama[serve]' ({error})")
+    from diffllama.checkpoint import resolve_checkpoint_dir
+    from diffllama.modeling import DiffLlamaForCausalLM
+    from diffllama.serve.engine import Engine
+    from diffllama.tokenizer import Tokenizer
+
+    for flag, value, low in (("--port", port, 0), ("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
+                             ("--prefill-chunk", prefill_chunk, 1), ("--max-seq-len", max_seq_len, 2)):
+        if value is not None and value < low:
+            raise _UsageError(f"{flag} must be >= {low}, got {value}", 2)
+    if request_timeout <= 0:
+        raise _UsageError(f"--request-timeout must be > 0 seconds, got {request_timeout}", 2)
+    torch_device = _generation_device(device)
+    torch_dtype = _generation_dtype(dtype, torch_device)
+    _check_attn(attn, torch_device)
+    try:
+        directory = resolve_checkpoint_dir(model_dir)
+        tokenizer = Tokenizer.from_pretrained(directory)
+        template = api.load_chat_template(directory, chat_template)
+        model = DiffLlamaForCausalLM.from_pretrained(directory, dtype=torch_dtype, device=torch_device,
+                                                     attn_implementation=attn)
+        engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, max_queue=max_queue,
+                        prefill_chunk=prefill_chunk)
+        app = api.create_app(engine, tokenizer, served_model_name or model_dir, api_key=api_key,
+                             request_timeout=request_timeout, chat_template=template)
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise _UsageError(f"MODEL_DIR_OR_REPO {model_dir!r}: {error}") from error
+    except (ValueError, ImportError) as error:
+        raise _UsageError(f"cannot serve {model_dir!r}: {error}") from error
+    if "lm_head.weight" in model.loading_report["new"]:
+        raise _UsageError(f"{model_dir!r} has no language-model head (lm_head.weight is not in its weights: a "
+                          f"fine-tuned task model?); serve needs a causal LM checkpoint")
+    warning = api.exposure_warning(host, api_key)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"serving {served_model_name or model_dir} ({model.num_parameters() / 1e6:.1f}M parameters, {model.dtype}, "
+          f"{torch_device}; {max_batch} slots of {engine.max_seq_len} tokens) on http://{host}:{port}/v1"
+          + ("" if template else " (no chat template: /v1/chat/completions answers 400)"), file=sys.stderr)
+    api.serve(app, host=host, port=port)
+
+
 def main() -> None:
     """Entry point of the ``diffllama`` command and of ``python -m diffllama``."""
     import os
