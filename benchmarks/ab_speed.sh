@@ -5,6 +5,7 @@
 # OLD_SRC is the previous commit's src/ (e.g. `git archive OLD src benchmarks | tar -x -C .old`, then .old/src);
 # the new tree is ./src. Each measurement runs old, new, old, new (alternating, so clock and thermal drift hit
 # both alike) with the benchmark scripts of the new tree:
+# ROUNDS (default 1) repeats the pair.
 # - decode: benchmarks/decode.py, the 0.37B shape at batch 1, the compiled fast path, no transformers run;
 # - training: benchmarks/train.py, the 0.4b preset's compiled flash step.
 # Logs and JSON go to OUTDIR (default $OUT, else benchmarks/results/ab).
@@ -15,7 +16,7 @@ out="${2:-${OUT:-benchmarks/results/ab}}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 echo "== $(date -u +%FT%TZ) $(nvidia-smi --query-gpu=name --format=csv,noheader) new=$(git rev-parse --short HEAD 2>/dev/null)"
-for round in 1 2; do
+for round in $(seq "${ROUNDS:-1}"); do
   for tree in old new; do
     src=$([ "$tree" = old ] && echo "$old" || echo src)
     mkdir -p "$out/$tree$round"
