@@ -3,9 +3,8 @@
 # "not slower than before, measured side by side with the previous commit"):
 #   bash benchmarks/ab_speed.sh OLD_SRC [OUTDIR]
 # OLD_SRC is the previous commit's src/ (e.g. `git archive OLD src benchmarks | tar -x -C .old`, then .old/src);
-# the new tree is ./src. Each measurement runs old, new, old, new (alternating, so clock and thermal drift hit
-# both alike) with the benchmark scripts of the new tree:
-# ROUNDS (default 1) repeats the pair.
+# the new tree is ./src. Each round runs old then new (ROUNDS rounds, default 1, alternating, so clock and thermal
+# drift hit both alike) with the benchmark scripts of the new tree:
 # - decode: benchmarks/decode.py, the 0.37B shape at batch 1, the compiled fast path, no transformers run;
 # - training: benchmarks/train.py, the 0.4b preset's compiled flash step.
 # Logs and JSON go to OUTDIR (default $OUT, else benchmarks/results/ab).
