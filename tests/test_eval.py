@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from diffllama import DiffLlamaConfig, DiffLlamaForCausalLM
+from diffllama import DiffLlamaConfig, DiffLlamaForCausalLM, Tokenizer
 from diffllama.cli import app
 from diffllama.eval import EvalSettings, attention_allocation as alloc, needle, outliers, perplexity, summary
 from diffllama.eval.attention_maps import (captured_maps, diffllama_attention_maps, fake_quantize,
                                            reference_attention_path)
 from diffllama.eval.icl import icl_order_robustness
-from diffllama.eval.scoring import continuation_logprobs, greedy_continuation
+from diffllama.eval.scoring import continuation_logprobs, greedy_continuation, next_token_logprobs
 from diffllama.train.data import bundled_corpus, iter_documents, train_bpe
 
-from conftest import tiny_config  # noqa: F401  (tests/ is on sys.path)
-
-DATA = __import__("pathlib").Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +153,8 @@ def test_needle_refusals_and_lengths(tokenizer):
         needle.build_sample(tokenizer, 1, 1, 256, 1.5, seed=0)
     with pytest.raises(needle.PromptTooLong, match="cannot hold 20 needles"):
         needle.build_sample(tokenizer, 20, 2, 64, 0.5, seed=0)
-    samples, skipped = needle.build_samples(tokenizer, [64, 128], cells=((1, 1), (20, 2)), depths=(0.5,))
-    assert skipped == ["20,2@64", "20,2@128"] and [(s.num_needles, s.length) for s in samples] == [(1, 64), (1, 128)]
+    samples, skipped = needle.build_samples(tokenizer, [128, 256], cells=((1, 1), (20, 2)), depths=(0.5,))
+    assert skipped == ["20,2@128", "20,2@256"] and [(s.num_needles, s.length) for s in samples] == [(1, 128), (1, 256)]
     assert needle.default_lengths(256) == [128, 256]
     assert needle.default_lengths(4096) == [1024, 2048, 4096]
     assert needle.default_lengths(3000) == [1024, 2048, 3000]
@@ -265,6 +264,8 @@ def test_continuation_logprobs_match_a_direct_computation():
         expected = sum(float(logp[n - 1 + i, t]) for i, t in enumerate(continuation))
         assert score == pytest.approx(expected, abs=1e-5)
         assert greedy == all(int(logp[n - 1 + i].argmax()) == t for i, t in enumerate(continuation))
+    nexts = next_token_logprobs(model, [[11, 12, 13, 14, 15], [7]], batch_size=1)
+    assert float(nexts[0][1]) == pytest.approx(got[2][0], abs=1e-9) and nexts[1].shape == (64,)
     first = greedy_continuation(model, [1, 2, 3], 3)
     assert greedy_continuation(model, [1, 2, 3], 3, use_cache=True) == first
     assert continuation_logprobs(model, [([1, 2, 3], first)])[0][1] is True
@@ -294,15 +295,24 @@ def test_cli_eval_writes_results_and_plots(model_dir, tmp_path):
     out = tmp_path / "out"
     text = tmp_path / "a.txt"
     text.write_text("The people of the United States and their Congress. " * 20)
-    result = CliRunner().invoke(app, ["eval", str(model_dir), "--task", "perplexity,needle,attention",
+    threads = torch.get_num_threads()
+    result = CliRunner().invoke(app, ["eval", str(model_dir), "--task", "perplexity,needle,attention,outliers",
                                       "--task", "quantization", "--text", str(text), "--out", str(out),
-                                      "--lengths", "128", "--bits", "4", "--window", "64", "--stride", "32"])
+                                      "--lengths", "128", "--bits", "4", "--window", "64", "--stride", "32",
+                                      "--outlier-sequences", "2", "--num-threads", "1"])
+    torch.set_num_threads(threads)  # --num-threads sets the process's; the other tests keep theirs
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "results.json").read_text())
-    assert set(saved) >= {"perplexity", "needle", "attention", "quantization", "timings_s"}
+    assert set(saved) >= {"perplexity", "needle", "attention", "outliers", "quantization", "timings_s"}
     assert set(saved["needle"]) | {c.split("@")[0] for c in saved["needle_skipped"]} == {"1,1", "2,2", "4,2", "6,2"}
     assert saved["needle_skipped"] == ["4,2@128", "6,2@128"] and list(saved["quantization"]) == ["none", "4"]
     assert saved["perplexity"]["bytes"] == len(text.read_bytes())
+    assert saved["outliers"]["sequences"] == 2 and saved["outliers"]["hidden_states"]["count"] == 2 * 2 * 32 * 64
+    with torch.no_grad():  # the unquantised loss is the perplexity pass's, over the same tokens
+        model = DiffLlamaForCausalLM.from_pretrained(model_dir).eval()
+        ids = Tokenizer.from_pretrained(model_dir).encode(text.read_text(), add_special_tokens=False)
+        assert saved["quantization"]["none"]["loss"] == pytest.approx(
+            perplexity.sliding_window_nll(model, ids, 64)[0] / (len(ids) - 1), rel=1e-5)
     assert {p.name for p in out.glob("*.png")} == {"needle_N1_R1.png", "needle_N2_R2.png",
                                                   "attention_allocation.png", "quantization.png"}
     assert "needle N,R=2,2" in result.output and "skipped" in result.output and "attention    answer" in result.output

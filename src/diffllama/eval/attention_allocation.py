@@ -89,14 +89,15 @@ def plot_allocation(result: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     layers = [p["layer"] for p in result["per_layer"]]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(layers) + 2), 3.2))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * len(layers) + 2), 3.4))
     width = 0.4
     ax.bar([x - width / 2 for x in layers], [p["answer"] for p in result["per_layer"]], width, label="answer")
     ax.bar([x + width / 2 for x in layers], [p["noise"] for p in result["per_layer"]], width, label="noise")
     ax.set_xlabel("layer")
     ax.set_ylabel("share of attention")
     ax.set_ylim(0, 1)
-    ax.set_title(f"attention allocation: answer {result['answer']:.3f}, noise {result['noise']:.3f}")
+    ax.set_title(f"attention allocation (mean over layers)\nanswer {result['answer']:.3f}, noise {result['noise']:.3f}",
+                 fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

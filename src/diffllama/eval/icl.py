@@ -40,7 +40,7 @@ def icl_order_robustness(model, tokenizer, train_path, test_path, *, k: int = 4,
     """
     from tqdm.auto import tqdm
 
-    from diffllama.eval.scoring import continuation_logprobs
+    from diffllama.eval.scoring import continuation_logprobs, next_token_logprobs
     from diffllama.finetune.data import read_text_classification
 
     for name, value in (("k", k), ("n_test", n_test), ("orders", orders), ("max_words", max_words)):
@@ -58,6 +58,7 @@ def icl_order_robustness(model, tokenizer, train_path, test_path, *, k: int = 4,
     demos = [(e.text, e.label) for e in rng.sample(train, k)]
     limit = model.config.max_position_embeddings
     label_ids = [tokenizer.encode(" " + label, add_special_tokens=False) for label in labels]
+    single_token = all(len(ids) == 1 for ids in label_ids)
     accuracies = []
     for order in tqdm(range(orders), desc="icl orders", disable=not progress, leave=False):
         shuffled = random.Random(seed * 1000 + order).sample(demos, k)
@@ -65,9 +66,15 @@ def icl_order_robustness(model, tokenizer, train_path, test_path, *, k: int = 4,
         pairs = []
         for prompt in prompts:
             ids = tokenizer.encode(prompt, add_special_tokens=False)
-            for continuation in label_ids:
-                pairs.append((ids[-(limit - len(continuation)):], continuation))
-        scores = [score for score, _ in continuation_logprobs(model, pairs, batch_size)]
+            if single_token:  # one-token labels: one pass over the prompt scores them all
+                pairs.append((ids[-(limit - 1):], label_ids[0]))
+            else:
+                pairs.extend((ids[-(limit - len(c)):], c) for c in label_ids)
+        if single_token:
+            scores = [s for dist in next_token_logprobs(model, [c for c, _ in pairs], batch_size)
+                      for s in dist[[c[0] for c in label_ids]].tolist()]
+        else:
+            scores = [score for score, _ in continuation_logprobs(model, pairs, batch_size)]
         correct = 0
         for i, example in enumerate(test):
             options = scores[i * len(labels):(i + 1) * len(labels)]

@@ -5,7 +5,7 @@ Tasks (:data:`TASKS`; all but ``harness`` by default):
 - ``perplexity``: :mod:`~diffllama.eval.perplexity` on text files, or on the held-out split of the bundled corpus.
 - ``needle``: multi-needle retrieval, :mod:`~diffllama.eval.needle` (heatmap per (N, R)).
 - ``attention``: attention allocation on the needle samples, :mod:`~diffllama.eval.attention_allocation`.
-- ``outliers``: activation outliers on held-out windows, :mod:`~diffllama.eval.outliers`.
+- ``outliers``: activation outliers on windows of the same text, :mod:`~diffllama.eval.outliers`.
 - ``quantization``: loss and needle accuracy with fake-quantised attention logits, :mod:`~diffllama.eval.quantization`.
 - ``icl``: in-context-learning order robustness, :mod:`~diffllama.eval.icl`.
 - ``harness``: lm-evaluation-harness tasks (needs ``pip install diffllama[eval]``), :mod:`~diffllama.eval.harness`.
@@ -32,7 +32,8 @@ class EvalSettings:
     """Settings of :func:`evaluate`; every field is a ``diffllama eval`` flag.
 
     Attributes:
-        tasks: names from :data:`TASKS`. texts: text files for ``perplexity`` (default: the held-out split).
+        tasks: names from :data:`TASKS`. texts: text files for ``perplexity``, ``outliers`` and the quantised
+            losses (default: the held-out split of the bundled corpus).
         window, stride: perplexity window and step in tokens (default: the model's maximum, non-overlapping).
         max_tokens: held-out tokens scored by ``perplexity`` (0 = all). lengths: needle context lengths
             (default :func:`~diffllama.eval.needle.default_lengths`). samples: needle samples per cell, length and
@@ -130,10 +131,12 @@ def evaluate(model_dir: str, out_dir: str | Path, settings: EvalSettings | None 
             results[name] = fn()
         results["timings_s"][name] = round(time.perf_counter() - t0, 2)
 
-    def tokens(count):
+    def tokens(count):  # the --text files' tokens when given, else the held-out split's (tokenized on first use)
         nonlocal held_out
         if held_out is None:
-            held_out = perplexity.held_out_tokens(tokenizer)[0]
+            held_out = (torch.tensor([t for p in settings.texts for t in tokenizer.encode(
+                Path(p).read_text(encoding="utf-8"), add_special_tokens=False)]) if settings.texts
+                else perplexity.held_out_tokens(tokenizer)[0])
         return held_out[:count] if count else held_out
 
     if "perplexity" in tasks:
@@ -218,6 +221,7 @@ def _plot_quantization(result: dict, path: Path) -> None:
     left.plot(names, [result[n]["loss"] for n in names], marker="o")
     left.set_xlabel("attention logit bits")
     left.set_ylabel("held-out loss (nats/token)")
+    left.ticklabel_format(axis="y", useOffset=False)
     right.plot(names, [result[n]["needle_accuracy"] for n in names], marker="o")
     right.set_xlabel("attention logit bits")
     right.set_ylabel("needle accuracy")

@@ -38,6 +38,22 @@ def greedy_continuation(model, input_ids: list[int], max_new_tokens: int, use_ca
     return new
 
 
+def _batched_logits(model, sequences: list[list[int]], batch_size: int):
+    """Yield ``(index, logits (S_i, vocab))`` for each sequence, run in right-padded batches of ``batch_size``."""
+    device = next(model.parameters()).device
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start:start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(chunk):
+            ids[row, :len(seq)] = torch.tensor(seq, device=device)
+            mask[row, :len(seq)] = 1
+        logits = model(ids, attention_mask=mask, use_cache=False).logits
+        for row, seq in enumerate(chunk):
+            yield start + row, logits[row, :len(seq)]
+
+
 @torch.no_grad()
 def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8
                           ) -> list[tuple[float, bool]]:
@@ -53,22 +69,23 @@ def continuation_logprobs(model, pairs: list[tuple[list[int], list[int]]], batch
     for context, continuation in pairs:
         if not continuation or not context:
             raise ValueError("each pair needs a non-empty context and a non-empty continuation")
-    device = next(model.parameters()).device
     results = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        seqs = [c + x for c, x in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for row, seq in enumerate(seqs):
-            ids[row, :len(seq)] = torch.tensor(seq, device=device)
-            mask[row, :len(seq)] = 1
-        logprobs = F.log_softmax(model(ids, attention_mask=mask, use_cache=False).logits.double(), dim=-1)
-        for row, (context, continuation) in enumerate(chunk):
-            positions = torch.arange(len(context) - 1, len(context) + len(continuation) - 1, device=device)
-            target = torch.tensor(continuation, device=device)
-            scores = logprobs[row, positions]  # (n, vocab): the predictions of each continuation token
-            results.append((float(scores.gather(1, target[:, None]).sum()),
-                            bool((scores.argmax(-1) == target).all())))
+    for index, logits in _batched_logits(model, [c + x for c, x in pairs], batch_size):
+        context, continuation = pairs[index]
+        target = torch.tensor(continuation, device=logits.device)
+        # (n, vocab): the predictions of the continuation's tokens
+        scores = F.log_softmax(logits[len(context) - 1:len(context) + len(continuation) - 1].double(), dim=-1)
+        results.append((float(scores.gather(1, target[:, None]).sum()), bool((scores.argmax(-1) == target).all())))
     return results
+
+
+@torch.no_grad()
+def next_token_logprobs(model, contexts: list[list[int]], batch_size: int = 8) -> list[torch.Tensor]:
+    """The log-probabilities (float64, (vocab,)) of the token after each context (right-padded batches).
+
+    Raises:
+        ValueError: an empty context.
+    """
+    if any(not c for c in contexts):
+        raise ValueError("each context needs at least one token")
+    return [F.log_softmax(logits[-1].double(), dim=-1) for _, logits in _batched_logits(model, contexts, batch_size)]
