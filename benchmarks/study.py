@@ -71,8 +71,8 @@ def train_and_evaluate(arch: str, seed: int, args) -> dict:
         model = DiffLlamaForCausalLM.from_pretrained(model_dir, dtype="bfloat16" if torch.cuda.is_available()
                                                      else "float32").eval()
         tokenizer = Tokenizer.from_pretrained(model_dir)
-        settings = EvalSettings(samples=args.samples, outlier_sequences=16, max_tokens=0,
-                                quantization_tokens=16384)
+        settings = EvalSettings(samples=args.samples, outlier_sequences=16, max_tokens=args.eval_tokens,
+                                quantization_tokens=args.eval_tokens or 16384)
         started = time.perf_counter()
         evaluation = evaluate(str(model_dir), work / "eval", settings, model=model, tokenizer=tokenizer,
                               progress=False)
@@ -137,6 +137,8 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=0, help="Validation interval (0 = the preset's).")
     parser.add_argument("--data", nargs="*", default=[], help="Corpus files/folders (default: the bundled one).")
     parser.add_argument("--samples", type=int, default=2, help="Needle samples per cell, length and depth.")
+    parser.add_argument("--eval-tokens", type=int, default=0,
+                        help="Held-out tokens for perplexity and the quantised losses (0 = all).")
     parser.add_argument("--tag", default="small1k", help="Names this configuration in the file names and table.")
     parser.add_argument("--out", default=str(RESULTS), help="Folder of the per-run JSON files.")
     parser.add_argument("--commit", action="store_true", help="git commit each run's JSON as it lands.")
@@ -146,8 +148,8 @@ def main(argv=None) -> None:
     if args.table:
         print(table(out))
         return
-    if args.max_steps < 1 or args.samples < 1:
-        parser.error("--max-steps and --samples must be >= 1")
+    if args.max_steps < 1 or args.samples < 1 or args.eval_tokens < 0:
+        parser.error("--max-steps and --samples must be >= 1, --eval-tokens >= 0")
     out.mkdir(parents=True, exist_ok=True)
     for arch in args.arch:
         for seed in args.seeds:

@@ -642,15 +642,15 @@ def eval_command(
                                    "icl, harness (repeatable or comma-separated). Default: all but harness."),
     out: str = typer.Option(None, "--out", help="Output folder for results.json and the PNGs. Default: "
                             "MODEL_DIR/eval."),
-    text: list[str] = typer.Option(None, "--text", help="Text file for perplexity (repeatable). Default: the "
-                                   "held-out split of the bundled corpus."),
+    text: list[str] = typer.Option(None, "--text", help="Text file (repeatable) for perplexity, outliers and the "
+                                   "quantised losses. Default: the held-out split of the bundled corpus."),
     window: int = typer.Option(None, help="Perplexity window in tokens (default: the model's maximum)."),
     stride: int = typer.Option(None, help="Perplexity window step (default: the window; smaller = sliding)."),
     max_tokens: int = typer.Option(16384, help="Held-out tokens scored for perplexity (0 = all)."),
     lengths: str = typer.Option(None, help="Needle context lengths, comma-separated (default: 1k, 2k, ... up to "
                                 "the model's maximum; half and all of it below 1k)."),
     samples: int = typer.Option(1, help="Needle samples per (N, R), length and depth."),
-    outlier_sequences: int = typer.Option(4, help="Held-out windows for the outlier statistics."),
+    outlier_sequences: int = typer.Option(4, help="Windows of the model's length for the outlier statistics."),
     bits: str = typer.Option("8,6,4", help="Attention-logit quantisation widths, comma-separated."),
     icl_train: str = typer.Option(None, help="Labelled CSV/JSONL for ICL demonstrations (default: "
                                   "tests/data/rt_train.csv of a source checkout)."),
