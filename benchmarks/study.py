@@ -68,8 +68,9 @@ def train_and_evaluate(arch: str, seed: int, args) -> dict:
         train_s = time.perf_counter() - started
         records, _ = read_metrics_file(work / "run" / "metrics.jsonl")
         model_dir = result.model_dir
-        model = DiffLlamaForCausalLM.from_pretrained(model_dir, dtype="bfloat16" if torch.cuda.is_available()
-                                                     else "float32").eval()
+        gpu = torch.cuda.is_available()
+        model = DiffLlamaForCausalLM.from_pretrained(model_dir, dtype="bfloat16" if gpu else "float32",
+                                                     device="cuda" if gpu else "cpu").eval()
         tokenizer = Tokenizer.from_pretrained(model_dir)
         settings = EvalSettings(samples=args.samples, outlier_sequences=16, max_tokens=args.eval_tokens,
                                 quantization_tokens=args.eval_tokens or 16384)
