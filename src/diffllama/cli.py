@@ -717,6 +717,87 @@ def _run_serve(model_dir, *, host, port, max_batch, max_seq_len, max_queue, pref
           f"{torch_device}; {max_batch} slots of {engine.max_seq_len} tokens) on http://{host}:{port}/v1"
           + ("" if template else " (no chat template: /v1/chat/completions answers 400)"), file=sys.stderr)
     api.serve(app, host=host, port=port)
+# ---- eval (evaluations of differential attention) ---------------------------------------------------------------
+
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    """Comma-separated integers, or None for an empty/absent value; a _UsageError (exit 2) names ``flag``."""
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise _UsageError(f"{flag} must be comma-separated integers, got {text!r}", 2) from None
+
+
+@app.command("eval")
+def eval_command(
+    model_dir: str = typer.Argument(..., help="Checkpoint directory (weights + tokenizer), e.g. runs/tiny/model."),
+    task: list[str] = typer.Option(None, "--task", help="perplexity, needle, attention, outliers, quantization, "
+                                   "icl, harness (repeatable or comma-separated). Default: all but harness."),
+    out: str = typer.Option(None, "--out", help="Output folder for results.json and the PNGs. Default: "
+                            "MODEL_DIR/eval."),
+    text: list[str] = typer.Option(None, "--text", help="Text file (repeatable) for perplexity, outliers and the "
+                                   "quantised losses. Default: the held-out split of the bundled corpus."),
+    window: int = typer.Option(None, help="Perplexity window in tokens (default: the model's maximum)."),
+    stride: int = typer.Option(None, help="Perplexity window step (default: the window; smaller = sliding)."),
+    max_tokens: int = typer.Option(16384, help="Held-out tokens scored for perplexity (0 = all)."),
+    lengths: str = typer.Option(None, help="Needle context lengths, comma-separated (default: 1k, 2k, ... up to "
+                                "the model's maximum; half and all of it below 1k)."),
+    samples: int = typer.Option(1, help="Needle samples per (N, R), length and depth."),
+    outlier_sequences: int = typer.Option(4, help="Windows of the model's length for the outlier statistics."),
+    bits: str = typer.Option("8,6,4", help="Attention-logit quantisation widths, comma-separated."),
+    icl_train: str = typer.Option(None, help="Labelled CSV/JSONL for ICL demonstrations (default: "
+                                  "tests/data/rt_train.csv of a source checkout)."),
+    icl_test: str = typer.Option(None, help="Labelled CSV/JSONL scored by ICL (default: tests/data/rt_test.csv)."),
+    harness_tasks: str = typer.Option(None, help="lm_eval task names for --task harness, comma-separated."),
+    include_path: str = typer.Option(None, help="Folder of lm_eval task YAMLs (e.g. docs/eval_tasks)."),
+    seed: int = typer.Option(0, help="Seed of the needle samples and ICL orders."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    num_threads: int = typer.Option(0, help="CPU threads for torch (0 = torch's default; 1 is much faster on a "
+                                    "CPU shared with other jobs)."),
+) -> None:
+    """Evaluate a checkpoint: perplexity, multi-needle retrieval, attention allocation, outliers, quantisation and
+    ICL order robustness (arXiv 2410.05258 §3); writes OUT/results.json and PNG plots, prints a summary.
+
+    Example: diffllama eval runs/tiny/model --task needle,attention --samples 2
+    """
+    import sys
+    from pathlib import Path
+
+    from diffllama.eval.runner import EvalSettings, evaluate, summary
+
+    try:
+        tasks = [t.strip() for item in task or [] for t in item.split(",") if t.strip()]
+        settings = EvalSettings(texts=list(text or []), window=window, stride=stride, max_tokens=max_tokens,
+                                lengths=_int_list(lengths, "--lengths"), samples=samples,
+                                outlier_sequences=outlier_sequences, bits=_int_list(bits, "--bits") or [],
+                                icl_train=icl_train, icl_test=icl_test, seed=seed,
+                                harness_tasks=[t for t in (harness_tasks or "").split(",") if t],
+                                include_path=include_path)
+        if tasks:
+            settings.tasks = tasks
+        settings.check()
+        torch_device = _generation_device(device)
+        if num_threads < 0:
+            raise _UsageError(f"--num-threads must be >= 0 (0 = torch's default), got {num_threads}", 2)
+    except _UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(error.code)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(2)
+    folder = Path(out or Path(model_dir) / "eval")
+    if num_threads:
+        import torch
+
+        torch.set_num_threads(num_threads)
+    try:
+        results = evaluate(model_dir, folder, settings, device=str(torch_device))
+    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(1)
+    print(summary(results))
+    print(f"results: {folder / 'results.json'}")
 
 
 def main() -> None:

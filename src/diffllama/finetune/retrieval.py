@@ -68,18 +68,28 @@ def build_retrieval_qa(documents: list[str], count: int, *, passage_words: int =
         for other in keys[1:]:  # distractors go in as single 'words' so the depth arithmetic stays exact
             spot = rng.randrange(0, len(passage) + 1)
             passage.insert(spot, statement.format(key=other, value=rng.randrange(1000, 100000)))
-        cut = round(bucket * len(passage))
-        before, after = " ".join(passage[:cut]), " ".join(passage[cut:])
-        context = " ".join(part for part in (before, fact, after) if part)
-        fact_start = len(before) + 1 if before else 0
+        context, fact_start, depth = insert_at_depth(passage, fact, bucket)
         answer_start = fact_start + fact.index(value)
         assert context[answer_start:answer_start + len(value)] == value
         paragraphs.append({"context": context, "qas": [{
             "id": f"{prefix}-{i}", "question": question.format(key=key),
             "answers": [{"text": value, "answer_start": answer_start}],
-            "depth": cut / len(passage), "depth_bucket": bucket}]})
+            "depth": depth, "depth_bucket": bucket}]})
     return {"version": "diffllama-retrieval-1", "data": [{"title": "key information retrieval",
                                                            "paragraphs": paragraphs}]}
+
+
+def insert_at_depth(words: list[str], fact: str, depth: float) -> tuple[str, int, float]:
+    """Join ``words`` with spaces, with ``fact`` inserted after ``round(depth · len(words))`` of them.
+
+    Returns ``(context, fact_start, actual_depth)``: the text, the character offset of ``fact`` in it, and the
+    fraction of words before the fact. Shared by this QA set and the needle evaluation
+    (:mod:`diffllama.eval.needle`).
+    """
+    cut = round(depth * len(words))
+    before, after = " ".join(words[:cut]), " ".join(words[cut:])
+    context = " ".join(part for part in (before, fact, after) if part)
+    return context, (len(before) + 1 if before else 0), cut / max(len(words), 1)
 
 
 def write_retrieval_qa(path: str | Path, documents: list[str], count: int, **kwargs) -> Path:
