@@ -190,7 +190,7 @@ def predict(task: Task, model_dir, examples: list, *, batch_size: int = 16, devi
 
 
 def write_metrics(path, scores: dict) -> None:
-    """Write ``scores`` as JSON to ``path`` atomically (:func:`diffllama.config.atomic_write_text`)."""
+    """Write ``scores`` as JSON to ``path`` atomically (:func:`diffllama.io.atomic_write_text`)."""
     atomic_write_text(Path(path), json.dumps(scores, indent=2) + "\n")
 
 
