@@ -202,7 +202,7 @@ def test_training_run_folder_names_the_model_to_load(saved, tmp_path):
 
 
 def test_failed_save_leaves_previous_checkpoint_loadable(saved, monkeypatch):
-    import diffllama.checkpoint as ckpt
+    import diffllama.hf_format as ckpt
 
     before = {p.name: p.read_bytes() for p in saved.iterdir()}
     assert "generation_config.json" in before
@@ -225,7 +225,7 @@ def test_failed_save_leaves_previous_checkpoint_loadable(saved, monkeypatch):
 
 
 def test_failed_save_into_new_directory_leaves_nothing_loadable(tmp_path, monkeypatch):
-    import diffllama.checkpoint as ckpt
+    import diffllama.hf_format as ckpt
 
     monkeypatch.setattr(ckpt, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
@@ -381,7 +381,7 @@ class _Resolved(Exception):
 
 
 def _no_resolution(monkeypatch):
-    import diffllama.checkpoint as ckpt
+    import diffllama.hf_format as ckpt
 
     def resolve(path_or_repo_id, **kwargs):
         raise _Resolved(path_or_repo_id)
@@ -413,7 +413,7 @@ def test_valid_overrides_pass_the_early_checks(monkeypatch, kwargs):
 def test_every_config_field_is_an_accepted_override():
     import dataclasses
 
-    from diffllama.checkpoint import config_override_names
+    from diffllama.hf_format import config_override_names
 
     fields = {f.name for f in dataclasses.fields(diffllama.DiffLlamaConfig)}
     assert config_override_names() == fields - {"extra"} | {"num_labels"}
@@ -421,7 +421,7 @@ def test_every_config_field_is_an_accepted_override():
 
 
 def test_config_dtype_is_checked_before_the_weights_are_read(saved, monkeypatch):
-    import diffllama.checkpoint as ckpt
+    import diffllama.hf_format as ckpt
 
     config = json.loads((saved / "config.json").read_text())
     (saved / "config.json").write_text(json.dumps({**config, "dtype": "int7"}))

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from diffllama import checkpoint
-from diffllama.checkpoint import load_state_dict, parse_size, resolve_checkpoint_dir, save_state_dict
+from diffllama import hf_format as checkpoint
+from diffllama.hf_format import load_state_dict, parse_size, save_state_dict
+from diffllama.hub import resolve_checkpoint_dir
 
 
 def make_state_dict(seed=0):

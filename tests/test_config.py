@@ -234,7 +234,7 @@ def test_failed_config_save_removes_the_folders_it_created(tmp_path, monkeypatch
 
 
 def test_read_json_object_names_the_file_for_each_way_it_can_be_wrong(tmp_path):
-    from diffllama.config import read_json_object
+    from diffllama.io import read_json_object
 
     path = tmp_path / "generation_config.json"
     path.write_text('{"max_new_tokens": 5}')

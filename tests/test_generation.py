@@ -21,12 +21,12 @@ from diffllama.generation import (
     next_tokens,
     pad_batch,
     position_ids_from_mask,
-    read_generation_config,
     resolve_lengths,
     resolve_special_ids,
     stream_generate,
     stream_text,
 )
+from diffllama.hf_format import read_generation_config
 
 NEW = 42
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from diffllama.train.checkpoint import list_checkpoints
+from diffllama.run_folder import list_checkpoints
 from diffllama.train.loop import Trainer
 from train_utils import MICRO_MODEL, micro_config, small_corpus
 

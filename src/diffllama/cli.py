@@ -22,7 +22,7 @@ app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False, pre
 def _check_environment(ctx: typer.Context) -> None:
     # Bad DIFFLLAMA_* kernel settings (diffllama.settings) are one error line before any command's work; a
     # command's --help is shown whatever they hold.
-    from diffllama import settings
+    from diffllama import settings  # lazy: CLI startup time
 
     if ctx.meta.get("help_asked"):
         return
@@ -72,7 +72,7 @@ def _generation_device(device: str):
 
 
 def _generation_dtype(dtype: str, device):
-    from diffllama.checkpoint import DTYPES
+    from diffllama.hf_format import DTYPES  # lazy: CLI startup time
 
     if dtype == "auto":  # the checkpoint's dtype on a GPU; float32 on CPU (bf16 matmuls are slow there)
         return None if device.type == "cuda" else "float32"
@@ -83,13 +83,13 @@ def _generation_dtype(dtype: str, device):
 
 def _check_attn(attn, device) -> None:
     """Refuse an unknown --attn, and flash where it cannot run (no CUDA device, no Triton), before any loading."""
-    from diffllama.config import ATTN_IMPLEMENTATIONS
+    from diffllama.config import ATTN_IMPLEMENTATIONS  # lazy: CLI startup time
 
     if attn not in ATTN_IMPLEMENTATIONS:
         raise _UsageError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn!r}", 2)
     if attn == "flash":
-        from diffllama import settings
-        from diffllama.attention import flash
+        from diffllama import settings  # lazy: CLI startup time
+        from diffllama.attention import flash  # lazy: CLI startup time
 
         if device.type != "cuda" and not settings.triton_interpreting():
             raise _UsageError(f"--attn-implementation flash needs a CUDA GPU, but generation runs on {device}: "
@@ -195,10 +195,10 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
     import sys
     import time
 
-    from diffllama.checkpoint import resolve_checkpoint_dir
-    from diffllama.generation import check_sampling_args, pad_batch, stream_text
-    from diffllama.modeling import DiffLlamaForCausalLM
-    from diffllama.tokenizer import Tokenizer
+    from diffllama.hub import resolve_checkpoint_dir  # lazy: CLI startup time
+    from diffllama.generation import check_sampling_args, pad_batch, stream_text  # lazy: CLI startup time
+    from diffllama.modeling import DiffLlamaForCausalLM  # lazy: CLI startup time
+    from diffllama.tokenizer import Tokenizer  # lazy: CLI startup time
 
     sources = sum([prompt is not None, interactive, prompts_file is not None])
     if sources != 1:
@@ -300,7 +300,7 @@ def _run_reporting_errors(run, errors: tuple):
     """``run()``; the expected ``errors`` become one 'error: ...' line and exit code 1. Releases torch.distributed."""
     import sys
 
-    from diffllama.train.distributed import cleanup
+    from diffllama.train.distributed import cleanup  # lazy: CLI startup time
 
     try:
         return run()
@@ -383,10 +383,11 @@ def train(
     """
     from pathlib import Path
 
-    from diffllama.train.checkpoint import check_run_dir, latest_checkpoint
-    from diffllama.train.config import read_config_file, resolve_config
-    from diffllama.train.data import CorpusError
-    from diffllama.train.loop import BatchTooLargeError, run_training
+    from diffllama.run_folder import latest_checkpoint  # lazy: CLI startup time
+    from diffllama.train.checkpoint import check_run_dir  # lazy: CLI startup time
+    from diffllama.train.config import read_config_file, resolve_config  # lazy: CLI startup time
+    from diffllama.train.data import CorpusError  # lazy: CLI startup time
+    from diffllama.train.loop import BatchTooLargeError, run_training  # lazy: CLI startup time
 
     flags = dict(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
                  warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
@@ -428,7 +429,7 @@ def plot(
     """Draw a run's training and validation loss (and learning rate) curves to a PNG file."""
     import sys
 
-    from diffllama.train.plot import plot_run
+    from diffllama.train.plot import plot_run  # lazy: CLI startup time
 
     try:
         path = plot_run(run_dir, out)
@@ -447,7 +448,7 @@ def _task_options(task_name, labels=None, **options):
     """The task with its :class:`~diffllama.finetune.tasks.TaskOptions` (``labels``: comma-separated text or a
     list); a bad task name or option (TaskOptions and the task check them, naming the flag) is
     :class:`_UsageError` with exit code 2."""
-    from diffllama.finetune.tasks import TaskOptions, get_task
+    from diffllama.finetune.tasks import TaskOptions, get_task  # lazy: CLI startup time
 
     if isinstance(labels, str):
         labels = [label.strip() for label in labels.split(",")]
@@ -512,9 +513,9 @@ def finetune(
     import sys
     from pathlib import Path
 
-    from diffllama.finetune.data import DataError
-    from diffllama.finetune.run import finetune_config, resume_command, run_finetune
-    from diffllama.train.checkpoint import check_run_dir
+    from diffllama.finetune.data import DataError  # lazy: CLI startup time
+    from diffllama.finetune.run import finetune_config, resume_command, run_finetune  # lazy: CLI startup time
+    from diffllama.train.checkpoint import check_run_dir  # lazy: CLI startup time
 
     run_dir = Path(out or f"runs/finetune-{task}")
     try:  # arguments first, before any data is read or anything written
@@ -585,9 +586,9 @@ def predict(
     import os
     import sys
 
-    from diffllama.finetune.data import DataError
-    from diffllama.finetune.predict import (check_checkpoint, gold_metrics, output_records, predict as run_predict,
-                                            read_input, write_metrics)
+    from diffllama.finetune.data import DataError  # lazy: CLI startup time
+    from diffllama.finetune.predict import (  # lazy: CLI startup time
+        check_checkpoint, gold_metrics, output_records, predict as run_predict, read_input, write_metrics)
 
     try:  # arguments and the checkpoint's class first, before any input is read or anything printed
         if batch_size < 1:

@@ -9,23 +9,28 @@ written back unchanged.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import numbers
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from diffllama.hub import resolve_checkpoint_dir
+from diffllama.io import atomic_write_text, new_folder, read_json_object
 
 MODEL_TYPE = "diffllama"
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh", "sigmoid", "gelu_accurate",
                "gelu_fast", "quick_gelu", "relu2", "relu6", "leaky_relu", "mish", "hardswish", "linear")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash", "auto")
+# transformers also takes a 4-D (B, 1, S, P + S) mask of its own making; the backends here build theirs from the
+# 2-D padding mask and the positions, so a 4-D one is refused by every forward and generate alike.
+FOUR_D_MASK_MESSAGE = (
+    "a 4-D attention_mask (batch, 1, query, key) is not supported: pass attention_mask as None (every token "
+    "real) or a 2-D (batch, past + seq) tensor of 0 (padding) and 1 (real token), bool, integer or float; with a "
+    "static cache also (batch, max_length); generate takes the 2-D (batch, seq) mask of the prompt")
 # Keys each RoPE type requires, beyond rope_type and rope_theta (transformers' modeling_rope_utils).
 ROPE_REQUIRED_KEYS = {
     "default": (),
@@ -284,7 +289,7 @@ class DiffLlamaConfig:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **overrides: Any) -> DiffLlamaConfig:
         """Read ``config.json`` from a checkpoint directory, a path to the file itself, or a hub repo id (resolved as
-        the model's: :func:`diffllama.checkpoint.resolve_checkpoint_dir`).
+        the model's: :func:`diffllama.hub.resolve_checkpoint_dir`).
 
         Raises:
             FileNotFoundError: if there is no config.json there (or the path or repo id does not resolve).
@@ -292,8 +297,6 @@ class DiffLlamaConfig:
         """
         path = Path(path_or_repo_id).expanduser()
         if not path.is_file():
-            from diffllama.checkpoint import resolve_checkpoint_dir  # checkpoint imports this module
-
             path = resolve_checkpoint_dir(path_or_repo_id)
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
@@ -410,63 +413,3 @@ def token_ids(value, vocab_size: int, name: str, *, many: bool = True,
         raise ValueError(f"{name} must {'hold ids' if many else 'be an id'} in [0, vocab_size={vocab_size}), "
                          f"got {bad if many else bad[0]}")
     return ids
-
-
-@contextlib.contextmanager
-def new_folder(directory: str | os.PathLike) -> Iterator[Path]:
-    """Create ``directory`` (and missing parents) and yield it, normalised ("a/../b" is "b"); if the body (or the
-    creation) fails, remove the outermost folder this call created, so a failed write leaves no new folders."""
-    directory = Path(os.path.abspath(directory))
-    created = next((p for p in reversed([directory, *directory.parents]) if not p.exists()), None)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        yield directory
-    except BaseException:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-
-
-def default_permissions(path: str | os.PathLike) -> None:
-    """Give ``path`` the mode a plain ``open()`` (a file) or ``mkdir()`` (a folder) would have given it: 0o666 or
-    0o777 less the umask. Files and folders made by ``tempfile`` (and files written by safetensors) start as
-    0o600 / 0o700, so a checkpoint moved into place from them would be unreadable to other users."""
-    umask = os.umask(0)  # the only portable way to read the umask is to set it: put it straight back
-    os.umask(umask)
-    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~umask)
-
-
-def read_json_object(path: Path) -> dict:
-    """The JSON object (a dict) in the UTF-8 file ``path``.
-
-    Raises:
-        ValueError: naming the file, when it is not UTF-8, not valid JSON, or holds something else than an object.
-    """
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object ({{...}}), got a {type(data).__name__}")
-    return data
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Create ``path`` whole or not at all: ``write(tmp)`` fills a temp file in the same folder, which an atomic
-    rename then puts in place (a reader never sees a half-written file); the file gets the usual permissions
-    (:func:`default_permissions`), not the temp file's 0o600. The temp file is removed if ``write`` fails."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """:func:`atomic_write` of ``text`` (UTF-8)."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 
 from diffllama.cache import DynamicCache, StaticCache
-from diffllama.config import is_int, token_ids
+from diffllama.config import FOUR_D_MASK_MESSAGE, is_int, token_ids
 from diffllama.rope import check_compile_supported
 
-GENERATION_CONFIG = "generation_config.json"
 # New tokens when no length is given anywhere: transformers' GenerationConfig default (max_length=20), which its
 # generate counts from the end of the prompt ("by default let's always generate 20 new tokens").
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -145,7 +142,7 @@ def resolve_lengths(model, prompt_length: int, *, max_new_tokens=None, max_lengt
 
     ``prompt_length`` is the (padded) width S of ``input_ids`` (or of ``inputs_embeds``). Each of
     ``max_new_tokens``, ``max_length`` and ``min_new_tokens`` is the argument when given, else the generation config's (a dict, as
-    :func:`read_generation_config` returns; absent or {} for a model not loaded from a checkpoint). Then, as in
+    :func:`diffllama.hf_format.read_generation_config` returns; absent or {} for a model not loaded from a checkpoint). Then, as in
     transformers, the most new tokens is the first of:
 
     - ``max_new_tokens`` (an int >= 1), so it wins over any ``max_length``, even one given as an argument;
@@ -213,18 +210,6 @@ def _generation_config(model) -> dict:
     return gen
 
 
-def read_generation_config(directory: str | os.PathLike) -> dict:
-    """The ``generation_config.json`` of a checkpoint directory as a dict ({} when absent).
-
-    Raises:
-        ValueError: the file exists but is not a JSON object.
-    """
-    from diffllama.config import read_json_object
-
-    path = Path(directory) / GENERATION_CONFIG
-    return read_json_object(path) if path.is_file() else {}
-
-
 def check_eos_token_id(value, vocab_size: int, name: str = "eos_token_id") -> list[int]:
     """``value`` as a list of EOS ids, checked: None (-> ``[]``), an int, or a list, tuple or 0-d/1-D integer tensor
     of ints; every id in [0, vocab_size). ``[]`` means no stop ids.
@@ -247,7 +232,7 @@ def resolve_special_ids(model, eos_token_id=None, pad_token_id=None) -> tuple[li
     """EOS ids (a list, possibly empty) and the pad id for ``model``, checked against ``model.config.vocab_size``.
 
     Order of precedence: the arguments; ``model.generation_config`` (a dict, e.g. from
-    :func:`read_generation_config`, when the attribute exists); ``model.config``. ``eos_token_id``: None, an int,
+    :func:`diffllama.hf_format.read_generation_config`, when the attribute exists); ``model.config``. ``eos_token_id``: None, an int,
     or a list, tuple or 0-d/1-D integer tensor of ints, each in [0, vocab_size); ``[]`` disables stopping.
     ``pad_token_id``: None or an int in [0, vocab_size). The pad id falls back to the first EOS id, then 0 (it is
     only written after a row's EOS); a pad id from the configs outside [0, vocab_size) (e.g. -1, "no pad") falls
@@ -367,8 +352,6 @@ def _check_inputs(input_ids, attention_mask, vocab_size: int, inferred_from: int
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be None or a torch.Tensor, got {type(attention_mask).__name__}")
     if attention_mask.dim() == 4:
-        from diffllama.modeling import FOUR_D_MASK_MESSAGE
-
         raise ValueError(FOUR_D_MASK_MESSAGE)
     if tuple(attention_mask.shape) != shape:
         raise ValueError(f"attention_mask must be a tensor of the shape of input_ids (or of inputs_embeds' batch and "
@@ -872,8 +855,6 @@ def stream_text(model, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
     that tokenizes to nothing starts from the tokenizer's BOS token (as transformers' ``generate()`` does without
     input); without a BOS token it raises ValueError.
     """
-    from diffllama.tokenizer import IncrementalDetokenizer
-
     tokens = tokenizer.encode(prompt)
     if not tokens:  # as transformers' generate() without input: start from BOS
         if tokenizer.bos_token_id is None:
@@ -885,7 +866,7 @@ def stream_text(model, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
     if kwargs.get("eos_token_id") is None and not eos and tokenizer.eos_token_id is not None:
         eos = [tokenizer.eos_token_id]
     kwargs["eos_token_id"] = eos
-    detok = IncrementalDetokenizer(tokenizer)
+    detok = tokenizer.detokenizer()
     eos_ids = set(eos)
     for token in stream_generate(model, ids, **kwargs):
         value = int(token[0])

@@ -20,8 +20,10 @@ from torch.utils.checkpoint import checkpoint
 from diffllama.attention import AttentionMask, get_backend, resolve_implementation
 from diffllama.cache import DynamicCache, StaticCache
 from diffllama import gemv, settings
-from diffllama.config import DiffLlamaConfig
+from diffllama.config import FOUR_D_MASK_MESSAGE, DiffLlamaConfig
 from diffllama.fusion import FusedLinear, TrustSwitch
+from diffllama.generation import generate
+from diffllama.hf_format import load_pretrained, parse_device, parse_dtype, save_pretrained
 from diffllama.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                                SequenceClassifierOutputWithPast, TokenClassifierOutput, can_return_tuple)
 from diffllama.rope import RotaryEmbedding, apply_rotary_pos_emb
@@ -545,8 +547,6 @@ class DiffLlamaPreTrainedModel(nn.Module):
             ValueError: naming ``dtype`` or ``device``, for a bad value (or CUDA asked for without CUDA), before
                 the model is built. TypeError: ``config`` not a ``DiffLlamaConfig``.
         """
-        from diffllama.checkpoint import parse_device, parse_dtype
-
         dtype, device = parse_dtype(dtype), parse_device(device)
         return cls(config).to(device=device, dtype=dtype)
 
@@ -572,10 +572,8 @@ class DiffLlamaPreTrainedModel(nn.Module):
             FileNotFoundError: no such directory / cached repo, or no weights. ValueError: wrong model_type,
             missing or unexpected keys, shape mismatches, corrupt safetensors files, a bad dtype, both ``dtype``
             and ``torch_dtype`` or ``device`` and ``device_map``. NotImplementedError: a ``device_map`` over
-            several devices. (Source: :func:`diffllama.checkpoint.load_pretrained`.)
+            several devices. (Source: :func:`diffllama.hf_format.load_pretrained`.)
         """
-        from diffllama.checkpoint import load_pretrained
-
         return load_pretrained(cls, path_or_repo_id, dtype=dtype, device=device,
                                attn_implementation=attn_implementation, torch_dtype=torch_dtype,
                                device_map=device_map, **config_overrides)
@@ -587,14 +585,12 @@ class DiffLlamaPreTrainedModel(nn.Module):
         Tied ``lm_head.weight`` is left out, as transformers does. Each file is written atomically: all are staged
         and moved into place only when all are complete, so a failure before the moves leaves the directory as it
         was; during the moves a reader may see the new weights with the old config.json
-        (:func:`diffllama.checkpoint.save_state_dict` gives the details).
+        (:func:`diffllama.hf_format.save_state_dict` gives the details).
 
         Raises:
-            ValueError: a bad ``max_shard_size`` (see :func:`diffllama.checkpoint.parse_size`), before anything is
+            ValueError: a bad ``max_shard_size`` (see :func:`diffllama.hf_format.parse_size`), before anything is
                 written. NotADirectoryError: ``directory``, or a folder above it, is a file.
         """
-        from diffllama.checkpoint import save_pretrained
-
         save_pretrained(self, directory, max_shard_size=max_shard_size)
 
 
@@ -886,14 +882,6 @@ def _explicit_documents(document_ids, cu_seq_lens_q, cu_seq_lens_k, max_length_q
     return _document_starts_to_ids(starts.view(batch, seq))
 
 
-# transformers also takes a 4-D (B, 1, S, P + S) mask of its own making; the backends here build theirs from the
-# 2-D padding mask and the positions, so a 4-D one is refused by every forward and generate alike.
-FOUR_D_MASK_MESSAGE = (
-    "a 4-D attention_mask (batch, 1, query, key) is not supported: pass attention_mask as None (every token "
-    "real) or a 2-D (batch, past + seq) tensor of 0 (padding) and 1 (real token), bool, integer or float; with a "
-    "static cache also (batch, max_length); generate takes the 2-D (batch, seq) mask of the prompt")
-
-
 # The index dtypes nn.Embedding takes (it refuses uint8, int16 and bool with its own error); ids, positions and
 # labels all accept these and no others.
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -1091,8 +1079,6 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
                  **kwargs) -> torch.Tensor:
         """Continue left-padded prompts (B, S) -> (B, S + n) int64, or (B, n) for ``inputs_embeds`` alone; see
         :func:`diffllama.generation.generate`."""
-        from diffllama.generation import generate
-
         return generate(self, input_ids, attention_mask, **kwargs)
 
 

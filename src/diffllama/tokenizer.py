@@ -19,6 +19,10 @@ import json
 import os
 from pathlib import Path
 
+from diffllama.generation import pad_batch
+from diffllama.hub import resolve_checkpoint_dir
+from diffllama.io import atomic_write, atomic_write_text, read_json_object
+
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -39,8 +43,6 @@ def _token_content(value) -> str | None:
 
 def _read_json(path: Path) -> dict:
     """A tokenizer config file's object, {} when the file is absent (ValueError when it is malformed)."""
-    from diffllama.config import read_json_object
-
     return read_json_object(path) if path.is_file() else {}
 
 
@@ -88,7 +90,7 @@ class Tokenizer:
     def from_pretrained(cls, path_or_dir: str | os.PathLike, **special_tokens: str | None) -> Tokenizer:
         """Load a tokenizer from a checkpoint directory, a ``tokenizer.json`` / ``tokenizer.model`` file, or a hub
         repo id (resolved as the model's: local cache first, then the network unless ``HF_HUB_OFFLINE`` is set;
-        see :func:`diffllama.checkpoint.resolve_checkpoint_dir`).
+        see :func:`diffllama.hub.resolve_checkpoint_dir`).
 
         A directory is searched for tokenizer.json first, then tokenizer.model; special tokens come from keyword
         arguments (``bos_token=``, ``eos_token=``, ``pad_token=``, ``unk_token=``), else tokenizer_config.json,
@@ -100,8 +102,6 @@ class Tokenizer:
                 nor tokenizer.model. ValueError: a malformed file, or a special token not in the vocabulary.
             ImportError: a sentencepiece model without the ``sentencepiece`` package installed.
         """
-        from diffllama.checkpoint import resolve_checkpoint_dir
-
         path = Path(path_or_dir).expanduser()
         if not path.is_file():
             path = resolve_checkpoint_dir(path_or_dir)
@@ -251,8 +251,6 @@ class Tokenizer:
             raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")
         ids = self.encode_batch([text] if single else text, add_special_tokens)
         if return_tensors == "pt":
-            from diffllama.generation import pad_batch
-
             pad = next((p for p in (self.pad_token_id, self.eos_token_id) if p is not None), 0)
             input_ids, mask = pad_batch(ids, pad_token_id=pad, padding_side=padding_side)
             return {"input_ids": input_ids, "attention_mask": mask}
@@ -336,8 +334,6 @@ class Tokenizer:
         Raises:
             NotADirectoryError: ``directory`` (or a parent) is a file.
         """
-        from diffllama.config import atomic_write, atomic_write_text
-
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"directory {str(directory)!r} is a file; expected a folder to save into")

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from diffllama.config import atomic_write_text
+from diffllama.hub import resolve_checkpoint_dir
+from diffllama.io import atomic_write_text
+from diffllama.tokenizer import Tokenizer
 from diffllama.finetune.data import DataError, batch_pad_id
 from diffllama.finetune.tasks import Task, TaskOptions
 
@@ -32,8 +34,6 @@ def load_for_task(task: Task, model_dir, *, device="cpu", dtype=None):
         FileNotFoundError / ValueError: from the checkpoint and tokenizer loaders.
     """
     import warnings
-
-    from diffllama.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_pretrained(model_dir)
     # Batches are padded with this id; the model must pool on the same one (see batch_pad_id), also for a
@@ -78,8 +78,6 @@ def check_checkpoint(task: Task, model_dir) -> CheckpointInfo:
         FileNotFoundError / NotADirectoryError: no such checkpoint. ValueError: another model class, an
         unreadable config.json or train_config.yaml, an ``id2label`` whose keys are not label ids.
     """
-    from diffllama.checkpoint import resolve_checkpoint_dir
-
     try:
         directory = resolve_checkpoint_dir(model_dir)
     except (FileNotFoundError, NotADirectoryError) as error:
@@ -192,7 +190,7 @@ def predict(task: Task, model_dir, examples: list, *, batch_size: int = 16, devi
 
 
 def write_metrics(path, scores: dict) -> None:
-    """Write ``scores`` as JSON to ``path`` atomically (:func:`diffllama.config.atomic_write_text`)."""
+    """Write ``scores`` as JSON to ``path`` atomically (:func:`diffllama.io.atomic_write_text`)."""
     atomic_write_text(Path(path), json.dumps(scores, indent=2) + "\n")
 
 

@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-from diffllama.config import atomic_write_text
+from diffllama.io import atomic_write_text
 
 NAMES = ("Adams", "Baker", "Carter", "Dalton", "Ellis", "Foster", "Garcia", "Harper", "Irving", "Jensen", "Keller",
          "Lawson", "Monroe", "Nolan", "Owens", "Porter", "Quinn", "Reyes", "Sutton", "Turner", "Upton", "Vaughn",

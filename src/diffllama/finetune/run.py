@@ -31,11 +31,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from diffllama.config import DiffLlamaConfig, atomic_write_text
-from diffllama.finetune.data import DataError, batch_pad_id
+from diffllama.config import DiffLlamaConfig
+from diffllama.io import atomic_write_text
+from diffllama.finetune.data import DataError, batch_pad_id, check_file
 from diffllama.finetune.tasks import Task
+from diffllama.hf_format import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from diffllama.run_folder import latest_checkpoint
+from diffllama.tokenizer import Tokenizer
 from diffllama.train import checkpoint as ckpt
 from diffllama.train.config import TrainConfig, resolve_config, resume_conflicts
+from diffllama.train.data import file_sha256
 from diffllama.train.loop import FitResult, Trainer
 
 FINETUNE_DEFAULTS = dict(max_steps=300, batch_size=16, grad_accum=1, lr=2e-4, warmup_steps=30, min_lr_ratio=0.1,
@@ -110,9 +115,6 @@ def data_fingerprint(paths: dict) -> dict:
     Raises:
         DataError: a path that is missing or a directory (naming it).
     """
-    from diffllama.finetune.data import check_file
-    from diffllama.train.data import file_sha256
-
     out = {}
     for role, path in paths.items():
         if path is None:
@@ -173,7 +175,7 @@ class FineTuneTrainer(Trainer):
                       "test": Path(test_path) if test_path else None}
         self.eval_fraction = eval_fraction
         self.last_eval: dict = {}
-        if resume and ckpt.latest_checkpoint(run_dir) is None:
+        if resume and latest_checkpoint(run_dir) is None:
             raise ValueError(f"--resume: no checkpoint in {run_dir} to resume from (drop --resume to start a new "
                              f"run)")
         options = {k: v for k, v in dataclasses.asdict(task.options).items() if k != "max_length"}
@@ -218,8 +220,6 @@ class FineTuneTrainer(Trainer):
         """Check the base model before any data work: its config.json parses and a weight file is there (the
         trainer's own check of the preset's language-model fields does not apply: the model comes from --model),
         so that a wrong --model fails in a second, not after reading and encoding all the data."""
-        from diffllama.checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
-
         where = f"--model {str(self.model_dir)!r}"
         if not self.model_dir.is_dir():
             raise FileNotFoundError(f"{where}: model directory does not exist; expected a pretrained checkpoint "
@@ -236,8 +236,6 @@ class FineTuneTrainer(Trainer):
                                     f"{SAFE_WEIGHTS_INDEX_NAME} beside its config.json")
 
     def _setup_data(self) -> None:
-        from diffllama.tokenizer import Tokenizer
-
         task, paths = self.task, self.paths
         # A resumed run keeps the tokenizer its checkpoint was trained with, whatever --model holds now.
         self.tokenizer = Tokenizer.from_pretrained(self.resume_from or self.model_dir)

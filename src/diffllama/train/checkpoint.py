@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import NamedTuple
@@ -28,11 +27,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from diffllama.hf_format import load_state_dict, pretrained_files, save_state_dict
+from diffllama.run_folder import TRAINER_STATE, list_checkpoints
 from diffllama.train.data import fcntl, file_in_the_way
 from diffllama.train.distributed import DistInfo, barrier
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
-TRAINER_STATE = "trainer_state.pt"
 LOCK_FILE = ".lock"  # RUN_DIR/.lock: held by the run writing the folder (lock_run_dir)
 
 
@@ -94,36 +93,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run (those holding ``trainer_state.pt``), oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()
-             and (p / TRAINER_STATE).is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint of ``run_dir``, or None."""
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def run_folder_hint(folder: str | os.PathLike) -> str:
-    """'; ... looks like a training run folder ...' naming the model to load instead, when ``folder`` is a
-    `diffllama train` run folder (which holds no config.json itself); else ''."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir() or (folder / "config.json").is_file():
-        return ""
-    if (folder / "model" / "config.json").is_file():
-        return f"; {folder} looks like a training run folder: its final model is in {folder / 'model'}"
-    latest = latest_checkpoint(folder)
-    if latest is not None:
-        return f"; {folder} looks like an unfinished training run folder: its newest checkpoint is {latest}"
-    return ""
-
-
 def read_train_config(checkpoint: str | os.PathLike) -> dict:
     """The resolved run config saved in ``checkpoint`` (its ``train_config.yaml``) as a dict.
 
@@ -160,8 +129,6 @@ def read_checkpoint(path: str | os.PathLike, rank: int = 0) -> SavedCheckpoint:
         ValueError: starting with ``--resume:``, naming the file that is missing, truncated or corrupt (and the
             run's earlier checkpoint, if there is one).
     """
-    from diffllama.checkpoint import load_state_dict
-
     path = Path(path)
     rng_file = path / f"rng-rank{rank}.pt"
     try:
@@ -251,8 +218,6 @@ def write_model_dir(directory: Path, state: dict[str, torch.Tensor], model, toke
     ``state``: the causal LM's state dict (``model.*``, ``lm_head.weight``); the tied ``lm_head.weight`` is left out
     as transformers does. ``model``: the :class:`DiffLlamaForCausalLM` (its config and class name are written).
     """
-    from diffllama.checkpoint import pretrained_files, save_state_dict
-
     state, files = pretrained_files(model, state)
     save_state_dict(state, directory, extra_files=files)
     tokenizer.save_pretrained(directory)

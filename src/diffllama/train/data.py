@@ -41,6 +41,8 @@ from typing import Iterator
 
 import numpy as np
 
+from diffllama.tokenizer import Tokenizer
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock, so staging folders of dead processes are not recognised (see _staging)
@@ -336,8 +338,6 @@ def train_bpe(documents: Iterator[str], vocab_size: int):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from diffllama.tokenizer import Tokenizer
-
     if vocab_size < 300:
         raise ValueError(f"vocab_size must be >= 300, got {vocab_size}")
     tok = HFTokenizer(models.BPE())
@@ -364,8 +364,6 @@ def load_or_train_tokenizer(files: list[Path], text_field: str, vocab_size: int,
         ValueError: a loaded tokenizer with no EOS token (needed as the document separator).
         CorpusError: an empty corpus, or a bad file (:func:`count_documents`), before the BPE training starts.
     """
-    from diffllama.tokenizer import Tokenizer
-
     if tokenizer_dir:
         tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
         if tokenizer.eos_token_id is None:

@@ -29,8 +29,11 @@ import torch
 from torch import nn
 
 from diffllama import settings
-from diffllama.config import DiffLlamaConfig, atomic_write_text
+from diffllama.config import DiffLlamaConfig
+from diffllama.io import atomic_write_text
 from diffllama.modeling import DiffLlamaForCausalLM
+from diffllama.run_folder import TRAINER_STATE, latest_checkpoint
+from diffllama.tokenizer import Tokenizer
 from diffllama.train import checkpoint as ckpt
 from diffllama.train.config import (TrainConfig, absolute_paths, describe_resume_conflicts, fit_positions,
                                     resume_conflicts)
@@ -226,8 +229,8 @@ class Trainer:
     def _setup(self, resume: bool) -> None:
         """The rest of ``__init__``, run under the run folder's lock."""
         cfg = self.cfg
-        self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
-        if not resume and ckpt.latest_checkpoint(self.run_dir) is not None:
+        self.resume_from = latest_checkpoint(self.run_dir) if resume else None
+        if not resume and latest_checkpoint(self.run_dir) is not None:
             raise ValueError(f"{self.run_dir} already holds checkpoints of a run: pass --resume to continue it, "
                              f"or choose another --out")
         saved = None
@@ -321,8 +324,6 @@ class Trainer:
         if not vocab:  # unset: the tokenizer's size rounded up (_model_config)
             return
         if tokenizer_dir:
-            from diffllama.tokenizer import Tokenizer
-
             size, source = Tokenizer.from_pretrained(tokenizer_dir).vocab_size, f"the tokenizer in {tokenizer_dir}"
         else:
             size, source = self.cfg.tokenizer_vocab_size, "tokenizer_vocab_size (the BPE to train)"
@@ -677,7 +678,7 @@ class Trainer:
             staging = self.run_dir / ".tmp-model"
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(checkpoint_path, staging,
-                            ignore=shutil.ignore_patterns(ckpt.TRAINER_STATE, "rng-rank*.pt"))
+                            ignore=shutil.ignore_patterns(TRAINER_STATE, "rng-rank*.pt"))
             shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
         if self.info.distributed:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from diffllama.config import atomic_write
+from diffllama.io import atomic_write
 from diffllama.train.metrics import read_metrics_file
 
 

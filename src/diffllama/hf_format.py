@@ -1,10 +1,12 @@
-"""File-level checkpoint I/O in transformers' layout: safetensors weights, sharded or not, plus side files.
+"""The transformers checkpoint layout: safetensors weights, sharded or not, plus config.json and
+generation_config.json; loading such a directory into a model class and saving a model into one.
 
 A checkpoint directory holds either one ``model.safetensors`` or the shards ``model-00001-of-0000N.safetensors``
 ... with ``model.safetensors.index.json`` (``{"metadata": {"total_size": bytes}, "weight_map": {name: file}}``),
 each safetensors file carrying the metadata ``{"format": "pt"}``; ``config.json`` and tokenizer files lie beside
-them. This module knows nothing about models: it moves ``dict[str, Tensor]`` to and from such a directory and
-resolves hub repo ids to a directory through the local huggingface_hub cache.
+them. ``save_state_dict``/``load_state_dict`` move ``dict[str, Tensor]`` to and from such a directory;
+``load_pretrained``/``save_pretrained`` apply them to a model (any class taking a ``DiffLlamaConfig``: this module
+imports no model code). Hub repo ids are resolved to a directory by :mod:`diffllama.hub`.
 
 Saving is atomic per file, not per checkpoint: every file is first written to a staging folder inside the
 directory, and only once all are complete do they replace the old files, one rename each; a failed save leaves the
@@ -14,6 +16,7 @@ old checkpoint as it was, but a reader during the renames can pair new weights w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -27,15 +30,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from diffllama.config import default_permissions, new_folder
+from diffllama.config import ATTN_IMPLEMENTATIONS, DiffLlamaConfig
+from diffllama.hub import resolve_checkpoint_dir
+from diffllama.io import default_permissions, new_folder, read_json_object
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{index:05d}-of-{total:05d}.safetensors"
 SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 STAGING_PREFIX = ".staging-"
-# What a repo id resolution fetches: config, weights, tokenizer files and chat templates.
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "tokenizer.model", "*.txt", "*.jinja"]
+GENERATION_CONFIG = "generation_config.json"
 
 # Decimal and binary units, as in transformers' ``convert_file_size_to_int``.
 _SIZE_UNITS = {
@@ -44,8 +48,6 @@ _SIZE_UNITS = {
     "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
 }
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
-# A hub repo id: "name" or "namespace/name" (huggingface_hub's REPO_ID_REGEX, without the length limits).
-_REPO_ID_RE = re.compile(r"(?:[\w\-.]+/)?[\w\-.]+")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,105 +90,6 @@ def parse_size(size: int | str) -> int:
     if n_bytes <= 0:
         raise ValueError(f"max_shard_size must be positive, got {size!r}")
     return n_bytes
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# locating a checkpoint
-
-
-def resolve_checkpoint_dir(path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
-                           local_files_only: bool = False) -> Path:
-    """Return the local directory of a checkpoint given as a directory or as a hub repo id.
-
-    An existing directory is returned as is (``~`` expanded). Anything else that reads as a filesystem path (a
-    ``PathLike``, or a string starting with ``.``, ``/`` or ``~``, holding a backslash or more than one ``/``, or
-    ``"a/b"`` where ``a`` is an existing local directory) is an error. A string of the form ``"name"`` or
-    ``"org/name"`` is resolved with ``huggingface_hub.snapshot_download``, fetching only config, weight and
-    tokenizer files (``HUB_ALLOW_PATTERNS``): first from the local cache alone (this works offline), then, unless
-    ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) is set, from the network. The result is the cache's snapshot
-    folder, ``<HF_HUB_CACHE>/models--org--name/snapshots/<commit>``, laid out as transformers saves checkpoints.
-
-    Args:
-        path_or_repo_id: a local checkpoint directory, or a hub repo id.
-        revision: a branch, tag or commit hash of the hub repo (default: the hub's default branch); ignored for a
-            local directory.
-        local_files_only: search only the local hub cache, as with ``HF_HUB_OFFLINE`` (transformers' keyword).
-
-    Returns:
-        The checkpoint directory.
-
-    Raises:
-        NotADirectoryError: the path exists but is a file.
-        FileNotFoundError: for a training run folder (naming its final model or newest checkpoint); naming the
-            argument, when it is a path that does not exist, or a repo id that is neither
-            in the local hub cache nor downloadable (the message points at ``HF_HUB_OFFLINE`` and the cache).
-    """
-    text = os.fspath(path_or_repo_id)
-    if not text:
-        raise FileNotFoundError("empty checkpoint path or repo id")
-    path = Path(text).expanduser()
-    if path.is_dir():
-        from diffllama.train.checkpoint import run_folder_hint
-
-        hint = run_folder_hint(path)
-        if hint:  # a `diffllama train` run folder holds its models one level down
-            raise FileNotFoundError(f"no config.json in {path}{hint}")
-        return path
-    if path.exists():
-        raise NotADirectoryError(f"{text!r} is a file; expected a checkpoint directory (the folder holding it)")
-    if not isinstance(path_or_repo_id, str) or _looks_like_path(text) or not _REPO_ID_RE.fullmatch(text):
-        raise FileNotFoundError(f"checkpoint directory {text!r} does not exist")
-    return _resolve_hub_repo(text, revision, local_files_only)
-
-
-def _looks_like_path(text: str) -> bool:
-    """Whether ``text`` reads as a filesystem path rather than a hub repo id ("name" or "org/name")."""
-    if text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/"):
-        return True
-    if (os.altsep and os.altsep in text) or Path(text).is_absolute() or Path(text).drive:
-        return True
-    # "checkpoints/run1" where "checkpoints" exists here is a mistyped path, not a hub repo.
-    return "/" in text and Path(text.split("/", 1)[0]).is_dir()
-
-
-def _hub_offline() -> bool:
-    """Offline mode as huggingface_hub read it at import, or as the environment says now."""
-    from huggingface_hub import constants
-
-    def truthy(name: str) -> bool:
-        return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-    return bool(constants.HF_HUB_OFFLINE) or truthy("HF_HUB_OFFLINE") or truthy("TRANSFORMERS_OFFLINE")
-
-
-def _resolve_hub_repo(repo_id: str, revision: str | None, local_files_only: bool = False) -> Path:
-    """The cached (else freshly downloaded) snapshot folder of a hub model repo; FileNotFoundError if neither."""
-    from huggingface_hub import snapshot_download
-
-    kwargs = dict(repo_id=repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS)
-    # Any failure of the hub (not cached, no network, unknown repo, invalid id) means "cannot resolve"; the
-    # original error is chained for the details.
-    try:
-        return Path(snapshot_download(**kwargs, local_files_only=True))
-    except Exception as error:  # noqa: BLE001
-        last_error: Exception = error
-    offline = _hub_offline() or local_files_only
-    if not offline:
-        try:
-            return Path(snapshot_download(**kwargs))
-        except Exception as error:  # noqa: BLE001
-            last_error = error
-    where = f"revision {revision!r} of " if revision else ""
-    how = (
-        "HF_HUB_OFFLINE or local_files_only is set, so only the local cache was searched; unset it to download"
-        if offline
-        else "it is not in the local hub cache and could not be downloaded"
-    )
-    detail = " ".join(str(last_error).split())  # one line: huggingface_hub's messages span several
-    raise FileNotFoundError(
-        f"{repo_id!r} is neither a local directory nor a cached or reachable hub repo id: {how} "
-        f"({where}{repo_id}; cache: HF_HUB_CACHE / HF_HOME; last error: {type(last_error).__name__}: {detail})"
-    ) from last_error
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -520,8 +423,6 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
         TypeError: ``local_files_only`` not a bool, ``revision`` not None or a str.
         NotImplementedError: a ``device_map`` spreading the model over several devices.
     """
-    from diffllama.config import ATTN_IMPLEMENTATIONS, DiffLlamaConfig
-
     if torch_dtype is not None:
         if dtype is not None:
             raise ValueError(f"give dtype or torch_dtype (its deprecated name), not both: got dtype={dtype!r}, "
@@ -567,19 +468,23 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
     model.to(dtype=target_dtype)
     report = _load_into(model, state, str(directory))
     model.loading_report = report
-    from diffllama.generation import read_generation_config
-
     model.generation_config = read_generation_config(directory)
     return model.eval()
+
+
+def read_generation_config(directory: str | os.PathLike) -> dict:
+    """The ``generation_config.json`` of a checkpoint directory as a dict ({} when absent).
+
+    Raises:
+        ValueError: the file exists but is not a JSON object.
+    """
+    path = Path(directory) / GENERATION_CONFIG
+    return read_json_object(path) if path.is_file() else {}
 
 
 def config_override_names() -> set[str]:
     """The keyword arguments ``DiffLlamaConfig.from_dict`` accepts as overrides: the config's dataclass fields
     (``extra`` excepted: unknown keys of config.json land there, never keywords) and transformers' ``num_labels``."""
-    import dataclasses
-
-    from diffllama.config import DiffLlamaConfig
-
     return {f.name for f in dataclasses.fields(DiffLlamaConfig)} - {"extra"} | {"num_labels"}
 
 
@@ -734,9 +639,6 @@ def pretrained_files(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     """What :func:`save_pretrained` writes for ``model`` whose weights are ``state`` (its full state dict, e.g.
     gathered from FSDP shards): the state without a tied ``lm_head.weight``, and the side files by name
     (config.json with ``architectures`` and the weights' ``dtype``; ``generation_config.json`` for a causal LM)."""
-    from diffllama.generation import GENERATION_CONFIG
-    from diffllama.modeling import DiffLlamaForCausalLM
-
     state = dict(state)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -746,7 +648,9 @@ def pretrained_files(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     files = {"config.json": _json_text(config)}
-    if isinstance(model, DiffLlamaForCausalLM):  # transformers writes one for models that can generate
+    # transformers writes one for models that can generate (its can_generate: the causal LM); duck-typed so that
+    # this module needs no model code
+    if callable(getattr(model, "generate", None)):
         files[GENERATION_CONFIG] = _json_text(generation_config_for(model))
     return state, files
 
