@@ -34,6 +34,7 @@ import torch
 from diffllama.cache import DynamicCache, StaticCache
 from diffllama.config import is_int, token_ids
 from diffllama.decode import lambda_parameters, prepare_for_decode, refresh_lambda
+from diffllama.inputs import FOUR_D_MASK_MESSAGE
 from diffllama.rope import check_compile_supported
 
 GENERATION_CONFIG = "generation_config.json"
@@ -368,8 +369,6 @@ def _check_inputs(input_ids, attention_mask, vocab_size: int, inferred_from: int
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be None or a torch.Tensor, got {type(attention_mask).__name__}")
     if attention_mask.dim() == 4:
-        from diffllama.inputs import FOUR_D_MASK_MESSAGE
-
         raise ValueError(FOUR_D_MASK_MESSAGE)
     if tuple(attention_mask.shape) != shape:
         raise ValueError(f"attention_mask must be a tensor of the shape of input_ids (or of inputs_embeds' batch and "

@@ -237,3 +237,17 @@ def check_labels(labels: torch.Tensor, shape: tuple, num_classes: int) -> torch.
             raise ValueError(f"labels must lie in [0, {num_classes}) or be -100 (ignored), "
                              f"got {int(labels[bad][0])}")
     return labels.long()
+
+
+def check_sequence_labels(labels: torch.Tensor, problem: str, batch: int, num_labels: int) -> torch.Tensor:
+    """Sequence-classification ``labels`` for ``problem`` at batch ``batch``; single-label classes come back as
+    (batch,) int64 (:func:`check_labels`). ValueError naming the shape expected."""
+    if problem == "single_label_classification":
+        if labels.numel() != batch:  # (b,) or (b, 1); name the shape given, not its flattening
+            raise ValueError(f"labels for {problem} must have shape ({batch},) or ({batch}, 1), got "
+                             f"{tuple(labels.shape)}")
+        return check_labels(labels.reshape(-1), (batch,), num_labels)
+    if labels.numel() != batch * num_labels:
+        shape = f"({batch},) or ({batch}, 1)" if num_labels == 1 else f"({batch}, {num_labels})"
+        raise ValueError(f"labels for {problem} must have shape {shape}, got {tuple(labels.shape)}")
+    return labels

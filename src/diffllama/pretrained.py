@@ -13,11 +13,47 @@ import torch
 from torch import nn
 
 from diffllama import checkpoint, decode
+from diffllama.config import DiffLlamaConfig
 from diffllama.inputs import check_embedding
 
 
 class PreTrainedMixin:
     """transformers' ``PreTrainedModel`` API for the ``nn.Module`` model classes (see the module docstring)."""
+
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    # transformers' Trainer passes num_items_in_batch (the label count of the whole accumulated batch) only to
+    # models that declare this; without it each micro-batch's mean is averaged and accumulation changes the loss.
+    accepts_loss_kwargs = True
+
+    def __init__(self, config: DiffLlamaConfig) -> None:
+        """Keep ``config``. Raises TypeError unless it is a DiffLlamaConfig."""
+        super().__init__()
+        if not isinstance(config, DiffLlamaConfig):
+            raise TypeError(f"config must be a DiffLlamaConfig, got {type(config).__name__}")
+        self.config = config
+
+    def init_weights(self) -> None:
+        """transformers' scheme: Linear/Embedding ~ N(0, initializer_range), biases 0, pad row 0, each attention
+        module's λ vectors (its ``lambda_parameters()``) ~ N(0, lambda_std_dev), norms 1 (their
+        ``reset_parameters``)."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+                if module.padding_idx is not None:
+                    module.weight.data[module.padding_idx].zero_()
+            elif hasattr(module, "lambda_parameters"):
+                for p in module.lambda_parameters():
+                    nn.init.normal_(p, 0.0, self.config.lambda_std_dev)
+            elif hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        self.tie_weights()
 
     def tie_weights(self) -> None:
         """Point ``lm_head.weight`` at the input embedding when ``config.tie_word_embeddings`` (causal LM only)."""
