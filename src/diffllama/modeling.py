@@ -1,13 +1,13 @@
 """DiffLlama: Llama with differential attention, weight for weight transformers' ``DiffLlama*`` classes, top to
-bottom: RMSNorm, MLP, differential attention, decoder layer, the base model, the causal LM, three task heads. Source: Ye et al., "Differential Transformer", arXiv 2410.05258 (§2.1 differential
-attention, §2.2 multi-head with GroupNorm and the (1 − λ_init) scale); the exact tensor recipe is DESIGN.md §1.
-Shapes: B batch, S new tokens, H query heads, KV key/value heads, d head_dim, D hidden_size.
+bottom: RMSNorm, MLP, differential attention, decoder layer, the base model, the causal LM, three task heads.
+Source: Ye et al., "Differential Transformer", arXiv 2410.05258 (§2.1 differential attention, §2.2 multi-head with
+GroupNorm and the (1 − λ_init) scale); the tensor recipe is DESIGN.md §1. Shapes: B batch, S new tokens, H query
+heads, KV key/value heads, d head_dim, D hidden_size.
 
-Every model class's ``forward`` takes :meth:`DiffLlamaModel.forward`'s arguments in transformers' order; each
-head also takes ``num_items_in_batch`` (None, a number > 0 or a tensor, never read back) and the packed-row
-arguments as ``**packing`` (``document_ids``, ``cu_seq_lens_q/k``, ``max_length_q/k``; any other name is a
-TypeError). Arguments are checked (:mod:`diffllama.inputs`, errors naming them) before any work; the output is a
-dataclass of :mod:`diffllama.outputs`, or its tuple with ``return_dict=False``.
+Every ``forward`` takes :meth:`DiffLlamaModel.forward`'s arguments in transformers' order; a head also takes
+``num_items_in_batch`` (None, a number > 0 or a tensor, never read back) and the packed-row arguments as
+``**packing`` (others: TypeError). Arguments are checked (:mod:`diffllama.inputs`) before any work; the output
+is a dataclass of :mod:`diffllama.outputs`, or its tuple with ``return_dict=False``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from diffllama.cache import DynamicCache, StaticCache
 from diffllama.config import DiffLlamaConfig
 from diffllama.inputs import (check_cache, check_embedded_inputs, check_labels, check_logits_to_keep, check_num_items,
                               check_packing, check_position_ids, check_positions, check_sequence_labels, input_shape)
-from diffllama.losses import (causal_lm_loss, problem_type, question_answering_loss,
-                              sequence_classification_loss)
+from diffllama.losses import causal_lm_loss, problem_type, question_answering_loss, sequence_classification_loss
 from diffllama.masks import document_position_ids, mask_and_slots, packed_documents
 from diffllama.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                                SequenceClassifierOutputWithPast, TokenClassifierOutput, can_return_tuple)
@@ -50,8 +49,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., D) floating -> (..., D): normalised in float32, cast back to ``x``'s dtype, then times ``weight``
-        (so the result has the promoted dtype of ``x`` and ``weight``, as in transformers)."""
+        """(..., D) -> (..., D), normalised in float32, cast back, times ``weight`` (promoted dtype, as transformers)."""
         dtype = x.dtype
         x = x.to(torch.float32)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -251,8 +249,9 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         device = inputs_embeds.device
         if self.gradient_checkpointing and self.training:  # as transformers: recomputed layers cannot fill a cache
             use_cache = False
-        documents, use_cache = packed_documents(document_ids, cu_seq_lens_q, cu_seq_lens_k, position_ids, attention_mask,
-                                                past_key_values, use_cache, self.config.use_cache, b, s, device)
+        documents, use_cache = packed_documents(document_ids, cu_seq_lens_q, cu_seq_lens_k, position_ids,
+                                                attention_mask, past_key_values, use_cache, self.config.use_cache,
+                                                b, s, device)
         if documents is not None and position_ids is None:  # each document as if run alone
             position_ids = document_position_ids(documents)
         if use_cache and past_key_values is None:
@@ -261,25 +260,26 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0)
 
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        hidden_states, all_hidden, all_attn = self._layers(inputs_embeds, position_embeddings, mask, past_key_values,
+                                                           cache_position, output_attentions)
+        return BaseModelOutputWithPast(hidden_states, past_key_values if use_cache else None,
+                                       all_hidden if output_hidden_states else None,
+                                       all_attn if output_attentions else None)
+
+    def _layers(self, hidden_states, position_embeddings, mask, cache, cache_position, output_attentions: bool):
+        """Every layer, then the final norm: ((B, S, D), the L + 1 hidden states, the L probabilities or Nones)."""
         all_hidden, all_attn = [], []
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden.append(hidden_states)
-            args = (hidden_states, position_embeddings, mask, past_key_values, cache_position, output_attentions)
+            all_hidden.append(hidden_states)
+            args = (hidden_states, position_embeddings, mask, cache, cache_position, output_attentions)
             if self.gradient_checkpointing and self.training:
                 hidden_states, probs = checkpoint(layer, *args, **self.checkpoint_kwargs)
             else:
                 hidden_states, probs = layer(*args)
-            if output_attentions:
-                all_attn.append(probs)
+            all_attn.append(probs)
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden.append(hidden_states)
-        return BaseModelOutputWithPast(hidden_states, past_key_values if use_cache else None,
-                                       tuple(all_hidden) if output_hidden_states else None,
-                                       tuple(all_attn) if output_attentions else None)
+        return hidden_states, (*all_hidden, hidden_states), tuple(all_attn)
 
 
 class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
