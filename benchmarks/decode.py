@@ -195,9 +195,8 @@ def profile_step(step, token, position, slot: int, path: str) -> dict:
     one: no recompilation), averaged over 4 steps; written to ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = step.model
     slots = torch.arange(slot, slot + 7, device="cuda")
-    with torch.inference_mode(), model.inference_caches():
+    with torch.inference_mode():
         for t in range(3):
             step._run(token, position + t, slots[t:t + 1], None)
         torch.cuda.synchronize()
