@@ -11,8 +11,8 @@ For each shape (random bf16 weights) and batch size it reports:
 - ours prefill: one eager forward over a (B, prompt) batch into a StaticCache, tokens/s = B·prompt / time;
 - ours decode: the fast path ``generate(..., compile=True)`` takes: the compiled decode step (StaticCache +
   ``torch.compile`` + one CUDA graph per step) with fused q/k/v and gate/up projections (``--no-fuse``: separate),
-  cached λ and the ``--attn`` backend (default ``auto``: the flash decode kernel on CUDA; ``sdpa`` for the SDPA
-  path), greedy, ``--new`` steps timed with CUDA events after warm-up, tokens/s = B·new / time;
+  a fixed λ (:func:`diffllama.decode.prepare_for_decode`) and the ``--attn`` backend (default ``auto``: the flash
+  decode kernel on CUDA; ``sdpa`` for the SDPA path), greedy, ``--new`` steps timed with CUDA events after warm-up, tokens/s = B·new / time;
 - transformers: ``DiffLlamaForCausalLM.generate`` (sdpa, its default cache) on the same weights, greedy; prefill from
   a 1-token call, decode from the difference between a (1 + hf_new)-token call and the 1-token call;
 - the roofline: bytes read per decode step (every matmul weight, lm_head included, plus the KV cache at the mean
@@ -195,9 +195,8 @@ def profile_step(step, token, position, slot: int, path: str) -> dict:
     one: no recompilation), averaged over 4 steps; written to ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = step.model
     slots = torch.arange(slot, slot + 7, device="cuda")
-    with torch.inference_mode(), model.inference_caches():
+    with torch.inference_mode():
         for t in range(3):
             step._run(token, position + t, slots[t:t + 1], None)
         torch.cuda.synchronize()

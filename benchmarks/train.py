@@ -88,7 +88,7 @@ def build(case: str, shape: dict, device: torch.device, document_mask: bool = Fa
     def loss_fn(x, y, scale):
         packing = {}
         if document_mask:  # transformers masks documents from position_ids restarts (no mask, no cache)
-            from diffllama.modeling import document_position_ids
+            from diffllama.masks import document_position_ids
             from diffllama.train.loop import separator_documents
 
             packing["position_ids"] = document_position_ids(separator_documents(x, EOS))

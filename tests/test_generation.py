@@ -12,6 +12,7 @@ import torch
 import diffllama
 from conftest import hf_model, padded_batch, tiny_config
 from diffllama.cache import StaticCache
+from diffllama.decode import is_prepared
 from diffllama.generation import (
     DecodeStep,
     apply_repetition_penalty,
@@ -641,7 +642,7 @@ def test_compile_refuses_dynamic_rope_before_any_work(monkeypatch):
         model.generate(ids, max_new_tokens=2, static_cache=True, compile=True)
     with pytest.raises(ValueError, match="rope_type 'dynamic' cannot be compiled"):
         DecodeStep(model, StaticCache.from_config(config, 1, 8, torch.float32), compile=True)
-    assert not compiled and model.model.layers[0].mlp.fused is None
+    assert not compiled and not is_prepared(model)
     assert model.generate(ids, max_new_tokens=2, static_cache=True).shape == (1, 5)  # uncompiled: as before
 
 

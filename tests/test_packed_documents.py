@@ -13,7 +13,8 @@ import torch
 
 import diffllama
 from conftest import hf_model, tiny_config
-from diffllama.modeling import document_position_ids
+from diffllama import masks
+from diffllama.masks import document_position_ids
 
 # Two rows of 23 tokens: 3 and 5 documents, all of odd lengths.
 LENGTHS = [[7, 5, 11], [3, 9, 5, 5, 1]]
@@ -170,8 +171,7 @@ def test_contiguous_position_ids_keep_the_fast_causal_path(monkeypatch):
     """An offset without restarts is one document (as transformers); the mask stays plain causal."""
     model = float64_model("sdpa", 2)
     seen = []
-    monkeypatch.setattr(type(model.model), "_build_mask", staticmethod(
-        lambda *a, _f=model.model._build_mask: seen.append(_f(*a)) or seen[-1]))
+    monkeypatch.setattr(masks, "build_mask", lambda *a, _f=masks.build_mask: seen.append(_f(*a)) or seen[-1])
     with torch.no_grad():
         model(torch.ones(2, 5, dtype=torch.long), position_ids=torch.arange(3, 8)[None], use_cache=False)
     assert seen[0].document_ids is None and seen[0].plain_causal

@@ -46,10 +46,10 @@ def test_bad_values_name_the_variable_and_keep_the_default():
                                                              "fused, split"]
 
 
-def test_a_bad_setting_stops_model_construction_and_every_command(monkeypatch):
+def test_a_bad_setting_stops_every_command(monkeypatch):
+    """The CLI checks the environment (settings.check); the model constructor reads no environment variable."""
     monkeypatch.setattr(settings, "ERRORS", ["DIFFLLAMA_FLASH_BWD='both': expected one of auto, fused, split"])
-    with pytest.raises(ValueError, match="bad environment: DIFFLLAMA_FLASH_BWD='both': expected one of auto"):
-        diffllama.DiffLlamaForCausalLM(tiny_config())
+    diffllama.DiffLlamaForCausalLM(tiny_config())
     result = CliRunner().invoke(app, ["generate", "no-such-model", "hi"])
     assert result.exit_code == 2
     assert "error: bad environment: DIFFLLAMA_FLASH_BWD='both'" in result.output

@@ -680,7 +680,7 @@ def _run_serve(model_dir, *, host, port, max_batch, max_seq_len, max_queue, pref
         from diffllama.serve import api
     except ImportError as error:
         raise _UsageError(f"diffllama serve needs FastAPI and uvicorn: pip install 'diffllama[serve]' ({error})")
-    from diffllama.checkpoint import resolve_checkpoint_dir
+    from diffllama.hub import resolve_checkpoint_dir
     from diffllama.modeling import DiffLlamaForCausalLM
     from diffllama.serve.engine import Engine
     from diffllama.tokenizer import Tokenizer

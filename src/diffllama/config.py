@@ -25,12 +25,6 @@ MODEL_TYPE = "diffllama"
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh", "sigmoid", "gelu_accurate",
                "gelu_fast", "quick_gelu", "relu2", "relu6", "leaky_relu", "mish", "hardswish", "linear")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash", "auto")
-# transformers also takes a 4-D (B, 1, S, P + S) mask of its own making; the backends here build theirs from the
-# 2-D padding mask and the positions, so a 4-D one is refused by every forward and generate alike.
-FOUR_D_MASK_MESSAGE = (
-    "a 4-D attention_mask (batch, 1, query, key) is not supported: pass attention_mask as None (every token "
-    "real) or a 2-D (batch, past + seq) tensor of 0 (padding) and 1 (real token), bool, integer or float; with a "
-    "static cache also (batch, max_length); generate takes the 2-D (batch, seq) mask of the prompt")
 # Keys each RoPE type requires, beyond rope_type and rope_theta (transformers' modeling_rope_utils).
 ROPE_REQUIRED_KEYS = {
     "default": (),

@@ -30,7 +30,9 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from diffllama.cache import DynamicCache, StaticCache
-from diffllama.config import FOUR_D_MASK_MESSAGE, is_int, token_ids
+from diffllama.config import is_int, token_ids
+from diffllama.decode import lambda_parameters, prepare_for_decode, refresh_lambda
+from diffllama.inputs import FOUR_D_MASK_MESSAGE
 from diffllama.rope import check_compile_supported
 
 # New tokens when no length is given anywhere: transformers' GenerationConfig default (max_length=20), which its
@@ -487,9 +489,9 @@ class DecodeStep:
     its inputs into the graph's static buffers and replays it: one launch per token instead of hundreds. The
     returned logits then live in a static buffer that the next call overwrites: consume them first.
 
-    The compiled step runs (and is captured) inside ``model.inference_caches()``, so it reads each layer's cached λ
-    and (with ``fuse``) its fused q/k/v and gate/up projections instead of recomputing λ and running five matmuls.
-    Before each graph replay the λ parameters' version counters are compared with the capture's (host-side, no
+    With ``fuse`` the model is prepared first (:func:`diffllama.decode.prepare_for_decode`): the compiled step reads
+    each layer's fixed λ and its fused q/k/v and gate/up projections instead of recomputing λ and running five
+    matmuls. Before each call the λ parameters' version counters are compared with the last call's (host-side, no
     synchronisation) and λ is refreshed in place if they changed; the fused projections are views of the
     parameters and follow in-place updates by themselves. Replacing parameters (not updating them in place) needs
     a new DecodeStep: the graph holds their addresses. Attention is the model's ``attn_implementation``:
@@ -500,8 +502,8 @@ class DecodeStep:
         model: a DiffLlamaForCausalLM. cache: the cache the step reads and writes. compile: see above.
         cuda_graph: capture a CUDA graph (default: when compiling on CUDA with a StaticCache).
         compile_mode: a ``torch.compile`` mode instead of the default options.
-        fuse: call ``model.fuse_projections()`` first (default: when compiling). It changes no result and
-            no parameter value; see :meth:`~diffllama.modeling.DiffLlamaPreTrainedModel.fuse_projections`.
+        fuse: call :func:`diffllama.decode.prepare_for_decode` first (default: when compiling). It changes no
+            result and no parameter value.
 
     Raises:
         ValueError: ``compile`` with a RoPE type that cannot be compiled
@@ -517,7 +519,7 @@ class DecodeStep:
         if fuse is None:
             fuse = compile
         if fuse:
-            model.fuse_projections()
+            prepare_for_decode(model)
         self.fn = decode_one_token
         if compile:
             # Coordinate-descent tuning also makes Inductor turn (1, K) x (K, N) matmuls (batch-1 decode) into its
@@ -531,25 +533,23 @@ class DecodeStep:
         self.cuda_graph = cuda_graph
         self.graph = None
         self._static: tuple | None = None
-        self._lambda_params: list[torch.Tensor] = []  # watched for in-place updates between graph replays
-        self._captured_versions: tuple[int, ...] = ()
+        self._lambda_params = lambda_parameters(model)  # watched for in-place updates between calls
+        self._lambda_seen = self._lambda_versions()
 
     def _run(self, *args) -> torch.Tensor:
         return self.fn(self.model, self.cache, *args)
 
     def __call__(self, input_ids, position_ids, cache_position, attention_mask=None) -> torch.Tensor:
         """(B, 1), (B, 1), (1,), mask or None -> (B, V) float32 logits (see :func:`decode_one_token`)."""
+        if self._lambda_versions() != self._lambda_seen:
+            # λ changed in place: the fixed λ is refreshed in place, where a captured graph reads it. (The fused
+            # projections are views of the parameters: in-place updates reach them by themselves.)
+            refresh_lambda(self.model)
+            self._lambda_seen = self._lambda_versions()
         if not self.cuda_graph:
-            with self.model.inference_caches():
-                return self._run(input_ids, position_ids, cache_position, attention_mask)
+            return self._run(input_ids, position_ids, cache_position, attention_mask)
         if self.graph is None or (attention_mask is None) != (self._static[3] is None):
-            with self.model.inference_caches():
-                self._capture(input_ids, position_ids, cache_position, attention_mask)
-        elif self._lambda_versions() != self._captured_versions:
-            # λ changed in place since the capture: its caches are refreshed in place, where the graph reads them.
-            # (The fused projections are views of the parameters: in-place updates reach them by themselves.)
-            self.model.refresh_inference_caches()
-            self._captured_versions = self._lambda_versions()
+            self._capture(input_ids, position_ids, cache_position, attention_mask)
         ids, pos, cpos, mask, out = self._static
         ids.copy_(input_ids)
         pos.copy_(position_ids)
@@ -576,9 +576,6 @@ class DecodeStep:
         with torch.cuda.graph(graph):
             out = self._run(*static)
         self.graph, self._static = graph, (*static, out)
-        self._lambda_params = [p for layer in self.model.base_model.layers
-                               for p in layer.self_attn.lambda_parameters() if not p.is_inference()]
-        self._captured_versions = self._lambda_versions()
 
 
 # One reusable (cache, step) per model for the fast path, so repeated calls neither reallocate nor recompile.
@@ -663,7 +660,7 @@ def stream_generate(model, input_ids: torch.Tensor | None = None, attention_mask
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
-    model.refresh_inference_caches(force=True)  # λ written through .data since the last call bumps no version
+    refresh_lambda(model)  # λ written through .data since the last call bumps no version counter
     cache, step, cache_length = _make_cache_and_step(model, b, s + sampling["max_new_tokens"], static_cache,
                                                      compile)
     return _steps(model, None if input_ids is None else input_ids.long(), mask, cache, step, cache_length, eos, pad,

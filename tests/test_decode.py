@@ -1,4 +1,4 @@
-"""Inference caches: fused q/k/v and gate/up projections, and the cached λ, against the plain computation."""
+"""decode.prepare_for_decode: fused q/k/v and gate/up projections and a fixed λ, against the plain model."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from torch import nn
 
 import diffllama
 from conftest import padded_batch, tiny_config
+from diffllama import decode
 from diffllama.cache import StaticCache
-from diffllama.fusion import FusedLinear
 from diffllama.generation import DecodeStep
 
 
@@ -25,45 +25,61 @@ def _logits(model, ids, mask):
 
 @pytest.mark.parametrize("overrides", [dict(), dict(num_key_value_heads=2), dict(attention_bias=True),
                                        dict(num_key_value_heads=1)], ids=["mha", "gqa", "bias", "mqa"])
-def test_fused_logits_equal_unfused(overrides):
+def test_prepared_logits_equal_plain(overrides, monkeypatch):
     model = _model(**overrides)
     ids, mask = padded_batch(96, "left")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     expected = _logits(model, ids, mask)
-    model.fuse_projections()
+    assert decode.prepare_for_decode(model) is model and decode.is_prepared(model)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    assert attn.fused is not None and attn.fused.valid() and mlp.fused.valid()
-    # The parameters are views of the fused tensor: the fused matmul is the one that runs.
-    assert attn.k_proj.weight.data_ptr() == attn.fused.weight[attn.q_proj.out_features].data_ptr()
-    assert mlp.up_proj.weight.data_ptr() == mlp.fused.weight[mlp.gate_proj.out_features].data_ptr()
+    # The parameters are views of the fused tensor, and the fused matmul is the one that runs.
+    assert attn.k_proj.weight.data_ptr() == attn.fused_qkv.weight[attn.q_proj.out_features].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == mlp.fused_gate_up.weight[mlp.gate_proj.out_features].data_ptr()
+    sites = []
+    real = decode.gemv.linear
+    monkeypatch.setattr(decode.gemv, "linear", lambda x, w, b, site: sites.append(site) or real(x, w, b, site))
     got = _logits(model, ids, mask)
+    assert sites == ["qkv", "gate_up"] * model.config.num_hidden_layers
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    # Same state dict: names, shapes and values.
-    after = model.state_dict()
+    after = model.state_dict()  # same state dict: names, shapes and values
     assert list(after) == list(state)
     for name, value in state.items():
         assert torch.equal(after[name], value), name
-    model.unfuse_projections()
-    assert attn.fused is None
+    decode.undo_prepare_for_decode(model)
+    assert not decode.is_prepared(model) and "qkv" not in vars(attn)
+    sites.clear()
     torch.testing.assert_close(_logits(model, ids, mask), expected, rtol=1e-12, atol=1e-12)
+    assert sites == []
 
 
-def test_fused_model_saves_and_loads_the_same_checkpoint(tmp_path):
-    model = _model(num_key_value_heads=2).fuse_projections()
-    model.save_pretrained(tmp_path)
-    loaded = diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float64)
+def test_fuse_projections_is_prepare_for_decode():
+    """The documented model method stays: a thin call of decode.prepare_for_decode (and its undo)."""
+    model = _model()
+    assert model.fuse_projections() is model and decode.is_prepared(model)
+    assert model.unfuse_projections() is model and not decode.is_prepared(model)
+
+
+def test_checkpoint_bytes_are_the_same_after_prepare_for_decode(tmp_path):
+    model = _model(num_key_value_heads=2)
+    model.save_pretrained(tmp_path / "plain")
+    decode.prepare_for_decode(model)
+    model.save_pretrained(tmp_path / "prepared")
+    files = sorted(p.name for p in (tmp_path / "plain").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "prepared").iterdir()) and "model.safetensors" in files
+    for name in files:
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "prepared" / name).read_bytes(), name
+    loaded = diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path / "prepared", dtype=torch.float64)
     ids, mask = padded_batch(96, "left")
     torch.testing.assert_close(_logits(loaded, ids, mask), _logits(model, ids, mask), rtol=0, atol=0)
-    for name, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], value), name
 
 
-def test_training_a_fused_model_matches_unfused():
-    """With gradients the separate projections run (same gradients), and the update reaches the fused matmul."""
+def test_training_a_prepared_model_matches_plain():
+    """With gradients the separate projections and a computed λ run (same gradients), and the update reaches the
+    fused matmul."""
     ids, mask = padded_batch(96, "left")
     models = [_model(num_key_value_heads=2) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    models[1].fuse_projections()
+    decode.prepare_for_decode(models[1])
     for model in models:
         model.train()
         loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
@@ -75,61 +91,54 @@ def test_training_a_fused_model_matches_unfused():
     plain, fused = models
     for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-14, msg=name)
-    assert fused.model.layers[1].mlp.fused.valid()
+    assert fused.model.layers[1].mlp.fused_gate_up.valid()
     torch.testing.assert_close(_logits(fused, ids, mask), _logits(plain, ids, mask), rtol=1e-12, atol=1e-12)
 
 
-def test_replaced_parameters_end_the_fusion():
-    model = _model().fuse_projections()
+def test_replaced_parameters_fall_back_until_prepared_again():
+    model = decode.prepare_for_decode(_model())
     other = _model()
     ids, mask = padded_batch(96, "left")
     model.load_state_dict(other.state_dict(), assign=True)  # new parameter objects: the views are gone
-    assert not model.model.layers[0].self_attn.fused.valid()
+    assert not model.model.layers[0].self_attn.fused_qkv.valid()
     torch.testing.assert_close(_logits(model, ids, mask), _logits(other, ids, mask), rtol=1e-12, atol=1e-12)
-    with model.inference_caches():  # entering drops the stale fusions (and the memory they hold)
-        assert model.model.layers[0].self_attn.fused is None and model.model.layers[0].mlp.fused is None
-    model.fuse_projections()
-    assert model.model.layers[0].self_attn.fused.valid()
+    decode.prepare_for_decode(model)
+    assert model.model.layers[0].self_attn.fused_qkv.valid() and model.model.layers[0].mlp.fused_gate_up.valid()
     torch.testing.assert_close(_logits(model, ids, mask), _logits(other, ids, mask), rtol=1e-12, atol=1e-12)
 
 
-def test_fused_linear_refuses_layers_that_cannot_share_a_matmul():
+def test_layers_that_cannot_share_a_matmul_are_refused():
     with pytest.raises(ValueError, match="in_features"):
-        FusedLinear([nn.Linear(4, 3), nn.Linear(5, 3)], site="qkv")
+        decode.FusedWeights([nn.Linear(4, 3), nn.Linear(5, 3)])
     with pytest.raises(ValueError, match="bias"):
-        FusedLinear([nn.Linear(4, 3), nn.Linear(4, 3, bias=False)], site="qkv")
+        decode.FusedWeights([nn.Linear(4, 3), nn.Linear(4, 3, bias=False)])
 
 
 # ---- λ --------------------------------------------------------------------------------------------------------
 
-def test_cached_lambda_equals_recomputed_and_follows_the_parameters():
-    model = _model()
-    attn = model.model.layers[2].self_attn
+def test_fixed_lambda_is_refreshed_in_place_and_read_only_by_compiled_code():
+    """Compiled code cannot check λ against its parameters: it reads the fixed value, which refresh_lambda
+    updates in place (a captured CUDA graph keeps reading the same address); eager code computes λ."""
+    model = decode.prepare_for_decode(_model(num_hidden_layers=1))
+    attn = model.model.layers[0].self_attn
+    step = torch.compile(lambda: attn.compute_lambda(torch.float64) * 1, fullgraph=True, backend="eager")
     with torch.no_grad():
-        with model.inference_caches():
-            first = attn.lambda_full(torch.float64)
-            assert torch.equal(first, attn.compute_lambda(torch.float64))
-            assert attn.lambda_full(torch.float64) is first  # reused, not recomputed
-        before = first.item()
-        attn.lambda_q1.add_(0.25)  # in place: bumps the version counter
-        with model.inference_caches():
-            second = attn.lambda_full(torch.float64)
-        assert second is first  # refreshed in place: a captured CUDA graph reads the new value
-        assert second.item() != before
-        assert torch.equal(second, attn.compute_lambda(torch.float64))
-        attn.lambda_k2.data = attn.lambda_k2.data * 2  # replaced storage: a new address
-        with model.inference_caches():
-            assert torch.equal(attn.lambda_full(torch.float64), attn.compute_lambda(torch.float64))
-        model.to(torch.float32)
-        with model.inference_caches():
-            half = attn.lambda_full(torch.float32)
-        assert half.dtype == torch.float32 and torch.equal(half, attn.compute_lambda(torch.float32))
+        fixed = attn.fixed_lambda
+        assert torch.equal(fixed, type(attn).compute_lambda(attn, torch.float64)) and not fixed.is_inference()
+        attn.lambda_q1.add_(0.5)
+        true = type(attn).compute_lambda(attn, torch.float64)
+        assert torch.equal(attn.compute_lambda(torch.float64), true)  # eager: computed
+        assert not torch.equal(step(), true)  # compiled: the fixed value, now stale
+        decode.refresh_lambda(model)
+        assert attn.fixed_lambda is fixed and torch.equal(step(), true)  # refreshed in place
+        attn.fixed_lambda.fill_(123.0)  # white box: prove that compiled code reads the fixed value
+        assert step().item() == 123.0
 
 
-def test_writes_through_data_are_seen_outside_the_cache_context_and_by_generate():
-    """``p.data.fill_`` bumps no version counter: forward outside ``inference_caches`` computes λ, and generate
-    refreshes the cache unconditionally, so both match a fresh model holding the new values."""
-    model = _model()
+def test_writes_through_data_are_seen_by_forward_and_by_generate():
+    """``p.data.fill_`` bumps no version counter: eager forward computes λ, and generate refreshes the fixed λ on
+    every call, so both match a fresh model holding the new values."""
+    model = decode.prepare_for_decode(_model())
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         model(ids)
@@ -140,54 +149,33 @@ def test_writes_through_data_are_seen_outside_the_cache_context_and_by_generate(
         fresh.load_state_dict(model.state_dict())
         torch.testing.assert_close(model(ids).logits, fresh(ids).logits, rtol=0, atol=0)
         assert torch.equal(model.generate(ids, max_new_tokens=6), fresh.generate(ids, max_new_tokens=6))
-        assert torch.equal(model.model.layers[0].self_attn._lambda_cache,
-                           model.model.layers[0].self_attn.compute_lambda(torch.float64))
+        attn = model.model.layers[0].self_attn
+        assert torch.equal(attn.fixed_lambda, type(attn).compute_lambda(attn, torch.float64))
 
 
 def test_lambda_with_gradient_is_computed_and_differentiable():
-    attn = _model().model.layers[1].self_attn
-    with torch.no_grad():
-        attn.lambda_full(torch.float64)  # a cache exists
-    lam = attn.lambda_full(torch.float64)
+    attn = decode.prepare_for_decode(_model()).model.layers[1].self_attn
+    lam = torch.compile(lambda: attn.compute_lambda(torch.float64), fullgraph=True, backend="eager")()
     assert lam.requires_grad
     lam.backward()
     assert attn.lambda_q1.grad is not None and attn.lambda_q1.grad.abs().sum() > 0
 
 
-def test_lambda_cache_made_in_inference_mode_is_a_normal_tensor():
+def test_prepared_in_inference_mode_gives_normal_tensors():
     model = _model()
+    with torch.inference_mode():
+        decode.prepare_for_decode(model)
     attn = model.model.layers[0].self_attn
-    with torch.inference_mode(), model.inference_caches():
-        lam = attn.lambda_full(torch.float64)
-    assert not lam.is_inference()
+    assert not attn.fixed_lambda.is_inference() and not attn.fused_qkv.weight.is_inference()
     with torch.no_grad():
         attn.lambda_q2.mul_(0.5)
-        with model.inference_caches():
-            assert torch.equal(attn.lambda_full(torch.float64), attn.compute_lambda(torch.float64))
-
-
-def test_compiled_code_uses_the_lambda_cache_only_inside_inference_caches():
-    """Compiled code cannot see version counters: it must compute λ outside the context, and inside it read the
-    cache that the context refreshed on entry."""
-    model = _model(num_hidden_layers=1)
-    attn = model.model.layers[0].self_attn
-    step = torch.compile(lambda: attn.lambda_full(torch.float64) * 1, fullgraph=True, backend="eager")
-    with torch.no_grad():
-        attn.lambda_full(torch.float64)
-        attn.lambda_q1.add_(0.5)  # the cache is now stale
-        true = attn.compute_lambda(torch.float64)
-        assert torch.equal(step(), true)  # outside: computed
-        with model.inference_caches():
-            assert torch.equal(step(), true)  # refreshed on entry
-            attn._lambda_cache.fill_(123.0)  # white box: prove that compiled code reads the cache here
-            assert step().item() == 123.0
-        assert torch.equal(step(), true)
-        assert not attn.trust.on
+        decode.refresh_lambda(model)
+    assert torch.equal(attn.fixed_lambda, type(attn).compute_lambda(attn, torch.float64))
 
 
 @pytest.mark.slow
 def test_compiled_decode_step_with_caches_matches_plain_eager():
-    """The compiled step (fused projections, cached λ) gives the logits of the plain eager step (float64 model;
+    """The compiled step (fused projections, fixed λ) gives the logits of the plain eager step (float64 model;
     the step returns float32 logits, so the bound is float32 rounding: a wrong λ or projection is off by >1e-3)."""
     model = _model(num_hidden_layers=2, num_key_value_heads=2)
     plain = _model(num_hidden_layers=2, num_key_value_heads=2)
@@ -196,7 +184,7 @@ def test_compiled_decode_step_with_caches_matches_plain_eager():
     b, s = ids.shape
     caches = [StaticCache.from_config(m.config, b, 16, torch.float64) for m in (model, plain)]
     steps = [DecodeStep(model, caches[0], compile=True), DecodeStep(plain, caches[1])]
-    assert model.model.layers[0].mlp.fused is not None and plain.model.layers[0].mlp.fused is None
+    assert decode.is_prepared(model) and not decode.is_prepared(plain)
     full_mask = torch.cat([mask, torch.ones(b, 16 - s, dtype=torch.long)], 1)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     token = torch.randint(1, 96, (b, 1))
@@ -214,7 +202,7 @@ def test_compiled_decode_step_with_caches_matches_plain_eager():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
 def test_cuda_graph_replay_sees_in_place_parameter_updates():
-    """After capture, in-place updates of λ (a cached value) and of a fused weight reach the replayed graph."""
+    """After capture, in-place updates of λ (a fixed value) and of a fused weight reach the replayed graph."""
     config = tiny_config(initializer_range=0.15, num_key_value_heads=2)
     model = diffllama.DiffLlamaForCausalLM(config).to("cuda", torch.float32).eval()
     cache = StaticCache.from_config(config, 1, 32, torch.float32, "cuda")
