@@ -82,6 +82,10 @@ CASES = {
     "rotated-positions-48": Case(sq=48, order="rotated"),  # a static cache written out of order
     "reversed-positions-40-gqa": Case(h=8, kv=2, sq=40, order="reversed"),
     "long-4096-d128": Case(b=1, h=4, kv=2, sq=4096, d=128, big=True),
+    # tiny heads: quick enough for Triton's interpreter in the default CPU run
+    "tiny-gqa-cache-leftpad-19of37-d16": Case(b=2, h=4, kv=2, sq=19, sk=37, d=16, padding="left"),
+    "tiny-oddkv-rightpad-29-d16": Case(b=2, h=6, kv=3, sq=29, d=16, padding="right"),
+    "tiny-decode-3of45-gqa-d16": Case(b=2, h=4, kv=2, sq=3, sk=45, d=16, grad=False),
     "packed-3docs-53-d32": Case(b=2, h=2, kv=2, sq=53, d=32, documents=((5, 37, 11), (20, 20, 13))),
     "packed-gqa-45-leftpad": Case(b=2, h=4, kv=2, sq=45, d=16, padding="left", documents=((16, 16, 13), (1, 43, 1))),
 }

@@ -22,7 +22,7 @@ from attention_cases import (CASES, DEVICE, INTERPRET, Case, check_flash, interp
 from diffllama.attention import AttentionMask, flash
 
 # Cases small enough for the interpreter in the default run (a few seconds each on one core); the others are slow.
-QUICK = {"mha-63-d64", "oddkv3-47", "cache-37of200-leftpad", "decode-4of513-gqa"}
+QUICK = {"tiny-gqa-cache-leftpad-19of37-d16", "tiny-oddkv-rightpad-29-d16", "tiny-decode-3of45-gqa-d16"}
 
 
 def _params(names):
@@ -46,7 +46,7 @@ def test_flash_matches_naive_float64(name):
 
 @kernel_test
 @pytest.mark.parametrize("name", _params(["mha-111-d128", "gqa4-111", "left-pad-111", "cache-37of200-leftpad",
-                                          "d96-77"]))
+                                          "d96-77", "tiny-gqa-cache-leftpad-19of37-d16"]))
 def test_flash_atomic_dq(name):
     """The same checks with dQ added by float32 atomics in the dK/dV kernel (``dq_mode="atomic"``) instead of its
     own kernel."""
@@ -56,7 +56,7 @@ def test_flash_atomic_dq(name):
 @kernel_test
 @pytest.mark.parametrize("mode", ["fused", "split"])
 @pytest.mark.parametrize("name", _params(["mha-63-d64", "gqa2-63-d128", "right-pad-111-gqa",
-                                          "cache-37of200-leftpad"]))
+                                          "cache-37of200-leftpad", "tiny-gqa-cache-leftpad-19of37-d16"]))
 def test_flash_backward_launch_modes(name, mode):
     """The same checks with dK/dV' from one launch (four accumulators) and from two (dK, then dV')."""
     _check_case(name, bwd_mode=mode)
@@ -64,7 +64,7 @@ def test_flash_backward_launch_modes(name, mode):
 
 @kernel_test
 def test_rows_without_keys_are_zero_not_nan():
-    c = Case(b=2, sq=40, padding="left")
+    c = Case(b=2, sq=24, d=16, padding="left")
     tensors, dout, mask = make_inputs(c, torch.Generator().manual_seed(1))
     got = run(flash.attention, tensors, dout, mask, torch.float16 if INTERPRET else torch.bfloat16, True, poison=True)
     for key, value in got.items():
