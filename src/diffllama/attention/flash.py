@@ -252,25 +252,42 @@ def _flash_attn_autograd(ctx, dout, _grad_o2, _grad_lse):
 _flash_attn_forward.register_autograd(_flash_attn_autograd, setup_context=_setup_context)
 
 
+def _check_runnable(query, key, value, mask: AttentionMask) -> None:
+    """The shared contract, one dtype, and a device and Triton to run on; errors as :func:`attention`."""
+    check_inputs(query, key, value, mask)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(f"query, key, value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
+    if query.device.type != "cuda" and not settings.triton_interpreting():
+        raise RuntimeError(f"attn_implementation='flash' needs a CUDA GPU (got {query.device.type} tensors); "
+                           "use 'sdpa' or 'auto'")
+    if triton is None:
+        raise RuntimeError(f"attn_implementation='flash' needs Triton: {_IMPORT_ERROR}")
+
+
+def _kernel_inputs(query, key, value, mask: AttentionMask):
+    """``(q, k, v, qpos, pad, docs)`` as the kernels take them: an odd KV expanded to H heads (autograd sums the
+    gradient back), the last dimension contiguous, positions int64, padding uint8, documents int32."""
+    h, kv = query.shape[1], key.shape[1]
+    if kv % 2:  # odd KV (MQA too): the kernels pair key heads ka and ka + KV/2
+        key, value = repeat_kv(key, h // kv), repeat_kv(value, h // kv)
+    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+    qpos = mask.query_positions.to(device=query.device, dtype=torch.int64).contiguous()
+    pad = mask.key_padding
+    if pad is not None:
+        pad = pad.to(device=query.device, dtype=torch.uint8).contiguous()  # a copy: Inductor cannot lower bool.view(uint8)
+    docs = mask.document_ids
+    if docs is not None:
+        docs = docs.to(device=query.device, dtype=torch.int32).contiguous()
+    return query, key, value, qpos, pad, docs
+
+
 # ---- the public function --------------------------------------------------------------------------------------
 
-def attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: AttentionMask,
-    *,
-    scale: float,
-    lambda_full: torch.Tensor,
-    dropout_p: float = 0.0,
-    output_attentions: bool = False,
-    dq_mode: str = settings.FLASH_DQ_MODE,
-    bwd_mode: str = settings.FLASH_BWD_MODE,
-    autotune: bool = settings.FLASH_AUTOTUNE,
-    debug: bool = settings.FLASH_DEBUG,
-    poison: bool = False,
-    interpret_blocks: tuple[int, int] = (16, 16),
-) -> tuple[torch.Tensor, None]:
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask, *, scale: float,
+              lambda_full: torch.Tensor, dropout_p: float = 0.0, output_attentions: bool = False,
+              dq_mode: str = settings.FLASH_DQ_MODE, bwd_mode: str = settings.FLASH_BWD_MODE,
+              autotune: bool = settings.FLASH_AUTOTUNE, debug: bool = settings.FLASH_DEBUG, poison: bool = False,
+              interpret_blocks: tuple[int, int] = (16, 16)) -> tuple[torch.Tensor, None]:
     """Same contract as :func:`diffllama.attention.eager.attention`; never returns probabilities.
 
     The kernel variants (defaults: :mod:`diffllama.settings`, where ``DIFFLLAMA_FLASH_*`` may override them for
@@ -297,41 +314,23 @@ def attention(
     """
     if output_attentions:
         raise ValueError("output_attentions=True needs attn_implementation='eager'; flash has no probabilities")
-    if dq_mode not in settings.FLASH_DQ_MODES:
-        raise ValueError(f"dq_mode must be one of {settings.FLASH_DQ_MODES}, got {dq_mode!r}")
-    if bwd_mode not in settings.FLASH_BWD_MODES:
-        raise ValueError(f"bwd_mode must be one of {settings.FLASH_BWD_MODES}, got {bwd_mode!r}")
+    for name, got, allowed in (("dq_mode", dq_mode, settings.FLASH_DQ_MODES),
+                               ("bwd_mode", bwd_mode, settings.FLASH_BWD_MODES)):
+        if got not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {got!r}")
     if query.is_cuda and torch.is_autocast_enabled("cuda"):
         # Under autocast RoPE leaves q and k in float32 while v is bf16; run the kernel in the autocast dtype,
         # as SDPA does.
         dtype = torch.get_autocast_dtype("cuda")
         query, key, value = (t.to(dtype) for t in (query, key, value))
-    check_inputs(query, key, value, mask)
-    if not (query.dtype == key.dtype == value.dtype):
-        raise ValueError(f"query, key, value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
-    if query.device.type != "cuda" and not settings.triton_interpreting():
-        raise RuntimeError(f"attn_implementation='flash' needs a CUDA GPU (got {query.device.type} tensors); "
-                           "use 'sdpa' or 'auto'")
-    if triton is None:
-        raise RuntimeError(f"attn_implementation='flash' needs Triton: {_IMPORT_ERROR}")
+    _check_runnable(query, key, value, mask)
     d = query.shape[-1]
     if dropout_p > 0.0 or query.dtype not in (torch.bfloat16, torch.float16) or d > 256:
         # documented fallback: same function, unfused
         return sdpa.attention(query, key, value, mask, scale=scale, lambda_full=lambda_full, dropout_p=dropout_p)
 
-    h, kv = query.shape[1], key.shape[1]
-    if kv % 2:  # odd KV (MQA too): expand to H heads; autograd sums the gradient back
-        key, value = repeat_kv(key, h // kv), repeat_kv(value, h // kv)
-    query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
-    qpos = mask.query_positions.to(device=query.device, dtype=torch.int64).contiguous()
-    pad = mask.key_padding
-    if pad is not None:
-        pad = pad.to(device=query.device, dtype=torch.uint8).contiguous()  # a copy: Inductor cannot lower bool.view(uint8)
-    docs = mask.document_ids
-    if docs is not None:
-        docs = docs.to(device=query.device, dtype=torch.int32).contiguous()
+    query, key, value, qpos, pad, docs = _kernel_inputs(query, key, value, mask)
     lambda_full = lambda_full.reshape(())
-
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, lambda_full))
     # decode: a custom op, so compiled and CUDA-graphed steps use it. It has no document mask (packed documents
     # come without caches), so a short packed row without gradients takes the full forward instead.

@@ -31,17 +31,9 @@ def allowed_keys(mask: AttentionMask, batch: int) -> torch.Tensor:
     return allowed
 
 
-def attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: AttentionMask,
-    *,
-    scale: float,
-    lambda_full: torch.Tensor,
-    dropout_p: float = 0.0,
-    output_attentions: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask, *, scale: float,
+              lambda_full: torch.Tensor, dropout_p: float = 0.0, output_attentions: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Differential attention of every head pair, the backends' contract (:func:`diffllama.attention.eager.attention`).
 
     Args:
