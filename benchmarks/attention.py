@@ -12,9 +12,9 @@ Sections (each in its own try/except, printed as it goes, JSON to DIR/attention.
 2. core attention, causal, bf16, B = tokens / S, H heads (KV = H), head_dim d; forward and forward + backward
    (torch.autograd.grad of a random dO) median times, peak memory of forward + backward above the inputs:
      flash     ours, ``diffllama.attention.flash.attention`` (returns o1 − λ·o2), default settings
-     flash-atomic the same with dQ added by float32 atomics in the dK/dV' kernel (``flash.DQ_MODE = "atomic"``)
+     flash-atomic the same with dQ added by float32 atomics in the dK/dV' kernel (``dq_mode="atomic"``)
      flash-fused / flash-split  the backward launch form that ``"auto"`` does not pick at this head_dim
-                   (``flash.BWD_MODE``: dK and dV' in one launch, or in two)
+                   (``bwd_mode``: dK and dV' in one launch, or in two)
      sdpa      ours, ``diffllama.attention.sdpa.attention`` (one SDPA call, 2d-wide value)
      hf-2call  transformers' DiffLlama form: two calls of transformers' ``sdpa_attention_forward`` over the two
                value halves, cat, o1 − λ·o2 (the lines of ``DiffLlamaAttention.forward``)
@@ -78,8 +78,8 @@ def _core_impls(h: int, d: int):
         a, b = torch.chunk(out, 2, dim=2)
         return a - lam * b
 
-    def ours(backend):
-        return lambda q, k, v, mask, scale, lam: backend(q, k, v, mask, scale=scale, lambda_full=lam)[0]
+    def ours(backend, **variant):
+        return lambda q, k, v, mask, scale, lam: backend(q, k, v, mask, scale=scale, lambda_full=lam, **variant)[0]
 
     def llama(q, k, v, mask, scale, lam):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
@@ -92,7 +92,9 @@ def _core_impls(h: int, d: int):
         return run
 
     no_cudnn = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    return {"flash": ours(flash.attention), "sdpa": ours(sdpa.attention),
+    return {"flash": ours(flash.attention), "flash-atomic": ours(flash.attention, dq_mode="atomic"),
+            "flash-fused": ours(flash.attention, bwd_mode="fused"), "flash-split": ours(flash.attention, bwd_mode="split"),
+            "sdpa": ours(sdpa.attention),
             "hf-2call": hf_two_call, "hf-2call-fa2": on(no_cudnn, hf_two_call), "llama": llama,
             "llama-cudnn": on([SDPBackend.CUDNN_ATTENTION], llama), "llama-fa2": on(no_cudnn, llama)}
 
@@ -152,12 +154,10 @@ def core(dims, seqs, tokens, heads, peak) -> None:
             ref_outs, ref_name = None, "flash"
             if s <= EAGER_MAX_S:  # the float32 eager reference decides which gradients are right
                 ref_outs, ref_name = _eager_reference(q, k, v, lam, mask, douts["diff"]), "eager32"
-            alt = "flash-fused" if flash._bwd_split(triton.next_power_of_2(d)) else "flash-split"
+            alt = "flash-fused" if flash._bwd_split("auto", triton.next_power_of_2(d)) else "flash-split"
             for name in ("llama", "llama-cudnn", "llama-fa2", "flash", "flash-atomic", alt, "sdpa", "hf-2call",
                          "hf-2call-fa2"):
-                fn = impls["flash" if name.startswith("flash") else name]
-                flash.DQ_MODE = "atomic" if name == "flash-atomic" else "kernel"
-                flash.BWD_MODE = name.split("-")[1] if name in ("flash-fused", "flash-split") else "auto"
+                fn = impls[name]
                 row = dict(d=d, S=s, B=b, H=heads, impl=name)
                 try:
                     out = fn(q, k, v, mask, d ** -0.5, lam)

@@ -34,8 +34,8 @@ def _rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def check(d: int) -> list[float]:
-    """Max relative error of (dq, dk, dv, dλ) of the current settings against float32 eager."""
+def check(d: int, bwd_mode: str, dq_mode: str) -> list[float]:
+    """Relative errors of (dq, dk, dv, dλ) of one backward form against float32 eager."""
     gen = torch.Generator(device="cuda").manual_seed(d)
     b, h, kv, s = 2, 8, 4, 777
     q, k, v = (torch.randn(b, n, s, d, device="cuda", generator=gen) for n in (h, kv, kv))
@@ -46,23 +46,28 @@ def check(d: int) -> list[float]:
     mask = AttentionMask(torch.arange(s, device="cuda"), pad, s)
     errs = []
     grads = {}
-    for name, fn, dtype in (("ref", eager, torch.float32), ("flash", flash.attention, torch.bfloat16)):
+    variant = dict(bwd_mode=bwd_mode, dq_mode=dq_mode)
+    for name, fn, dtype, options in (("ref", eager, torch.float32, {}), ("flash", flash.attention, torch.bfloat16, variant)):
         leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, lam)]
-        out, _ = fn(*leaves[:3], mask, scale=d ** -0.5, lambda_full=leaves[3])
+        out, _ = fn(*leaves[:3], mask, scale=d ** -0.5, lambda_full=leaves[3], **options)
         grads[name] = torch.autograd.grad(out, leaves, dout.to(dtype))
     for got, ref in zip(grads["flash"], grads["ref"]):
         errs.append(_rel(got, ref))
     return errs
 
 
-def time_backward(d: int, s: int) -> float:
+VARIANT = (True, False, [16, 16])  # autotune, no debug print, interpreter blocks (unused on the GPU)
+
+
+def time_backward(d: int, s: int, bwd_mode: str, dq_mode: str) -> float:
     b, h = 16384 // s, 16
     q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     lam = torch.tensor([0.4], device="cuda")
     qpos = torch.arange(s, device="cuda")
-    out, o2, lse = flash._forward(q, k, v, qpos, None, lam, d ** -0.5)
+    out, o2, lse = flash._forward(q, k, v, qpos, None, None, lam, d ** -0.5, VARIANT, False)
     dout = torch.randn_like(out)
-    return triton.testing.do_bench(lambda: flash._backward(dout, q, k, v, out, o2, lse, qpos, None, lam, d ** -0.5),
+    return triton.testing.do_bench(lambda: flash._backward(dout, q, k, v, out, o2, lse, qpos, None, None, lam,
+                                                           d ** -0.5, VARIANT, False, dq_mode, bwd_mode),
                                    warmup=50, rep=200)
 
 
@@ -73,10 +78,9 @@ def compare_forms(dims: list[int], seqs: list[int]) -> None:
     for d in dims:
         for mode in ("split", "fused"):
             for dq_mode in ("kernel", "atomic"):
-                flash.BWD_MODE, flash.DQ_MODE = mode, dq_mode
                 try:
-                    err = max(check(d))
-                    times = [time_backward(d, s) for s in seqs] if err < 2e-2 else []
+                    err = max(check(d, mode, dq_mode))
+                    times = [time_backward(d, s, mode, dq_mode) for s in seqs] if err < 2e-2 else []
                     cols = " ".join(f"{t:14.3f}" for t in times) or "  (failed check: not timed)"
                 except Exception as error:  # noqa: BLE001 - report and go on
                     err, cols = float("nan"), f"  error: {type(error).__name__}: {str(error)[:200]}"
@@ -90,7 +94,7 @@ def forward_configs(d: int, seqs: list[int]) -> None:
         b = 16384 // s
         q, k, v = (torch.randn(b, 16, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         lam, qpos = torch.tensor([0.4], device="cuda"), torch.arange(s, device="cuda")
-        flash._forward(q, k, v, qpos, None, lam, d ** -0.5)
+        flash._forward(q, k, v, qpos, None, None, lam, d ** -0.5, VARIANT, False)
         tuner = flash._TUNED[("fwd", d)]
         times = {str(c): round(float(ms[0] if isinstance(ms, (list, tuple)) else ms), 3)
                  for c, ms in tuner.configs_timings.items()}
@@ -121,15 +125,14 @@ def main() -> None:
           + " ".join(f"{'bwd ms S=' + str(s):>14}" for s in seqs), flush=True)
     for d in (int(x) for x in args.dims.split(",")):
         for form, (mode, dq_mode, kinds) in forms.items():
-            flash.BWD_MODE, flash.DQ_MODE = mode, dq_mode
             for kind in kinds:
                 for cfg in base_configs(kind, d):
                     flash._configs = lambda k, dp, _c=cfg, _k=kind: [_c] if k == _k else base_configs(k, dp)
                     flash._TUNED.clear()  # the autotuners were built from the previous trial's candidates
                     label = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
                     try:
-                        err = max(check(d))
-                        times = [time_backward(d, s) for s in seqs] if err < 2e-2 else []
+                        err = max(check(d, mode, dq_mode))
+                        times = [time_backward(d, s, mode, dq_mode) for s in seqs] if err < 2e-2 else []
                         cols = " ".join(f"{t:14.3f}" for t in times) or "  (failed check: not timed)"
                     except Exception as error:  # noqa: BLE001 - report and go on to the next candidate
                         err, cols = float("nan"), f"  error: {type(error).__name__}: {str(error)[:80]}"

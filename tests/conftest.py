@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import warnings
 
 import pytest
 import torch
 
-from diffllama import DiffLlamaConfig
+# Tests marked ``triton`` run diffllama's Triton kernels: on a CUDA GPU, or else through Triton's interpreter on CPU.
+# Triton picks interpreted or compiled kernels when they are defined (at import), so the interpreter is turned on here,
+# before diffllama is imported, and the kernel modules are imported at once; every test not marked ``triton`` then
+# runs with it off again (fixture below), seeing the CPU behaviour (flash refuses CPU tensors, no Triton GEMV).
+# A TRITON_INTERPRET set by hand is left alone.
+# (pytest-xdist workers inherit the controller's environment: the second variable says the first was set here.)
+MANAGE_INTERPRETER = "_DIFFLLAMA_TESTS_INTERPRETER" in os.environ or (
+    not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
+    and importlib.util.find_spec("triton") is not None)
+if MANAGE_INTERPRETER:
+    os.environ["TRITON_INTERPRET"] = os.environ["_DIFFLLAMA_TESTS_INTERPRETER"] = "1"
+
+from diffllama import DiffLlamaConfig  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    import diffllama.attention.flash  # noqa: E402, F401  (defines the kernels as interpreted ones)
+    from triton.runtime import interpreter as _interpreter  # noqa: E402
+
+    # Triton 3.6's interpreter turns a reduction into a one-element array and calls int() on it for a loop bound,
+    # which numpy 2 refuses: give its tensors an __index__ that reads the one element.
+    _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+    def _patch_with_index(tensor, scope):
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interpreter._patch_lang_tensor = _patch_with_index
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=64, pad_token_id=0)
@@ -57,3 +85,9 @@ def padded_batch(vocab_size: int, padding: str, batch: int = 3, seq: int = 11, s
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter_only_for_kernel_tests(request, monkeypatch):
+    if MANAGE_INTERPRETER and request.node.get_closest_marker("triton") is None:
+        monkeypatch.delenv("TRITON_INTERPRET")

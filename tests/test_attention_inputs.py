@@ -75,3 +75,24 @@ def test_unknown_backend_names_are_refused():
     assert resolve_implementation("auto", "cpu") == "sdpa" and resolve_implementation("eager", "cpu") == "eager"
     with pytest.raises(ValueError, match="attn_implementation must be one of .* or 'auto', got 'flash3'"):
         get_backend(resolve_implementation("flash3", "cpu"))
+
+
+def test_backend_is_chosen_once_per_implementation_and_device(monkeypatch):
+    """The attention function is resolved and imported on a layer's first call only, and again only when
+    ``config.attn_implementation`` changes; the outputs follow the choice."""
+    import diffllama
+    import diffllama.attention as attention_pkg
+    from conftest import tiny_config
+
+    chosen = []
+    real = attention_pkg.get_backend
+    monkeypatch.setattr(attention_pkg, "get_backend", lambda name: chosen.append(name) or real(name))
+    model = diffllama.DiffLlamaModel(tiny_config(attn_implementation="auto")).double().eval()
+    ids = torch.randint(1, 90, (2, 7))
+    with torch.no_grad():
+        first = model(input_ids=ids).last_hidden_state
+        model(input_ids=ids)
+        assert chosen == ["sdpa"] * 3  # one choice per layer ("auto" on CPU), none on the second call
+        model.config.attn_implementation = "eager"
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, first, rtol=1e-12, atol=1e-12)
+    assert chosen == ["sdpa"] * 3 + ["eager"] * 3

@@ -1,24 +1,20 @@
-"""The flash decode custom op: fake implementation, values against float64 eager, and tracing under torch.compile.
+"""The flash decode custom op: fake implementation, values against the naive reference in float64, and tracing
+under torch.compile.
 
-Value tests need a CUDA GPU or Triton's interpreter (``TRITON_INTERPRET=1 python -m pytest tests/test_flash_decode.py``,
-fp16 on CPU); the fake-implementation test runs wherever Triton imports.
+Value tests need a CUDA GPU or Triton's interpreter (on CPU tests/conftest.py turns it on for them; fp16); the
+fake-implementation test runs wherever Triton imports.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from attention_cases import CUDA, DEVICE, interpreter_params, kernel_test, slow_in_interpreter
 
-from diffllama.attention import AttentionMask, eager
+from diffllama.attention import AttentionMask, naive
 
 triton = pytest.importorskip("triton")
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA and not INTERPRET, reason="needs a CUDA GPU (or TRITON_INTERPRET=1)")
 DTYPE = torch.bfloat16 if CUDA else torch.float16  # the CPU interpreter mishandles bf16
 
 CASES = {  # b, h, kv, d, slots (static cache length), position of the single query, padding
@@ -65,25 +61,24 @@ def test_fake_implementation_gives_the_real_output_shapes(monkeypatch):
     assert opart.dtype == lpart.dtype == torch.float32
 
 
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", list(CASES))
-def test_decode_matches_float64_eager(name, monkeypatch):
+@kernel_test
+@pytest.mark.parametrize("name", interpreter_params(CASES, quick={"gqa4-d32-first-slot", "mqa-d96"}))
+def test_decode_matches_naive_float64(name):
     from diffllama.attention import flash, sdpa
 
-    monkeypatch.setattr(flash, "POISON", True)  # an unwritten element of the op's outputs shows as NaN
     (q, k, v, lam), mask = _inputs(*CASES[name])
     scale = q.shape[-1] ** -0.5
     with torch.no_grad():
-        ref, _ = eager.attention(q, k, v, mask, scale=scale, lambda_full=lam)
+        ref, _ = naive.attention(q, k, v, mask, scale=scale, lambda_full=lam)
         base, _ = sdpa.attention(*(t.to(DTYPE) for t in (q, k, v)), mask, scale=scale, lambda_full=lam.to(DTYPE))
-        got, _ = flash.attention(*(t.to(DTYPE) for t in (q, k, v)), mask, scale=scale, lambda_full=lam.to(DTYPE))
+        got, _ = flash.attention(*(t.to(DTYPE) for t in (q, k, v)), mask, scale=scale, lambda_full=lam.to(DTYPE),
+                                 poison=True)  # an unwritten element of the op's outputs shows as NaN
     assert got.shape == ref.shape and got.dtype == DTYPE
     assert _rel(got, ref) <= min(2 * _rel(base, ref) + 2e-3, 2e-2), (_rel(got, ref), _rel(base, ref))
 
 
-@gpu
-@pytest.mark.gpu
+@kernel_test
+@slow_in_interpreter
 def test_decode_traces_under_compile_fullgraph_and_passes_opcheck():
     from diffllama.attention import flash
     from diffllama.attention.flash_decode import decode_partials
@@ -104,8 +99,8 @@ def test_decode_traces_under_compile_fullgraph_and_passes_opcheck():
     torch.library.opcheck(decode_partials, (q, k, v, mask.query_positions, pad, scale))
 
 
-@gpu
-@pytest.mark.gpu
+@kernel_test
+@slow_in_interpreter
 def test_compiled_flash_decode_step_matches_eager_sdpa_step():
     """The fast path a user gets with attn_implementation="auto" on CUDA: fused projections, cached λ, flash decode
     in a compiled, CUDA-graphed step; against the plain eager step with SDPA, from the same cache, in bf16. (Under

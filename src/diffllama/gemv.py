@@ -10,9 +10,9 @@ one-row products to this kernel, which Inductor sees as an opaque op: every prog
 the weight with wide loads and reduces them in float32 registers (the layout of gpt-fast's and vLLM's batch-1
 GEMVs, written here from scratch).
 
-Which products use it is :data:`SITES`, from the environment variable ``DIFFLLAMA_GEMV``
-(:mod:`diffllama.settings`): a comma-separated subset of ``qkv, o, gate_up, down, lm_head``, or ``none`` (default
-``qkv``, the only one that measured faster). It only ever changes the kernel, never the result beyond float32
+Which products use it is the ``sites`` argument of :func:`linear` and :func:`call`, a subset of
+``qkv, o, gate_up, down, lm_head``; its default is ``{"qkv"}`` (the only one that measured faster), or the debug
+override ``DIFFLLAMA_GEMV`` (:mod:`diffllama.settings`). It only ever changes the kernel, never the result beyond float32
 summation order.
 """
 
@@ -30,8 +30,6 @@ try:
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
-# The products that use the kernel (``DIFFLLAMA_GEMV``, see :mod:`diffllama.settings`).
-SITES: frozenset[str] = settings.VALUES["DIFFLLAMA_GEMV"]
 
 
 if triton is not None:
@@ -100,8 +98,9 @@ def _gemv_fake(x, weight):
     return x.new_empty(weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: str) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, computed by :func:`gemv` when it applies: ``site`` is in :data:`SITES`,
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, site: str,
+           sites: frozenset[str] = settings.GEMV_SITES) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, computed by :func:`gemv` when it applies: ``site`` is in ``sites``,
     x holds one row (shape (..., K) with one row in all), weight is (N, K) with unit column stride, x, weight and
     bias are on CUDA (any device under ``TRITON_INTERPRET=1``) in one floating dtype, and no gradient is needed.
     Otherwise plain ``F.linear`` (which raises its own errors for mismatched inputs). The choice depends on shapes,
@@ -109,12 +108,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sit
 
     Args:
         x: (..., K). weight: (N, K). bias: (N,) or None. site: which product this is, one of
-            ``qkv, o, gate_up, down, lm_head``.
+            ``qkv, o, gate_up, down, lm_head``. sites: the products that use the kernel (default: see the module
+            docstring).
 
     Returns:
         (..., N) in x's dtype.
     """
-    if (site in SITES and triton is not None and (x.is_cuda or settings.triton_interpreting()) and x.numel() == x.shape[-1]
+    if (site in sites and triton is not None and (x.is_cuda or settings.triton_interpreting()) and x.numel() == x.shape[-1]
             and weight.dim() == 2 and weight.shape[1] == x.shape[-1] and weight.stride(1) == 1
             and weight.device == x.device and x.dtype == weight.dtype
             and (bias is None or (bias.dtype == x.dtype and bias.shape == weight.shape[:1]))
@@ -125,16 +125,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sit
     return F.linear(x, weight, bias)
 
 
-def call(module: nn.Module, x: torch.Tensor, site: str) -> torch.Tensor:
+def call(module: nn.Module, x: torch.Tensor, site: str, sites: frozenset[str] = settings.GEMV_SITES) -> torch.Tensor:
     """``module(x)``, through :func:`linear` when ``module`` is a plain ``nn.Linear`` without hooks (a wrapped or
     subclassed layer, e.g. an adapter, or one with hooks, is called as it is).
 
     Args:
-        module: the layer. x: (..., in_features). site: as for :func:`linear`.
+        module: the layer. x: (..., in_features). site, sites: as for :func:`linear`.
 
     Returns:
         (..., out_features).
     """
     if type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks:
-        return linear(x, module.weight, module.bias, site)
+        return linear(x, module.weight, module.bias, site, sites)
     return module(x)

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from diffllama import generation
 from diffllama.activations import ACT_FNS
-from diffllama.attention import AttentionMask, get_backend, resolve_implementation
+from diffllama.attention import AttentionMask, ChosenBackend
 from diffllama.cache import DynamicCache, StaticCache
 from diffllama.config import DiffLlamaConfig
 from diffllama.inputs import (check_cache, check_embedded_inputs, check_labels, check_logits_to_keep, check_num_items,
@@ -97,6 +97,7 @@ class DiffLlamaAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
+        self.backend = ChosenBackend(config)  # the attention function, chosen on first use per device type
         self.num_heads, self.num_key_value_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim ** -0.5
@@ -139,7 +140,7 @@ class DiffLlamaAttention(nn.Module):
         Raises:
             ValueError: a mask or cache that does not match the keys (:func:`diffllama.attention.check_inputs`,
                 :meth:`diffllama.cache.StaticCache.update`). ImportError/RuntimeError: the flash backend without
-                Triton or a GPU (:func:`diffllama.attention.get_backend`).
+                Triton or a GPU (:class:`diffllama.attention.ChosenBackend`).
         """
         b, s, _ = hidden_states.shape
         q, k, v = self.qkv(hidden_states)
@@ -151,9 +152,8 @@ class DiffLlamaAttention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(self.layer_idx, k, v, cache_position)
 
-        implementation = resolve_implementation(self.config.attn_implementation, q.device)
         dropout_p = self.config.attention_dropout if self.training else 0.0
-        out, probs = get_backend(implementation)(  # out: (B, S, H/2, 2d) = o1 − λ·o2
+        out, probs = self.backend(q.device)(  # out: (B, S, H/2, 2d) = o1 − λ·o2
             q, k, v, mask, scale=self.scaling, lambda_full=self.compute_lambda(q.dtype), dropout_p=dropout_p,
             output_attentions=output_attentions)
         out = (1 - self.lambda_init) * F.rms_norm(out, (2 * self.head_dim,), eps=self.config.rms_norm_eps)

@@ -1,4 +1,9 @@
-"""Environment variables that choose kernel variants: read once at import, checked together.
+"""Debug overrides of the kernel variants: the only place that reads ``DIFFLLAMA_*`` environment variables.
+
+The variants are keyword arguments of the launchers (:func:`diffllama.attention.flash.attention`: ``dq_mode``,
+``bwd_mode``, ``autotune``, ``debug``; :func:`diffllama.gemv.linear`: ``sites``). Their defaults are the
+constants below: the built-in value, or the environment's when a variable is set (read once, at import). A caller
+that passes an argument overrides both.
 
 =============================  =========================================================  ===========
 variable                       values                                                     default
@@ -61,6 +66,13 @@ def read(environ: Mapping[str, str]) -> tuple[dict[str, object], list[str]]:
 
 
 VALUES, ERRORS = read(os.environ)
+GEMV_SITES: frozenset[str] = VALUES["DIFFLLAMA_GEMV"]  # default ``sites`` of diffllama.gemv.linear / call
+FLASH_DQ_MODES = _CHOICES["DIFFLLAMA_FLASH_DQ"]
+FLASH_BWD_MODES = _CHOICES["DIFFLLAMA_FLASH_BWD"]
+FLASH_DQ_MODE: str = VALUES["DIFFLLAMA_FLASH_DQ"]  # default ``dq_mode`` of diffllama.attention.flash.attention
+FLASH_BWD_MODE: str = VALUES["DIFFLLAMA_FLASH_BWD"]  # default ``bwd_mode``
+FLASH_AUTOTUNE: bool = VALUES["DIFFLLAMA_FLASH_AUTOTUNE"] == "1"  # default ``autotune``
+FLASH_DEBUG: bool = VALUES["DIFFLLAMA_FLASH_DEBUG"] == "1"  # default ``debug``
 
 
 def triton_interpreting() -> bool:

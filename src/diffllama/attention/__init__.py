@@ -8,6 +8,7 @@ the differential combination ``o1 − λ·o2`` of each head pair, (B, Sq, H/2, 2
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -166,3 +167,26 @@ def resolve_implementation(name: str, device: torch.device | str) -> str:
             return "sdpa"
         return "flash"
     return "sdpa"
+
+
+class ChosenBackend:
+    """A model's attention function, chosen once: ``config.attn_implementation`` resolved for a device type
+    (:func:`resolve_implementation`) and imported (:func:`get_backend`) on the first call, then returned as is. It is
+    chosen again only when the configured name or the device type changes (e.g. ``model.config.attn_implementation
+    = "eager"``, or the model moved from CPU to CUDA).
+
+    Args:
+        config: any object with an ``attn_implementation`` attribute (a :class:`diffllama.DiffLlamaConfig`).
+    """
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self._key: tuple[str, str] | None = None
+        self._function: Callable | None = None
+
+    def __call__(self, device: torch.device) -> Callable:
+        """The attention function for tensors on ``device``; errors as :func:`get_backend`."""
+        key = (self.config.attn_implementation, device.type)
+        if key != self._key:
+            self._function, self._key = get_backend(resolve_implementation(*key)), key
+        return self._function

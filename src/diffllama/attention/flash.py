@@ -4,7 +4,7 @@ Same contract as :func:`diffllama.attention.eager.attention`. Per head pair the 
 online softmaxes (one per query head, each over the pair's 2·head_dim wide value) and writes ``o1 − λ·o2``: 1.5×
 a Llama attention's FLOPs instead of the 2× of two attention calls. The backward is the FlashAttention-2 split
 (Dao, arXiv 2307.08691): a row-sum preprocess, a dK/dV' kernel over key blocks and a dQ kernel over query blocks
-(or, with ``DQ_MODE = "atomic"``, dQ added with float32 atomics by the dK/dV' kernel), with ``dO1 = dO``,
+(or, with ``dq_mode="atomic"``, dQ added with float32 atomics by the dK/dV' kernel), with ``dO1 = dO``,
 ``dO2 = −λ·dO`` and ``dλ = −Σ dO·o2``. Both heads of a pair share dO and V', so their ``dP = dO·V'ᵀ`` is computed
 once and ``dV' = (P1 − λ·P2)ᵀ·dO`` is one product. Ideas from FlashAttention (Dao et al., arXiv 2205.14135) and
 the Differential Transformer (Ye et al., arXiv 2410.05258); the code is written for this project.
@@ -30,33 +30,16 @@ from __future__ import annotations
 import torch
 
 from diffllama import settings
-from diffllama.attention import AttentionMask, check_inputs, repeat_kv
+from diffllama.attention import AttentionMask, check_inputs, repeat_kv, sdpa
 
 try:
     import triton
 
     from diffllama.attention import flash_kernels as kernels
+    from diffllama.attention.flash_decode import decode
 except ImportError as err:  # pragma: no cover - depends on the environment
     triton = None
     _IMPORT_ERROR = err
-
-LOG2E = 1.4426950408889634
-POISON = False  # tests set this: every output buffer starts as NaN, so an unwritten element shows
-# (BLOCK_M, BLOCK_N) under Triton's interpreter; tests set unequal ones, as the GPU configs have.
-INTERPRET_BLOCKS = (16, 16)
-# How the backward gets dQ: "kernel" runs a separate dQ kernel that recomputes the scores (deterministic; the faster
-# form on the H200 at head_dim 128 and at 64 for S >= 2048, benchmarks/RESULTS.md), "atomic" adds it from the dK/dV
-# kernel (float32 relaxed atomics, no recomputation).
-DQ_MODE = settings.VALUES["DIFFLLAMA_FLASH_DQ"]
-# How the dK/dV' work is launched: "fused" (one kernel, four accumulators per program), "split" (one kernel for
-# dK (+ dQ atomics), one for dV': two accumulators each, P computed twice), "auto" (by head_dim, see _bwd_split).
-BWD_MODE = settings.VALUES["DIFFLLAMA_FLASH_BWD"]
-
-
-def _empty(shape, dtype, device) -> torch.Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # ---- launch configurations -----------------------------------------------------------------------------------
@@ -94,16 +77,17 @@ def _configs(kind: str, dp: int):
 _TUNED: dict = {}
 
 
-def _launch(kind: str, kernel, grid, dp: int, *args, **kwargs) -> None:
-    """Run ``kernel`` with a config from ``_configs(kind, dp)``: autotuned (Triton's autotuner, once per kernel,
-    head_dim, padding and sequence-length bucket), or only the first candidate when the environment sets
-    ``DIFFLLAMA_FLASH_AUTOTUNE=0``; ``INTERPRET_BLOCKS`` under the interpreter. Every candidate's gradients were
-    checked on the H200 by benchmarks/tune_flash_bwd.py."""
+def _launch(kind: str, kernel, grid, dp: int, variant: tuple[bool, bool, list[int]], *args, **kwargs) -> None:
+    """Run ``kernel`` with a config from ``_configs(kind, dp)``. ``variant`` is ``(autotune, debug,
+    interpret_blocks)`` (see :func:`attention`): autotuned (Triton's autotuner, once per kernel, head_dim, padding
+    and sequence-length bucket), or only the first candidate; under the interpreter (BLOCK_M, BLOCK_N) =
+    ``interpret_blocks``. Every candidate's gradients were checked on the H200 by benchmarks/tune_flash_bwd.py."""
+    autotune, debug, interpret_blocks = variant
     if settings.triton_interpreting():
-        meta = {"BLOCK_M": INTERPRET_BLOCKS[0], "BLOCK_N": INTERPRET_BLOCKS[1]}
+        meta = {"BLOCK_M": interpret_blocks[0], "BLOCK_N": interpret_blocks[1]}
         kernel[grid(meta)](*args, **kwargs, **meta)
         return
-    if settings.VALUES["DIFFLLAMA_FLASH_AUTOTUNE"] == "0":
+    if not autotune:
         best = _configs(kind, dp)[0]
         compiled = kernel[grid(best.kwargs)](*args, **kwargs, **best.kwargs, num_warps=best.num_warps,
                                              num_stages=best.num_stages)
@@ -118,7 +102,7 @@ def _launch(kind: str, kernel, grid, dp: int, *args, **kwargs) -> None:
                                           reset_to_zero=["DQACC"] if accumulates else None)(kernel)
         compiled = _TUNED[key][grid](*args, **kwargs)
         best = _TUNED[key].best_config
-    if settings.VALUES["DIFFLLAMA_FLASH_DEBUG"] == "1":
+    if debug:
         print(f"[flash] {kind} d{dp} pad {kwargs.get('HAS_PAD')} doc {kwargs.get('HAS_DOC')} {best} "
               f"regs {getattr(compiled, 'n_regs', '?')} "
               f"spills {getattr(compiled, 'n_spills', '?')}", flush=True)
@@ -144,66 +128,67 @@ def _doc_args(docs: torch.Tensor | None, qpos: torch.Tensor) -> tuple[torch.Tens
     return docs, (docs[:, 1:] >= docs[:, :-1]).all().to(torch.uint8).reshape(1), docs.stride(0)
 
 
-def _forward(q, k, v, qpos, pad, docs, lam, scale):
+def _forward(q, k, v, qpos, pad, docs, lam, scale, variant, poison):
     b, h, sq, d = q.shape
     kv, sk = k.shape[1], k.shape[2]
     dp = triton.next_power_of_2(d)
-    out = _empty((b, sq, h // 2, 2 * d), q.dtype, q.device)
-    o2 = _empty((b, sq, h // 2, 2 * d), q.dtype, q.device)
-    lse = _empty((b, h, sq), torch.float32, q.device)
+    out = kernels.empty((b, sq, h // 2, 2 * d), q.dtype, q.device, poison)
+    o2 = kernels.empty((b, sq, h // 2, 2 * d), q.dtype, q.device, poison)
+    lse = kernels.empty((b, h, sq), torch.float32, q.device, poison)
     pad_t = pad if pad is not None else qpos  # any valid pointer; unused without HAS_PAD
     docs_t, docs_ok, docs_stride = _doc_args(docs, qpos)
     grid = lambda meta: (b * h // 2, triton.cdiv(sq, meta["BLOCK_M"]))  # noqa: E731
-    _launch("fwd", kernels.attn_fwd, grid, dp,
+    _launch("fwd", kernels.attn_fwd, grid, dp, variant,
             q, k, v, out, o2, lse, qpos, pad_t, docs_t, docs_ok, lam,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out), pad.stride(0) if pad is not None else 0,
             docs_stride,
-            h, kv // 2, h // kv, sq, sk, scale * LOG2E, _seq_bucket(sk),
+            h, kv // 2, h // kv, sq, sk, scale * kernels.LOG2E, _seq_bucket(sk),
             HEAD_DIM=d, DP=dp, HAS_PAD=pad is not None, HAS_DOC=docs is not None)
     return out, o2, lse
 
 
-def _bwd_split(dp: int) -> bool:
-    """Whether the backward runs dK and dV' as two launches (see BWD_MODE; its value is checked by
-    :mod:`diffllama.settings`)."""
-    return BWD_MODE == "split" or (BWD_MODE == "auto" and dp > 64)
+def _bwd_split(bwd_mode: str, dp: int) -> bool:
+    """Whether the backward runs dK and dV' as two launches (``bwd_mode``, see :func:`attention`)."""
+    return bwd_mode == "split" or (bwd_mode == "auto" and dp > 64)
 
 
-def _backward(dout, q, k, v, out, o2, lse, qpos, pad, docs, lam, scale):
+def _backward(dout, q, k, v, out, o2, lse, qpos, pad, docs, lam, scale, variant, poison, dq_mode, bwd_mode):
     b, h, sq, d = q.shape
     kv, sk = k.shape[1], k.shape[2]
     dp = triton.next_power_of_2(d)
-    split = _bwd_split(dp)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    r = _empty((b, h, sq), torch.float32, q.device)
+    r = kernels.empty((b, h, sq), torch.float32, q.device, poison)
     block = 64 if not settings.triton_interpreting() else 16
     kernels.attn_bwd_pre[(triton.cdiv(sq, block), b * h // 2)](
         out, o2, dout, r, lam, *_strides(out), *_strides(dout), h, sq, HEAD_DIM=d, DP=dp, BLOCK_M=block)
-    dq = _empty((b, h, sq, d), q.dtype, q.device)
-    dk = _empty((b, kv, sk, d), k.dtype, k.device)
-    dv = _empty((b, kv, sk, d), v.dtype, v.device)
+    dq = kernels.empty((b, h, sq, d), q.dtype, q.device, poison)
+    dk = kernels.empty((b, kv, sk, d), k.dtype, k.device, poison)
+    dv = kernels.empty((b, kv, sk, d), v.dtype, v.device, poison)
     pad_t = pad if pad is not None else qpos
     docs_t, docs_ok, docs_stride = _doc_args(docs, qpos)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), pad.stride(0) if pad is not None else 0,
               docs_stride,
-              h, kv // 2, h // kv, sq, sk, scale * LOG2E, scale, _seq_bucket(sk))
+              h, kv // 2, h // kv, sq, sk, scale * kernels.LOG2E, scale, _seq_bucket(sk))
     meta = dict(HEAD_DIM=d, DP=dp, HAS_PAD=pad is not None, HAS_DOC=docs is not None)
-    atomic = DQ_MODE == "atomic"
+    atomic = dq_mode == "atomic"
     dq_acc = torch.zeros((b, h, sq, dp) if atomic else (1,), dtype=torch.float32, device=q.device)
     # Positions out of order (a static cache written out of order) are rare but legal: checked on the GPU, no sync.
     ordered = (qpos[1:] >= qpos[:-1]).all().to(torch.uint8)
     args = (q, k, v, dout, lse, r, qpos, ordered, pad_t, docs_t, docs_ok, dk, dv, dq_acc, lam, *common)
     grid = lambda m: (b * kv // 2, triton.cdiv(sk, m["BLOCK_N"]))  # noqa: E731
-    if split:
-        _launch("dk", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=False, **meta)
-        _launch("dv", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=False, DO_DK=False, DO_DV=True, **meta)
+    if _bwd_split(bwd_mode, dp):
+        _launch("dk", kernels.attn_bwd_dkdv, grid, dp, variant, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=False,
+                **meta)
+        _launch("dv", kernels.attn_bwd_dkdv, grid, dp, variant, *args, DQ_ATOMIC=False, DO_DK=False, DO_DV=True,
+                **meta)
     else:
-        _launch("dkdv", kernels.attn_bwd_dkdv, grid, dp, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=True, **meta)
+        _launch("dkdv", kernels.attn_bwd_dkdv, grid, dp, variant, *args, DQ_ATOMIC=atomic, DO_DK=True, DO_DV=True,
+                **meta)
     if atomic:
         dq.copy_(dq_acc[..., :d].mul_(scale))
     else:
-        _launch("dq", kernels.attn_bwd_dq, lambda m: (b * h // 2, triton.cdiv(sq, m["BLOCK_M"])), dp,
+        _launch("dq", kernels.attn_bwd_dq, lambda m: (b * h // 2, triton.cdiv(sq, m["BLOCK_M"])), dp, variant,
                 q, k, v, dout, lse, r, qpos, pad_t, docs_t, docs_ok, dq, lam, *common, **meta)
     dlam = -r[:, h // 2:].sum()
     return dq, dk, dv, dlam
@@ -211,21 +196,23 @@ def _backward(dout, q, k, v, out, o2, lse, qpos, pad, docs, lam, scale):
 
 # The forward and backward are torch.library custom ops with fake implementations, joined by register_autograd, so
 # that torch.compile (a compiled decoder layer, fullgraph) treats each as one opaque call instead of tracing into
-# the Triton launches.
+# the Triton launches. The kernel variants travel as plain arguments: constants to the compiler.
 
 @torch.library.custom_op("diffllama::flash_attn_forward", mutates_args=())
 def _flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor,
-                       pad: torch.Tensor | None, docs: torch.Tensor | None, lam: torch.Tensor, scale: float
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       pad: torch.Tensor | None, docs: torch.Tensor | None, lam: torch.Tensor, scale: float,
+                       autotune: bool, debug: bool, interpret_blocks: list[int], poison: bool,
+                       dq_mode: str, bwd_mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(out, o2, lse)``: out = o1 − λ·o2 and the second heads' o2, both (B, Sq, H/2, 2d) in q's dtype, and the
     base-2 log-sum-exp (B, H, Sq) float32 (+inf for rows that see no key). q (B, H, Sq, d), k/v (B, KV, Sk, d)
     with KV even; qpos (Sq,) int64; pad (B, Sk) uint8 or None; docs (B, Sk) int32 contiguous (document of each
-    key, :attr:`AttentionMask.document_ids`) or None; lam (1,) float32."""
-    return _forward(q, k, v, qpos, pad, docs, lam, scale)
+    key, :attr:`AttentionMask.document_ids`) or None; lam (1,) float32; the variants as in :func:`attention`
+    (``dq_mode`` and ``bwd_mode`` are kept for the backward)."""
+    return _forward(q, k, v, qpos, pad, docs, lam, scale, (autotune, debug, interpret_blocks), poison)
 
 
 @_flash_attn_forward.register_fake
-def _flash_attn_forward_fake(q, k, v, qpos, pad, docs, lam, scale):
+def _flash_attn_forward_fake(q, k, v, qpos, pad, docs, lam, scale, *variant):
     b, h, sq, d = q.shape
     out = q.new_empty((b, sq, h // 2, 2 * d))
     return out, torch.empty_like(out), q.new_empty((b, h, sq), dtype=torch.float32)
@@ -234,62 +221,39 @@ def _flash_attn_forward_fake(q, k, v, qpos, pad, docs, lam, scale):
 @torch.library.custom_op("diffllama::flash_attn_backward", mutates_args=())
 def _flash_attn_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         o2: torch.Tensor, lse: torch.Tensor, qpos: torch.Tensor, pad: torch.Tensor | None,
-                        docs: torch.Tensor | None, lam: torch.Tensor, scale: float
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        docs: torch.Tensor | None, lam: torch.Tensor, scale: float,
+                        autotune: bool, debug: bool, interpret_blocks: list[int], poison: bool,
+                        dq_mode: str, bwd_mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dλ)`` for :func:`_flash_attn_forward`'s inputs (dλ a 0-d float32) given dout = ∂L/∂out."""
-    return _backward(dout, q, k, v, out, o2, lse, qpos, pad, docs, lam, scale)
+    return _backward(dout, q, k, v, out, o2, lse, qpos, pad, docs, lam, scale, (autotune, debug, interpret_blocks),
+                     poison, dq_mode, bwd_mode)
 
 
 @_flash_attn_backward.register_fake
-def _flash_attn_backward_fake(dout, q, k, v, out, o2, lse, qpos, pad, docs, lam, scale):
+def _flash_attn_backward_fake(dout, q, k, v, out, o2, lse, qpos, pad, docs, lam, scale, *variant):
     # Contiguous like the real outputs (empty_like would copy the strides of a transposed q).
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), lam.new_empty(())
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, qpos, pad, docs, lam, scale = inputs
+    q, k, v, qpos, pad, docs, lam, scale, *variant = inputs
     out, o2, lse = output
     ctx.save_for_backward(q, k, v, out, o2, lse, qpos, pad, docs, lam)
-    ctx.scale = scale
+    ctx.scale, ctx.variant = scale, variant
 
 
 def _flash_attn_autograd(ctx, dout, _grad_o2, _grad_lse):
     q, k, v, out, o2, lse, qpos, pad, docs, lam = ctx.saved_tensors
-    dq, dk, dv, dlam = _flash_attn_backward(dout, q, k, v, out, o2, lse, qpos, pad, docs, lam, ctx.scale)
-    return dq, dk, dv, None, None, None, dlam.reshape(lam.shape), None
+    dq, dk, dv, dlam = _flash_attn_backward(dout, q, k, v, out, o2, lse, qpos, pad, docs, lam, ctx.scale,
+                                            *ctx.variant)
+    return (dq, dk, dv, None, None, None, dlam.reshape(lam.shape)) + (None,) * (1 + len(ctx.variant))
 
 
 _flash_attn_forward.register_autograd(_flash_attn_autograd, setup_context=_setup_context)
 
 
-# ---- the public function --------------------------------------------------------------------------------------
-
-def attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    mask: AttentionMask,
-    *,
-    scale: float,
-    lambda_full: torch.Tensor,
-    dropout_p: float = 0.0,
-    output_attentions: bool = False,
-) -> tuple[torch.Tensor, None]:
-    """Same contract as :func:`diffllama.attention.eager.attention`; never returns probabilities.
-
-    Raises:
-        ValueError: for ``output_attentions=True``, query/key/value of different dtypes, or shapes that break the
-            shared contract (:func:`diffllama.attention.check_inputs`, which also raises TypeError for a mask of the
-            wrong dtypes).
-        RuntimeError: for CPU tensors (flash needs a CUDA GPU), or when Triton is not installed.
-    """
-    if output_attentions:
-        raise ValueError("output_attentions=True needs attn_implementation='eager'; flash has no probabilities")
-    if query.is_cuda and torch.is_autocast_enabled("cuda"):
-        # Under autocast RoPE leaves q and k in float32 while v is bf16; run the kernel in the autocast dtype,
-        # as SDPA does.
-        dtype = torch.get_autocast_dtype("cuda")
-        query, key, value = (t.to(dtype) for t in (query, key, value))
+def _check_runnable(query, key, value, mask: AttentionMask) -> None:
+    """The shared contract, one dtype, and a device and Triton to run on; errors as :func:`attention`."""
     check_inputs(query, key, value, mask)
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(f"query, key, value dtypes differ: {query.dtype}, {key.dtype}, {value.dtype}")
@@ -298,14 +262,13 @@ def attention(
                            "use 'sdpa' or 'auto'")
     if triton is None:
         raise RuntimeError(f"attn_implementation='flash' needs Triton: {_IMPORT_ERROR}")
-    d = query.shape[-1]
-    if dropout_p > 0.0 or query.dtype not in (torch.bfloat16, torch.float16) or d > 256:
-        from diffllama.attention import sdpa  # documented fallback: same function, unfused
 
-        return sdpa.attention(query, key, value, mask, scale=scale, lambda_full=lambda_full, dropout_p=dropout_p)
 
+def _kernel_inputs(query, key, value, mask: AttentionMask):
+    """``(q, k, v, qpos, pad, docs)`` as the kernels take them: an odd KV expanded to H heads (autograd sums the
+    gradient back), the last dimension contiguous, positions int64, padding uint8, documents int32."""
     h, kv = query.shape[1], key.shape[1]
-    if kv % 2:  # odd KV (MQA too): expand to H heads; autograd sums the gradient back
+    if kv % 2:  # odd KV (MQA too): the kernels pair key heads ka and ka + KV/2
         key, value = repeat_kv(key, h // kv), repeat_kv(value, h // kv)
     query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
     qpos = mask.query_positions.to(device=query.device, dtype=torch.int64).contiguous()
@@ -315,14 +278,64 @@ def attention(
     docs = mask.document_ids
     if docs is not None:
         docs = docs.to(device=query.device, dtype=torch.int32).contiguous()
-    lambda_full = lambda_full.reshape(())
+    return query, key, value, qpos, pad, docs
 
+
+# ---- the public function --------------------------------------------------------------------------------------
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask, *, scale: float,
+              lambda_full: torch.Tensor, dropout_p: float = 0.0, output_attentions: bool = False,
+              dq_mode: str = settings.FLASH_DQ_MODE, bwd_mode: str = settings.FLASH_BWD_MODE,
+              autotune: bool = settings.FLASH_AUTOTUNE, debug: bool = settings.FLASH_DEBUG, poison: bool = False,
+              interpret_blocks: tuple[int, int] = (16, 16)) -> tuple[torch.Tensor, None]:
+    """Same contract as :func:`diffllama.attention.eager.attention`; never returns probabilities.
+
+    The kernel variants (defaults: :mod:`diffllama.settings`, where ``DIFFLLAMA_FLASH_*`` may override them for
+    debugging) only change speed, never the result beyond rounding:
+
+    Args:
+        dq_mode: how the backward gets dQ: ``"kernel"``, a separate dQ kernel that recomputes the scores
+            (deterministic; the faster form on the H200 at head_dim 128, and at 64 for S >= 2048,
+            benchmarks/RESULTS.md), or ``"atomic"``, added by the dK/dV' kernel with float32 atomics.
+        bwd_mode: how dK/dV' are launched: ``"fused"`` (one kernel, four accumulators per program), ``"split"``
+            (one kernel for dK (+ dQ atomics), one for dV', P computed twice), ``"auto"`` (split above
+            head_dim 64).
+        autotune: autotune each kernel (Triton's autotuner), or take each kernel's first candidate configuration.
+        debug: print each kernel's chosen configuration, registers and spills.
+        poison: start every output buffer as NaN, so an element a kernel never writes shows (tests).
+        interpret_blocks: (BLOCK_M, BLOCK_N) under Triton's interpreter (tests set unequal ones, as the GPU
+            configurations have); ignored on the GPU.
+
+    Raises:
+        ValueError: for ``output_attentions=True``, query/key/value of different dtypes, an unknown ``dq_mode`` or
+            ``bwd_mode``, or shapes that break the shared contract (:func:`diffllama.attention.check_inputs`,
+            which also raises TypeError for a mask of the wrong dtypes).
+        RuntimeError: for CPU tensors (flash needs a CUDA GPU), or when Triton is not installed.
+    """
+    if output_attentions:
+        raise ValueError("output_attentions=True needs attn_implementation='eager'; flash has no probabilities")
+    for name, got, allowed in (("dq_mode", dq_mode, settings.FLASH_DQ_MODES),
+                               ("bwd_mode", bwd_mode, settings.FLASH_BWD_MODES)):
+        if got not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {got!r}")
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):
+        # Under autocast RoPE leaves q and k in float32 while v is bf16; run the kernel in the autocast dtype,
+        # as SDPA does.
+        dtype = torch.get_autocast_dtype("cuda")
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+    _check_runnable(query, key, value, mask)
+    d = query.shape[-1]
+    if dropout_p > 0.0 or query.dtype not in (torch.bfloat16, torch.float16) or d > 256:
+        # documented fallback: same function, unfused
+        return sdpa.attention(query, key, value, mask, scale=scale, lambda_full=lambda_full, dropout_p=dropout_p)
+
+    query, key, value, qpos, pad, docs = _kernel_inputs(query, key, value, mask)
+    lambda_full = lambda_full.reshape(())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, lambda_full))
     # decode: a custom op, so compiled and CUDA-graphed steps use it. It has no document mask (packed documents
     # come without caches), so a short packed row without gradients takes the full forward instead.
     if not needs_grad and query.shape[2] <= 64 and docs is None:
-        from diffllama.attention.flash_decode import decode
-
-        return decode(query, key, value, qpos, pad, lambda_full, scale), None
+        return decode(query, key, value, qpos, pad, lambda_full, scale, poison=poison), None
     lam = lambda_full.to(torch.float32).reshape(1)  # differentiable: dλ flows back to lambda_full's dtype
-    return _flash_attn_forward(query, key, value, qpos, pad, docs, lam, float(scale))[0], None
+    return _flash_attn_forward(query, key, value, qpos, pad, docs, lam, float(scale), autotune, debug,
+                               list(interpret_blocks), poison, dq_mode, bwd_mode)[0], None

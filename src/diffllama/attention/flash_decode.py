@@ -24,7 +24,6 @@ import triton
 
 from diffllama.attention import combine_pairs
 from diffllama.attention import flash_kernels as kernels
-from diffllama.attention.flash import LOG2E, _empty
 from diffllama.settings import triton_interpreting
 
 
@@ -52,13 +51,14 @@ def _partial_shapes(q: torch.Tensor, k: torch.Tensor) -> tuple[tuple[int, ...], 
 
 @torch.library.custom_op("diffllama::flash_decode_partials", mutates_args=())
 def decode_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor,
-                    pad: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    pad: torch.Tensor | None, scale: float, poison: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-chunk attention of every query head, unmerged.
 
     Args:
         q: (B, H, Sq, d) bf16/fp16, last dim contiguous. k, v: (B, KV, Sk, d), KV even, H a multiple of KV.
         qpos: (Sq,) int64 key index of each query (causal: key j visible iff j <= qpos). pad: (B, Sk) uint8,
-            1 for real keys, or None. scale: the softmax scale.
+            1 for real keys, or None. scale: the softmax scale. poison: start the outputs as NaN (tests).
 
     Returns:
         ``(opart, lpart)``: opart (splits, B, H, Sq, 2·DP) float32, each chunk's softmax-normalised output over
@@ -69,31 +69,31 @@ def decode_partials(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: tor
     b, h, sq, d = q.shape
     kv, sk = k.shape[1], k.shape[2]
     opart_shape, lpart_shape, (splits, chunk, block_m, block_n) = _partial_shapes(q, k)
-    opart = _empty(opart_shape, torch.float32, q.device)
-    lpart = _empty(lpart_shape, torch.float32, q.device)
+    opart = kernels.empty(opart_shape, torch.float32, q.device, poison)
+    lpart = kernels.empty(lpart_shape, torch.float32, q.device, poison)
     pad_t = pad if pad is not None else qpos  # any valid pointer; unused without HAS_PAD
     kernels.attn_fwd_split[(splits, b * h, triton.cdiv(sq, block_m))](
         q, k, v, opart, lpart, qpos, pad_t, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        pad.stride(0) if pad is not None else 0, b, h, kv // 2, h // kv, sq, sk, chunk, scale * LOG2E,
+        pad.stride(0) if pad is not None else 0, b, h, kv // 2, h // kv, sq, sk, chunk, scale * kernels.LOG2E,
         HEAD_DIM=d, DP=opart_shape[-1] // 2, HAS_PAD=pad is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=4, num_stages=2)
     return opart, lpart
 
 
 @decode_partials.register_fake
-def _decode_partials_fake(q, k, v, qpos, pad, scale):
+def _decode_partials_fake(q, k, v, qpos, pad, scale, poison=False):
     opart_shape, lpart_shape, _ = _partial_shapes(q, k)
     return q.new_empty(opart_shape, dtype=torch.float32), q.new_empty(lpart_shape, dtype=torch.float32)
 
 
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qpos: torch.Tensor, pad: torch.Tensor | None,
-           lambda_full: torch.Tensor, scale: float) -> torch.Tensor:
+           lambda_full: torch.Tensor, scale: float, *, poison: bool = False) -> torch.Tensor:
     """Differential attention output ``o1 − λ·o2``, (B, Sq, H/2, 2d) in q's dtype, with no gradient.
 
     Arguments as :func:`decode_partials`, plus ``lambda_full`` the layer's λ (0-d). Rows that see no key give 0.
     """
     d = q.shape[-1]
-    opart, lpart = decode_partials(q, k, v, qpos, pad, scale)
+    opart, lpart = decode_partials(q, k, v, qpos, pad, scale, poison)
     dp = opart.shape[-1] // 2
     top = lpart.amax(0, keepdim=True)  # (1, B, H, Sq)
     weight = torch.exp2(lpart - top.clamp_min(-1e30)).nan_to_num(0.0)  # chunks with no key weigh 0

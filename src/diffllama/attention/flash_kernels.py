@@ -25,8 +25,19 @@ Rows that may see no key end with l = 0: their output is 0 and their LSE is +inf
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+LOG2E = 1.4426950408889634  # the kernels take exp2: scores are scaled by scale·log2(e)
+
+
+def empty(shape, dtype, device, poison: bool) -> torch.Tensor:
+    """An output buffer for a kernel: uninitialised, or all NaN with ``poison`` (tests: an element that a kernel
+    never writes then shows)."""
+    if poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @triton.jit
