@@ -33,7 +33,7 @@ import types
 import torch
 from torch import nn
 
-from diffllama import gemv
+from diffllama import gemv, settings
 
 # The instance attributes set by prepare_for_decode, removed by undo_prepare_for_decode.
 _ATTENTION_OVERRIDES = ("qkv", "compute_lambda", "fused_qkv", "fixed_lambda")
@@ -88,21 +88,21 @@ class FusedWeights:
             return False
         return torch.compiler.is_compiling() or self.valid()
 
-    def __call__(self, x: torch.Tensor, site: str) -> tuple[torch.Tensor, ...]:
+    def __call__(self, x: torch.Tensor, site: str, sites: frozenset[str]) -> tuple[torch.Tensor, ...]:
         """(..., D) -> one (..., N_i) output per layer, equal to ``layer(x)``; through :func:`diffllama.gemv.linear`
-        (the Triton GEMV for one row on CUDA when ``site`` is in ``gemv.SITES``)."""
-        return gemv.linear(x, self.weight, self.bias, site).split(self.sizes, dim=-1)
+        (the Triton GEMV for one row on CUDA when ``site`` is in ``sites``)."""
+        return gemv.linear(x, self.weight, self.bias, site, sites).split(self.sizes, dim=-1)
 
 
-def _fused_qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fused_qkv(attn, x: torch.Tensor, sites: frozenset[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if attn.fused_qkv.usable():
-        return attn.fused_qkv(x, "qkv")
+        return attn.fused_qkv(x, "qkv", sites)
     return type(attn).qkv(attn, x)
 
 
-def _fused_gate_up(mlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_gate_up(mlp, x: torch.Tensor, sites: frozenset[str]) -> tuple[torch.Tensor, torch.Tensor]:
     if mlp.fused_gate_up.usable():
-        return mlp.fused_gate_up(x, "gate_up")
+        return mlp.fused_gate_up(x, "gate_up", sites)
     return type(mlp).gate_up(mlp, x)
 
 
@@ -114,22 +114,23 @@ def _fixed_lambda(attn, dtype: torch.dtype) -> torch.Tensor:
     return type(attn).compute_lambda(attn, dtype)
 
 
-def _gemv_forward(linear: nn.Linear, x: torch.Tensor, site: str) -> torch.Tensor:
-    return gemv.linear(x, linear.weight, linear.bias, site)
+def _gemv_forward(linear: nn.Linear, x: torch.Tensor, site: str, sites: frozenset[str]) -> torch.Tensor:
+    return gemv.linear(x, linear.weight, linear.bias, site, sites)
 
 
-def _route_to_gemv(linear: nn.Module, site: str) -> None:
+def _route_to_gemv(linear: nn.Module, site: str, sites: frozenset[str]) -> None:
     # Only a plain layer: a subclass (e.g. an adapter) keeps its own forward.
-    if site in gemv.SITES and type(linear) is nn.Linear:
-        linear.forward = functools.partial(_gemv_forward, linear, site=site)
+    if site in sites and type(linear) is nn.Linear:
+        linear.forward = functools.partial(_gemv_forward, linear, site=site, sites=sites)
 
 
-def prepare_for_decode(model: nn.Module) -> nn.Module:
+def prepare_for_decode(model: nn.Module, gemv_sites: frozenset[str] = settings.GEMV_SITES) -> nn.Module:
     """Make ``model`` (any diffllama model class) decode fast; results unchanged up to float summation order.
 
     For each layer: q/k/v as one product and gate/up as one (:class:`FusedWeights`, built anew where parameters
     were replaced since), a fixed λ for compiled code (:func:`refresh_lambda`), and the products named by
-    ``DIFFLLAMA_GEMV`` (:data:`diffllama.gemv.SITES`; default the fused q/k/v) through the batch-1 Triton GEMV.
+    ``gemv_sites`` (default :data:`diffllama.settings.GEMV_SITES`: the fused q/k/v, or ``DIFFLLAMA_GEMV``) through
+    the batch-1 Triton GEMV.
     The state dict, parameter names and values do not change (see the module docstring for the contract).
     Idempotent; :func:`undo_prepare_for_decode` reverses it. Returns ``model``.
 
@@ -142,14 +143,14 @@ def prepare_for_decode(model: nn.Module) -> nn.Module:
             attn.fused_qkv = FusedWeights([attn.q_proj, attn.k_proj, attn.v_proj])
         if "fused_gate_up" not in vars(mlp) or not mlp.fused_gate_up.valid():
             mlp.fused_gate_up = FusedWeights([mlp.gate_proj, mlp.up_proj])
-        attn.qkv = types.MethodType(_fused_qkv, attn)
+        attn.qkv = functools.partial(_fused_qkv, attn, sites=gemv_sites)
         attn.compute_lambda = types.MethodType(_fixed_lambda, attn)
-        mlp.gate_up = types.MethodType(_fused_gate_up, mlp)
+        mlp.gate_up = functools.partial(_fused_gate_up, mlp, sites=gemv_sites)
         for linear, site in ((attn.o_proj, "o"), (mlp.down_proj, "down")):
-            _route_to_gemv(linear, site)
+            _route_to_gemv(linear, site, gemv_sites)
     head = getattr(model, "lm_head", None)
     if head is not None:
-        _route_to_gemv(head, "lm_head")
+        _route_to_gemv(head, "lm_head", gemv_sites)
     refresh_lambda(model)
     return model
 
