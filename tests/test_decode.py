@@ -37,7 +37,7 @@ def test_prepared_logits_equal_plain(overrides, monkeypatch):
     assert mlp.up_proj.weight.data_ptr() == mlp.fused_gate_up.weight[mlp.gate_proj.out_features].data_ptr()
     sites = []
     real = decode.gemv.linear
-    monkeypatch.setattr(decode.gemv, "linear", lambda x, w, b, site: sites.append(site) or real(x, w, b, site))
+    monkeypatch.setattr(decode.gemv, "linear", lambda x, w, b, site, *rest: sites.append(site) or real(x, w, b, site, *rest))
     got = _logits(model, ids, mask)
     assert sites == ["qkv", "gate_up"] * model.config.num_hidden_layers
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

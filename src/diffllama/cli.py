@@ -677,13 +677,13 @@ def _run_serve(model_dir, *, host, port, max_batch, max_seq_len, max_queue, pref
     import sys
 
     try:
-        from diffllama.serve import api
+        from diffllama.serve import api  # lazy: CLI startup time
     except ImportError as error:
         raise _UsageError(f"diffllama serve needs FastAPI and uvicorn: pip install 'diffllama[serve]' ({error})")
-    from diffllama.hub import resolve_checkpoint_dir
-    from diffllama.modeling import DiffLlamaForCausalLM
-    from diffllama.serve.engine import Engine
-    from diffllama.tokenizer import Tokenizer
+    from diffllama.hub import resolve_checkpoint_dir  # lazy: CLI startup time
+    from diffllama.modeling import DiffLlamaForCausalLM  # lazy: CLI startup time
+    from diffllama.serve.engine import Engine  # lazy: CLI startup time
+    from diffllama.tokenizer import Tokenizer  # lazy: CLI startup time
 
     for flag, value, low in (("--port", port, 0), ("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
                              ("--prefill-chunk", prefill_chunk, 1), ("--max-seq-len", max_seq_len, 2)):
@@ -765,7 +765,7 @@ def eval_command(
     import sys
     from pathlib import Path
 
-    from diffllama.eval.runner import EvalSettings, evaluate, summary
+    from diffllama.eval.runner import EvalSettings, evaluate, summary  # lazy: CLI startup time
 
     try:
         tasks = [t.strip() for item in task or [] for t in item.split(",") if t.strip()]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from diffllama.attention import AttentionMask, check_inputs, combine_pairs, pair_values
+from diffllama.attention.contract import AttentionMask, check_inputs, combine_pairs, pair_values
 
 
 def attention(

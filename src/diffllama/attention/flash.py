@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 
 from diffllama import settings
-from diffllama.attention import AttentionMask, check_inputs, repeat_kv, sdpa
+from diffllama.attention import sdpa
+from diffllama.attention.contract import AttentionMask, check_inputs, repeat_kv
 
 try:
     import triton

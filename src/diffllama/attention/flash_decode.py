@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from diffllama.attention import combine_pairs
+from diffllama.attention.contract import combine_pairs
 from diffllama.attention import flash_kernels as kernels
 from diffllama.settings import triton_interpreting
 

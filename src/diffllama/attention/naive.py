@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from diffllama.attention import AttentionMask, check_inputs
+from diffllama.attention.contract import AttentionMask, check_inputs
 
 
 def allowed_keys(mask: AttentionMask, batch: int) -> torch.Tensor:

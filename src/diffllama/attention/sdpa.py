@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from diffllama.attention import AttentionMask, check_inputs, combine_pairs, pair_values, repeat_kv
+from diffllama.attention.contract import AttentionMask, check_inputs, combine_pairs, pair_values, repeat_kv
 
 FLASH_MAX_HEAD_DIM = 256
 CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN

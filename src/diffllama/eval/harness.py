@@ -17,6 +17,11 @@ from __future__ import annotations
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from diffllama.eval.perplexity import sliding_window_nll
+from diffllama.eval.scoring import continuation_logprobs, greedy_continuation
+from diffllama.modeling import DiffLlamaForCausalLM
+from diffllama.tokenizer import Tokenizer
+
 
 @register_model("diffllama")
 class DiffLlamaLM(LM):
@@ -39,8 +44,6 @@ class DiffLlamaLM(LM):
 
         import torch
 
-        from diffllama.modeling import DiffLlamaForCausalLM
-        from diffllama.tokenizer import Tokenizer
 
         batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # lm_eval may pass "auto"
         if batch_size < 1:
@@ -66,7 +69,6 @@ class DiffLlamaLM(LM):
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         """(log P(continuation | context) in nats, whether it is the greedy continuation) per request."""
-        from diffllama.eval.scoring import continuation_logprobs
 
         pairs = []
         for request in requests:
@@ -82,7 +84,6 @@ class DiffLlamaLM(LM):
     def loglikelihood_rolling(self, requests) -> list[float]:
         """log P(text) in nats per request: every token scored once, in windows of ``max_length`` (the first
         token conditioned on EOS)."""
-        from diffllama.eval.perplexity import sliding_window_nll
 
         out = []
         for request in requests:
@@ -95,7 +96,6 @@ class DiffLlamaLM(LM):
     def generate_until(self, requests) -> list[str]:
         """Greedy continuation of each context up to ``max_gen_toks`` tokens (default 256), cut at the first of
         the ``until`` strings."""
-        from diffllama.eval.scoring import greedy_continuation
 
         out = []
         for request in requests:

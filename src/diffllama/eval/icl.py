@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import random
 
+from diffllama.eval.scoring import continuation_logprobs, next_token_logprobs
+from diffllama.finetune.data import read_text_classification
+
 
 def build_prompts(demos: list[tuple[str, str]], tests: list[str], max_words: int) -> list[str]:
     """The prompt for each test text after ``demos`` ((text, label) pairs, in order), texts cut to ``max_words``."""
@@ -40,8 +43,6 @@ def icl_order_robustness(model, tokenizer, train_path, test_path, *, k: int = 4,
     """
     from tqdm.auto import tqdm
 
-    from diffllama.eval.scoring import continuation_logprobs, next_token_logprobs
-    from diffllama.finetune.data import read_text_classification
 
     for name, value in (("k", k), ("n_test", n_test), ("orders", orders), ("max_words", max_words)):
         if value < 1:

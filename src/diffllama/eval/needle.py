@@ -19,6 +19,8 @@ from functools import lru_cache
 
 from diffllama.finetune.data import answer_token_span
 from diffllama.finetune.retrieval import insert_at_depth
+from diffllama.eval.scoring import greedy_continuation
+from diffllama.train.data import bundled_corpus, iter_documents
 
 CITIES = ("Paris", "Lisbon", "Oslo", "Vienna", "Prague", "Dublin", "Madrid", "Athens", "Warsaw", "Berlin",
           "Helsinki", "Geneva", "Toronto", "Chicago", "Boston", "Denver", "Seattle", "Houston", "Phoenix", "Atlanta")
@@ -69,7 +71,6 @@ class NeedleSample:
 @lru_cache(maxsize=1)
 def haystack_words() -> tuple[str, ...]:
     """Every word of the bundled corpus, documents in file order (cached)."""
-    from diffllama.train.data import bundled_corpus, iter_documents
 
     return tuple(word for doc in iter_documents([bundled_corpus()]) for word in doc.split())
 
@@ -189,7 +190,6 @@ def score_samples(model, tokenizer, samples: list[NeedleSample], progress: bool 
     ``use_cache=False`` decodes by full forward passes (needed under the hooks of the quantisation path)."""
     from tqdm.auto import tqdm
 
-    from diffllama.eval.scoring import greedy_continuation
 
     for sample in tqdm(samples, desc=desc, disable=not progress, leave=False):
         sample.results = []

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from diffllama.train.data import bundled_corpus, prepare_data
+
 
 @torch.no_grad()
 def sliding_window_nll(model, tokens: list[int] | torch.Tensor, window: int, stride: int | None = None,
@@ -91,7 +93,6 @@ def held_out_tokens(tokenizer, max_tokens: int | None = None) -> tuple[torch.Ten
     per byte (to turn nats per token into bits per byte as the training loop reports them)."""
     import numpy as np
 
-    from diffllama.train.data import bundled_corpus, prepare_data
 
     folder, meta = prepare_data([bundled_corpus()], tokenizer)
     parts = [np.memmap(folder / name, dtype=np.dtype(meta.dtype), mode="r") for name in meta.val_shards]

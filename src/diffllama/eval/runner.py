@@ -22,6 +22,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from diffllama.eval import attention_allocation, icl, needle, outliers, perplexity, quantization
+from diffllama.eval.attention_maps import check_bits
+from diffllama.modeling import DiffLlamaForCausalLM
+from diffllama.tokenizer import Tokenizer
+
 TASKS = ("perplexity", "needle", "attention", "outliers", "quantization", "icl", "harness")
 DEFAULT_TASKS = TASKS[:-1]
 _REPO_DATA = Path(__file__).resolve().parents[3] / "tests" / "data"  # the labelled slices of a source checkout
@@ -69,7 +74,6 @@ class EvalSettings:
 
     def check(self) -> None:
         """Raise ValueError naming the field for a bad value (unknown task, counts < 1, ...)."""
-        from diffllama.eval.attention_maps import check_bits
 
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
@@ -92,8 +96,6 @@ class EvalSettings:
 def _load(model_dir: str, device: str | None, dtype: str | None):
     import torch
 
-    from diffllama.modeling import DiffLlamaForCausalLM
-    from diffllama.tokenizer import Tokenizer
 
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = DiffLlamaForCausalLM.from_pretrained(
@@ -111,7 +113,6 @@ def evaluate(model_dir: str, out_dir: str | Path, settings: EvalSettings | None 
     """
     import torch
 
-    from diffllama.eval import attention_allocation, icl, needle, outliers, perplexity, quantization
 
     settings = settings or EvalSettings()
     settings.check()
@@ -191,7 +192,7 @@ def evaluate(model_dir: str, out_dir: str | Path, settings: EvalSettings | None 
         else:
             results["icl"] = {"skipped": f"no labelled data: give icl_train/icl_test ({train} not found)"}
     if "harness" in tasks:
-        from diffllama.eval.harness import run_harness
+        from diffllama.eval.harness import run_harness  # lazy: lm_eval is an optional dependency (the eval extra)
 
         timed("harness", lambda: run_harness(str(model_dir), settings.harness_tasks, settings.include_path,
                                              settings.harness_limit, device=str(next(model.parameters()).device)))

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffllama.serve.engine import EngineStopped, Output, QueueFull, Request, SamplingParams
 from diffllama.serve.metrics import ServerMetrics
+from diffllama.generation import resolve_special_ids
 
 MAX_N = 16  # choices per request
 MAX_LOGPROBS = 20  # OpenAI's bound for top_logprobs
@@ -349,7 +350,6 @@ def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None
 
 def _eos_ids(model, tokenizer) -> list[int]:
     """The model's end ids: generation_config.json's, else config.json's, else the tokenizer's EOS."""
-    from diffllama.generation import resolve_special_ids
 
     eos, _ = resolve_special_ids(model)
     if not eos and tokenizer.eos_token_id is not None:
