@@ -99,7 +99,8 @@ def test_interactive(checkpoint):
     (["CKPT", "hi", "-t", "1", "--top-p", "nan"], 2, "--top-p must be a finite number, got nan"),
     (["CKPT", "hi", "--repetition-penalty", "inf"], 2,
      "--repetition-penalty must be a finite number, got inf"),
-    (["CKPT", "hi", "--seed", str(10 ** 23)], 2, "--seed must be an integer in [0, 2**64 - 1], got 100000000000000000000000"),
+    (["CKPT", "hi", "--seed", str(10 ** 23)], 2,
+     "--seed must be an integer in [0, 2**64 - 1], got 100000000000000000000000"),
     (["CKPT", "hi", "--attn", "fast"], 2, "--attn-implementation must be one of eager, sdpa, flash, auto, got 'fast'"),
     (["CKPT", "The", "--attn", "flash", "--device", "cpu"], 1, "--attn-implementation flash needs a CUDA GPU, but generation runs "
                                                                "on cpu"),

@@ -647,7 +647,8 @@ def test_compiled_static_decode_matches_eager():
 
 def test_repeated_compiled_generate_reuses_the_step(monkeypatch):
     """The compiled step and its static cache are the model's (``model.decode_state``, not a module global): a second
-    generate(compile=True) of the same shape reuses them, compiling once; a copy of the model starts without them (they hold the original's tensors)."""
+    generate(compile=True) of the same shape reuses them, compiling once; a copy of the model starts without them
+    (they hold the original's tensors)."""
     import copy
 
     compiled = []
