@@ -54,7 +54,8 @@ UNSUPPORTED_SETTINGS = {"no_repeat_ngram_size": 0, "num_beams": 1, "min_p": None
                         "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
                         "forced_bos_token_id": None, "forced_eos_token_id": None, "length_penalty": 1.0,
                         "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "exponential_decay_length_penalty": None}
-# Warnings raised while resolving point past the resolver and stream_generate (and its inference_mode wrapper).
+# Warnings raised while resolving point at generate's / stream_generate's caller: past the helper, the resolver,
+# _start, its inference_mode wrapper and the public function.
 _CALLER = 6
 
 
