@@ -91,15 +91,16 @@ def test_interactive(checkpoint):
     (["CKPT", "hi", "-n", "0"], 2, "--max-new-tokens"),
     (["CKPT", "hi", "--temperature", "-1"], 2, "--temperature must be >= 0"),
     (["CKPT", "hi", "--top-p", "0.5"], 2, "--top-k/--top-p apply to sampling"),
-    (["CKPT", "hi", "-t", "1", "--top-p", "1.5"], 2, "top_p must be None or in (0, 1]"),
-    (["CKPT", "hi", "-t", "1", "--top-k", "0"], 2, "top_k must be None or an int >= 1"),
+    (["CKPT", "hi", "-t", "1", "--top-p", "1.5"], 2, "--top-p must be None or in (0, 1]"),
+    (["CKPT", "hi", "-t", "1", "--top-k", "0"], 2, "--top-k must be None or an int >= 1"),
     (["CKPT"], 2, "exactly one of PROMPT, --interactive or --prompts-file"),
     (["CKPT", "-f", "nowhere.txt"], 2, "--prompts-file 'nowhere.txt' does not exist"),
-    (["CKPT", "hi", "--temperature", "nan"], 2, "--temperature: temperature must be a finite number, got nan"),
-    (["CKPT", "hi", "-t", "1", "--top-p", "nan"], 2, "--top-p: top_p must be a finite number, got nan"),
+    (["CKPT", "hi", "--temperature", "nan"], 2, "--temperature must be a finite number, got nan"),
+    (["CKPT", "hi", "-t", "1", "--top-p", "nan"], 2, "--top-p must be a finite number, got nan"),
     (["CKPT", "hi", "--repetition-penalty", "inf"], 2,
-     "--repetition-penalty: repetition_penalty must be a finite number, got inf"),
-    (["CKPT", "hi", "--seed", str(10 ** 23)], 2, "--seed must be in [0, 2**64 - 1], got 100000000000000000000000"),
+     "--repetition-penalty must be a finite number, got inf"),
+    (["CKPT", "hi", "--seed", str(10 ** 23)], 2,
+     "--seed must be an integer in [0, 2**64 - 1], got 100000000000000000000000"),
     (["CKPT", "hi", "--attn", "fast"], 2, "--attn-implementation must be one of eager, sdpa, flash, auto, got 'fast'"),
     (["CKPT", "The", "--attn", "flash", "--device", "cpu"], 1, "--attn-implementation flash needs a CUDA GPU, but generation runs "
                                                                "on cpu"),
@@ -110,6 +111,23 @@ def test_errors(checkpoint, tmp_path, args, code, message):
     assert result.exit_code == code, result.output
     assert message in result.stderr
     assert result.stdout == ""
+
+
+def test_prompt_tokenized_once_and_settings_resolved_once(checkpoint, monkeypatch):
+    """One PROMPT: encoded once (was three times) and its generation arguments resolved and checked once (was
+    twice), the settings then shared by every prompt."""
+    import diffllama.generation as generation
+
+    encoded, resolved = [], []
+    real_encode, real_resolve = diffllama.Tokenizer.encode, generation.resolve_generation_settings
+    monkeypatch.setattr(diffllama.Tokenizer, "encode",
+                        lambda self, *a, **k: encoded.append(1) or real_encode(self, *a, **k))
+    monkeypatch.setattr(generation, "resolve_generation_settings",
+                        lambda *a, **k: resolved.append(k) or real_resolve(*a, **k))
+    result = run(checkpoint, PROMPTS[0], "-n", 5, "-t", "0.9", "--top-k", 5, "--seed", 3, "--dtype", "float64")
+    assert result.exit_code == 0, result.output
+    assert len(encoded) == 1 and len(resolved) == 1
+    assert resolved[0]["names"]["top_k"] == "--top-k" and resolved[0]["do_sample"] is True
 
 
 def test_prompts_file_not_utf8_or_a_folder(checkpoint, tmp_path):

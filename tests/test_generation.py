@@ -17,19 +17,35 @@ from diffllama.generation import (
     DecodeStep,
     apply_repetition_penalty,
     check_eos_token_id,
-    check_sampling_args,
     filter_logits,
     next_tokens,
     pad_batch,
     position_ids_from_mask,
-    resolve_lengths,
-    resolve_special_ids,
+    resolve_generation_settings,
     stream_generate,
     stream_text,
 )
 from diffllama.hf_format import read_generation_config
 
 NEW = 42
+
+
+def resolve(model, prompt_length=1, **arguments):
+    """The settings ``generate`` resolves for ``model`` and a prompt of ``prompt_length`` tokens."""
+    return resolve_generation_settings(model.config, getattr(model, "generation_config", None),
+                                       prompt_length=prompt_length, **arguments)
+
+
+def resolve_special_ids(model, eos_token_id=None, pad_token_id=None):
+    """(EOS ids, the id written after EOS) as resolved for ``model``."""
+    settings = resolve(model, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    return list(settings.eos_token_id), settings.fill_token_id
+
+
+def resolve_lengths(model, prompt_length, **arguments):
+    """(most, fewest) new tokens as resolved for ``model``."""
+    settings = resolve(model, prompt_length, **arguments)
+    return settings.max_new_tokens, settings.min_new_tokens
 
 
 @pytest.fixture(scope="module", params=[4, 2], ids=["mha", "gqa"])
@@ -407,7 +423,8 @@ def test_numpy_scalars_act_as_python_numbers():
     plain = dict(max_new_tokens=12, do_sample=True, temperature=0.75, top_k=5, top_p=0.5, repetition_penalty=1.25)
     scalars = dict(max_new_tokens=np.int64(12), do_sample=True, temperature=np.float32(0.75), top_k=np.int32(5),
                    top_p=np.float16(0.5), repetition_penalty=np.float64(1.25))
-    checked = check_sampling_args(**scalars)
+    settings = resolve(model, **scalars)
+    checked = {name: getattr(settings, name) for name in plain}
     assert checked == plain and [type(v) for v in checked.values()] == [int, bool, float, int, float, float]
     expected = model.generate(ids, mask, eos_token_id=[], seed=7, **plain)
     assert expected.shape == (3, 18)
@@ -627,6 +644,26 @@ def test_compiled_static_decode_matches_eager():
     eager = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[])
     compiled = model.generate(ids, mask, max_new_tokens=8, eos_token_id=[], static_cache=True, compile=True)
     assert torch.equal(compiled, eager)
+
+
+def test_repeated_compiled_generate_reuses_the_step(monkeypatch):
+    """The compiled step and its static cache are the model's (``model.decode_state``, not a module global): a second
+    generate(compile=True) of the same shape reuses them, compiling once; a copy of the model starts without them
+    (they hold the original's tensors)."""
+    import copy
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(fn) or fn)
+    torch.manual_seed(0)
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(num_hidden_layers=1, initializer_range=0.15)).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    kwargs = dict(max_new_tokens=4, eos_token_id=[], static_cache=True, compile=True)
+    first = model.generate(ids, **kwargs)
+    state = model.decode_state
+    second = model.generate(ids, **kwargs)
+    assert len(compiled) == 1 and model.decode_state is state and state.cache.max_length == 256
+    assert torch.equal(first, second) and torch.equal(first, model.generate(ids, max_new_tokens=4, eos_token_id=[]))
+    assert copy.deepcopy({"decode_state": state}) == {"decode_state": None}  # what a copy of the model holds
 
 
 def test_compile_refuses_dynamic_rope_before_any_work(monkeypatch):

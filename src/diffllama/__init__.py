@@ -14,7 +14,7 @@ from diffllama.modeling import (
     DiffLlamaModel,
     DiffLlamaPreTrainedModel,
 )
-from diffllama.generation import generate, stream_generate, stream_text
+from diffllama.generation import GenerationSettings, generate, resolve_generation_settings, stream_generate, stream_text
 from diffllama.tokenizer import Tokenizer
 
 __version__ = "0.1.0"
@@ -28,9 +28,11 @@ __all__ = [
     "DiffLlamaForTokenClassification",
     "DiffLlamaForQuestionAnswering",
     "DynamicCache",
+    "GenerationSettings",
     "StaticCache",
     "Tokenizer",
     "generate",
+    "resolve_generation_settings",
     "stream_generate",
     "stream_text",
 ]

@@ -172,7 +172,7 @@ def generate(
     (printed one per line in the order of those lines, backslashes and line breaks escaped as \\\\, \\n and
     \\r; blank lines are skipped);
     --interactive reads prompts from stdin until an empty line. Status messages
-    go to stderr. EOS/PAD ids come from generation_config.json, then config.json, then the tokenizer.
+    go to stderr. EOS ids come from generation_config.json, then config.json, then the tokenizer.
     Example: diffllama generate runs/tiny/model "The people" -n 50 --temperature 0.8 --top-p 0.95 --seed 0
     """
     import sys
@@ -190,49 +190,71 @@ def generate(
         raise typer.Exit(130)
 
 
+# Argument name -> the flag its errors name, for the shared resolver (diffllama.generation).
+_GENERATE_FLAGS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
+                   "top_p": "--top-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed",
+                   "compile": "--compile", "static_cache": "--compile"}
+
+
 def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
                   device, dtype, attn, compile, interactive, prompts_file, batch_size) -> None:
     import sys
     import time
 
-    from diffllama.hub import resolve_checkpoint_dir  # lazy: CLI startup time
-    from diffllama.generation import check_sampling_args, pad_batch, stream_text  # lazy: CLI startup time
-    from diffllama.modeling import DiffLlamaForCausalLM  # lazy: CLI startup time
-    from diffllama.tokenizer import Tokenizer  # lazy: CLI startup time
+    from diffllama.generation import resolve_generation_settings, with_tokenizer_eos  # lazy: CLI startup time
 
-    sources = sum([prompt is not None, interactive, prompts_file is not None])
-    if sources != 1:
+    if sum([prompt is not None, interactive, prompts_file is not None]) != 1:
         raise _UsageError("give exactly one of PROMPT, --interactive or --prompts-file", 2)
     if prompt is not None:
         _check_utf8_argument(prompt, "PROMPT")
-    try:  # the shared checks first: they refuse NaN/inf, which the comparisons below would let through
-        check_sampling_args(max_new_tokens=max_new_tokens, do_sample=False, temperature=temperature, top_k=top_k,
-                            top_p=top_p, repetition_penalty=repetition_penalty)
-    except (ValueError, TypeError) as error:
-        raise _UsageError(f"--{str(error).split(' ')[0].replace('_', '-')}: {error}", 2) from error
+    # --temperature 0 means greedy: the flag's own meaning, translated here; the values are checked by the resolver
+    # (which also refuses NaN, which these comparisons let through).
     if temperature < 0:
         raise _UsageError(f"--temperature must be >= 0 (0 = greedy), got {temperature}", 2)
-    do_sample = temperature > 0
+    do_sample = temperature != 0
     if not do_sample and (top_k is not None or top_p is not None):
         raise _UsageError("--top-k/--top-p apply to sampling: add --temperature > 0", 2)
     if batch_size < 1:
         raise _UsageError(f"--batch-size must be >= 1, got {batch_size}", 2)
-    if seed is not None and not 0 <= seed < 2 ** 64:  # torch.Generator.manual_seed's range
-        raise _UsageError(f"--seed must be in [0, 2**64 - 1], got {seed}", 2)
     torch_device = _generation_device(device)
     torch_dtype = _generation_dtype(dtype, torch_device)
     _check_attn(attn, torch_device)
     prompts = _read_prompts(prompts_file) if prompts_file is not None else None
 
     started = time.perf_counter()
-    try:  # the tokenizer first (cheap): an empty prompt is refused before the weights load
+    tokenizer, tokens, model = _load_for_generation(model_dir, prompt, torch_dtype, torch_device, attn)
+    try:
+        settings = resolve_generation_settings(
+            model.config, with_tokenizer_eos(model, tokenizer), names=_GENERATE_FLAGS, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature if do_sample else None, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed, static_cache=compile, compile=compile)
+    except (ValueError, TypeError) as error:
+        raise _UsageError(str(error), 2) from error
+    print(f"loaded {model_dir} ({model.num_parameters() / 1e6:.1f}M parameters, {model.dtype}, {torch_device}) in "
+          f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    if prompts is not None:
+        _generate_batches(model, tokenizer, prompts, settings, batch_size)
+        return
+    for tokens in [tokens] if tokens is not None else _interactive_prompts(tokenizer):
+        _stream_one(model, tokenizer, tokens, settings)
+
+
+def _load_for_generation(model_dir, prompt, dtype, device, attn):
+    """``(tokenizer, PROMPT's tokens or None, model)``; the tokenizer first (cheap): a PROMPT that tokenizes to
+    nothing without a BOS token is refused before the weights load."""
+    from diffllama.hub import resolve_checkpoint_dir  # lazy: CLI startup time
+    from diffllama.generation import prompt_tokens  # lazy: CLI startup time
+    from diffllama.modeling import DiffLlamaForCausalLM  # lazy: CLI startup time
+    from diffllama.tokenizer import Tokenizer  # lazy: CLI startup time
+
+    try:
         directory = resolve_checkpoint_dir(model_dir)
         tokenizer = Tokenizer.from_pretrained(directory)
-        if prompt is not None and not tokenizer.encode(prompt) and tokenizer.bos_token_id is None:
-            raise _UsageError("prompt is empty (after tokenization the prompt has no tokens, and the tokenizer "
-                              "has no BOS token to start from): give PROMPT some text", 2)
-        model = DiffLlamaForCausalLM.from_pretrained(directory, dtype=torch_dtype, device=torch_device,
-                                                     attn_implementation=attn)
+        try:
+            tokens = None if prompt is None else prompt_tokens(tokenizer, prompt)
+        except ValueError as error:
+            raise _UsageError(f"{error}: give PROMPT some text", 2) from error
+        model = DiffLlamaForCausalLM.from_pretrained(directory, dtype=dtype, device=device, attn_implementation=attn)
     except (FileNotFoundError, NotADirectoryError) as error:
         raise _UsageError(f"MODEL_DIR_OR_REPO {model_dir!r}: {error}") from error
     except (ValueError, ImportError) as error:
@@ -240,60 +262,66 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
     if "lm_head.weight" in model.loading_report["new"]:  # a task model's folder: the head would be random
         raise _UsageError(f"{model_dir!r} has no language-model head (lm_head.weight is not in its weights: a "
                           f"fine-tuned task model?); generate needs a causal LM checkpoint")
-    if tokenizer.eos_token_id is not None and model.generation_config.get("eos_token_id") is None \
-            and model.config.eos_token_id is None:
-        model.generation_config["eos_token_id"] = tokenizer.eos_token_id
-    print(f"loaded {model_dir} ({model.num_parameters() / 1e6:.1f}M parameters, {model.dtype}, {torch_device}) in "
-          f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else 1.0,
-                  top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                  static_cache=compile, compile=compile)
+    return tokenizer, tokens, model
+
+
+def _warn_past_positions(model, n_tokens: int, max_new_tokens: int, where: str) -> None:
+    import sys
+
     limit = model.config.max_position_embeddings
+    if n_tokens + max_new_tokens > limit:
+        print(f"warning: {where} has {n_tokens} tokens; with --max-new-tokens {max_new_tokens} it runs past "
+              f"max_position_embeddings={limit}, where the model was not trained", file=sys.stderr)
 
-    def check_length(n_tokens: int, where: str) -> None:
-        if n_tokens + max_new_tokens > limit:
-            print(f"warning: {where} has {n_tokens} tokens; with --max-new-tokens {max_new_tokens} it runs past "
-                  f"max_position_embeddings={limit}, where the model was not trained", file=sys.stderr)
 
-    def stream_one(text: str) -> None:
-        check_length(len(tokenizer.encode(text)), "the prompt")
-        t0 = time.perf_counter()
-        for piece in stream_text(model, tokenizer, text, **kwargs):
-            _write(piece)
-        _write("\n")
-        print(f"[{time.perf_counter() - t0:.2f} s]", file=sys.stderr)
+def _stream_one(model, tokenizer, tokens: list[int], settings) -> None:
+    """Stream one prompt's continuation to stdout, then its time to stderr."""
+    import sys
+    import time
 
-    if prompt is not None:
-        stream_one(prompt)
-    elif interactive:
-        while True:
-            print("> ", end="", file=sys.stderr, flush=True)
-            raw = sys.stdin.buffer.readline()
-            try:
-                line = _utf8_line(raw, "that line")
-            except _UsageError as error:
-                print(f"error: {error}", file=sys.stderr)
-                continue
+    from diffllama.generation import stream_text  # lazy: CLI startup time
+
+    _warn_past_positions(model, len(tokens), settings.max_new_tokens, "the prompt")
+    t0 = time.perf_counter()
+    for piece in stream_text(model, tokenizer, tokens, settings=settings):
+        _write(piece)
+    _write("\n")
+    print(f"[{time.perf_counter() - t0:.2f} s]", file=sys.stderr)
+
+
+def _interactive_prompts(tokenizer):
+    """The tokens of each line of stdin until an empty line or EOF; a line that is not UTF-8 is reported and
+    skipped, one that tokenizes to nothing without a BOS token too."""
+    import sys
+
+    from diffllama.generation import prompt_tokens  # lazy: CLI startup time
+
+    while True:
+        print("> ", end="", file=sys.stderr, flush=True)
+        try:
+            line = _utf8_line(sys.stdin.buffer.readline(), "that line")
             if not line.strip():
-                break
-            stream_one(line)
-    else:
-        eos_default = model.generation_config.get("eos_token_id", model.config.eos_token_id)
-        eos = eos_default if eos_default is not None else tokenizer.eos_token_id
-        vocab = model.config.vocab_size  # a config's -1 means "no pad" (legacy Llama), as an id out of range
-        pad = next((p for p in (model.generation_config.get("pad_token_id"), model.config.pad_token_id,
-                                tokenizer.pad_token_id) if p is not None and 0 <= p < vocab), None)
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            encoded = tokenizer.encode_batch(chunk)
-            check_length(max(len(e) for e in encoded), f"prompt batch {start // batch_size}")
-            ids, mask = pad_batch(encoded, pad_token_id=pad if pad is not None else 0, device=torch_device)
-            out = model.generate(ids, mask, eos_token_id=eos, pad_token_id=pad, **kwargs)
-            stops = set([eos] if isinstance(eos, int) else eos or [])
-            for row in out[:, ids.shape[1]:].tolist():
-                cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-                text = tokenizer.decode(row[:cut])
-                _write(text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r") + "\n")
+                return
+            yield prompt_tokens(tokenizer, line)
+        except (_UsageError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+
+
+def _generate_batches(model, tokenizer, prompts: list[str], settings, batch_size: int) -> None:
+    """Each prompt's continuation on one line of stdout (up to its first EOS; backslashes and line breaks escaped),
+    generated in left-padded batches."""
+    from diffllama.generation import pad_batch  # lazy: CLI startup time
+
+    for start in range(0, len(prompts), batch_size):
+        encoded = tokenizer.encode_batch(prompts[start:start + batch_size])
+        _warn_past_positions(model, max(len(e) for e in encoded), settings.max_new_tokens,
+                             f"prompt batch {start // batch_size}")
+        ids, mask = pad_batch(encoded, pad_token_id=settings.fill_token_id, device=model.device)
+        out = model.generate(ids, mask, settings=settings)
+        for row in out[:, ids.shape[1]:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in settings.eos_token_id), len(row))
+            text = tokenizer.decode(row[:cut])
+            _write(text.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r") + "\n")
 
 # ---- train / plot (training) ------------------------------------------------------------------------------------
 def _run_reporting_errors(run, errors: tuple):

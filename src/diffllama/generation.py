@@ -1,11 +1,14 @@
-"""Text generation for DiffLlama: a few small functions around a KV cache, and a streaming generator.
+"""Text generation for DiffLlama: settings resolved once, a few small functions around a KV cache, a streaming loop.
 
 The chain (the shape of pytorch-labs/gpt-fast's generate.py; written here from scratch):
 
+- :func:`resolve_generation_settings` turns transformers-style arguments and the model's configs into one frozen
+  :class:`GenerationSettings`, checking everything once (the Python API and ``diffllama generate`` share it);
 - :func:`prefill` runs the prompt once, fills the cache, returns the last position's logits;
 - :func:`decode_one_token` runs one new token per row against the cache; :class:`DecodeStep` wraps it, optionally
   compiled with ``torch.compile`` and, on CUDA, captured once in a CUDA graph and replayed per token (the fast path:
-  a :class:`~diffllama.cache.StaticCache` keeps every address fixed);
+  a :class:`~diffllama.cache.StaticCache` keeps every address fixed); the model keeps its compiled step and cache
+  for reuse as its ``decode_state`` (:class:`DecodeState`);
 - :func:`next_tokens` turns logits into tokens (repetition penalty, temperature, top-k, top-p, in transformers'
   order; greedy when ``do_sample`` is False);
 - :func:`stream_generate` yields each step's tokens, :func:`generate` collects them (and feeds a ``streamer``),
@@ -14,9 +17,10 @@ The chain (the shape of pytorch-labs/gpt-fast's generate.py; written here from s
 Batches are left-padded: ``attention_mask`` (B, S) has zeros on the left. Position ids are the cumulative sum of the
 mask minus one (padding at 1), as transformers' ``generate`` computes them, so greedy output equals
 ``transformers.DiffLlamaForCausalLM.generate`` token for token (one deliberate difference: with a repetition
-penalty, transformers also penalises the pad id of a left-padded row's prompt; here only real tokens are). Each row stops at its first EOS (kept in the output);
-later positions of that row hold ``pad_token_id``; generation ends when every row has stopped or after
-``max_new_tokens`` (by default 20, as transformers: see :func:`resolve_lengths`).
+penalty, transformers also penalises the pad id of a left-padded row's prompt; here only real tokens are). Each row
+stops at its first EOS (kept in the output); later positions of that row hold the pad id; generation ends when every
+row has stopped or after the most new tokens (by default 20, as transformers: see
+:func:`resolve_generation_settings`).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -40,7 +44,125 @@ from diffllama.rope import check_compile_supported
 DEFAULT_MAX_NEW_TOKENS = 20
 
 
-# ---- arguments ------------------------------------------------------------------------------------------------------
+# ---- settings: every generation argument resolved and checked once --------------------------------------------------
+
+# transformers' effective defaults of the sampling settings (GenerationConfig leaves them None).
+SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None, "repetition_penalty": 1.0}
+# Generation-config settings this module does not implement: a checkpoint's own value is named in a warning.
+UNSUPPORTED_SETTINGS = {"no_repeat_ngram_size": 0, "num_beams": 1, "min_p": None, "typical_p": 1.0,
+                        "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                        "forced_bos_token_id": None, "forced_eos_token_id": None, "length_penalty": 1.0,
+                        "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "exponential_decay_length_penalty": None}
+# Warnings raised while resolving point at generate's / stream_generate's caller: past the helper, the resolver,
+# _start, its inference_mode wrapper and the public function.
+_CALLER = 6
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Every generation setting, resolved and checked: what one call of :func:`generate` / :func:`stream_generate`
+    (or one ``diffllama generate`` run) does. Build it with :func:`resolve_generation_settings`.
+
+    Attributes:
+        max_new_tokens: the most new tokens per row (>= 1). min_new_tokens: EOS is suppressed until this many (>= 0).
+        do_sample: sample (True) or argmax (False). temperature (> 0 when sampling), top_k (None or >= 1), top_p
+            (None or in (0, 1]), repetition_penalty (> 0, 1.0 = off): Python floats/ints, as in transformers.
+        eos_token_id: ids that end a row; () never stops early. pad_token_id: the configured pad id in
+            [0, vocab_size), None where nothing sets one (then no attention mask is inferred).
+        seed: None (global RNG) or an int in [0, 2**64). static_cache, compile: the fast decode path's switches.
+    """
+
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    seed: int | None = None
+    static_cache: bool = False
+    compile: bool = False
+
+    @property
+    def fill_token_id(self) -> int:
+        """The id written after a row's EOS (and in padding): the pad id, else the first EOS id, else 0."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_id[0] if self.eos_token_id else 0
+
+    def sampling(self) -> dict:
+        """The keyword arguments of :func:`next_tokens`."""
+        return dict(do_sample=self.do_sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                    repetition_penalty=self.repetition_penalty)
+
+
+def resolve_generation_settings(config, generation_config=None, *, prompt_length: int | None = None,
+                                names: Mapping[str, str] | None = None, max_new_tokens=None, max_length=None,
+                                min_new_tokens=None, do_sample=None, temperature=None, top_k=None, top_p=None,
+                                repetition_penalty=None, eos_token_id=None, pad_token_id=None, seed=None,
+                                static_cache: bool = False, compile: bool = False) -> GenerationSettings:
+    """The one place generation arguments are resolved and checked: each argument when not None, else
+    ``generation_config``'s (a checkpoint's generation_config.json as a dict, or a transformers
+    ``GenerationConfig``), else ``config``'s (EOS/pad ids), else transformers 5.17's default. The Python API
+    (:func:`generate`, :func:`stream_generate`, :func:`stream_text`) and ``diffllama generate`` both call it.
+
+    - Sampling: ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty`` default to greedy,
+      1, no top-k / top-p, no penalty; a config's ``top_k`` 0 and ``top_p`` 1 mean off. Integers and reals may be
+      any ``numbers.Integral``/``numbers.Real`` (numpy's too), returned as Python numbers; bool is refused; reals
+      must be finite even when greedy. Greedy with non-default temperature/top-k/top-p arguments warns (as
+      transformers' ``GenerationConfig.validate``); settings of :data:`UNSUPPORTED_SETTINGS` in the generation
+      config warn too.
+    - Lengths (as transformers' generate): ``max_new_tokens`` wins; else ``max_length`` (prompt included, so
+      ``max_length - prompt_length`` new tokens, > 0); else 20 new tokens, at most ``max_position_embeddings`` in
+      all. ``min_new_tokens`` (else 0) above the most warns. ``prompt_length`` S is needed unless
+      ``max_new_tokens`` is set.
+    - Special ids: ``eos_token_id`` None, an int, or a list, tuple or 0-d/1-D integer tensor of ints, each in
+      [0, vocab_size); ``[]`` never stops. ``pad_token_id`` None or an int in [0, vocab_size); a config's pad
+      outside it (e.g. -1, "no pad") counts as unset.
+    - ``seed`` None or an int in [0, 2**64); ``compile`` needs ``static_cache`` and a compilable RoPE type
+      (:func:`diffllama.rope.check_compile_supported`).
+
+    ``names`` maps an argument name to the name its errors show (the CLI passes ``{"top_p": "--top-p", ...}``);
+    values taken from a config are named with their source, e.g. ``"max_length (from model.generation_config)"``.
+
+    Raises:
+        TypeError or ValueError: naming the argument (or its source), the bad value and what is expected.
+    """
+    gen = _as_dict(generation_config)
+    show = _namer(names)
+    sampling = _resolve_sampling(gen, show, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, repetition_penalty=repetition_penalty)
+    most, fewest = _resolve_lengths(config, gen, show, prompt_length, max_new_tokens, max_length, min_new_tokens)
+    eos, pad = _resolve_special_ids(config, gen, show, eos_token_id, pad_token_id)
+    if seed is not None and not is_int(seed):
+        raise TypeError(f"{show('seed')} must be None or an int, got {seed!r}")
+    if seed is not None and not 0 <= seed < 2 ** 64:  # torch.Generator.manual_seed's range, as train's seed
+        raise ValueError(f"{show('seed')} must be an integer in [0, 2**64 - 1], got {seed}")
+    if compile and not static_cache:
+        raise ValueError(f"{show('compile')}=True needs {show('static_cache')}=True (the compiled step must see "
+                         f"fixed shapes)")
+    if compile:
+        check_compile_supported(config)
+    return GenerationSettings(max_new_tokens=most, min_new_tokens=fewest, **sampling, eos_token_id=tuple(eos),
+                              pad_token_id=pad, seed=None if seed is None else int(seed),
+                              static_cache=bool(static_cache), compile=bool(compile))
+
+
+def _namer(names: Mapping[str, str] | None):
+    """name -> the name errors show for that argument."""
+    names = names or {}
+    return lambda name: names.get(name, name)
+
+
+def _as_dict(generation_config) -> dict:
+    """A generation config as a dict ({} for None); a transformers ``GenerationConfig`` works too."""
+    gen = generation_config or {}
+    if not isinstance(gen, dict):
+        gen = gen.to_dict() if hasattr(gen, "to_dict") else vars(gen)
+    return gen
+
 
 def _check_count(value, name: str, minimum: int) -> int:
     """``value`` as a Python int, checked to be an integer (not a bool) >= ``minimum``; errors name ``name``."""
@@ -51,65 +173,11 @@ def _check_count(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-def check_sampling_args(*, max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty) -> dict:
-    """Validate generation arguments; return them as a dict of plain Python ``int``/``float`` (None kept), so that a
-    numpy or other ``numbers.Integral``/``numbers.Real`` scalar acts exactly as the Python number of its value.
-
-    ``max_new_tokens`` (None: not given, see :func:`resolve_lengths`) and ``top_k`` must be integers,
-    ``temperature``, ``top_p`` and ``repetition_penalty`` real numbers; bool is refused for all of them. The reals
-    must be finite (NaN or infinity is refused even when not sampling: a NaN temperature would otherwise silently
-    mean greedy decoding).
-
-    Raises:
-        TypeError or ValueError: naming the argument, its bad value and what is expected.
-    """
-    if max_new_tokens is not None:
-        max_new_tokens = _check_count(max_new_tokens, "max_new_tokens", 1)
-    if not isinstance(do_sample, bool):
-        raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
-    for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
-        if value is None and name == "top_p":
-            continue
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling (do_sample=True), got {temperature}; "
-                         f"use do_sample=False for greedy decoding")
-    if top_k is not None and (not is_int(top_k) or top_k < 1):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-    if not repetition_penalty > 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {repetition_penalty!r}")
-    return dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=float(temperature),
-                top_k=None if top_k is None else int(top_k), top_p=None if top_p is None else float(top_p),
-                repetition_penalty=float(repetition_penalty))
-
-
-# transformers' effective defaults of the sampling settings (GenerationConfig leaves them None).
-SAMPLING_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": None, "top_p": None, "repetition_penalty": 1.0}
-# Generation-config settings this module does not implement: a checkpoint's own value is named in a warning.
-UNSUPPORTED_SETTINGS = {"no_repeat_ngram_size": 0, "num_beams": 1, "min_p": None, "typical_p": 1.0,
-                        "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-                        "forced_bos_token_id": None, "forced_eos_token_id": None, "length_penalty": 1.0,
-                        "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "exponential_decay_length_penalty": None}
-
-
-def resolve_sampling(model, **given) -> dict:
-    """``do_sample``, ``temperature``, ``top_k``, ``top_p`` and ``repetition_penalty``, each the argument when not
-    None, else ``model.generation_config``'s (a checkpoint's generation_config.json, as transformers applies it),
-    else :data:`SAMPLING_DEFAULTS` (greedy, temperature 1, no top-k / top-p, no penalty). A config's ``top_k`` of 0
-    and ``top_p`` of 1 mean "off" there and become None. Settings of the config this module does not implement
-    (:data:`UNSUPPORTED_SETTINGS`, e.g. ``no_repeat_ngram_size``) give a UserWarning naming them.
-
-    Values are returned unchecked: :func:`check_sampling_args` checks them.
-    """
-    gen = _generation_config(model)
+def _resolve_sampling(gen: dict, show, **given) -> dict:
+    """The five sampling settings: arguments, else ``gen``'s, else :data:`SAMPLING_DEFAULTS`; checked."""
     out = {}
     for name, default in SAMPLING_DEFAULTS.items():
-        value = given.get(name)
+        value = given[name]
         if value is None:
             value = gen.get(name)
             if (name, value) in (("top_k", 0), ("top_p", 1.0)):
@@ -118,55 +186,49 @@ def resolve_sampling(model, **given) -> dict:
     ignored = [f"{k}={gen[k]!r}" for k, off in UNSUPPORTED_SETTINGS.items() if gen.get(k) not in (None, off)]
     if ignored:
         warnings.warn(f"model.generation_config sets {', '.join(ignored)}, which diffllama's generate does not "
-                      f"implement: ignored", UserWarning, stacklevel=4)
+                      f"implement: ignored", UserWarning, stacklevel=_CALLER)
+    out = _check_sampling(show, **out)
+    passed = [f"{name}={given[name]!r}" for name, default in (("temperature", 1.0), ("top_k", None), ("top_p", None))
+              if given[name] is not None and given[name] != default]
+    if not out["do_sample"] and passed:  # the caller likely meant to sample: say these do nothing
+        warnings.warn(f"{show('do_sample')}=False (greedy decoding) ignores {', '.join(passed)}: these settings only "
+                      f"apply to sampling; pass do_sample=True to use them, or leave them out", UserWarning,
+                      stacklevel=_CALLER)
     return out
 
 
-def _warn_ignored_sampling(*, do_sample, temperature=1.0, top_k=None, top_p=None, **_) -> None:
-    """Warn (UserWarning) when greedy decoding is asked for with sampling settings it ignores, as transformers'
-    ``GenerationConfig.validate`` does: the caller likely meant to sample. Their defaults (temperature 1, no top-k,
-    no top-p) say nothing and do not warn."""
-    if do_sample:
-        return
-    ignored = [f"{name}={value!r}" for name, value, default in (("temperature", temperature, 1.0),
-                                                               ("top_k", top_k, None), ("top_p", top_p, None))
-               if value != default]
-    if ignored:
-        warnings.warn(f"do_sample=False (greedy decoding) ignores {', '.join(ignored)}: these settings only apply "
-                      f"to sampling; pass do_sample=True to use them, or leave them out", UserWarning,
-                      stacklevel=4)  # past stream_generate and its inference_mode wrapper: its caller
+def _check_sampling(show, *, do_sample, temperature, top_k, top_p, repetition_penalty) -> dict:
+    """The sampling settings checked, as Python ``bool``/``int``/``float`` (None kept); errors name ``show(name)``."""
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"{show('do_sample')} must be a bool, got {do_sample!r}")
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("repetition_penalty", repetition_penalty)):
+        if value is None and name == "top_p":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{show(name)} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{show(name)} must be a finite number, got {value!r}")
+    if do_sample and temperature <= 0:
+        raise ValueError(f"{show('temperature')} must be > 0 when sampling (do_sample=True), got {temperature}; "
+                         f"use do_sample=False for greedy decoding")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ValueError(f"{show('top_k')} must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"{show('top_p')} must be None or in (0, 1], got {top_p!r}")
+    if not repetition_penalty > 0:
+        raise ValueError(f"{show('repetition_penalty')} must be > 0 (1.0 = off), got {repetition_penalty!r}")
+    return dict(do_sample=do_sample, temperature=float(temperature), top_k=None if top_k is None else int(top_k),
+                top_p=None if top_p is None else float(top_p), repetition_penalty=float(repetition_penalty))
 
 
-def resolve_lengths(model, prompt_length: int, *, max_new_tokens=None, max_length=None,
-                    min_new_tokens=None) -> tuple[int, int]:
-    """The most and the fewest new tokens per row, ``(max_new_tokens, min_new_tokens)``, as transformers 5.17's
-    ``generate`` derives them from its arguments and ``model.generation_config``.
-
-    ``prompt_length`` is the (padded) width S of ``input_ids`` (or of ``inputs_embeds``). Each of
-    ``max_new_tokens``, ``max_length`` and ``min_new_tokens`` is the argument when given, else the generation config's (a dict, as
-    :func:`diffllama.hf_format.read_generation_config` returns; absent or {} for a model not loaded from a checkpoint). Then, as in
-    transformers, the most new tokens is the first of:
-
-    - ``max_new_tokens`` (an int >= 1), so it wins over any ``max_length``, even one given as an argument;
-    - ``max_length``: the total length, prompt included, so ``max_length - S`` new tokens; it must exceed S;
-    - transformers' default: 20 new tokens, but no more than make the total ``model.config.max_position_embeddings``
-      (a prompt that already fills it is refused, as transformers refuses it).
-
-    ``min_new_tokens`` (else 0): an int >= 0; until that many new tokens are produced, EOS cannot be picked
-    (transformers' ``MinNewTokensLengthLogitsProcessor``). One above the most new tokens gives a UserWarning, as in
-    transformers (generation then runs to the most).
-
-    Raises:
-        TypeError: ``max_new_tokens``, ``max_length`` or ``min_new_tokens`` not an int (bool refused), naming it and
-            whether it came from ``model.generation_config``.
-        ValueError: ``max_new_tokens`` < 1, ``max_length`` <= S, ``min_new_tokens`` < 0, or (no length given) a
-            prompt of at least ``max_position_embeddings`` tokens.
-    """
-    gen = _generation_config(model)
+def _resolve_lengths(config, gen: dict, show, prompt_length, max_new_tokens, max_length,
+                     min_new_tokens) -> tuple[int, int]:
+    """``(most, fewest)`` new tokens per row, as transformers 5.17's generate derives them (see
+    :func:`resolve_generation_settings`)."""
 
     def pick(name, given):  # (value, name for errors)
         if given is not None:
-            return given, name
+            return given, show(name)
         return gen.get(name), f"{name} (from model.generation_config)"
 
     new, new_name = pick("max_new_tokens", max_new_tokens)
@@ -176,10 +238,16 @@ def resolve_lengths(model, prompt_length: int, *, max_new_tokens=None, max_lengt
         _check_count(total, total_name, 1)  # the type, even when max_new_tokens makes it unused
     if new is not None:
         most = _check_count(new, new_name, 1)
+    elif prompt_length is None:
+        raise ValueError("prompt_length is needed to resolve the length unless max_new_tokens is given")
     elif total is not None:
-        most = _total_to_new(total, total_name, prompt_length)
+        most = _check_count(total, total_name, 1) - prompt_length
+        if most <= 0:
+            raise ValueError(f"{total_name} must be greater than the prompt length (input_ids has {prompt_length} "
+                             f"tokens; max_length counts the prompt too, as in transformers), got {total}; or pass "
+                             f"max_new_tokens")
     else:
-        limit = model.config.max_position_embeddings
+        limit = config.max_position_embeddings
         if prompt_length >= limit:
             raise ValueError(f"input_ids has {prompt_length} tokens, which fills max_position_embeddings={limit}: "
                              f"the default length ({DEFAULT_MAX_NEW_TOKENS} new tokens, at most "
@@ -190,26 +258,8 @@ def resolve_lengths(model, prompt_length: int, *, max_new_tokens=None, max_lengt
     if fewest > most:
         warnings.warn(f"min_new_tokens={fewest} is more than the {most} new tokens generation may produce: EOS "
                       f"is suppressed throughout and generation runs to {most} new tokens", UserWarning,
-                      stacklevel=4)  # past stream_generate and its inference_mode wrapper: its caller
+                      stacklevel=_CALLER)
     return most, fewest
-
-
-def _total_to_new(max_length, name: str, prompt_length: int) -> int:
-    """New tokens left by a total length ``max_length`` after a prompt of ``prompt_length`` tokens."""
-    max_length = _check_count(max_length, name, 1)
-    if max_length <= prompt_length:
-        raise ValueError(f"{name} must be greater than the prompt length (input_ids has {prompt_length} tokens; "
-                         f"max_length counts the prompt too, as in transformers), got {max_length}; or pass "
-                         f"max_new_tokens")
-    return max_length - prompt_length
-
-
-def _generation_config(model) -> dict:
-    """``model.generation_config`` as a dict ({} when unset); a transformers ``GenerationConfig`` works too."""
-    gen = getattr(model, "generation_config", None) or {}
-    if not isinstance(gen, dict):
-        gen = gen.to_dict() if hasattr(gen, "to_dict") else vars(gen)
-    return gen
 
 
 def check_eos_token_id(value, vocab_size: int, name: str = "eos_token_id") -> list[int]:
@@ -230,35 +280,13 @@ def check_eos_token_id(value, vocab_size: int, name: str = "eos_token_id") -> li
     return token_ids(value, vocab_size, name, expected=expected)
 
 
-def resolve_special_ids(model, eos_token_id=None, pad_token_id=None) -> tuple[list[int], int]:
-    """EOS ids (a list, possibly empty) and the pad id for ``model``, checked against ``model.config.vocab_size``.
-
-    Order of precedence: the arguments; ``model.generation_config`` (a dict, e.g. from
-    :func:`diffllama.hf_format.read_generation_config`, when the attribute exists); ``model.config``. ``eos_token_id``: None, an int,
-    or a list, tuple or 0-d/1-D integer tensor of ints, each in [0, vocab_size); ``[]`` disables stopping.
-    ``pad_token_id``: None or an int in [0, vocab_size). The pad id falls back to the first EOS id, then 0 (it is
-    only written after a row's EOS); a pad id from the configs outside [0, vocab_size) (e.g. -1, "no pad") falls
-    back the same way.
-
-    Raises:
-        TypeError: an id of the wrong type (bool, float, str, ...), naming the argument and where it came from.
-        ValueError: an EOS id, or a ``pad_token_id`` argument, outside [0, vocab_size).
-    """
-    eos, pad = _configured_special_ids(model, eos_token_id, pad_token_id)
-    if pad is None:
-        pad = eos[0] if eos else 0
-    return eos, pad
-
-
-def _configured_special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
-    """:func:`resolve_special_ids` before the pad id's fallback: None where no argument or config sets one."""
-    vocab = model.config.vocab_size
-    gen = _generation_config(model)
-    config = getattr(model, "config", None)
+def _resolve_special_ids(config, gen: dict, show, eos_token_id, pad_token_id) -> tuple[list[int], int | None]:
+    """EOS ids and the configured pad id (None where unset): arguments, else ``gen``'s, else ``config``'s."""
+    vocab = config.vocab_size
 
     def first(name, given):  # (value, name for errors)
         if given is not None:
-            return given, name
+            return given, show(name)
         if gen.get(name) is not None:
             return gen[name], f"{name} (from model.generation_config)"
         return getattr(config, name, None), f"{name} (from model.config)"
@@ -270,19 +298,32 @@ def _configured_special_ids(model, eos_token_id, pad_token_id) -> tuple[list[int
         raise TypeError(f"{name} must be None or an int in [0, vocab_size={vocab}), got {pad!r}")
     if pad is not None and not 0 <= pad < vocab:  # written after a row's EOS and fed back to the model: it must embed
         if pad_token_id is not None:
-            raise ValueError(f"pad_token_id must lie in [0, vocab_size={vocab}) (it follows a row's EOS and is fed "
-                             f"to the model), got {pad_token_id!r}")
+            raise ValueError(f"{show('pad_token_id')} must lie in [0, vocab_size={vocab}) (it follows a row's EOS "
+                             f"and is fed to the model), got {pad_token_id!r}")
         pad = None  # a config's -1 ("no pad"): as when unset
     return eos, None if pad is None else int(pad)
 
 
-def infer_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eos: list[int]) -> torch.Tensor | None:
+def with_tokenizer_eos(model, tokenizer) -> dict:
+    """``model.generation_config`` as a dict, with the tokenizer's EOS id when neither it nor ``model.config`` sets
+    one (the defaults :func:`stream_text` and ``diffllama generate`` resolve against)."""
+    gen = _as_dict(getattr(model, "generation_config", None))
+    configured = gen.get("eos_token_id")
+    if configured is None:
+        configured = getattr(model.config, "eos_token_id", None)
+    if (configured is None or isinstance(configured, (list, tuple)) and not configured) \
+            and tokenizer.eos_token_id is not None:
+        gen = {**gen, "eos_token_id": tokenizer.eos_token_id}
+    return gen
+
+
+def infer_attention_mask(input_ids: torch.Tensor, pad_token_id: int | None, eos: Sequence[int]
+                         ) -> torch.Tensor | None:
     """The mask transformers' ``generate`` infers when none is given: ``input_ids != pad_token_id`` (B, S) int64,
     when a pad id is set (by the argument or a config), is not an EOS id and occurs in ``input_ids``; else None."""
     if pad_token_id is None or pad_token_id in eos or not bool((input_ids == pad_token_id).any()):
         return None
     return (input_ids != pad_token_id).long()
-
 
 # ---- batching -------------------------------------------------------------------------------------------------------
 
@@ -583,35 +624,149 @@ _FAST_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _STATIC_ROUND = 256
 
 
-def _make_cache_and_step(model, batch: int, total: int, static_cache: bool, compile: bool):
-    dtype, device = model.dtype, model.device
-    if not static_cache or not compile:
-        cache = DynamicCache() if not static_cache else StaticCache.from_config(model.config, batch, total, dtype,
-                                                                               device)
+# ---- the fast path's reusable state ---------------------------------------------------------------------------------
+
+_STATIC_ROUND = 256  # static caches are rounded up to a multiple of this: one compiled step serves many lengths
+
+
+class DecodeState:
+    """The compiled fast path of one model, kept for reuse: a StaticCache of shape ``key`` = (batch, max_length,
+    dtype, device) and the compiled :class:`DecodeStep` over it.
+
+    It lives on the model, as its ``decode_state`` attribute (set by :func:`cache_and_step`; absent until the first
+    ``compile=True`` call), not in a module global: repeated ``generate(compile=True)`` calls of one shape neither
+    reallocate the cache nor recompile, and the state is freed with the model. A copy of the model
+    (``copy.deepcopy``, pickling) starts without one, since the step and its CUDA graph hold the original's
+    tensors.
+    """
+
+    def __init__(self, key: tuple, cache: StaticCache, step: DecodeStep) -> None:
+        self.key, self.cache, self.step = key, cache, step
+
+    def __deepcopy__(self, memo) -> None:
+        return None
+
+    def __reduce__(self):
+        return type(None), ()
+
+
+def cache_and_step(model, batch: int, total: int, settings: GenerationSettings):
+    """``(cache, step, cache_length)`` for ``batch`` rows of up to ``total`` tokens: a DynamicCache, or a StaticCache
+    of ``total`` slots, with an eager :class:`DecodeStep`; with ``settings.compile``, the model's
+    :class:`DecodeState` (rebuilt when the shape, dtype or device changed, the old one freed first)."""
+    if not settings.compile:
+        cache = DynamicCache() if not settings.static_cache else StaticCache.from_config(
+            model.config, batch, total, model.dtype, model.device)
         return cache, DecodeStep(model, cache), total
-    max_length = -(-total // _STATIC_ROUND) * _STATIC_ROUND  # round up: one graph serves many lengths
-    key = (batch, max_length, dtype, device)
-    state = _FAST_STATE.get(model)
-    if state is None or state[0] != key:
-        _FAST_STATE.pop(model, None)  # free the old cache and graph first
-        cache = StaticCache.from_config(model.config, batch, max_length, dtype, device)
-        state = (key, cache, DecodeStep(model, cache, compile=True))
-        _FAST_STATE[model] = state
-    return state[1], state[2], max_length
+    max_length = -(-total // _STATIC_ROUND) * _STATIC_ROUND
+    key = (batch, max_length, model.dtype, model.device)
+    state = getattr(model, "decode_state", None)
+    if state is None or state.key != key:
+        model.decode_state = None  # free the old cache and graph before allocating the new ones
+        cache = StaticCache.from_config(model.config, batch, max_length, model.dtype, model.device)
+        model.decode_state = state = DecodeState(key, cache, DecodeStep(model, cache, compile=True))
+    return state.cache, state.step, max_length
 
 
 # ---- generation loop ------------------------------------------------------------------------------------------------
 
 @torch.inference_mode()
+def _start(model, input_ids, attention_mask, inputs_embeds, settings, arguments: dict, sync_every,
+           defaults=None) -> tuple[GenerationSettings, Iterator[torch.Tensor]]:
+    """Check the prompt, resolve the settings (unless given; against ``defaults``, else
+    ``model.generation_config``), allocate the cache: ``(settings, the iterator of each step's tokens)``. Nothing
+    runs the model before the iterator is advanced."""
+    device = model.device
+    input_ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids
+    inputs_embeds = inputs_embeds.to(device) if isinstance(inputs_embeds, torch.Tensor) else inputs_embeds
+    prompt = dict(vocab_size=model.config.vocab_size, inputs_embeds=inputs_embeds, dtype=model.dtype,
+                  hidden_size=model.config.hidden_size)
+    mask = _check_inputs(input_ids, attention_mask, **prompt)
+    b, s = mask.shape
+    if settings is None:
+        defaults = getattr(model, "generation_config", None) if defaults is None else defaults
+        settings = resolve_generation_settings(model.config, defaults, prompt_length=s, **arguments)
+    elif not isinstance(settings, GenerationSettings) or arguments:
+        raise TypeError(f"settings must be a GenerationSettings, passed without generation arguments; got "
+                        f"{type(settings).__name__} and {sorted(arguments)}")
+    if attention_mask is None and input_ids is not None:  # embeddings alone say nothing of padding
+        inferred = infer_attention_mask(input_ids, settings.pad_token_id, settings.eos_token_id)
+        if inferred is not None:
+            mask = _check_inputs(input_ids, inferred, inferred_from=settings.pad_token_id, **prompt)
+    if input_ids is None and settings.repetition_penalty != 1.0:
+        warnings.warn("repetition_penalty with inputs_embeds and without input_ids penalises only the new tokens, "
+                      "not the prompt (as transformers)", UserWarning, stacklevel=4)  # past inference_mode
+    if not is_int(sync_every) or sync_every < 1:
+        raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+    generator = None if settings.seed is None else torch.Generator(device=device).manual_seed(settings.seed)
+    refresh_lambda(model)  # λ written through .data since the last call bumps no version counter
+    cache, step, cache_length = cache_and_step(model, b, s + settings.max_new_tokens, settings)
+    steps = _steps(model, None if input_ids is None else input_ids.long(), inputs_embeds, mask, settings, cache, step,
+                   cache_length, generator, int(sync_every))
+    return settings, steps
+
+
+def _attention_masks(mask: torch.Tensor, max_new_tokens: int, cache_length: int, static_cache: bool):
+    """The prefill's mask and a function of the step t giving that step's, from the (B, S) prompt mask: None
+    without padding; with a static cache one (B, cache_length) mask over every slot (real prompt tokens, then all
+    new tokens); with a dynamic one the slots written so far."""
+    b, s = mask.shape
+    if not bool((mask == 0).any()):
+        return None, lambda t: None
+    if static_cache:
+        full = torch.ones(b, cache_length, dtype=torch.long, device=mask.device)
+        full[:, :s] = mask
+        return full, lambda t: full
+    full = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
+    return mask, lambda t: full[:, :s + t + 1]
+
+
+def _seen_tokens(vocab_size: int, input_ids: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """(B, V) bool: the prompt's real (non-padding) tokens, for the repetition penalty; none for embeddings alone."""
+    counts = torch.zeros(mask.shape[0], vocab_size, dtype=torch.long, device=mask.device)
+    if input_ids is not None:
+        counts.scatter_add_(1, input_ids, mask)
+    return counts > 0
+
+
+@torch.inference_mode()
+def _steps(model, input_ids, inputs_embeds, mask, settings: GenerationSettings, cache, step, cache_length,
+           generator, sync_every) -> Iterator[torch.Tensor]:
+    """Prefill, then pick a token and run one decode step per new token, until every row stopped (see
+    :func:`stream_generate`)."""
+    b, s = mask.shape
+    n = settings.max_new_tokens
+    positions = position_ids_from_mask(mask)
+    prompt_mask, step_mask = _attention_masks(mask, n, cache_length, settings.static_cache)
+    logits = prefill(model, input_ids, prompt_mask, positions, cache, inputs_embeds)
+    seen = _seen_tokens(model.config.vocab_size, input_ids, mask) if settings.repetition_penalty != 1.0 else None
+    eos = torch.tensor(settings.eos_token_id, dtype=torch.long, device=mask.device) if settings.eos_token_id else None
+    finished = torch.zeros(b, dtype=torch.bool, device=mask.device)
+    next_position = positions[:, -1:] + 1  # (B, 1)
+    slots = torch.arange(s, s + n, device=mask.device)
+    for t in range(n):
+        if t < settings.min_new_tokens and eos is not None:
+            # transformers' MinNewTokensLengthLogitsProcessor. Out of place: a CUDA-graphed step's logits live in
+            # its static output buffer.
+            logits = logits.index_fill(1, eos, float("-inf"))
+        token = next_tokens(logits, **settings.sampling(), seen=seen, generator=generator)
+        if eos is not None:
+            token = torch.where(finished, settings.fill_token_id, token)
+            finished = finished | torch.isin(token, eos)
+        yield token
+        if t == n - 1 or eos is not None and (t + 1) % sync_every == 0 and bool(finished.all()):
+            break
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        logits = step(token[:, None], next_position, slots[t:t + 1], step_mask(t))
+        next_position = next_position + 1
+    if isinstance(cache, StaticCache):
+        cache.set_seq_length(s + n)
+
+
 def stream_generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
-                    inputs_embeds: torch.Tensor | None = None,
-                    max_new_tokens: int | None = None, max_length: int | None = None,
-                    min_new_tokens: int | None = None, do_sample: bool | None = None,
-                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                    repetition_penalty: float | None = None,
-                    eos_token_id: int | Sequence[int] | torch.Tensor | None = None, pad_token_id: int | None = None,
-                    seed: int | None = None, static_cache: bool = False, compile: bool = False,
-                    sync_every: int = 1) -> Iterator[torch.Tensor]:
+                    inputs_embeds: torch.Tensor | None = None, settings: GenerationSettings | None = None,
+                    sync_every: int = 1, **arguments) -> Iterator[torch.Tensor]:
     """Return an iterator that yields the new tokens of each step, (B,) int64 on the model's device, until every row
     stopped.
 
@@ -620,193 +775,56 @@ def stream_generate(model, input_ids: torch.Tensor | None = None, attention_mask
     cache allocated, when this is called, before the iterator runs the model.
 
     Raises:
-        ValueError/TypeError: see :func:`generate`.
+        ValueError/TypeError: see :func:`generate`; ``sync_every`` not an int >= 1.
     """
-    given = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                 repetition_penalty=repetition_penalty)
-    sampling = check_sampling_args(max_new_tokens=max_new_tokens, **resolve_sampling(model, **given))
-    if not sampling["do_sample"]:  # greedy, yet sampling settings were passed: say they do nothing
-        _warn_ignored_sampling(do_sample=False, **{k: given[k] for k in ("temperature", "top_k", "top_p")
-                                                   if given[k] is not None})
-    device = model.device
-    input_ids = input_ids.to(device) if isinstance(input_ids, torch.Tensor) else input_ids
-    inputs_embeds = inputs_embeds.to(device) if isinstance(inputs_embeds, torch.Tensor) else inputs_embeds
-    prompt = dict(vocab_size=model.config.vocab_size, inputs_embeds=inputs_embeds, dtype=model.dtype,
-                  hidden_size=model.config.hidden_size)
-    mask = _check_inputs(input_ids, attention_mask, **prompt)
-    b, s = mask.shape
-    sampling["max_new_tokens"], min_new_tokens = resolve_lengths(
-        model, s, max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens)
-    eos, pad = _configured_special_ids(model, eos_token_id, pad_token_id)
-    if attention_mask is None and input_ids is not None:  # embeddings alone say nothing of padding
-        inferred = infer_attention_mask(input_ids, pad, eos)
-        if inferred is not None:
-            mask = _check_inputs(input_ids, inferred, inferred_from=pad, **prompt)
-    if input_ids is None and sampling["repetition_penalty"] != 1.0:
-        warnings.warn("repetition_penalty with inputs_embeds and without input_ids penalises only the new tokens, "
-                      "not the prompt (as transformers)", UserWarning, stacklevel=3)  # past inference_mode
-    if pad is None:
-        pad = eos[0] if eos else 0
-    if compile and not static_cache:
-        raise ValueError("compile=True needs static_cache=True (the compiled step must see fixed shapes)")
-    if compile:
-        check_compile_supported(model.config)
-    if seed is not None and not is_int(seed):
-        raise TypeError(f"seed must be None or an int, got {seed!r}")
-    if seed is not None and not 0 <= seed < 2 ** 64:  # torch.Generator.manual_seed's range, as train's seed
-        raise ValueError(f"seed must be an integer in [0, 2**64 - 1], got {seed}")
-    if not is_int(sync_every) or sync_every < 1:
-        raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(int(seed))
-    refresh_lambda(model)  # λ written through .data since the last call bumps no version counter
-    cache, step, cache_length = _make_cache_and_step(model, b, s + sampling["max_new_tokens"], static_cache,
-                                                     compile)
-    return _steps(model, None if input_ids is None else input_ids.long(), mask, cache, step, cache_length, eos, pad,
-                  generator, **sampling, inputs_embeds=inputs_embeds, min_new_tokens=min_new_tokens,
-                  static_cache=static_cache, sync_every=int(sync_every))
-
-
-@torch.inference_mode()
-def _steps(model, input_ids, mask, cache, step, cache_length, eos, pad, generator, *, inputs_embeds,
-           max_new_tokens, min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, static_cache,
-           sync_every) -> Iterator[torch.Tensor]:
-    """The generation loop of :func:`stream_generate`, on checked arguments."""
-    device = mask.device
-    b, s = mask.shape
-    has_padding = bool((mask == 0).any())
-    positions = position_ids_from_mask(mask)
-    if static_cache:  # one mask over every slot: real prompt tokens, then all new tokens
-        full_mask = torch.ones(b, cache_length, dtype=torch.long, device=device)
-        full_mask[:, :s] = mask
-        prompt_mask = step_mask = full_mask if has_padding else None
-    else:
-        full_mask = torch.cat([mask, mask.new_ones(b, max_new_tokens)], dim=1)
-        prompt_mask = mask if has_padding else None
-    logits = prefill(model, input_ids, prompt_mask, positions, cache, inputs_embeds)
-
-    seen = None
-    if repetition_penalty != 1.0:
-        counts = torch.zeros(b, model.config.vocab_size, dtype=torch.long, device=device)
-        if input_ids is not None:  # the prompt's tokens, padding excluded; embeddings alone have none
-            counts.scatter_add_(1, input_ids, mask)
-        seen = counts > 0  # (B, V)
-    eos_tensor = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    next_position = positions[:, -1:] + 1  # (B, 1)
-    slots = torch.arange(s, s + max_new_tokens, device=device)
-    for t in range(max_new_tokens):
-        if t < min_new_tokens and eos_tensor is not None:
-            # transformers' MinNewTokensLengthLogitsProcessor. Out of place: a CUDA-graphed step's logits live in
-            # its static output buffer.
-            logits = logits.index_fill(1, eos_tensor, float("-inf"))
-        token = next_tokens(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, seen=seen, generator=generator)
-        if eos_tensor is not None:
-            token = torch.where(finished, pad, token)
-            finished = finished | torch.isin(token, eos_tensor)
-        yield token
-        if t == max_new_tokens - 1:
-            break
-        if eos_tensor is not None and (t + 1) % sync_every == 0 and bool(finished.all()):
-            break
-        if seen is not None:
-            seen.scatter_(1, token[:, None], True)
-        if not static_cache:
-            step_mask = full_mask[:, :s + t + 1] if has_padding else None
-        logits = step(token[:, None], next_position, slots[t:t + 1], step_mask)
-        next_position = next_position + 1
-    if isinstance(cache, StaticCache):
-        cache.set_seq_length(s + max_new_tokens)
+    return _start(model, input_ids, attention_mask, inputs_embeds, settings, arguments, sync_every)[1]
 
 
 def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
-             inputs_embeds: torch.Tensor | None = None, max_new_tokens: int | None = None,
-             max_length: int | None = None, min_new_tokens: int | None = None,
-             do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
-             top_p: float | None = None, repetition_penalty: float | None = None,
-             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-             seed: int | None = None, streamer=None, static_cache: bool = False, compile: bool = False,
-             num_beams: int = 1, return_dict_in_generate: bool | None = False) -> torch.Tensor:
+             inputs_embeds: torch.Tensor | None = None, settings: GenerationSettings | None = None, streamer=None,
+             num_beams: int = 1, return_dict_in_generate: bool | None = False, **arguments) -> torch.Tensor:
     """Continue left-padded prompts; returns the prompts plus new tokens, (B, S + n) int64, n <= the most new
-    tokens (see ``max_new_tokens``); for a prompt given as ``inputs_embeds`` alone, the new tokens only (B, n).
+    tokens; for a prompt given as ``inputs_embeds`` alone, the new tokens only (B, n). Greedy output equals
+    transformers' ``DiffLlamaForCausalLM.generate`` token for token (see the module docstring).
 
     Args:
         model: a DiffLlamaForCausalLM (any device and dtype; put it in eval mode).
-        input_ids: (B, S) integer token ids, left-padded. attention_mask: (B, S) 0/1 (2-D only: a 4-D mask is
-            refused). None: as transformers, ``input_ids != pad_token_id`` when a pad id is set (argument or
-            config), is not an EOS id and occurs in ``input_ids`` (:func:`infer_attention_mask`), else no padding.
-        inputs_embeds: (B, S, hidden_size) in the model's dtype (soft prompts, prefix embeddings): the prompt the
-            model reads, instead of embedding ``input_ids``. As transformers 5.17's generate: alone, the result
-            holds only the new tokens, no mask is inferred, and the repetition penalty sees only new tokens (a
-            UserWarning says so); with ``input_ids`` of the same (B, S), those are returned before the new tokens,
-            give the inferred mask and the penalised prompt tokens. Lengths count S as the prompt's (one
-            difference: with embeddings alone and no length given, transformers' 20 new tokens are capped at
-            ``max_position_embeddings`` ignoring S; here at ``max_position_embeddings - S``, as for ids).
-        max_new_tokens: the most new tokens per row, >= 1; n is smaller when every row stopped earlier.
-        max_length: instead, the most total tokens per row, prompt included (transformers' meaning): > S, giving
-            ``max_length - S`` new tokens; ``max_new_tokens`` wins when both are given. Either not given: that of
-            ``model.generation_config``; neither anywhere: 20 new tokens, at most ``max_position_embeddings`` in
-            all (transformers 5.17's default; see :func:`resolve_lengths`).
-        min_new_tokens: EOS ids cannot be picked (their logits are -inf) until this many new tokens are produced
-            (transformers' ``MinNewTokensLengthLogitsProcessor``); None: the generation config's, else 0.
-        do_sample: sample (True) or take the argmax (False: greedy).
-        temperature, top_k, top_p: sampling controls (temperature > 0, top_k >= 1, top_p in (0, 1]); with
-            greedy decoding they are ignored, and one given (other than its default) gives a UserWarning.
-        repetition_penalty: CTRL penalty over prompt (non-padding) and generated tokens; 1.0 is off.
-            Each of these five left None takes ``model.generation_config``'s value, as transformers does, else
-            greedy, temperature 1, no top-k / top-p, no penalty (:func:`resolve_sampling`).
-        eos_token_id: ids that end a row (kept in the output): an int, or a list, tuple or 0-d/1-D integer tensor
-            of ints, each in [0, vocab_size) (bool and float are refused); None takes ``model.generation_config``
-            then ``model.config`` (checked the same way); ``[]`` never stops early.
-        pad_token_id: written after a row's EOS: None or an int in [0, vocab_size); None takes the configs', else
-            the first EOS id.
-        seed: seeds a private ``torch.Generator`` for reproducible sampling (None: the global RNG).
+        input_ids: (B, S) integer token ids, left-padded. attention_mask: (B, S) 0/1, left-padded (a 4-D mask is
+            refused). None: as transformers, ``input_ids != pad_token_id`` when a pad id is set, is not an EOS id
+            and occurs in ``input_ids`` (:func:`infer_attention_mask`), else no padding.
+        inputs_embeds: (B, S, hidden_size) in the model's dtype (soft prompts): read instead of embedding
+            ``input_ids``. As transformers 5.17: alone, the result holds only the new tokens, no mask is inferred,
+            and the repetition penalty sees only new tokens (a UserWarning says so); with ``input_ids`` of the same
+            (B, S), those are returned first, give the inferred mask and the penalised prompt tokens.
+        arguments: transformers' generation arguments ``max_new_tokens``, ``max_length``, ``min_new_tokens``,
+            ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``eos_token_id``,
+            ``pad_token_id``, plus ``seed`` (a private ``torch.Generator``), ``static_cache`` and ``compile`` (the
+            compiled, on CUDA also CUDA-graphed, decode step; the first call pays the compilation, later ones of the
+            same shape reuse it: :class:`DecodeState`). Each left None takes ``model.generation_config``'s, then
+            ``model.config``'s, then transformers' default: :func:`resolve_generation_settings` says how.
+        settings: instead of ``arguments``, settings resolved already (as ``diffllama generate`` does).
         streamer: an object with ``put(tokens)`` and ``end()`` (transformers' ``TextStreamer`` protocol): called
-            with the prompt ids (B, S) first, then each step's tokens (B,) on the CPU, then ``end()``.
-        static_cache: preallocate a StaticCache (needed for ``compile``). compile: compile the decode step
-            (and capture it in a CUDA graph on CUDA); the first call pays the compilation.
-        num_beams: 1 only (accepted for transformers' signature): beam search is not implemented.
-        return_dict_in_generate: False or None only: the result is always the tensor of token ids.
+            with the prompt ids (B, S) (an empty (B, 0) tensor for embeddings alone), then each step's tokens (B,)
+            on the CPU, then ``end()``.
+        num_beams: 1 only; return_dict_in_generate: False or None only (transformers' signature).
 
-    Every check runs before the streamer is called or the model is run. The streamer's first ``put`` gets
-    ``input_ids``, or an empty (B, 0) tensor for embeddings alone (as transformers).
+    Every check runs before the streamer is called or the model is run.
 
     Raises:
-        TypeError: naming the argument: ``input_ids`` not an integer tensor, a complex ``attention_mask``, a
-            non-int ``max_new_tokens``/``seed``/``pad_token_id``, an ``eos_token_id`` of another type than above,
-            a non-bool ``do_sample``, a non-number ``temperature``/``top_p``/``repetition_penalty``, a
-            ``streamer`` without ``put``, a non-int ``max_length``/``min_new_tokens``/``num_beams``, a non-bool
-            ``return_dict_in_generate``.
+        TypeError / ValueError: naming the argument: a bad prompt (type, shape, ids outside [0, vocab_size), a mask
+            not 0/1 or not left-padded, all-padding rows, embeddings of another dtype), a ``streamer`` without
+            ``put``/``end``, any bad generation argument (see :func:`resolve_generation_settings`).
         NotImplementedError: ``num_beams`` > 1 or ``return_dict_in_generate=True``.
-        ValueError: naming the argument: neither ``input_ids`` nor ``inputs_embeds``; bad shape of
-            ``input_ids``/``inputs_embeds``/``attention_mask`` (right padding, all-padding rows, values other than 0
-            and 1, a 4-D mask), ``inputs_embeds`` not of the model's dtype or not of ``input_ids``' (B, S), ids
-            outside [0, vocab_size) in ``input_ids``, the EOS ids or ``pad_token_id``,
-            ``max_new_tokens`` <= 0, ``max_length`` <= S, ``min_new_tokens`` < 0, ``num_beams`` < 1, no length
-            given and S >= ``max_position_embeddings``, a NaN or infinite
-            ``temperature``/``top_p``/``repetition_penalty``, ``temperature`` <= 0 when sampling, ``top_k`` not an int >= 1, ``top_p`` outside (0, 1],
-            ``repetition_penalty`` <= 0, ``compile`` without ``static_cache``, ``compile`` with a RoPE type that
-            cannot be compiled (``dynamic``: :func:`diffllama.rope.check_compile_supported`), a static cache too
-            large for the memory.
     """
     if streamer is not None and not (callable(getattr(streamer, "put", None))
                                      and callable(getattr(streamer, "end", None))):
         raise TypeError("streamer must have put(tokens) and end() methods")
     _check_unsupported(num_beams, return_dict_in_generate)
-    # stream_generate checks every argument when called: before the streamer is called or the model run
-    steps = stream_generate(model, input_ids, attention_mask, inputs_embeds=inputs_embeds,
-                            max_new_tokens=max_new_tokens, max_length=max_length,
-                            min_new_tokens=min_new_tokens, do_sample=do_sample,
-                            temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
-                            pad_token_id=pad_token_id, seed=seed, static_cache=static_cache, compile=compile,
-                            sync_every=1 if streamer is not None else 16)
+    settings, steps = _start(model, input_ids, attention_mask, inputs_embeds, settings, arguments,
+                             1 if streamer is not None else 16)
     if streamer is not None:
         b = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         streamer.put(input_ids.cpu() if input_ids is not None else torch.empty(b, 0, dtype=torch.long))
-    eos, _ = resolve_special_ids(model, eos_token_id, pad_token_id)
     new = []
     for token in steps:
         new.append(token)
@@ -814,15 +832,20 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
             streamer.put(token.cpu())
     if streamer is not None:
         streamer.end()
-    out = torch.stack(new, dim=1)  # (B, n)
-    if eos:  # drop trailing steps run after every row had stopped (the loop checks only every few steps)
-        stopped = torch.isin(out, torch.tensor(eos, device=out.device)).cumsum(1) > 0  # (B, n)
-        done = stopped.all(0)  # (n,)
-        if bool(done.any()):
-            out = out[:, :int(done.int().argmax()) + 1]
+    out = _drop_steps_after_stop(torch.stack(new, dim=1), settings.eos_token_id)  # (B, n)
     if input_ids is None:  # transformers: embeddings alone give the new tokens only
         return out
     return torch.cat([input_ids.to(out.device).long(), out], dim=1)
+
+
+def _drop_steps_after_stop(out: torch.Tensor, eos: Sequence[int]) -> torch.Tensor:
+    """(B, n) new tokens without the trailing steps run after every row had stopped (the loop reads back only every
+    few steps)."""
+    if not eos:
+        return out
+    stopped = torch.isin(out, torch.tensor(eos, device=out.device)).cumsum(1) > 0  # (B, n)
+    done = stopped.all(0)  # (n,)
+    return out[:, :int(done.int().argmax()) + 1] if bool(done.any()) else out
 
 
 def _check_unsupported(num_beams, return_dict_in_generate) -> None:
@@ -842,32 +865,42 @@ def _check_unsupported(num_beams, return_dict_in_generate) -> None:
                                   "token ids (B, S + n); use return_dict_in_generate=False")
 
 
-def stream_text(model, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
-    """Yield the continuation of one text ``prompt`` piece by piece, as it is generated.
+def prompt_tokens(tokenizer, prompt: str) -> list[int]:
+    """``prompt`` encoded by ``tokenizer``; a prompt that encodes to nothing starts from the BOS token, as
+    transformers' ``generate()`` does without input.
 
-    ``tokenizer`` is a :class:`diffllama.tokenizer.Tokenizer`; its EOS id is the default after the model's
-    (generation_config.json, then config.json). Multi-byte characters split across tokens are held back until
-    complete. ``kwargs`` as :func:`stream_generate` (so not ``streamer``, ``num_beams`` or
-    ``return_dict_in_generate``). A prompt
-    that tokenizes to nothing starts from the tokenizer's BOS token (as transformers' ``generate()`` does without
-    input); without a BOS token it raises ValueError.
+    Raises:
+        ValueError: the prompt encodes to nothing and the tokenizer has no BOS token.
     """
     tokens = tokenizer.encode(prompt)
-    if not tokens:  # as transformers' generate() without input: start from BOS
-        if tokenizer.bos_token_id is None:
-            raise ValueError("prompt is empty (after tokenization the prompt has no tokens, and the tokenizer has no "
-                             "BOS token to start from)")
-        tokens = [tokenizer.bos_token_id]
-    ids = torch.tensor([tokens], dtype=torch.long)
-    eos, _ = resolve_special_ids(model, kwargs.get("eos_token_id"))
-    if kwargs.get("eos_token_id") is None and not eos and tokenizer.eos_token_id is not None:
-        eos = [tokenizer.eos_token_id]
-    kwargs["eos_token_id"] = eos
+    if tokens:
+        return tokens
+    if tokenizer.bos_token_id is None:
+        raise ValueError("prompt is empty (after tokenization the prompt has no tokens, and the tokenizer has no "
+                         "BOS token to start from)")
+    return [tokenizer.bos_token_id]
+
+
+def stream_text(model, tokenizer, prompt: str | Sequence[int], *, settings: GenerationSettings | None = None,
+                sync_every: int = 1, **arguments) -> Iterator[str]:
+    """Yield the continuation of one ``prompt`` piece by piece, as it is generated, up to its first EOS.
+
+    ``tokenizer`` is a :class:`diffllama.tokenizer.Tokenizer`; ``prompt`` its text (encoded by
+    :func:`prompt_tokens`: an empty one starts from BOS) or its token ids, encoded already. ``arguments`` or
+    ``settings`` as :func:`generate` (not ``streamer``, ``num_beams`` or ``return_dict_in_generate``); the
+    tokenizer's EOS id is the default after the model's (:func:`with_tokenizer_eos`). Multi-byte characters split
+    across tokens are held back until complete.
+
+    Raises:
+        ValueError: an empty text prompt without a BOS token; and as :func:`generate`.
+    """
+    tokens = prompt_tokens(tokenizer, prompt) if isinstance(prompt, str) else list(prompt)
+    settings, steps = _start(model, torch.tensor([tokens], dtype=torch.long), None, None, settings, arguments,
+                             sync_every, defaults=with_tokenizer_eos(model, tokenizer))
     detok = tokenizer.detokenizer()
-    eos_ids = set(eos)
-    for token in stream_generate(model, ids, **kwargs):
+    for token in steps:
         value = int(token[0])
-        if value in eos_ids:
+        if value in settings.eos_token_id:
             break
         text = detok.add(value)
         if text:
@@ -875,7 +908,6 @@ def stream_text(model, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
     rest = detok.flush()
     if rest:
         yield rest
-
 
 def decode_n(step: DecodeStep, token: torch.Tensor, position_ids: torch.Tensor, first_slot: int, n: int,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from diffllama.serve.engine import EngineStopped, Output, QueueFull, Request, SamplingParams
 from diffllama.serve.metrics import ServerMetrics
-from diffllama.generation import resolve_special_ids
+from diffllama.generation import resolve_generation_settings, with_tokenizer_eos
 
 MAX_N = 16  # choices per request
 MAX_LOGPROBS = 20  # OpenAI's bound for top_logprobs
@@ -349,12 +349,10 @@ def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
-    """The model's end ids: generation_config.json's, else config.json's, else the tokenizer's EOS."""
-
-    eos, _ = resolve_special_ids(model)
-    if not eos and tokenizer.eos_token_id is not None:
-        eos = [tokenizer.eos_token_id]
-    return eos
+    """The model's end ids: generation_config.json's, else config.json's, else the tokenizer's EOS (resolved as
+    ``generate`` and ``diffllama generate`` resolve them)."""
+    gen = with_tokenizer_eos(model, tokenizer)
+    return list(resolve_generation_settings(model.config, gen, max_new_tokens=1).eos_token_id)
 
 
 def _validation_response(error: RequestValidationError) -> JSONResponse:
