@@ -619,11 +619,6 @@ class DecodeStep:
         self.graph, self._static = graph, (*static, out)
 
 
-# One reusable (cache, step) per model for the fast path, so repeated calls neither reallocate nor recompile.
-_FAST_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_STATIC_ROUND = 256
-
-
 # ---- the fast path's reusable state ---------------------------------------------------------------------------------
 
 _STATIC_ROUND = 256  # static caches are rounded up to a multiple of this: one compiled step serves many lengths
