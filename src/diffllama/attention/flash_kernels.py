@@ -377,32 +377,9 @@ def _dkdv_loop(dka, dkb, dva, dvb, ka, kb, va, vb, q1_base, q2_base, do_base, ls
 
 
 @triton.jit
-def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, ORDERED, PAD, DOC, DOC_OK, DK, DV, DQACC, LAM,
-                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                  stride_db, stride_dm, stride_dh, stride_pb, stride_docb,
-                  H, KV_HALF, GROUP, Sq, Sk, qk_scale, scale, SEQ_BUCKET,
-                  HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr,
-                  DQ_ATOMIC: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """One program per (batch · g, key block), g < KV/2, owning key/value heads g and g + KV/2: the G head pairs
-    that read them (pair i reads K[g] for head i, K[g + KV/2] for head i + H/2, and V' = [V[g], V[g + KV/2]]).
-    DO_DK writes dK of both key heads, DO_DV dV of both value heads (one launch may do both, or two launches one
-    each: fewer accumulators per program, at the cost of computing P twice). DK and DV have K's and V's shapes,
-    contiguous. With DQ_ATOMIC (needs DO_DK), dQ/scale is accumulated too, into DQACC (B, H, Sq, DP) float32,
-    zeroed by the caller. Key block 0, which every query sees, comes first: the heaviest programs start first
-    without reordering (see _heavy_first). ORDERED (one uint8) says whether QPOS is non-decreasing; if not, the
-    binary search for the first query that sees this key block does not apply and every query block is visited
-    with the causal mask. With HAS_DOC the query loop ends at the first query after the key block's last document
-    (QPOS ordered and DOC_OK only); rows [mid, uend) lie in the block's one document and skip the mask."""
-    bg = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    b = (bg // KV_HALF).to(tl.int64)
-    g = bg % KV_HALF
-    half_h = H // 2
-    kv = 2 * KV_HALF
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, DP)
-    col_ok = offs_n < Sk
+def _dkdv_query_range(QPOS, ORDERED, DOC, DOC_OK, b, stride_docb, offs_n, col_ok, pid_n, Sq, Sk,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr):
+    """Query rows ``(lo, mid, uend, qend)`` a key block's dK/dV' program visits, its row's DOC and its keys' ids."""
     lo = _search_sorted(QPOS, Sq, pid_n * BLOCK_N)
     full = tl.maximum(_search_sorted(QPOS, Sq, pid_n * BLOCK_N + BLOCK_N - 1), lo)
     mid = lo + tl.cdiv(full - lo, BLOCK_M) * BLOCK_M  # rows [lo, mid) may see part of the block, later rows all
@@ -411,6 +388,7 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, ORDERED, PAD, DOC, DOC_OK, DK, DV, 
     mid = tl.where(ordered, mid, tl.cdiv(Sq, BLOCK_M) * BLOCK_M)
     uend = Sq
     doc_base = DOC + b * stride_docb
+    qend = Sq  # read only with HAS_DOC, as is kdoc
     kdoc = offs_n
     if HAS_DOC:
         kdoc = tl.load(doc_base + offs_n, mask=col_ok, other=-2)
@@ -421,21 +399,16 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, ORDERED, PAD, DOC, DOC_OK, DK, DV, 
         qend = tl.where(ordered & docs_ok, qend, Sq)
         mid = tl.where((first_doc == last_doc) & docs_ok, tl.minimum(mid, qend), qend)
         uend = mid + tl.maximum(qend - mid, 0) // BLOCK_M * BLOCK_M
-    ka = _load_tile(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, True)
-    kb = _load_tile(K + b * stride_kb + (g + KV_HALF) * stride_kh, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, True)
-    va = _load_tile(V + b * stride_vb + g * stride_vh, offs_n, stride_vn, offs_d, Sk, HEAD_DIM, DP, True)
-    vb = _load_tile(V + b * stride_vb + (g + KV_HALF) * stride_vh, offs_n, stride_vn, offs_d, Sk, HEAD_DIM, DP,
-                    True)
-    dka = tl.zeros([BLOCK_N, DP], tl.float32)
-    dkb = tl.zeros([BLOCK_N, DP], tl.float32)
-    dva = tl.zeros([BLOCK_N, DP], tl.float32)
-    dvb = tl.zeros([BLOCK_N, DP], tl.float32)
-    col_keep = col_ok
-    if HAS_PAD:
-        keep = tl.load(PAD + b * stride_pb + offs_n, mask=col_ok, other=0) != 0
-        col_keep = col_keep & keep
-    neg_lam = -tl.load(LAM)
+    return lo, mid, uend, qend, doc_base, kdoc
 
+
+@triton.jit
+def _dkdv_pairs(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DO, LSE, R, DQACC, QPOS, b, g, half_h, H, GROUP, Sq,
+                stride_qb, stride_qh, stride_qm, stride_db, stride_dm, stride_dh, offs_n, col_keep, doc_base, kdoc,
+                offs_d, lo, mid, uend, qend, qk_scale, neg_lam,
+                HEAD_DIM: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, DO_DK: tl.constexpr,
+                DO_DV: tl.constexpr, DQ_ATOMIC: tl.constexpr, HAS_DOC: tl.constexpr):
+    """Accumulates one key block's dK/dV' over the G head pairs that read key heads g and g + KV/2."""
     for jj in range(0, GROUP):
         h1 = g * GROUP + jj
         h2 = h1 + half_h
@@ -462,7 +435,14 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, ORDERED, PAD, DOC, DOC_OK, DK, DV, 
                                             offs_n, col_keep, doc_base, kdoc, offs_d, stride_qm, stride_dm, uend,
                                             qend, Sq, qk_scale, neg_lam, HEAD_DIM, DP, BLOCK_M, True, DO_DK, DO_DV,
                                             DQ_ATOMIC, HAS_DOC)
+    return dka, dkb, dva, dvb
 
+
+@triton.jit
+def _dkdv_store(DK, DV, dka, dkb, dva, dvb, keep, b, g, kv, KV_HALF, Sk, offs_n, offs_d, scale,
+                HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr, DO_DK: tl.constexpr,
+                DO_DV: tl.constexpr):
+    """Writes dK (times ``scale``) and dV' of key heads g and g + KV/2 for one key block, 0 at padding keys."""
     if HAS_PAD:  # padding keys got garbage probabilities (their LSE excluded them): their gradients are 0
         dka = tl.where(keep[:, None], dka, 0.0)
         dkb = tl.where(keep[:, None], dkb, 0.0)
@@ -478,6 +458,58 @@ def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, ORDERED, PAD, DOC, DOC_OK, DK, DV, 
                     HEAD_DIM, DP)
         _store_tile(DV + ((b * kv + g + KV_HALF) * Sk) * HEAD_DIM, offs_n, HEAD_DIM, offs_d, Sk,
                     dvb.to(DV.dtype.element_ty), HEAD_DIM, DP)
+
+
+@triton.jit
+def attn_bwd_dkdv(Q, K, V, DO, LSE, R, QPOS, ORDERED, PAD, DOC, DOC_OK, DK, DV, DQACC, LAM,
+                  stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                  stride_db, stride_dm, stride_dh, stride_pb, stride_docb,
+                  H, KV_HALF, GROUP, Sq, Sk, qk_scale, scale, SEQ_BUCKET,
+                  HEAD_DIM: tl.constexpr, DP: tl.constexpr, HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr,
+                  DQ_ATOMIC: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """One program per (batch · g, key block), g < KV/2, owning key/value heads g and g + KV/2: the G head pairs
+    that read them (pair i reads K[g] for head i, K[g + KV/2] for head i + H/2, and V' = [V[g], V[g + KV/2]]).
+    DO_DK writes dK of both key heads, DO_DV dV of both value heads (one launch may do both, or two launches one
+    each: fewer accumulators per program, at the cost of computing P twice). DK and DV have K's and V's shapes,
+    contiguous. With DQ_ATOMIC (needs DO_DK), dQ/scale is accumulated too, into DQACC (B, H, Sq, DP) float32,
+    zeroed by the caller. Key block 0, which every query sees, comes first: the heaviest programs start first
+    without reordering (see _heavy_first). ORDERED (one uint8) says whether QPOS is non-decreasing; if not, the
+    binary search for the first query that sees this key block does not apply and every query block is visited
+    with the causal mask. With HAS_DOC the query loop ends at the first query after the key block's last document
+    (QPOS ordered and DOC_OK only); rows [mid, uend) lie in the block's one document and skip the mask."""
+    bg = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = (bg // KV_HALF).to(tl.int64)
+    g = bg % KV_HALF
+    half_h = H // 2
+    kv = 2 * KV_HALF
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DP)
+    col_ok = offs_n < Sk
+    lo, mid, uend, qend, doc_base, kdoc = _dkdv_query_range(QPOS, ORDERED, DOC, DOC_OK, b, stride_docb, offs_n,
+                                                            col_ok, pid_n, Sq, Sk, BLOCK_M, BLOCK_N, HAS_DOC)
+    ka = _load_tile(K + b * stride_kb + g * stride_kh, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, True)
+    kb = _load_tile(K + b * stride_kb + (g + KV_HALF) * stride_kh, offs_n, stride_kn, offs_d, Sk, HEAD_DIM, DP, True)
+    va = _load_tile(V + b * stride_vb + g * stride_vh, offs_n, stride_vn, offs_d, Sk, HEAD_DIM, DP, True)
+    vb = _load_tile(V + b * stride_vb + (g + KV_HALF) * stride_vh, offs_n, stride_vn, offs_d, Sk, HEAD_DIM, DP,
+                    True)
+    dka = tl.zeros([BLOCK_N, DP], tl.float32)
+    dkb = tl.zeros([BLOCK_N, DP], tl.float32)
+    dva = tl.zeros([BLOCK_N, DP], tl.float32)
+    dvb = tl.zeros([BLOCK_N, DP], tl.float32)
+    col_keep = col_ok
+    keep = col_ok  # read only with HAS_PAD; a defined value to pass to _dkdv_store
+    if HAS_PAD:
+        keep = tl.load(PAD + b * stride_pb + offs_n, mask=col_ok, other=0) != 0
+        col_keep = col_keep & keep
+    neg_lam = -tl.load(LAM)
+    dka, dkb, dva, dvb = _dkdv_pairs(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DO, LSE, R, DQACC, QPOS, b, g, half_h,
+                                     H, GROUP, Sq, stride_qb, stride_qh, stride_qm, stride_db, stride_dm, stride_dh,
+                                     offs_n, col_keep, doc_base, kdoc, offs_d, lo, mid, uend, qend, qk_scale,
+                                     neg_lam, HEAD_DIM, DP, BLOCK_M, DO_DK, DO_DV, DQ_ATOMIC, HAS_DOC)
+    _dkdv_store(DK, DV, dka, dkb, dva, dvb, keep, b, g, kv, KV_HALF, Sk, offs_n, offs_d, scale, HEAD_DIM, DP,
+                HAS_PAD, DO_DK, DO_DV)
 
 
 @triton.jit
