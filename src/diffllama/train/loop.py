@@ -1,4 +1,5 @@
-"""The training loop: a :class:`Trainer` whose ``train_step`` does one optimizer step and whose ``fit`` drives it.
+"""The training loop: a :class:`Trainer` whose ``forward_backward_step`` runs one micro-batch, whose ``train_step``
+does one optimizer step, and whose ``fit`` drives the steps (``_train_loop``) and the run around them.
 
 One step: the step's micro-batches are read (a pure function of the step number, see
 :class:`diffllama.train.data.BatchPlan`), the loss of each is the summed token cross-entropy scaled by
@@ -140,6 +141,20 @@ class FitResult:
     checkpoint: Path | None = None
     model_dir: Path | None = None
     interrupted: str | None = None
+
+
+@dataclass
+class _LoopState:
+    """What :meth:`Trainer._train_loop` carries from step to step: the latest metrics record, the newest
+    checkpoint (written, or resumed from) and the step it holds (None: none yet), and the clock of the run and of
+    the tokens/s window (``time.perf_counter`` seconds; steps since the last training record)."""
+
+    start_time: float
+    window_time: float
+    checkpoint: Path | None = None
+    last_saved: int | None = None
+    window_steps: int = 0
+    metrics: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -445,30 +460,51 @@ class Trainer:
         batches = [self._to_device(w) for w in windows]
         total = torch.zeros((), device=self.device)
         for m, (x, y) in enumerate(batches):
-            last = m == cfg.grad_accum - 1
-            if self.mode == "ddp" and not last:
-                sync = self.wrapped.no_sync()
-            else:
-                sync = contextlib.nullcontext()
-                if self.mode == "fsdp":
-                    self.wrapped.set_requires_gradient_sync(last)
-            with sync:
-                with self._autocast():
-                    loss = self.wrapped(x, y, scale)
-                loss.backward()
-            total += loss.detach()
-        if cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-        else:
-            grad_norm = torch.zeros(())
+            total += self.forward_backward_step(x, y, scale, last=m == cfg.grad_accum - 1)
+        grad_norm = self._clip_gradients()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         total = all_reduce_sum(total, info) / info.world_size
         return {"loss": total, "grad_norm": grad_norm, "lr": lr}
+
+    def forward_backward_step(self, inputs: torch.Tensor, targets: torch.Tensor, scale, *,
+                              last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch, accumulating into the parameters' gradients.
+
+        Args:
+            inputs, targets: (B, S) int64 on the device. scale: the loss multiplier of the step (a 0-dim float32
+                tensor, ``world_size / global target count``). last: the step's last micro-batch, the only one
+                whose backward synchronises gradients across DDP/FSDP ranks.
+
+        Returns:
+            ``scale × Σ CE`` of the micro-batch, detached (a 0-dim float32 tensor).
+        """
+        with self._gradient_sync(last):
+            with self._autocast():
+                loss = self.wrapped(inputs, targets, scale)
+            loss.backward()
+        return loss.detach()
+
+    def _gradient_sync(self, last: bool):
+        """The context of one micro-batch's backward: DDP's ``no_sync`` before the last micro-batch; for FSDP, the
+        gradient reduction switched on for the last one only (set here, before the backward)."""
+        if self.mode == "ddp" and not last:
+            return self.wrapped.no_sync()
+        if self.mode == "fsdp":
+            self.wrapped.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the gradients to global norm ``grad_clip`` and return the norm before clipping (a plain tensor,
+        gathered from FSDP's DTensor); without clipping (``grad_clip`` 0) a 0-dim zero."""
+        if self.cfg.grad_clip <= 0:
+            return torch.zeros(())
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        return grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -503,6 +539,8 @@ class Trainer:
     # ---- the driver -------------------------------------------------------------------------------------------------
 
     def _install_signal_handlers(self):
+        """Make SIGINT/SIGTERM set ``_stop_signal`` (the loop then saves and stops; a second Ctrl-C stops at once).
+        Returns the handlers replaced, which :meth:`_fit` restores."""
         previous = {}
 
         def handler(signum, frame):
@@ -517,6 +555,7 @@ class Trainer:
         return previous
 
     def _should_stop(self) -> bool:
+        """True if a signal came to this process or, distributed, to any rank (one all-reduce)."""
         if not self.info.distributed:
             return self._stop_signal is not None
         flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
@@ -526,6 +565,7 @@ class Trainer:
         return bool(flag.item())
 
     def _save(self, metrics: dict) -> Path:
+        """Save a checkpoint of ``self.step`` with ``metrics``, the token count and the corpus files; its path."""
         unwrapped = self.module
         return ckpt.save_checkpoint(self.run_dir, self.step, module=unwrapped, model=self.model,
                                     optimizer=self.optimizer, scheduler=self.scheduler, tokenizer=self.tokenizer,
@@ -535,6 +575,7 @@ class Trainer:
                                            "data_files": self.data_files})
 
     def _log(self, record: dict, writer) -> None:
+        """Append ``record`` to ``history``; on rank 0 also to metrics.jsonl and TensorBoard (numbers only)."""
         self.history.append(record)
         if not self.info.is_main:
             return
@@ -558,6 +599,7 @@ class Trainer:
         return self._created
 
     def _tensorboard(self):
+        """A TensorBoard writer on rank 0 with ``tensorboard`` set and installed; else None."""
         if not (self.cfg.tensorboard and self.info.is_main):
             return None
         try:
@@ -583,73 +625,23 @@ class Trainer:
             self._release_run_dir()
 
     def _fit(self) -> FitResult:
-        cfg, info = self.cfg, self.info
-        if self.resume_from is not None and self.step >= cfg.max_steps:  # a finished run
-            result = FitResult(step=self.step, metrics=dict(self._last_metrics), checkpoint=self.resume_from)
-            if (self.run_dir / "model").is_dir() and self._summary_written():
-                result.model_dir = self.run_dir / "model"  # nothing to do
-            else:  # its last step ran but the export did not (a signal in between): finish it now
-                result.model_dir = self._export_final(self.resume_from)
-                self._write_summary(result)
-            return result
+        """:meth:`fit` under the run folder's lock: set up the run's outputs, signal handlers and progress bar, run
+        :meth:`_train_loop`, tear them down, and export the model when ``max_steps`` was reached. A run that fails
+        before its first checkpoint removes the run folder it created."""
+        cfg = self.cfg
+        if self.resume_from is not None and self.step >= cfg.max_steps:
+            return self._finish_finished_run()
         created = self._prepare_run_dir()
         writer = self._tensorboard()
         previous = self._install_signal_handlers()
-        bar = None
-        if not self.quiet:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
-        metrics: dict = {}
-        last_saved = self.step if self.resume_from is not None else None
-        checkpoint_path = self.resume_from
+        bar = self._progress_bar()
         start_time = time.perf_counter()
-        window_time, window_steps = start_time, 0
+        state = _LoopState(checkpoint=self.resume_from, start_time=start_time, window_time=start_time,
+                           last_saved=self.step if self.resume_from is not None else None)
         try:
-            while self.step < cfg.max_steps:
-                try:
-                    out = self.train_step(self.step)
-                except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as error:
-                    if not _is_out_of_memory(error):
-                        raise
-                    raise BatchTooLargeError(
-                        f"a micro-batch of {cfg.batch_size} x {cfg.seq_len} tokens does not fit in "
-                        f"{self.device.type} memory: lower --batch-size (raise --grad-accum to keep the global "
-                        f"batch), or pass --activation-checkpointing") from error
-                self.step += 1
-                self.tokens += self.tokens_per_step
-                window_steps += 1
-                done = self.step == cfg.max_steps
-                if self.step % cfg.log_every == 0 or done:
-                    now = time.perf_counter()
-                    loss = float(out["loss"])
-                    tps = window_steps * self.tokens_per_step / max(now - window_time, 1e-9)
-                    window_time, window_steps = now, 0
-                    metrics = {"step": self.step, "loss": loss, "lr": out["lr"],
-                               "grad_norm": float(out["grad_norm"]), "tokens": self.tokens,
-                               "tokens_per_s": tps, "epoch": self.plan.epoch(self.step),
-                               "elapsed_s": now - start_time}
-                    self._log(metrics, writer)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
-                if self.step % cfg.eval_every == 0 or done:
-                    val = self.evaluate()
-                    metrics = {**metrics, **val}
-                    self._log({"step": self.step, **val}, writer)
-                    if bar is not None:
-                        bar.write(f"step {self.step}: {self.describe_eval(val)}")
-                if bar is not None:
-                    bar.update(1)
-                for callback in self.callbacks:
-                    callback(self, metrics)
-                stop = (self.step % cfg.log_every == 0 or done or not info.distributed) and self._should_stop()
-                if (cfg.save_every and self.step % cfg.save_every == 0) or done or stop:
-                    checkpoint_path = self._save(metrics)
-                    last_saved = self.step
-                if stop:
-                    break
+            self._train_loop(state, writer, bar)
         except BaseException:
-            if last_saved is None and created and info.is_main:  # nothing worth keeping: leave no half-run
+            if state.last_saved is None and created and self.info.is_main:  # nothing worth keeping: no half-run
                 if writer is not None:
                     writer.close()
                 self._release_run_dir(remove=True)
@@ -661,13 +653,94 @@ class Trainer:
                 writer.close()
             for sig, old in previous.items():
                 signal.signal(sig, old)
-        result = FitResult(step=self.step, metrics=metrics, checkpoint=checkpoint_path,
+        result = FitResult(step=self.step, metrics=state.metrics, checkpoint=state.checkpoint,
                            interrupted=self._stop_signal)
         if self.step >= cfg.max_steps:  # finished, even if a signal came during the last step: export (seconds)
             result.interrupted = None
-            result.model_dir = self._export_final(checkpoint_path)
+            result.model_dir = self._export_final(state.checkpoint)
             self._write_summary(result)
         return result
+
+    def _finish_finished_run(self) -> FitResult:
+        """The result of resuming a run whose steps are all done: its last checkpoint and metrics, with the model
+        export and summary written now if a signal came between its last step and them."""
+        result = FitResult(step=self.step, metrics=dict(self._last_metrics), checkpoint=self.resume_from)
+        if (self.run_dir / "model").is_dir() and self._summary_written():
+            result.model_dir = self.run_dir / "model"  # nothing to do
+        else:
+            result.model_dir = self._export_final(self.resume_from)
+            self._write_summary(result)
+        return result
+
+    def _progress_bar(self):
+        """A tqdm bar over the run's steps, starting at ``self.step``; None when quiet."""
+        if self.quiet:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _train_loop(self, state: _LoopState, writer, bar) -> None:
+        """Run steps until ``max_steps`` or a stop signal; after each: log, evaluate, call the callbacks, and save
+        a checkpoint when due (every ``save_every`` steps, the last step, and the step a signal stopped)."""
+        cfg = self.cfg
+        while self.step < cfg.max_steps:
+            out = self._checked_train_step()
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            state.window_steps += 1
+            done = self.step == cfg.max_steps
+            if self.step % cfg.log_every == 0 or done:
+                self._log_train_metrics(out, state, writer, bar)
+            if self.step % cfg.eval_every == 0 or done:
+                self._log_evaluation(state, writer, bar)
+            if bar is not None:
+                bar.update(1)
+            for callback in self.callbacks:
+                callback(self, state.metrics)
+            # Distributed, the ranks agree on stopping only at log steps (one all-reduce, not one per step).
+            stop = (self.step % cfg.log_every == 0 or done or not self.info.distributed) and self._should_stop()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or done or stop:
+                state.checkpoint = self._save(state.metrics)
+                state.last_saved = self.step
+            if stop:
+                break
+
+    def _checked_train_step(self) -> dict:
+        """:meth:`train_step` of ``self.step``, an out-of-memory error turned into a :class:`BatchTooLargeError`
+        that says which settings to lower."""
+        try:
+            return self.train_step(self.step)
+        except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as error:
+            if not _is_out_of_memory(error):
+                raise
+            raise BatchTooLargeError(
+                f"a micro-batch of {self.cfg.batch_size} x {self.cfg.seq_len} tokens does not fit in "
+                f"{self.device.type} memory: lower --batch-size (raise --grad-accum to keep the global "
+                f"batch), or pass --activation-checkpointing") from error
+
+    def _log_train_metrics(self, out: dict, state: _LoopState, writer, bar) -> None:
+        """Make ``state.metrics`` the training record of ``self.step`` (``out`` from :meth:`train_step`; tokens/s
+        over the steps since the last record) and write it to metrics.jsonl, TensorBoard and the progress bar."""
+        now = time.perf_counter()
+        loss = float(out["loss"])
+        tps = state.window_steps * self.tokens_per_step / max(now - state.window_time, 1e-9)
+        state.window_time, state.window_steps = now, 0
+        state.metrics = {"step": self.step, "loss": loss, "lr": out["lr"], "grad_norm": float(out["grad_norm"]),
+                         "tokens": self.tokens, "tokens_per_s": tps, "epoch": self.plan.epoch(self.step),
+                         "elapsed_s": now - state.start_time}
+        self._log(state.metrics, writer)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
+
+    def _log_evaluation(self, state: _LoopState, writer, bar) -> None:
+        """Evaluate, add the validation metrics to ``state.metrics``, and write them to metrics.jsonl, TensorBoard
+        and the progress output."""
+        val = self.evaluate()
+        state.metrics = {**state.metrics, **val}
+        self._log({"step": self.step, **val}, writer)
+        if bar is not None:
+            bar.write(f"step {self.step}: {self.describe_eval(val)}")
 
     def _export_final(self, checkpoint_path: Path | None) -> Path | None:
         """Copy the final checkpoint's model and tokenizer files (no trainer state) to ``RUN_DIR/model``."""
