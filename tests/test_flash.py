@@ -116,8 +116,10 @@ def test_training_ops_trace_under_compile_fullgraph_and_pass_opcheck():
         torch.library.opcheck(flash._flash_attn_forward, (*args, *variant))
         with torch.no_grad():  # the backward op has no autograd formula of its own (no double backward)
             out, o2, lse = flash._flash_attn_forward(*args, *variant)
+        # No input of the backward op may require grad: it has no autograd formula (no double backward).
+        bwd_args = (*args[3:6], lam32.detach(), *args[7:])
         torch.library.opcheck(flash._flash_attn_backward,
-                              (dout.to(dtype), *args[:3], out, o2, lse, *args[3:], *variant))
+                              (dout.to(dtype), *args[:3], out, o2, lse, *bwd_args, *variant))
 
 
 def test_auto_picks_flash_on_cuda_for_training_and_inference(monkeypatch):
