@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import diffllama
 from diffllama import DiffLlamaConfig, DiffLlamaForCausalLM, Tokenizer
 from diffllama.cli import app
 from diffllama.eval import EvalSettings, attention_allocation as alloc, needle, outliers, perplexity, summary
@@ -19,7 +20,7 @@ from diffllama.eval.icl import icl_order_robustness
 from diffllama.eval.scoring import continuation_logprobs, greedy_continuation, next_token_logprobs
 from diffllama.train.data import bundled_corpus, iter_documents, train_bpe
 
-DATA = Path(__file__).parent / "data"
+RT_DATA = Path(diffllama.__file__).parent / "data"  # the Rotten Tomatoes slices ship with the package
 
 
 @pytest.fixture(scope="module")
@@ -273,13 +274,13 @@ def test_continuation_logprobs_match_a_direct_computation():
 
 def test_icl_order_robustness(model_dir, tokenizer):
     model = DiffLlamaForCausalLM.from_pretrained(model_dir).eval()
-    result = icl_order_robustness(model, tokenizer, DATA / "rt_train.csv", DATA / "rt_test.csv", k=3, n_test=10,
+    result = icl_order_robustness(model, tokenizer, RT_DATA / "rt_train.csv", RT_DATA / "rt_test.csv", k=3, n_test=10,
                                   orders=3, progress=False)
     assert len(result["accuracies"]) == 3 and result["labels"] == ["fresh", "rotten"]
     assert result["spread"] == pytest.approx(result["best"] - result["worst"])
     assert all(a * 10 == round(a * 10) for a in result["accuracies"])  # a count out of 10
     with pytest.raises(ValueError, match="k=5000"):
-        icl_order_robustness(model, tokenizer, DATA / "rt_train.csv", DATA / "rt_test.csv", k=5000, progress=False)
+        icl_order_robustness(model, tokenizer, RT_DATA / "rt_train.csv", RT_DATA / "rt_test.csv", k=5000, progress=False)
 
 
 # ---- the runner and the command line ----------------------------------------------------------------------------

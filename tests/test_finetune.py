@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import diffllama
+
 from diffllama.config import DiffLlamaConfig
 from diffllama.finetune.retrieval import write_retrieval_qa
 from diffllama.finetune.run import finetune_config, run_finetune
@@ -21,6 +23,7 @@ from diffllama.modeling import DiffLlamaForCausalLM
 from diffllama.train.data import bundled_corpus, train_bpe
 
 DATA = Path(__file__).parent / "data"
+RT_DATA = Path(diffllama.__file__).parent / "data"  # the Rotten Tomatoes slices ship with the package (eval's ICL default)
 
 
 def _documents(n: int) -> list[str]:
@@ -32,7 +35,7 @@ def _documents(n: int) -> list[str]:
 def base_model(tmp_path_factory) -> Path:
     """A tiny causal checkpoint (hidden 64, 2 layers) with a 1024-token BPE trained on the samples' text."""
     folder = tmp_path_factory.mktemp("base")
-    texts = [row["text"] for row in csv.DictReader(open(DATA / "rt_train.csv", encoding="utf-8"))]
+    texts = [row["text"] for row in csv.DictReader(open(RT_DATA / "rt_train.csv", encoding="utf-8"))]
     words = [line.split("\t")[0] for line in open(DATA / "brown_train.conll", encoding="utf-8") if line.strip()]
     tokenizer = train_bpe(iter([d[:20000] for d in _documents(40)] + texts + [" ".join(words)]), 1024)
     config = DiffLlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -53,8 +56,8 @@ def _finetune(task_name, base, run_dir, train, evaluate, steps, lr, **options):
 
 
 def test_sequence_classification_beats_majority(base_model, tmp_path):
-    result = _finetune("sequence-classification", base_model, tmp_path / "run", DATA / "rt_train.csv",
-                       DATA / "rt_test.csv", steps=200, lr=1e-3, max_length=64)
+    result = _finetune("sequence-classification", base_model, tmp_path / "run", RT_DATA / "rt_train.csv",
+                       RT_DATA / "rt_test.csv", steps=200, lr=1e-3, max_length=64)
     summary = result.metrics["summary"]
     assert summary["loading_report"]["new"] == ["score.weight"]
     assert summary["eval"]["accuracy"] > summary["baseline"]["majority_accuracy"]
@@ -106,7 +109,7 @@ def test_squad_sample_end_to_end_and_windows(base_model, tmp_path):
 
 
 @pytest.mark.parametrize("task_name, auto_name, train", [
-    ("sequence-classification", "AutoModelForSequenceClassification", "rt_test.csv"),
+    ("sequence-classification", "AutoModelForSequenceClassification", RT_DATA / "rt_test.csv"),
     ("token-classification", "AutoModelForTokenClassification", "brown_test.conll"),
     ("question-answering", "AutoModelForQuestionAnswering", "squad_sample.json"),
 ])
@@ -136,7 +139,7 @@ def test_predict_cli_reads_stdin(base_model, tmp_path):
 
     from diffllama.cli import app
 
-    _finetune("sequence-classification", base_model, tmp_path / "run", DATA / "rt_test.csv", None, steps=2,
+    _finetune("sequence-classification", base_model, tmp_path / "run", RT_DATA / "rt_test.csv", None, steps=2,
               lr=1e-3, max_length=64)
     result = CliRunner().invoke(app, ["predict", "sequence-classification", "--model", str(tmp_path / "run" / "model"),
                                       "-"], input="A triumph.\nA mess.\n")
@@ -152,7 +155,7 @@ def test_predict_cli_reads_stdin(base_model, tmp_path):
 def classifier(base_model, tmp_path_factory) -> Path:
     """A sequence-classification checkpoint (2 steps on the small test set): RUN_DIR/model."""
     run_dir = tmp_path_factory.mktemp("classifier") / "run"
-    _finetune("sequence-classification", base_model, run_dir, DATA / "rt_test.csv", None, steps=2, lr=1e-3,
+    _finetune("sequence-classification", base_model, run_dir, RT_DATA / "rt_test.csv", None, steps=2, lr=1e-3,
               max_length=64)
     return run_dir / "model"
 
@@ -210,7 +213,7 @@ def test_max_length_must_be_positive(base_model, classifier, tmp_path, command, 
     if command == "predict":
         result = _cli("predict", "sequence-classification", "--model", classifier, *args, "-", input="A triumph.\n")
     else:
-        result = _cli("finetune", "sequence-classification", "--model", base_model, "--data", DATA / "rt_test.csv",
+        result = _cli("finetune", "sequence-classification", "--model", base_model, "--data", RT_DATA / "rt_test.csv",
                       "--out", tmp_path / "run", *args)
     _refused(result, 2, message)
     assert not (tmp_path / "run").exists()
@@ -256,7 +259,7 @@ def test_label_set_comes_from_all_of_data_before_the_eval_split(base_model, tmp_
     assert result.metrics["summary"]["labels"] == ["fresh", "mixed", "rotten"]
 
 
-@pytest.mark.parametrize("task, data", [("sequence-classification", "rt_test.csv"),
+@pytest.mark.parametrize("task, data", [("sequence-classification", RT_DATA / "rt_test.csv"),
                                         ("token-classification", "brown_train.conll")])
 def test_finetune_refuses_repeated_labels_before_any_work(base_model, tmp_path, task, data):
     """Was accepted: id2label {0: fresh, 1: fresh, 2: rotten} was saved beside label2id {fresh: 1, rotten: 2}."""
@@ -271,7 +274,7 @@ def test_finetune_refuses_out_that_is_not_a_run_folder(base_model, tmp_path, whe
     afile = tmp_path / "afile"
     afile.write_text("keep me")
     out = {"file": afile, "under-file": afile / "run", "other-folder": tmp_path}[where]
-    result = _cli("finetune", "sequence-classification", "--model", base_model, "--data", DATA / "rt_test.csv",
+    result = _cli("finetune", "sequence-classification", "--model", base_model, "--data", RT_DATA / "rt_test.csv",
                   "--out", out)
     expected = {"file": "is a file", "under-file": f"cannot be created: {afile} is a file",
                 "other-folder": "is an existing folder that is not a run folder"}[where]
@@ -390,7 +393,7 @@ def test_finetune_checks_the_base_model_before_reading_data(base_model, tmp_path
         raise AssertionError("data read before the base model was checked")
     monkeypatch.setattr(SequenceClassification, "read", read)
     result = _finetune_cli("sequence-classification", tmp_path / "run", "--model", base, "--data",
-                           DATA / "rt_test.csv")
+                           RT_DATA / "rt_test.csv")
     _refused(result, 1, f"--model {str(base)!r}")
     assert message in result.stderr and not (tmp_path / "run").exists()
 
@@ -438,19 +441,19 @@ def test_finetune_pads_with_the_model_pad_id(base_model, tmp_path, config_pad, p
     tokenizer = Tokenizer.from_pretrained(base)
     expected = tokenizer.pad_token_id if pad_token else tokenizer.eos_token_id
     assert expected is not None and expected != config_pad
-    _finetune("sequence-classification", base, tmp_path / "run", DATA / "rt_test.csv", None, steps=2, lr=1e-3,
+    _finetune("sequence-classification", base, tmp_path / "run", RT_DATA / "rt_test.csv", None, steps=2, lr=1e-3,
               max_length=64)
     model_dir = tmp_path / "run" / "model"
     assert json.loads((model_dir / "config.json").read_text())["pad_token_id"] == expected
     task = get_task("sequence-classification", TaskOptions(max_length=64))
-    _predict_batch_sizes(model_dir, task.read(DATA / "rt_test.csv")[:40])
+    _predict_batch_sizes(model_dir, task.read(RT_DATA / "rt_test.csv")[:40])
 
 
 def test_predict_pads_with_the_model_pad_id_of_a_mismatched_checkpoint(classifier, tmp_path):
     """A checkpoint whose config pad id differs from its tokenizer's (written before the fix): still one pad id."""
     model_dir = _copy_model(classifier, tmp_path / "model", pad_token_id=1)
     task = get_task("sequence-classification")
-    _predict_batch_sizes(model_dir, task.read(DATA / "rt_test.csv")[:40])
+    _predict_batch_sizes(model_dir, task.read(RT_DATA / "rt_test.csv")[:40])
 
 
 # ---- `finetune --resume` refuses what the checkpoint fixes -----------------------------------------------------------
@@ -464,7 +467,7 @@ def _finetune_cli(task, out, *args):
 def resumable(base_model, tmp_path_factory) -> Path:
     """A run folder of 2 steps (one checkpoint) started with --labels fresh,rotten."""
     out = tmp_path_factory.mktemp("resumable") / "run"
-    result = _finetune_cli("sequence-classification", out, "--model", base_model, "--data", DATA / "rt_test.csv",
+    result = _finetune_cli("sequence-classification", out, "--model", base_model, "--data", RT_DATA / "rt_test.csv",
                            "--labels", "fresh,rotten", "--max-steps", "2")
     assert result.exit_code == 0, result.output
     return out
@@ -481,11 +484,11 @@ def test_finetune_resume_refuses_changed_settings(base_model, resumable, tmp_pat
     other_model = _copy_model(base_model, tmp_path / "other-model")
     other_csv = tmp_path / "other.csv"
     other_csv.write_text("text,label\ngood,fresh\nbad,rotten\n")
-    task, model, data, labels, extra = "sequence-classification", base_model, DATA / "rt_test.csv", "fresh,rotten", []
+    task, model, data, labels, extra = "sequence-classification", base_model, RT_DATA / "rt_test.csv", "fresh,rotten", []
     if change == "labels":
         labels, expected = "rotten,fresh", "--labels ['fresh', 'rotten'] in the checkpoint vs ['rotten', 'fresh'] now"
     elif change == "data":
-        data, expected = other_csv, f"--data {str(DATA / 'rt_test.csv')!r} in the checkpoint vs {str(other_csv)!r} now"
+        data, expected = other_csv, f"--data {str(RT_DATA / 'rt_test.csv')!r} in the checkpoint vs {str(other_csv)!r} now"
     elif change in ("eval-data", "test-data"):
         extra, expected = [f"--{change}", other_csv], f"--{change} None in the checkpoint vs {str(other_csv)!r} now"
     elif change == "model":
@@ -508,11 +511,11 @@ def test_finetune_resume_refuses_changed_settings(base_model, resumable, tmp_pat
 def test_finetune_resume_continues_with_the_same_settings(base_model, tmp_path, monkeypatch):
     """The same files named by other paths (relative now, absolute before) are the same settings."""
     out = tmp_path / "run"
-    args = ["--labels", "fresh,rotten", "--eval-data", DATA / "rt_test.csv"]
-    first = _finetune_cli("sequence-classification", out, "--model", base_model, "--data", DATA / "rt_train.csv",
+    args = ["--labels", "fresh,rotten", "--eval-data", RT_DATA / "rt_test.csv"]
+    first = _finetune_cli("sequence-classification", out, "--model", base_model, "--data", RT_DATA / "rt_train.csv",
                           "--max-steps", "1", *args)
     assert first.exit_code == 0, first.output
-    monkeypatch.chdir(DATA.parent)
+    monkeypatch.chdir(RT_DATA.parent)
     result = _finetune_cli("sequence-classification", out, "--model", base_model, "--data", "data/rt_train.csv",
                            "--max-steps", "2", "--resume", *args)
     assert result.exit_code == 0, result.output
@@ -525,7 +528,7 @@ def test_finetune_resume_refuses_changed_data_contents(base_model, tmp_path):
     import yaml
 
     data = tmp_path / "train.csv"
-    data.write_text((DATA / "rt_test.csv").read_text(encoding="utf-8"), encoding="utf-8")
+    data.write_text((RT_DATA / "rt_test.csv").read_text(encoding="utf-8"), encoding="utf-8")
     out = tmp_path / "run"
     args = ["--model", base_model, "--data", data, "--labels", "fresh,rotten"]
     assert _finetune_cli("sequence-classification", out, *args, "--max-steps", "1").exit_code == 0
@@ -550,7 +553,7 @@ def test_finetune_resume_refuses_changed_data_contents(base_model, tmp_path):
 
 def test_finetune_resume_without_a_checkpoint_is_refused(base_model, tmp_path):
     result = _finetune_cli("sequence-classification", tmp_path / "run", "--model", base_model, "--data",
-                           DATA / "rt_test.csv", "--resume")
+                           RT_DATA / "rt_test.csv", "--resume")
     _refused(result, 1, f"--resume: no checkpoint in {tmp_path / 'run'} to resume from (drop --resume to start a new "
                         f"run)")
     assert not (tmp_path / "run").exists()
@@ -612,7 +615,7 @@ def test_resume_of_a_finished_run_without_metrics_writes_them(base_model, tmp_pa
     """Was: `--resume` said "nothing to do" and wrote no metrics (a run stopped during its final scoring), and
     printed `new weights (initialised)` for weights that come from the checkpoint."""
     out = tmp_path / "run"
-    args = ["--model", base_model, "--data", DATA / "rt_test.csv", "--test-data", DATA / "rt_test.csv",
+    args = ["--model", base_model, "--data", RT_DATA / "rt_test.csv", "--test-data", RT_DATA / "rt_test.csv",
             "--max-steps", "2"]
     assert _finetune_cli("sequence-classification", out, *args).exit_code == 0
     first = json.loads((out / "finetune_metrics.json").read_text())
@@ -634,7 +637,7 @@ def test_resume_of_a_scored_run_changes_nothing_and_keeps_its_tokenizer(base_mod
 
     base, out = tmp_path / "base", tmp_path / "run"
     shutil.copytree(base_model, base)
-    args = ["--model", base, "--data", DATA / "rt_test.csv", "--labels", "fresh,rotten", "--save-every", "2"]
+    args = ["--model", base, "--data", RT_DATA / "rt_test.csv", "--labels", "fresh,rotten", "--save-every", "2"]
     assert _finetune_cli("sequence-classification", out, *args, "--max-steps", "2").exit_code == 0
     before = (out / "finetune_metrics.json").read_bytes()
     assert json.loads(before)["eval"]
@@ -662,7 +665,7 @@ def test_signal_during_final_scoring_is_reported_and_resume_scores(base_model, t
     monkeypatch.setattr(FineTuneTrainer, "report", interrupted_report)
     task = get_task("sequence-classification", TaskOptions(max_length=64))
     cfg = finetune_config(dict(max_steps=2, device="cpu", seed=0, num_threads=1, batch_size=8))
-    paths = dict(model_dir=base_model, train_path=DATA / "rt_test.csv", test_path=DATA / "rt_test.csv")
+    paths = dict(model_dir=base_model, train_path=RT_DATA / "rt_test.csv", test_path=RT_DATA / "rt_test.csv")
     result = run_finetune(task, cfg, tmp_path / "run", quiet=True, **paths)
     assert result.interrupted == "SIGTERM" and result.step == 2
     assert not (tmp_path / "run" / "finetune_metrics.json").exists()
@@ -678,7 +681,7 @@ def test_max_length_above_the_model_positions_raises_them(base_model, tmp_path):
     config = json.loads((short / "config.json").read_text())
     (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32}))
     result = _finetune_cli("sequence-classification", tmp_path / "run", "--model", short, "--data",
-                           DATA / "rt_test.csv", "--max-steps", "1")
+                           RT_DATA / "rt_test.csv", "--max-steps", "1")
     assert result.exit_code == 0, result.output
     assert ("note: --max-length 64 is above the model's max_position_embeddings 32; the model is saved with "
             "max_position_embeddings 64") in result.stderr
@@ -693,8 +696,8 @@ def test_two_fsdp_processes_score_the_test_set_as_one(base_model, tmp_path):
     import subprocess
     import sys
 
-    common = ["sequence-classification", "--model", str(base_model), "--data", str(DATA / "rt_train.csv"),
-              "--test-data", str(DATA / "rt_test.csv"), "--max-steps", "2", "--eval-every", "2", "--max-length", "64",
+    common = ["sequence-classification", "--model", str(base_model), "--data", str(RT_DATA / "rt_train.csv"),
+              "--test-data", str(RT_DATA / "rt_test.csv"), "--max-steps", "2", "--eval-every", "2", "--max-length", "64",
               "--seed", "0", "--device", "cpu"]  # gloo on CPU: also where a machine has fewer GPUs than ranks
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {"single": [sys.executable, "-m", "diffllama", "finetune", *common, "--batch-size", "8"],

@@ -776,8 +776,8 @@ def eval_command(
     outlier_sequences: int = typer.Option(4, help="Windows of the model's length for the outlier statistics."),
     bits: str = typer.Option("8,6,4", help="Attention-logit quantisation widths, comma-separated."),
     icl_train: str = typer.Option(None, help="Labelled CSV/JSONL for ICL demonstrations (default: "
-                                  "tests/data/rt_train.csv of a source checkout)."),
-    icl_test: str = typer.Option(None, help="Labelled CSV/JSONL scored by ICL (default: tests/data/rt_test.csv)."),
+                                  "the bundled Rotten Tomatoes slice, diffllama/data/rt_train.csv)."),
+    icl_test: str = typer.Option(None, help="Labelled CSV/JSONL scored by ICL (default: diffllama/data/rt_test.csv)."),
     harness_tasks: str = typer.Option(None, help="lm_eval task names for --task harness, comma-separated."),
     include_path: str = typer.Option(None, help="Folder of lm_eval task YAMLs (e.g. docs/eval_tasks)."),
     seed: int = typer.Option(0, help="Seed of the needle samples and ICL orders."),

@@ -6,7 +6,7 @@ order every test text is classified by the label whose continuation is most like
 Reported: the accuracy per order, and best − worst (the paper's measure of order sensitivity). Texts are cut to
 ``max_words`` words so that the demonstrations fit a short context; prompts still too long lose tokens at the left.
 Data: any labelled CSV/JSONL :func:`diffllama.finetune.data.read_text_classification` reads (the tests use the
-Rotten Tomatoes slices in ``tests/data``).
+Rotten Tomatoes slices shipped in ``diffllama/data``).
 """
 
 from __future__ import annotations

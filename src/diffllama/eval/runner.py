@@ -29,7 +29,7 @@ from diffllama.tokenizer import Tokenizer
 
 TASKS = ("perplexity", "needle", "attention", "outliers", "quantization", "icl", "harness")
 DEFAULT_TASKS = TASKS[:-1]
-_REPO_DATA = Path(__file__).resolve().parents[3] / "tests" / "data"  # the labelled slices of a source checkout
+_PACKAGE_DATA = Path(__file__).resolve().parents[1] / "data"  # the labelled Rotten Tomatoes slices ship with the package
 
 
 @dataclass
@@ -182,8 +182,8 @@ def evaluate(model_dir: str, out_dir: str | Path, settings: EvalSettings | None 
             return result
         timed("quantization", run_quantization)
     if "icl" in tasks:
-        train = settings.icl_train or (_REPO_DATA / "rt_train.csv")
-        test = settings.icl_test or (_REPO_DATA / "rt_test.csv")
+        train = settings.icl_train or (_PACKAGE_DATA / "rt_train.csv")
+        test = settings.icl_test or (_PACKAGE_DATA / "rt_test.csv")
         if Path(train).is_file() and Path(test).is_file():
             timed("icl", lambda: icl.icl_order_robustness(
                 model, tokenizer, train, test, k=settings.icl_k, n_test=settings.icl_test_size,
