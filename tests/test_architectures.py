@@ -327,3 +327,29 @@ def test_v1_config_json_is_unchanged_by_the_architecture_field():
     theirs = transformers.DiffLlamaConfig(**{k: v for k, v in ours.items() if k != "model_type"}).to_dict()
     assert ours["model_type"] == "diffllama" and "lambda_std_dev" in ours
     assert set(ours) <= set(theirs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model_type", ["diffllama_v2", "llama"])
+def test_auto_on_cuda_matches_float64_eager_and_compiled_decode_matches(model_type):
+    """On a GPU, "auto" (SDPA's fused kernels for these architectures) in bf16 gives float64 eager's loss, logits
+    and gradients to bf16 accuracy, and the compiled, CUDA-graphed decode generates the eager tokens (float32)."""
+    reference = arch_model(model_type, attn_implementation="eager", initializer_range=0.05)
+    model = arch_model(model_type, attn_implementation="auto", initializer_range=0.05).to("cuda", torch.bfloat16)
+    ids, mask = padded_batch(96, "left")
+    labels = ids.masked_fill(mask == 0, -100)
+    outs = [reference(ids, attention_mask=mask, labels=labels),
+            model(ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda())]
+    for out in outs:
+        out.loss.backward()
+    real = mask.bool()
+    assert abs(outs[1].loss.item() - outs[0].loss.item()) < 1e-2 * outs[0].loss.item()
+    assert rel_err(outs[1].logits.cpu().double()[real], outs[0].logits[real]) < 2e-2
+    for (name, p0), p1 in zip(reference.named_parameters(), model.parameters()):
+        assert rel_err(p1.grad.cpu().double(), p0.grad) < 5e-2, name
+    model = model.float().eval()
+    eager = model.generate(ids.cuda(), mask.cuda(), max_new_tokens=8, eos_token_id=[])
+    compiled = model.generate(ids.cuda(), mask.cuda(), max_new_tokens=8, eos_token_id=[], static_cache=True,
+                              compile=True)
+    assert torch.equal(compiled, eager)
