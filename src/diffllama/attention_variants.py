@@ -91,7 +91,9 @@ class DiffLlamaV2Attention(LlamaAttention):
     ``lambda_proj``: D -> h, no bias, so λ is per token and per output head. ``o_proj``: h·d -> D.
 
     Training and prefill run one plain attention call over the 2h heads (SDPA's fused kernels on a GPU), the
-    combine is elementwise; the KV cache is a Llama's of the same KV and d.
+    combine is elementwise; the KV cache is a Llama's of the same KV and d. ``lambda_proj`` is initialised as
+    every Linear, N(0, ``initializer_range``) (:meth:`diffllama.pretrained.PreTrainedMixin.init_weights`), so λ
+    starts near σ(0) = 1/2.
     """
 
     query_heads_per_output = 2
