@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffllama.attention import AttentionMask, ChosenBackend, get_plain_backend
+from diffllama.attention import AttentionMask, ChosenBackend
 from diffllama.cache import DynamicCache, StaticCache
 from diffllama.config import DiffLlamaConfig
 from diffllama.rope import apply_rotary_pos_emb
@@ -41,7 +41,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
-        self.backend = ChosenBackend(config, get_plain_backend)
+        self.backend = ChosenBackend(config, plain=True)
         self.num_heads, self.num_key_value_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scaling = self.head_dim ** -0.5

@@ -80,18 +80,21 @@ class ChosenBackend:
 
     Args:
         config: any object with an ``attn_implementation`` attribute (a :class:`diffllama.DiffLlamaConfig`).
-        getter: name -> attention function: :func:`get_backend` (differential) or :func:`get_plain_backend`.
+        plain: choose among the plain attention functions (:func:`get_plain_backend`, for Llama and V2) instead
+            of the differential ones (:func:`get_backend`).
     """
 
-    def __init__(self, config, getter: Callable[[str], Callable] = get_backend) -> None:
+    def __init__(self, config, *, plain: bool = False) -> None:
         self.config = config
-        self.getter = getter
+        self.plain = plain
         self._key: tuple[str, str] | None = None
         self._function: Callable | None = None
 
     def __call__(self, device: torch.device) -> Callable:
-        """The attention function for tensors on ``device``; errors as the getter's."""
+        """The attention function for tensors on ``device``; errors as :func:`get_backend` /
+        :func:`get_plain_backend`."""
         key = (self.config.attn_implementation, device.type)
         if key != self._key:
-            self._function, self._key = self.getter(resolve_implementation(*key)), key
+            getter = get_plain_backend if self.plain else get_backend
+            self._function, self._key = getter(resolve_implementation(*key)), key
         return self._function
