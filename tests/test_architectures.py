@@ -322,12 +322,17 @@ def test_bad_architecture_configs_are_refused(fields, message):
 
 
 def test_v1_config_json_is_unchanged_by_the_architecture_field():
-    """V1's config.json has exactly transformers' DiffLlamaConfig keys, model_type 'diffllama' included."""
-    ours = tiny_config().to_dict()
-    theirs = transformers.DiffLlamaConfig(**{k: v for k, v in ours.items() if k != "model_type"}).to_dict()
-    assert ours["model_type"] == "diffllama" and "lambda_std_dev" in ours
-    assert set(ours) <= set(theirs)
-
+    """V1's config.json keys are those it had before the architectures (model_type 'diffllama', lambda_std_dev);
+    V2's drops lambda_std_dev; Llama's adds transformers' mlp_bias and pretraining_tp."""
+    v1_keys = {"attention_bias", "attention_dropout", "bos_token_id", "eos_token_id", "head_dim", "hidden_act",
+               "hidden_size", "initializer_range", "intermediate_size", "lambda_std_dev", "max_position_embeddings",
+               "model_type", "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "pad_token_id",
+               "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "use_cache", "vocab_size"}
+    assert set(DiffLlamaConfig().to_dict()) == v1_keys and DiffLlamaConfig().to_dict()["model_type"] == "diffllama"
+    assert set(DiffLlamaConfig(model_type="diffllama_v2").to_dict()) == v1_keys - {"lambda_std_dev"}
+    llama = DiffLlamaConfig(model_type="llama").to_dict()
+    assert set(llama) == v1_keys - {"lambda_std_dev"} | {"mlp_bias", "pretraining_tp"}
+    assert (llama["mlp_bias"], llama["pretraining_tp"]) == (False, 1)
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
