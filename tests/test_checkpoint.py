@@ -167,9 +167,10 @@ def test_truncated_and_corrupt_weights(saved):
 
 def test_other_model_type_is_refused(saved):
     config = json.loads((saved / "config.json").read_text())
-    config["model_type"] = "llama"
+    config["model_type"] = "mistral"
     (saved / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="config model_type must be 'diffllama', got 'llama'"):
+    with pytest.raises(ValueError, match=r"config model_type must be one of \('diffllama', 'diffllama_v2', 'llama'\), "
+                                         r"got 'mistral'"):
         diffllama.DiffLlamaForCausalLM.from_pretrained(saved)
 
 

@@ -133,8 +133,9 @@ def test_validation_names_the_field(fields, message):
 
 
 def test_wrong_model_type_and_bad_json(tmp_path):
-    with pytest.raises(ValueError, match="config model_type must be 'diffllama', got 'llama'"):
-        DiffLlamaConfig.from_dict({"model_type": "llama"})
+    with pytest.raises(ValueError, match=r"config model_type must be one of \('diffllama', 'diffllama_v2', 'llama'\), "
+                                         r"got 'mistral'"):
+        DiffLlamaConfig.from_dict({"model_type": "mistral"})
     only = DiffLlamaConfig(label2id={"neg": 0, "pos": "1"})  # label2id alone names the labels (ids as ints)
     assert only.id2label == {0: "neg", 1: "pos"} and only.label2id == {"neg": 0, "pos": 1} and only.num_labels == 2
     assert DiffLlamaConfig.from_dict(only.to_dict()).id2label == {0: "neg", 1: "pos"}

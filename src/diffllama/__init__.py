@@ -1,11 +1,13 @@
 """diffllama: DiffLlama (Llama with differential attention) models, kernels, training and generation.
 
 The model classes load and save checkpoints in transformers' layout and match its ``DiffLlama*`` classes
-number for number. Source paper: Ye et al., "Differential Transformer", arXiv 2410.05258.
+number for number; ``config.model_type`` also selects Differential Transformer V2 (``"diffllama_v2"``) or a plain
+Llama whose checkpoints are transformers' ``LlamaForCausalLM`` ones (``"llama"``); :mod:`diffllama.convert` turns a
+Llama checkpoint into either differential architecture. Source paper: Ye et al., "Differential Transformer", arXiv 2410.05258.
 """
 
 from diffllama.cache import DynamicCache, StaticCache
-from diffllama.config import DiffLlamaConfig
+from diffllama.config import ARCHITECTURES, DiffLlamaConfig, model_type_for_arch
 from diffllama.modeling import (
     DiffLlamaForCausalLM,
     DiffLlamaForQuestionAnswering,
@@ -20,6 +22,7 @@ from diffllama.tokenizer import Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "ARCHITECTURES",
     "DiffLlamaConfig",
     "DiffLlamaModel",
     "DiffLlamaPreTrainedModel",
@@ -32,6 +35,7 @@ __all__ = [
     "StaticCache",
     "Tokenizer",
     "generate",
+    "model_type_for_arch",
     "resolve_generation_settings",
     "stream_generate",
     "stream_text",

@@ -21,7 +21,17 @@ from typing import Any
 from diffllama.hub import resolve_checkpoint_dir
 from diffllama.io import atomic_write_text, new_folder, read_json_object
 
-MODEL_TYPE = "diffllama"
+MODEL_TYPE = "diffllama"  # DiffLlama V1, transformers' DiffLlama (the default)
+# The architectures, by the CLI spelling (``--arch``) -> config.json's model_type (DESIGN.md §2). V2 has no
+# transformers class: its own model_type makes transformers refuse such a checkpoint by name.
+ARCHITECTURES = {"diffllama": MODEL_TYPE, "diffllama-v2": "diffllama_v2", "llama": "llama"}
+MODEL_TYPES = tuple(ARCHITECTURES.values())
+# Keys only DiffLlama V1's config.json holds (transformers' DiffLlamaConfig): left out of the other two.
+DIFFLLAMA_ONLY_KEYS = ("lambda_std_dev",)
+# transformers' LlamaConfig defaults where they differ from DiffLlamaConfig's, for a llama config.json that leaves
+# keys out (transformers writes them all, hand-written files may not), and the two Llama keys DiffLlama lacks.
+LLAMA_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "rms_norm_eps": 1e-6}
+LLAMA_ONLY_KEYS = {"mlp_bias": False, "pretraining_tp": 1}
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh", "sigmoid", "gelu_accurate",
                "gelu_fast", "quick_gelu", "relu2", "relu6", "leaky_relu", "mish", "hardswish", "linear")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash", "auto")
@@ -40,6 +50,13 @@ DEFAULT_ROPE_THETA = 10000.0
 @dataclass
 class DiffLlamaConfig:
     """Hyper-parameters of a DiffLlama model, field for field those of transformers' ``DiffLlamaConfig``.
+
+    ``model_type`` selects the architecture (DESIGN.md §2): ``"diffllama"`` (V1, the default), ``"diffllama_v2"``
+    (Differential Transformer V2) or ``"llama"`` (transformers' ``LlamaConfig`` keys: config.json leaves out
+    ``lambda_std_dev`` and adds ``mlp_bias: false`` and ``pretraining_tp: 1``; the constructor's defaults stay
+    DiffLlama's, :meth:`from_dict` fills a llama file's missing keys with Llama's). Head counts: V1 needs an even
+    ``num_attention_heads`` (heads pair up), V2 a ``2 * num_attention_heads`` (its query heads) that
+    ``num_key_value_heads`` divides, Llama an ``num_attention_heads`` that it divides.
 
     Derived fields: ``num_key_value_heads`` defaults to ``num_attention_heads``; ``head_dim`` defaults to
     ``hidden_size // num_attention_heads``; ``rope_parameters`` is filled from ``rope_theta``/``rope_scaling`` when
@@ -89,9 +106,12 @@ class DiffLlamaConfig:
     rope_theta: float | None = None
     rope_scaling: dict | None = None
     attn_implementation: str = "sdpa"
+    model_type: str = MODEL_TYPE
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"config model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -99,14 +119,7 @@ class DiffLlamaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.num_attention_heads % 2:
-            raise ValueError(
-                f"num_attention_heads must be even (differential attention uses heads in pairs), "
-                f"got {self.num_attention_heads}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
-                f"({self.num_key_value_heads})")
+        self._check_heads()
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -163,6 +176,22 @@ class DiffLlamaConfig:
             raise ValueError(
                 "problem_type must be None, 'regression', 'single_label_classification' or "
                 f"'multi_label_classification', got {self.problem_type!r}")
+
+    def _check_heads(self) -> None:
+        """The head counts each architecture can pair and group (DESIGN.md §2)."""
+        heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
+        if self.model_type == MODEL_TYPE and heads % 2:
+            raise ValueError(f"num_attention_heads must be even (differential attention uses heads in pairs), "
+                             f"got {heads}")
+        if self.model_type == "diffllama_v2":  # 2h query heads share the KV heads
+            if 2 * heads % kv_heads:
+                raise ValueError(f"2 * num_attention_heads ({2 * heads}, the query heads of diffllama_v2) must be a "
+                                 f"multiple of num_key_value_heads ({kv_heads})")
+        elif heads % kv_heads:
+            raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+        if self.extra.get("mlp_bias", False) is not False:  # transformers' Llama option; no model here has it
+            raise ValueError(f"mlp_bias must be false (MLP biases are not supported), got "
+                             f"{self.extra['mlp_bias']!r}")
 
     def _resolve_rope(self) -> dict:
         # transformers' precedence: a legacy rope_scaling given beside rope_parameters replaces it.
@@ -235,8 +264,11 @@ class DiffLlamaConfig:
         ``overrides`` replace entries of ``data``; they must be field names (or ``num_labels``, as in
         transformers), since a misspelt keyword would otherwise land silently in ``extra``.
 
+        A ``model_type`` of ``"llama"`` takes transformers' ``LlamaConfig`` defaults for the keys ``data`` leaves
+        out (:data:`LLAMA_DEFAULTS`); a missing ``model_type`` means ``"diffllama"``.
+
         Raises:
-            ValueError: if ``model_type`` is present and is not ``"diffllama"``, an override is not a field, or any
+            ValueError: if ``model_type`` is not one of :data:`MODEL_TYPES`, an override is not a field, or any
                 field is invalid.
         """
         if not isinstance(data, dict):
@@ -247,9 +279,8 @@ class DiffLlamaConfig:
             raise ValueError(f"unknown config field(s) {unknown}: keyword arguments must be DiffLlamaConfig fields "
                              f"(e.g. attn_implementation, rope_theta, pad_token_id) or num_labels")
         data = {**data, **overrides}
-        model_type = data.pop("model_type", MODEL_TYPE)
-        if model_type != MODEL_TYPE:
-            raise ValueError(f"config model_type must be {MODEL_TYPE!r}, got {model_type!r}")
+        if data.get("model_type") == "llama":
+            data = {**LLAMA_DEFAULTS, **data}
         known = {k: v for k, v in data.items() if k in names}
         extra = {**data.get("extra", {}), **{k: v for k, v in data.items() if k not in names and k != "extra"}}
         num_labels = extra.pop("num_labels", None)
@@ -277,7 +308,11 @@ class DiffLlamaConfig:
         for optional in ("problem_type", "classifier_dropout"):
             if out[optional] is None:
                 out.pop(optional)
-        out["model_type"] = MODEL_TYPE
+        if self.model_type != MODEL_TYPE:
+            for key in DIFFLLAMA_ONLY_KEYS:
+                out.pop(key)
+        if self.model_type == "llama":
+            out = {**LLAMA_ONLY_KEYS, **out}
         return out
 
     @classmethod
@@ -319,6 +354,28 @@ def _init_with_num_labels(self, *args, num_labels: int | None = None, **kwargs) 
 
 
 DiffLlamaConfig.__init__ = _init_with_num_labels
+
+
+def model_type_for_arch(arch: str) -> str:
+    """The config ``model_type`` of the CLI's ``--arch`` spelling: ``"diffllama"`` -> ``"diffllama"``,
+    ``"diffllama-v2"`` -> ``"diffllama_v2"``, ``"llama"`` -> ``"llama"`` (:data:`ARCHITECTURES`).
+
+    Raises:
+        ValueError: naming ``arch`` and the accepted values, for anything else (the model_type spelling
+            ``"diffllama_v2"`` included, so that one spelling is used on the command line).
+    """
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {arch!r}")
+    return ARCHITECTURES[arch]
+
+
+def architecture_name(class_name: str, model_type: str) -> str:
+    """The class name config.json's ``architectures`` lists for a model of ``model_type``: transformers' name for a
+    llama (``DiffLlamaForCausalLM`` -> ``LlamaForCausalLM``), ``DiffLlamaV2...`` for diffllama_v2, else unchanged."""
+    new_prefix = {"llama": "Llama", "diffllama_v2": "DiffLlamaV2"}.get(model_type)
+    if new_prefix is None or not class_name.startswith("DiffLlama"):
+        return class_name
+    return new_prefix + class_name.removeprefix("DiffLlama")
 
 
 def label_maps(num_labels: int, id2label: dict | None, label2id: dict | None) -> tuple[dict, dict | None]:

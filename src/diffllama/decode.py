@@ -128,7 +128,8 @@ def prepare_for_decode(model: nn.Module, gemv_sites: frozenset[str] = settings.G
     """Make ``model`` (any diffllama model class) decode fast; results unchanged up to float summation order.
 
     For each layer: q/k/v as one product and gate/up as one (:class:`FusedWeights`, built anew where parameters
-    were replaced since), a fixed λ for compiled code (:func:`refresh_lambda`), and the products named by
+    were replaced since), a fixed λ for compiled code where λ is a constant (:func:`refresh_lambda`; V1 only: V2's
+    λ depends on the token, its ``lambda_proj`` runs as it is), and the products named by
     ``gemv_sites`` (default :data:`diffllama.settings.GEMV_SITES`: the fused q/k/v, or ``DIFFLLAMA_GEMV``) through
     the batch-1 Triton GEMV.
     The state dict, parameter names and values do not change (see the module docstring for the contract).
@@ -144,7 +145,8 @@ def prepare_for_decode(model: nn.Module, gemv_sites: frozenset[str] = settings.G
         if "fused_gate_up" not in vars(mlp) or not mlp.fused_gate_up.valid():
             mlp.fused_gate_up = FusedWeights([mlp.gate_proj, mlp.up_proj])
         attn.qkv = functools.partial(_fused_qkv, attn, sites=gemv_sites)
-        attn.compute_lambda = types.MethodType(_fixed_lambda, attn)
+        if has_fixed_lambda(attn):
+            attn.compute_lambda = types.MethodType(_fixed_lambda, attn)
         mlp.gate_up = functools.partial(_fused_gate_up, mlp, sites=gemv_sites)
         for linear, site in ((attn.o_proj, "o"), (mlp.down_proj, "down")):
             _route_to_gemv(linear, site, gemv_sites)
@@ -170,6 +172,12 @@ def undo_prepare_for_decode(model: nn.Module) -> nn.Module:
     return model
 
 
+def has_fixed_lambda(attn: nn.Module) -> bool:
+    """Whether the attention module's λ is a constant of its parameters (DiffLlama V1's ``compute_lambda``); V2's
+    λ is computed from each token (``lambda_proj``) and Llama has none, so neither gets a fixed λ."""
+    return hasattr(type(attn), "compute_lambda")
+
+
 def is_prepared(model: nn.Module) -> bool:
     """Whether :func:`prepare_for_decode` is in effect."""
     return "fused_qkv" in vars(model.base_model.layers[0].self_attn)
@@ -186,6 +194,8 @@ def refresh_lambda(model: nn.Module) -> None:
     with torch.inference_mode(False):  # a normal tensor, updatable outside inference mode
         for layer in model.base_model.layers:
             attn = layer.self_attn
+            if not has_fixed_lambda(attn):
+                continue
             value = type(attn).compute_lambda(attn, dtype)
             fixed = vars(attn).get("fixed_lambda")
             if fixed is not None and fixed.dtype == value.dtype and fixed.device == value.device:
@@ -195,6 +205,7 @@ def refresh_lambda(model: nn.Module) -> None:
 
 
 def lambda_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """Every layer's λ parameters (not inference tensors), whose version counters tell in-place updates."""
-    return [p for layer in model.base_model.layers for p in layer.self_attn.lambda_parameters()
-            if not p.is_inference()]
+    """Every layer's λ parameters (not inference tensors), whose version counters tell in-place updates; none for
+    the architectures without a fixed λ (:func:`has_fixed_lambda`)."""
+    return [p for layer in model.base_model.layers if has_fixed_lambda(layer.self_attn)
+            for p in layer.self_attn.lambda_parameters() if not p.is_inference()]

@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from diffllama.config import ATTN_IMPLEMENTATIONS, DiffLlamaConfig
+from diffllama.config import ATTN_IMPLEMENTATIONS, DiffLlamaConfig, architecture_name
 from diffllama.hub import resolve_checkpoint_dir
 from diffllama.io import default_permissions, new_folder, read_json_object
 
@@ -638,12 +638,13 @@ def save_pretrained(model: torch.nn.Module, directory, *, max_shard_size: int | 
 def pretrained_files(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, str]]:
     """What :func:`save_pretrained` writes for ``model`` whose weights are ``state`` (its full state dict, e.g.
     gathered from FSDP shards): the state without a tied ``lm_head.weight``, and the side files by name
-    (config.json with ``architectures`` and the weights' ``dtype``; ``generation_config.json`` for a causal LM)."""
+    (config.json with ``architectures``, transformers' class name for a llama (:func:`architecture_name`), and the
+    weights' ``dtype``; ``generation_config.json`` for a causal LM)."""
     state = dict(state)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     config = model.config.to_dict()
-    config["architectures"] = [type(model).__name__]
+    config["architectures"] = [architecture_name(type(model).__name__, model.config.model_type)]
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)

@@ -1,13 +1,12 @@
 """DiffLlama: Llama with differential attention, weight for weight transformers' ``DiffLlama*`` classes, top to
-bottom: RMSNorm, MLP, differential attention, decoder layer, the base model, the causal LM, three task heads.
-Source: Ye et al., "Differential Transformer", arXiv 2410.05258 (§2.1 differential attention, §2.2 multi-head with
-GroupNorm and the (1 − λ_init) scale); the tensor recipe is DESIGN.md §1. Shapes: B batch, S new tokens, H query
-heads, KV key/value heads, d head_dim, D hidden_size.
+bottom: RMSNorm, MLP, differential attention, decoder layer, base model, causal LM, three task heads. Source: Ye et
+al., "Differential Transformer", arXiv 2410.05258 (§2.1, §2.2: GroupNorm, the (1 − λ_init) scale); the tensor
+recipe is DESIGN.md §1. ``config.model_type`` picks the layers' attention (V1 here; Llama and V2 in
+:mod:`diffllama.attention_variants`). Shapes: B batch, S new tokens, H query heads, KV key/value heads, d head_dim.
 
 Every ``forward`` takes :meth:`DiffLlamaModel.forward`'s arguments in transformers' order; a head also takes
-``num_items_in_batch`` (None, a number > 0 or a tensor, never read back) and the packed-row arguments as
-``**packing`` (others: TypeError). Arguments are checked (:mod:`diffllama.inputs`) before any work; the output
-is a dataclass of :mod:`diffllama.outputs`, or its tuple with ``return_dict=False``.
+``num_items_in_batch`` (None, a number > 0 or a tensor) and the packed-row arguments as ``**packing``. Arguments
+are checked (:mod:`diffllama.inputs`) first; the output is a :mod:`diffllama.outputs` dataclass or its tuple.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from diffllama import generation
 from diffllama.activations import ACT_FNS
 from diffllama.attention import AttentionMask, ChosenBackend
+from diffllama.attention_variants import DiffLlamaV2Attention, LlamaAttention
 from diffllama.cache import DynamicCache, StaticCache
 from diffllama.config import DiffLlamaConfig
 from diffllama.inputs import (check_cache, check_embedded_inputs, check_labels, check_logits_to_keep, check_num_items,
@@ -107,10 +107,8 @@ class DiffLlamaAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.lambda_q1 = nn.Parameter(torch.zeros(self.head_dim))
-        self.lambda_k1 = nn.Parameter(torch.zeros(self.head_dim))
-        self.lambda_q2 = nn.Parameter(torch.zeros(self.head_dim))
-        self.lambda_k2 = nn.Parameter(torch.zeros(self.head_dim))
+        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (  # registered in this order
+            nn.Parameter(torch.zeros(self.head_dim)) for _ in range(4))
 
     def lambda_parameters(self) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter]:
         """``(lambda_q1, lambda_k1, lambda_q2, lambda_k2)``, each (d,)."""
@@ -160,13 +158,17 @@ class DiffLlamaAttention(nn.Module):
         return self.o_proj(out.reshape(b, s, -1)), probs
 
 
+# The attention module of each architecture (DESIGN.md §2), by config.model_type: the only place that branches.
+ATTENTION_CLASSES = {"diffllama": DiffLlamaAttention, "diffllama_v2": DiffLlamaV2Attention, "llama": LlamaAttention}
+
+
 class DiffLlamaDecoderLayer(nn.Module):
     """Pre-norm block: ``h = x + Attn(RMSNorm(x)); out = h + MLP(RMSNorm(h))`` (transformers'
-    ``DiffLlamaDecoderLayer``)."""
+    ``DiffLlamaDecoderLayer``; ``Attn`` by ``config.model_type``: :data:`ATTENTION_CLASSES`)."""
 
     def __init__(self, config: DiffLlamaConfig, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = DiffLlamaAttention(config, layer_idx)
+        self.self_attn = ATTENTION_CLASSES[config.model_type](config, layer_idx)
         self.mlp = DiffLlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -402,7 +404,6 @@ class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
                                                 outputs.attentions)
 
 
-
 class DiffLlamaForTokenClassification(DiffLlamaPreTrainedModel):
     """Decoder + dropout (``config.classifier_dropout``, else ``extra['hidden_dropout']``, else 0.1) + ``score``
     (with bias): per-token logits (transformers' Generic head)."""
@@ -410,9 +411,7 @@ class DiffLlamaForTokenClassification(DiffLlamaPreTrainedModel):
     def __init__(self, config: DiffLlamaConfig) -> None:
         super().__init__(config)
         self.model = DiffLlamaModel(config)
-        p = config.classifier_dropout
-        if p is None:
-            p = config.extra.get("hidden_dropout")
+        p = config.extra.get("hidden_dropout") if config.classifier_dropout is None else config.classifier_dropout
         self.dropout = nn.Dropout(0.1 if p is None else p)
         self.score = nn.Linear(config.hidden_size, config.num_labels)
         nn.init.normal_(self.score.weight, 0.0, config.initializer_range)

@@ -11,8 +11,8 @@ import torch
 from diffllama.attention import eager, sdpa
 from diffllama.attention.contract import AttentionMask, check_inputs, combine_pairs, pair_values, repeat_kv
 
-__all__ = ["AttentionMask", "ChosenBackend", "check_inputs", "combine_pairs", "get_backend", "pair_values",
-           "repeat_kv", "resolve_implementation"]
+__all__ = ["AttentionMask", "ChosenBackend", "check_inputs", "combine_pairs", "get_backend", "get_plain_backend",
+           "pair_values", "repeat_kv", "resolve_implementation"]
 
 BACKENDS = ("eager", "sdpa", "flash")
 
@@ -31,6 +31,25 @@ def get_backend(name: str):
     if name == "flash":
         from diffllama.attention import flash  # lazy: Triton is optional and slow to import
         return flash.attention
+    raise ValueError(f"attn_implementation must be one of {BACKENDS} or 'auto', got {name!r}")
+
+
+def get_plain_backend(name: str):
+    """The plain (unpaired) attention function for ``attn_implementation`` ``name``, for the Llama and V2 attention
+    modules: ``eager.plain_attention`` for "eager", ``sdpa.plain_attention`` for "sdpa" and for "flash".
+
+    "flash" (and "auto" on a GPU, which resolves to it) means the fastest kernels: for plain attention those are
+    SDPA's (FlashAttention-2 for training and prefill, and decode too). The Triton kernels here, the split-key
+    decode kernel included, compute the differential form over paired 2d-wide values; used for plain attention
+    they would read every value head twice, so they are not.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if name == "eager":
+        return eager.plain_attention
+    if name in ("sdpa", "flash"):
+        return sdpa.plain_attention
     raise ValueError(f"attn_implementation must be one of {BACKENDS} or 'auto', got {name!r}")
 
 
@@ -61,16 +80,21 @@ class ChosenBackend:
 
     Args:
         config: any object with an ``attn_implementation`` attribute (a :class:`diffllama.DiffLlamaConfig`).
+        plain: choose among the plain attention functions (:func:`get_plain_backend`, for Llama and V2) instead
+            of the differential ones (:func:`get_backend`).
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, *, plain: bool = False) -> None:
         self.config = config
+        self.plain = plain
         self._key: tuple[str, str] | None = None
         self._function: Callable | None = None
 
     def __call__(self, device: torch.device) -> Callable:
-        """The attention function for tensors on ``device``; errors as :func:`get_backend`."""
+        """The attention function for tensors on ``device``; errors as :func:`get_backend` /
+        :func:`get_plain_backend`."""
         key = (self.config.attn_implementation, device.type)
         if key != self._key:
-            self._function, self._key = get_backend(resolve_implementation(*key)), key
+            getter = get_plain_backend if self.plain else get_backend
+            self._function, self._key = getter(resolve_implementation(*key)), key
         return self._function

@@ -61,12 +61,14 @@ class AttentionMask:
         return self.dense().any(dim=-1, keepdim=True)
 
 
-def check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask) -> None:
-    """The shape contract every backend shares (see the module docstring); cheap, no GPU sync.
+def check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: AttentionMask, *,
+                 paired: bool = True) -> None:
+    """The shape contract every backend shares (see the module docstring); cheap, no GPU sync. ``paired=False``
+    checks plain attention's (the backends' ``plain_attention``), where H need not be even.
 
     Raises:
-        ValueError: query not (B, H, Sq, d) with an even H that is a multiple of KV, key/value not (B, KV, Sk, d),
-            or a mask that does not describe Sq queries over Sk keys of B rows.
+        ValueError: query not (B, H, Sq, d) with an H that is a multiple of KV (and even when ``paired``),
+            key/value not (B, KV, Sk, d), or a mask that does not describe Sq queries over Sk keys of B rows.
         TypeError: ``mask.query_positions`` not an integer tensor, ``mask.key_padding`` not bool.
     """
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
@@ -74,8 +76,9 @@ def check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
     b, h, sq, d = query.shape
     if key.shape != value.shape or key.shape[0] != b or key.shape[3] != d:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be (B={b}, KV, Sk, d={d})")
-    if h % 2 or h % key.shape[1]:
-        raise ValueError(f"num heads {h} must be even and a multiple of the KV heads {key.shape[1]}")
+    if (paired and h % 2) or h % key.shape[1]:
+        raise ValueError(f"num heads {h} must be {'even and ' if paired else ''}a multiple of the KV heads "
+                         f"{key.shape[1]}")
     if mask.k_len != key.shape[2]:
         raise ValueError(f"mask.k_len {mask.k_len} != key length {key.shape[2]}")
     positions = mask.query_positions
