@@ -412,7 +412,8 @@ def _with_flags(params: list[inspect.Parameter]):
 
         @functools.wraps(command)
         def with_settings(**arguments):
-            return command(**arguments, settings={param.name: arguments.pop(param.name) for param in params})
+            settings = {param.name: arguments.pop(param.name) for param in params}
+            return command(**arguments, settings=settings)
 
         with_settings.__signature__ = signature.replace(parameters=own + params)
         with_settings.__annotations__ = {param.name: param.annotation for param in own + params}
