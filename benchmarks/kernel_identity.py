@@ -1,9 +1,9 @@
-"""Whether a refactor of the dK/dV' kernel left its GPU code unchanged: compiles ``attn_bwd_dkdv`` from an old copy
-of flash_kernels.py and from the current one for sm_90 (no GPU needed: Triton compiles on a CPU machine) and
-compares the TTGIR and PTX text, debug-info and location lines dropped.
+"""Whether a refactor of the attention kernels left their GPU code unchanged: compiles ``attn_fwd``, ``attn_bwd_dq``
+and ``attn_bwd_dkdv`` from an old copy of flash_kernels.py and from the current one for sm_90 (no GPU needed: Triton
+compiles on a CPU machine) and compares the TTGIR and PTX text, debug-info and location lines dropped.
 
-Variants: head_dim 64 and 128, with and without padding and documents, each of the launches
-``diffllama.attention.flash._backward`` makes (dkdv, dk, dv; dQ atomics on or off where the launch takes them),
+Variants: head_dim 64 and 128, with and without padding and documents; for ``attn_bwd_dkdv`` each of the launches
+``diffllama.attention.flash._backward`` makes (dkdv, dk, dv; dQ atomics on or off where the launch takes them);
 each with its default launch config (the first of ``flash._configs``).
 
 Usage (repo root): PYTHONPATH=src python benchmarks/kernel_identity.py OLD_FLASH_KERNELS.py
@@ -28,10 +28,15 @@ from diffllama.attention import flash
 from diffllama.attention import flash_kernels as current
 
 _POINTERS = dict(Q="bf16", K="bf16", V="bf16", DO="bf16", LSE="fp32", R="fp32", QPOS="i64", ORDERED="u8", PAD="u8",
-                 DOC="i32", DOC_OK="u8", DK="bf16", DV="bf16", DQACC="fp32", LAM="fp32")
-# (launch kind, DQ_ATOMIC, DO_DK, DO_DV): what _backward passes for each bwd_mode and dq_mode.
-_LAUNCHES = [("dkdv", False, True, True), ("dkdv", True, True, True), ("dk", False, True, False),
-             ("dk", True, True, False), ("dv", False, False, True)]
+                 DOC="i32", DOC_OK="u8", DK="bf16", DV="bf16", DQACC="fp32", LAM="fp32", Out="bf16", O2="bf16",
+                 DQ="bf16")
+# (kernel, launch kind, its constexpr flags): for attn_bwd_dkdv, the DQ_ATOMIC, DO_DK and DO_DV that _backward
+# passes for each bwd_mode and dq_mode.
+_LAUNCHES = [("attn_fwd", "fwd", {}), ("attn_bwd_dq", "dq", {})] + [
+    ("attn_bwd_dkdv", kind, dict(DQ_ATOMIC=atomic, DO_DK=do_dk, DO_DV=do_dv))
+    for kind, atomic, do_dk, do_dv in [("dkdv", False, True, True), ("dkdv", True, True, True),
+                                       ("dk", False, True, False), ("dk", True, True, False),
+                                       ("dv", False, False, True)]]
 # Debug info names files, lines and inlined-call ranges, which a refactor moves: PTX's .loc/.file lines, its debug
 # labels and the data directives of its debug sections; TTGIR's #loc lines and loc(...) annotations.
 _NOISE = re.compile(r"^\s*(\.loc|\.file|#loc|\.section\s+\.debug|\$L__(tmp|func)|\.b(8|16|32|64) )")
@@ -72,12 +77,11 @@ def _load(path: str):
 
 
 def _compile(module, d: int, pad: bool, doc: bool, launch: tuple) -> dict[str, str]:
-    """TTGIR and PTX text of ``module.attn_bwd_dkdv`` for one variant, noise lines dropped."""
-    kind, atomic, do_dk, do_dv = launch
+    """TTGIR and PTX text of one kernel of ``module`` for one variant, noise lines dropped."""
+    kernel, kind, flags = launch
     config = flash._configs(kind, d)[0]
-    fn = module.attn_bwd_dkdv
-    const = dict(HEAD_DIM=d, DP=d, HAS_PAD=pad, HAS_DOC=doc, DQ_ATOMIC=atomic, DO_DK=do_dk, DO_DV=do_dv,
-                 **config.kwargs)
+    fn = getattr(module, kernel)
+    const = dict(HEAD_DIM=d, DP=d, HAS_PAD=pad, HAS_DOC=doc, **flags, **config.kwargs)
     names = fn.arg_names
     signature = {n: "*" + _POINTERS[n] if n in _POINTERS else "constexpr" if n in const
                  else "fp32" if n in ("qk_scale", "scale") else "i32" for n in names}
@@ -105,7 +109,8 @@ def main() -> None:
                                                           lineterm="", n=0)
                     if line[:1] in "+-" and line[:3] not in ("+++", "---")]
             report.append(f"{ir} DIFFERS ({len(diff)} lines, first: {diff[0][:100]!r})")
-        print(f"d{d} pad={pad:d} doc={doc:d} {launch[0]:4} atomic={launch[1]:d}: {'; '.join(report)}", flush=True)
+        flags = " ".join(f"{name}={value:d}" for name, value in launch[2].items())
+        print(f"{launch[0]} {launch[1]:4} d{d} pad={pad:d} doc={doc:d} {flags}: {'; '.join(report)}", flush=True)
     sys.exit(1 if differs else 0)
 
 

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
+from contextlib import contextmanager
+
 import typer
 from typer.core import TyperGroup
+
+from diffllama.config import DiffLlamaConfig
+from diffllama.finetune.run import FINETUNE_DEFAULTS, FINETUNE_FLAGS, finetune_config, resume_command, run_finetune
+from diffllama.train.config import (
+    FLAG_ALIASES, FLAG_HELP, TRAIN_MODEL_FLAG_HELP, TrainConfig, read_config_file, resolve_config)
 
 
 class _Commands(TyperGroup):
@@ -40,6 +50,22 @@ class _UsageError(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
+
+
+@contextmanager
+def _reported(errors: type[Exception] | tuple = (), code: int = 1):
+    """Run the block; a :class:`_UsageError` ends the command with its own exit code and any of ``errors`` with
+    ``code``, each after one 'error: ...' line on stderr (a traceback would bury the message)."""
+    import sys
+
+    try:
+        yield
+    except _UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(error.code)
+    except errors as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(code)
 
 
 def _write(text: str) -> None:
@@ -177,17 +203,15 @@ def generate(
     """
     import sys
 
-    try:
-        _run_generate(model_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                      top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, device=device, dtype=dtype,
-                      attn=attn, compile=compile, interactive=interactive, prompts_file=prompts_file,
-                      batch_size=batch_size)
-    except _UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(error.code)
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        raise typer.Exit(130)
+    with _reported():
+        try:
+            _run_generate(model_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, device=device, dtype=dtype,
+                          attn=attn, compile=compile, interactive=interactive, prompts_file=prompts_file,
+                          batch_size=batch_size)
+        except KeyboardInterrupt:
+            print("", file=sys.stderr)
+            raise typer.Exit(130)
 
 
 # Argument name -> the flag its errors name, for the shared resolver (diffllama.generation).
@@ -326,15 +350,11 @@ def _generate_batches(model, tokenizer, prompts: list[str], settings, batch_size
 # ---- train / plot (training) ------------------------------------------------------------------------------------
 def _run_reporting_errors(run, errors: tuple):
     """``run()``; the expected ``errors`` become one 'error: ...' line and exit code 1. Releases torch.distributed."""
-    import sys
-
     from diffllama.train.distributed import cleanup  # lazy: CLI startup time
 
     try:
-        return run()
-    except errors as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(1)
+        with _reported(errors):
+            return run()
     finally:
         cleanup()
 
@@ -360,87 +380,70 @@ def _finished_summary(result, run_dir, resume_command: str) -> dict | None:
     return summary or None
 
 
+def _flag(name: str) -> str:
+    """The command-line flag of a config field: ``max_steps`` -> ``--max-steps``."""
+    return "--" + name.replace("_", "-")
+
+
+def _field_flags(config_class, helps: dict[str, str], defaults: dict | None = None) -> list[inspect.Parameter]:
+    """One typer option per field of ``config_class`` named in ``helps`` (its ``--help``), typed as the field:
+    ``--field-name`` and its FLAG_ALIASES, or ``--x/--no-x`` for a bool. Each defaults to None, 'not given', so
+    that the preset's and the config file's values stand unless a flag overrides them; ``defaults`` (what stands
+    when none is given) are named in the help."""
+    types = typing.get_type_hints(config_class)
+    params = []
+    for name, text in helps.items():
+        flag = _flag(name)
+        decls = [f"{flag}/--no-{flag[2:]}"] if types[name] is bool else [flag, *FLAG_ALIASES.get(name, ())]
+        if defaults and name in defaults:
+            text = f"{text.removesuffix('.')} (default {defaults[name]})."
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=types[name],
+                                        default=typer.Option(None, *decls, help=text)))
+    return params
+
+
+def _with_flags(params: list[inspect.Parameter]):
+    """Decorate a command so that it also takes the options ``params`` (typer reads a command's options from its
+    signature) and receives their values as one dict, its keyword argument ``settings`` (None: not given)."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [param for name, param in signature.parameters.items() if name != "settings"]
+
+        @functools.wraps(command)
+        def with_settings(**arguments):
+            settings = {param.name: arguments.pop(param.name) for param in params}
+            return command(**arguments, settings=settings)
+
+        with_settings.__signature__ = signature.replace(parameters=own + params)
+        with_settings.__annotations__ = {param.name: param.annotation for param in own + params}
+        return with_settings
+
+    return decorate
+
+
 @app.command()
+@_with_flags(_field_flags(TrainConfig, FLAG_HELP) + _field_flags(DiffLlamaConfig, TRAIN_MODEL_FLAG_HELP))
 def train(
-    preset: str = typer.Option(None, help="Preset: tiny (CPU), small, 0.4b, 1b. Default: the config file's, else tiny."),
     config: str = typer.Option(None, "--config", help="YAML/TOML/JSON file of settings (see diffllama.train.config)."),
-    data: list[str] = typer.Option(None, "--data", help="Corpus: text files, folders, JSONL (repeatable). "
-                                   "Default: the bundled State of the Union corpus."),
     out: str = typer.Option(None, "--out", help="Run folder (metrics, checkpoints, final model): a new or empty "
                             "folder, or an existing run's folder with --resume. Default: runs/PRESET."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out with the run's "
                                 "settings: --max-steps and the logging, saving and device flags may change; flags "
                                 "the checkpoint fixes (--lr, --seq-len, ...) are refused."),
-    max_steps: int = typer.Option(None, help="Optimizer steps."),
-    batch_size: int = typer.Option(None, help="Sequences per micro-batch per process."),
-    grad_accum: int = typer.Option(None, help="Micro-batches per optimizer step."),
-    seq_len: int = typer.Option(None, help="Tokens per sequence."),
-    lr: float = typer.Option(None, help="Peak learning rate."),
-    warmup_steps: int = typer.Option(None, help="Linear warm-up steps before the cosine decay."),
-    weight_decay: float = typer.Option(None, help="AdamW weight decay (matrices only)."),
-    grad_clip: float = typer.Option(None, help="Max gradient norm (0 = off)."),
-    eval_every: int = typer.Option(None, help="Steps between validation passes."),
-    eval_batches: int = typer.Option(None, help="Validation batches per pass."),
-    log_every: int = typer.Option(None, help="Steps between metric records."),
-    save_every: int = typer.Option(None, help="Steps between checkpoints (0 = only at the end)."),
-    keep_last: int = typer.Option(None, help="Checkpoints to keep."),
-    seed: int = typer.Option(None, help="Seed for weights, data order and dropout."),
-    device: str = typer.Option(None, help="auto, cpu, cuda."),
-    dtype: str = typer.Option(None, help="auto (bf16 autocast on CUDA), float32, bfloat16."),
-    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile each decoder layer."),
-    activation_checkpointing: bool = typer.Option(None, "--activation-checkpointing/--no-activation-checkpointing",
-                                                  help="Recompute layer activations in backward."),
-    document_mask: bool = typer.Option(None, "--document-mask/--no-document-mask",
-                                       help="Attend only within each document of a packed sequence (split after "
-                                            "each EOS), positions restarting per document."),
-    parallel: str = typer.Option(None, help="auto (DDP under torchrun), none, ddp, fsdp (FSDP2)."),
-    tokenizer: str = typer.Option(None, help="Reuse the tokenizer in this folder instead of training a BPE."),
-    vocab_size: int = typer.Option(None, "--tokenizer-vocab-size", "--vocab-size",
-                                   help="BPE vocabulary size to train (the model's vocab_size follows it)."),
-    text_field: str = typer.Option(None, help="JSONL key holding the text."),
-    val_fraction: float = typer.Option(None, help="Share of documents held out for validation."),
-    cache_dir: str = typer.Option(None, help="Tokenized-data cache (default ~/.cache/diffllama)."),
-    num_threads: int = typer.Option(None, help="CPU threads for torch (0 = default)."),
-    attn_implementation: str = typer.Option(None, help="Attention backend: eager, sdpa, flash, auto (the default: "
-                                                       "flash on a CUDA GPU, sdpa on CPU)."),
+    *,
+    settings: dict,
 ) -> None:
     """Train a DiffLlama language model from raw text; each checkpoint is a complete transformers-style model.
 
     Works on CPU, one GPU, or many GPUs under torchrun (torchrun --nproc_per_node=N -m diffllama train ...).
     Example: diffllama train --preset tiny --out runs/tiny
     """
-    from pathlib import Path
-
-    from diffllama.run_folder import latest_checkpoint  # lazy: CLI startup time
-    from diffllama.train.checkpoint import check_run_dir  # lazy: CLI startup time
-    from diffllama.train.config import read_config_file, resolve_config  # lazy: CLI startup time
     from diffllama.train.data import CorpusError  # lazy: CLI startup time
-    from diffllama.train.loop import BatchTooLargeError, run_training  # lazy: CLI startup time
+    from diffllama.train.loop import BatchTooLargeError  # lazy: CLI startup time
 
-    flags = dict(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, lr=lr,
-                 warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, eval_every=eval_every,
-                 eval_batches=eval_batches, log_every=log_every, save_every=save_every, keep_last=keep_last,
-                 seed=seed, device=device, dtype=dtype, compile=compile,
-                 activation_checkpointing=activation_checkpointing, document_mask=document_mask,
-                 parallel=parallel, tokenizer=tokenizer,
-                 tokenizer_vocab_size=vocab_size, text_field=text_field, val_fraction=val_fraction,
-                 cache_dir=cache_dir, num_threads=num_threads, data=list(data) if data else None,
-                 model={"attn_implementation": attn_implementation} if attn_implementation else None)
-    def run():
-        if out is not None and not out.strip():  # Path("") would be the current folder
-            raise ValueError("--out must be a folder path, got ''; leave --out out for the default runs/PRESET")
-        name = preset or (read_config_file(config).get("preset") if config else None)
-        run_dir = Path(out or f"runs/{name or 'tiny'}")
-        check_run_dir(run_dir)
-        if resume and latest_checkpoint(run_dir) is None:
-            raise ValueError(f"--resume: no checkpoint in {run_dir} to resume from (drop --resume to start a new run)")
-        saved, config_file = run_dir / "config.yaml", config
-        if resume and not config and not preset and saved.is_file():
-            config_file = str(saved)  # resuming: the run's own resolved config, then any flags given now
-        # The trainer refuses, before any data work, settings that a resumed run could not honour.
-        return run_dir, run_training(resolve_config(preset, config_file, flags), run_dir, resume=resume)
-
-    run_dir, result = _run_reporting_errors(run, (CorpusError, ValueError, FileNotFoundError, BatchTooLargeError))
+    run_dir, result = _run_reporting_errors(functools.partial(_start_training, config, out, resume, settings),
+                                            (CorpusError, ValueError, FileNotFoundError, BatchTooLargeError))
     summary = _finished_summary(result, run_dir, f"diffllama train --out {run_dir} --resume")
     if summary:
         print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens; validation loss "
@@ -449,21 +452,49 @@ def train(
               f"model: {summary['model_dir']}  (try: diffllama generate {summary['model_dir']} \"The people\")")
 
 
+def _train_overrides(settings: dict) -> dict:
+    """The flags' settings as :func:`~diffllama.train.config.resolve_config` overrides: the model's fields gathered
+    under ``model``, and no ``--data`` given as None (not given) rather than an empty corpus list."""
+    overrides = {name: value for name, value in settings.items() if name not in TRAIN_MODEL_FLAG_HELP}
+    model = {name: settings[name] for name in TRAIN_MODEL_FLAG_HELP if settings[name] is not None}
+    return {**overrides, "data": list(overrides["data"]) if overrides["data"] else None, "model": model or None}
+
+
+def _start_training(config: str | None, out: str | None, resume: bool, settings: dict):
+    """``(run folder, FitResult)`` of the run the flags describe: ``settings`` over the config file over the preset
+    (resuming without --config and --preset, the run's own resolved config stands for the file)."""
+    from pathlib import Path
+
+    from diffllama.run_folder import latest_checkpoint  # lazy: CLI startup time
+    from diffllama.train.checkpoint import check_run_dir  # lazy: CLI startup time
+    from diffllama.train.loop import run_training  # lazy: CLI startup time
+
+    overrides = _train_overrides(settings)
+    preset = overrides.pop("preset")
+    if out is not None and not out.strip():  # Path("") would be the current folder
+        raise ValueError("--out must be a folder path, got ''; leave --out out for the default runs/PRESET")
+    name = preset or (read_config_file(config).get("preset") if config else None)
+    run_dir = Path(out or f"runs/{name or 'tiny'}")
+    check_run_dir(run_dir)
+    if resume and latest_checkpoint(run_dir) is None:
+        raise ValueError(f"--resume: no checkpoint in {run_dir} to resume from (drop --resume to start a new run)")
+    saved, config_file = run_dir / "config.yaml", config
+    if resume and not config and not preset and saved.is_file():
+        config_file = str(saved)  # resuming: the run's own resolved config, then any flags given now
+    # The trainer refuses, before any data work, settings that a resumed run could not honour.
+    return run_dir, run_training(resolve_config(preset, config_file, overrides), run_dir, resume=resume)
+
+
 @app.command()
 def plot(
     run_dir: str = typer.Argument(..., help="A run folder written by `diffllama train`."),
     out: str = typer.Option(None, "--out", help="PNG path. Default: RUN_DIR/loss.png."),
 ) -> None:
     """Draw a run's training and validation loss (and learning rate) curves to a PNG file."""
-    import sys
-
     from diffllama.train.plot import plot_run  # lazy: CLI startup time
 
-    try:
+    with _reported((FileNotFoundError, ValueError)):
         path = plot_run(run_dir, out)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(1)
     print(path)
 
 
@@ -499,6 +530,7 @@ def _check_out_file(flag: str, file) -> None:
 
 
 @app.command()
+@_with_flags(_field_flags(TrainConfig, {name: FLAG_HELP[name] for name in FINETUNE_FLAGS}, FINETUNE_DEFAULTS))
 def finetune(
     task: str = typer.Argument(..., help="Task: " + _TASK_HELP),
     model: str = typer.Option(..., "--model", help="Pretrained checkpoint directory (weights + tokenizer)."),
@@ -516,19 +548,8 @@ def finetune(
     stride: int = typer.Option(64, help="Overlap in tokens of consecutive QA context windows."),
     out: str = typer.Option(None, "--out", help="Run folder. Default: runs/finetune-TASK."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
-    max_steps: int = typer.Option(None, help="Optimizer steps (default 300)."),
-    batch_size: int = typer.Option(None, help="Sequences per micro-batch per process (default 16)."),
-    grad_accum: int = typer.Option(None, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(None, help="Peak learning rate (default 2e-4)."),
-    warmup_steps: int = typer.Option(None, help="Linear warm-up steps (default 30)."),
-    weight_decay: float = typer.Option(None, help="AdamW weight decay (default 0)."),
-    eval_every: int = typer.Option(None, help="Steps between evaluations (default 100)."),
-    save_every: int = typer.Option(None, help="Steps between checkpoints (default 0: at the end only)."),
-    seed: int = typer.Option(None, help="Seed for the head's initialisation, data order and dropout."),
-    device: str = typer.Option(None, help="auto, cpu, cuda."),
-    dtype: str = typer.Option(None, help="auto (bf16 autocast on CUDA), float32, bfloat16."),
-    parallel: str = typer.Option(None, help="auto (DDP under torchrun), none, ddp, fsdp."),
-    num_threads: int = typer.Option(None, help="CPU threads for torch (0 = default)."),
+    *,
+    settings: dict,
 ) -> None:
     """Fine-tune a pretrained DiffLlama checkpoint on labelled data; prints metrics and writes them to JSON.
 
@@ -537,53 +558,44 @@ def finetune(
     model (config.json with id2label/label2id, transformers' Auto classes load it); RUN_DIR/finetune_metrics.json
     holds the metrics. Example: diffllama finetune sequence-classification --model runs/tiny/model --data train.csv
     """
-    import json
-    import sys
     from pathlib import Path
 
     from diffllama.finetune.data import DataError  # lazy: CLI startup time
-    from diffllama.finetune.run import finetune_config, resume_command, run_finetune  # lazy: CLI startup time
     from diffllama.train.checkpoint import check_run_dir  # lazy: CLI startup time
 
     run_dir = Path(out or f"runs/finetune-{task}")
-    try:  # arguments first, before any data is read or anything written
+    with _reported(ValueError):  # arguments first, before any data is read or anything written
         task_obj = _task_options(task, labels, text_column=text_column, label_column=label_column,
                                  tokens_column=tokens_column, tags_column=tags_column, max_length=max_length,
                                  stride=stride)
         check_run_dir(run_dir)
-    except _UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(error.code)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(1)
 
     def run():
-        cfg = finetune_config(dict(max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                                   warmup_steps=warmup_steps, weight_decay=weight_decay, eval_every=eval_every,
-                                   save_every=save_every, seed=seed, device=device, dtype=dtype, parallel=parallel,
-                                   num_threads=num_threads))
-        return run_finetune(task_obj, cfg, run_dir, model_dir=model, train_path=data, eval_path=eval_data,
-                            test_path=test_data, resume=resume)
+        return run_finetune(task_obj, finetune_config(settings), run_dir, model_dir=model, train_path=data,
+                            eval_path=eval_data, test_path=test_data, resume=resume)
 
     result = _run_reporting_errors(run, (DataError, ValueError, FileNotFoundError))
     hint = resume_command(task, {  # every flag given: --resume refuses a change to those the checkpoint fixes
         "--model": model, "--data": data, "--eval-data": eval_data, "--test-data": test_data,
         "--text-column": text_column, "--label-column": label_column, "--tokens-column": tokens_column,
         "--tags-column": tags_column, "--labels": labels, "--max-length": max_length, "--stride": stride,
-        "--out": run_dir, "--max-steps": max_steps, "--batch-size": batch_size, "--grad-accum": grad_accum,
-        "--lr": lr, "--warmup-steps": warmup_steps, "--weight-decay": weight_decay, "--eval-every": eval_every,
-        "--save-every": save_every, "--seed": seed, "--device": device, "--dtype": dtype, "--parallel": parallel,
-        "--num-threads": num_threads})
+        "--out": run_dir, **{_flag(name): value for name, value in settings.items()}})
     summary = _finished_summary(result, run_dir, hint)
     if summary:
-        brief = {k: summary[k] for k in ("task", "steps", "baseline", "eval", "test", "test_baseline", "model_dir")
-                 if k in summary}
-        for split in ("eval", "test"):  # per-label tables stay in the JSON file
-            if split in brief:
-                brief[split] = {k: v for k, v in brief[split].items() if k not in ("per_label", "per_tag")}
-        print(json.dumps(brief, indent=2))
-        print(f"metrics: {run_dir / 'finetune_metrics.json'}")
+        _print_finetune_summary(summary, run_dir)
+
+
+def _print_finetune_summary(summary: dict, run_dir) -> None:
+    """The run's headline metrics as JSON on stdout (per-label tables stay in RUN_DIR/finetune_metrics.json)."""
+    import json
+
+    brief = {k: summary[k] for k in ("task", "steps", "baseline", "eval", "test", "test_baseline", "model_dir")
+             if k in summary}
+    for split in ("eval", "test"):
+        if split in brief:
+            brief[split] = {k: v for k, v in brief[split].items() if k not in ("per_label", "per_tag")}
+    print(json.dumps(brief, indent=2))
+    print(f"metrics: {run_dir / 'finetune_metrics.json'}")
 
 
 @app.command()
@@ -611,39 +623,64 @@ def predict(
     Example: echo "A triumph of a film." | diffllama predict sequence-classification --model runs/ft/model -
     """
     import json
-    import os
     import sys
 
     from diffllama.finetune.data import DataError  # lazy: CLI startup time
-    from diffllama.finetune.predict import (  # lazy: CLI startup time
-        check_checkpoint, gold_metrics, output_records, predict as run_predict, read_input, write_metrics)
+    from diffllama.finetune.predict import gold_metrics, predict as run_predict, read_input  # lazy: CLI startup time
 
-    try:  # arguments and the checkpoint's class first, before any input is read or anything printed
-        if batch_size < 1:
-            raise _UsageError(f"--batch-size must be >= 1 (sequences per forward pass), got {batch_size}", 2)
-        torch_device = _generation_device(device)
-        if metrics_out:
-            _check_out_file("--metrics-out", metrics_out)
-        found = check_checkpoint(_task_options(task), model)  # the task's head class; its settings next
-        # The lengths the model was fine-tuned with, unless given now: other ones would cut texts and QA windows
-        # differently from training.
-        given = {k: v for k, v in dict(max_length=max_length, stride=stride).items() if v is not None}
-        task_obj = _task_options(task, found.labels, text_column=text_column, label_column=label_column,
-                                 tokens_column=tokens_column, tags_column=tags_column, **{**found.settings, **given})
+    with _reported((DataError, ValueError, FileNotFoundError, NotADirectoryError)):
+        # arguments and the checkpoint's class first, before any input is read or anything printed
+        task_obj, torch_device = _prediction_task(
+            task, model, dict(text_column=text_column, label_column=label_column, tokens_column=tokens_column,
+                              tags_column=tags_column), max_length, stride, batch_size, device, metrics_out)
         examples = read_input(task_obj, source, sys.stdin.buffer.read() if source == "-" else None)
         predictions = run_predict(task_obj, model, examples, batch_size=batch_size, device=torch_device)
-    except _UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(error.code)
-    except (DataError, ValueError, FileNotFoundError, NotADirectoryError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(1)
     scores = gold_metrics(task_obj, examples, predictions)
-    if scores is not None and metrics_out:  # first: a reader that stops early (| head) must not cost the file
+    _write_metrics_out(scores, metrics_out)  # first: a reader that stops early (| head) must not cost the file
+    _print_predictions(task_obj, examples, predictions)
+    if scores is not None:
+        brief = {k: v for k, v in scores.items() if k not in ("per_label", "per_tag")}
+        print(json.dumps({"metrics": brief}), file=sys.stderr)
+
+
+def _prediction_task(task: str, model: str, columns: dict, max_length: int | None, stride: int | None,
+                     batch_size: int, device: str, metrics_out: str | None):
+    """``(task, torch device)`` for ``diffllama predict``, the arguments checked and the task's settings those of
+    the checkpoint's head; ``max_length`` and ``stride`` default to the lengths the model was fine-tuned with
+    (other ones would cut texts and QA windows differently from training)."""
+    from diffllama.finetune.predict import check_checkpoint  # lazy: CLI startup time
+
+    if batch_size < 1:
+        raise _UsageError(f"--batch-size must be >= 1 (sequences per forward pass), got {batch_size}", 2)
+    torch_device = _generation_device(device)
+    if metrics_out:
+        _check_out_file("--metrics-out", metrics_out)
+    found = check_checkpoint(_task_options(task), model)  # the task's head class; its settings next
+    given = {k: v for k, v in dict(max_length=max_length, stride=stride).items() if v is not None}
+    return _task_options(task, found.labels, **columns, **{**found.settings, **given}), torch_device
+
+
+def _write_metrics_out(scores: dict | None, metrics_out: str | None) -> None:
+    """Write the metrics to ``--metrics-out`` if given, or say why not (input without gold labels)."""
+    import sys
+
+    from diffllama.finetune.predict import write_metrics  # lazy: CLI startup time
+
+    if scores is not None and metrics_out:
         write_metrics(metrics_out, scores)
     elif metrics_out:  # said, not skipped silently: a missing file would be found only later
         print(f"note: --metrics-out {metrics_out} not written: metrics need a gold label on every input row, "
               f"and this input has rows without one", file=sys.stderr)
+
+
+def _print_predictions(task_obj, examples, predictions) -> None:
+    """One JSON line per input on stdout; a reader that closes the pipe ends the command quietly (exit 141)."""
+    import json
+    import os
+    import sys
+
+    from diffllama.finetune.predict import output_records  # lazy: CLI startup time
+
     try:
         for record in output_records(task_obj, examples, predictions):
             print(json.dumps(record, ensure_ascii=False))
@@ -651,9 +688,6 @@ def predict(
     except BrokenPipeError:  # the reader closed the pipe: stop quietly, as Unix tools do on SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush would fail again
         raise typer.Exit(141)
-    if scores is not None:
-        brief = {k: v for k, v in scores.items() if k not in ("per_label", "per_tag")}
-        print(json.dumps({"metrics": brief}), file=sys.stderr)
 
 
 # ---- serve (an OpenAI-compatible server) -------------------------------------------------------------------------
@@ -688,16 +722,11 @@ def serve(
 
     Example: diffllama serve runs/tiny/model --port 8000
     """
-    import sys
-
-    try:
+    with _reported():
         _run_serve(model_dir, host=host, port=port, max_batch=max_batch, max_seq_len=max_seq_len,
                    max_queue=max_queue, prefill_chunk=prefill_chunk, api_key=api_key,
                    served_model_name=served_model_name, chat_template=chat_template,
                    request_timeout=request_timeout, device=device, dtype=dtype, attn=attn)
-    except _UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(error.code)
 
 
 def _run_serve(model_dir, *, host, port, max_batch, max_seq_len, max_queue, prefill_chunk, api_key,
@@ -790,43 +819,42 @@ def eval_command(
 
     Example: diffllama eval runs/tiny/model --task needle,attention --samples 2
     """
-    import sys
     from pathlib import Path
 
-    from diffllama.eval.runner import EvalSettings, evaluate, summary  # lazy: CLI startup time
+    from diffllama.eval.runner import evaluate, summary  # lazy: CLI startup time
 
-    try:
-        tasks = [t.strip() for item in task or [] for t in item.split(",") if t.strip()]
-        settings = EvalSettings(texts=list(text or []), window=window, stride=stride, max_tokens=max_tokens,
-                                lengths=_int_list(lengths, "--lengths"), samples=samples,
-                                outlier_sequences=outlier_sequences, bits=_int_list(bits, "--bits") or [],
-                                icl_train=icl_train, icl_test=icl_test, seed=seed,
-                                harness_tasks=[t for t in (harness_tasks or "").split(",") if t],
-                                include_path=include_path)
-        if tasks:
-            settings.tasks = tasks
-        settings.check()
+    with _reported(ValueError, code=2):
+        settings = _eval_settings(task, text=text, window=window, stride=stride, max_tokens=max_tokens,
+                                  lengths=lengths, samples=samples, outlier_sequences=outlier_sequences, bits=bits,
+                                  icl_train=icl_train, icl_test=icl_test, seed=seed, harness_tasks=harness_tasks,
+                                  include_path=include_path)
         torch_device = _generation_device(device)
         if num_threads < 0:
             raise _UsageError(f"--num-threads must be >= 0 (0 = torch's default), got {num_threads}", 2)
-    except _UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(error.code)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(2)
     folder = Path(out or Path(model_dir) / "eval")
     if num_threads:
         import torch
 
         torch.set_num_threads(num_threads)
-    try:
+    with _reported((FileNotFoundError, NotADirectoryError, ValueError, ImportError)):
         results = evaluate(model_dir, folder, settings, device=str(torch_device))
-    except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise typer.Exit(1)
     print(summary(results))
     print(f"results: {folder / 'results.json'}")
+
+
+def _eval_settings(task, *, text, lengths, bits, harness_tasks, **options):
+    """The checked :class:`~diffllama.eval.runner.EvalSettings` of the eval flags (lists given comma-separated or
+    repeated); ValueError or a _UsageError naming the bad one."""
+    from diffllama.eval.runner import EvalSettings  # lazy: CLI startup time
+
+    tasks = [t.strip() for item in task or [] for t in item.split(",") if t.strip()]
+    settings = EvalSettings(texts=list(text or []), lengths=_int_list(lengths, "--lengths"),
+                            bits=_int_list(bits, "--bits") or [],
+                            harness_tasks=[t for t in (harness_tasks or "").split(",") if t], **options)
+    if tasks:
+        settings.tasks = tasks
+    settings.check()
+    return settings
 
 
 def main() -> None:

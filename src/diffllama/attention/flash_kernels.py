@@ -102,6 +102,23 @@ def _doc_bounds(doc_base, qdoc, row_ok, full, sorted_docs, Sk, BLOCK_N: tl.const
 
 
 @triton.jit
+def _query_block(QPOS, doc_base, DOC_OK, offs_m, Sq, Sk, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr):
+    """A query block's rows and the key blocks they read, as the forward and dQ kernels both need them:
+    ``row_ok``, positions ``qpos``, documents ``qdoc`` (``qpos`` itself without HAS_DOC, where it is unused) and
+    the bounds ``lo``, ``ustart`` (_doc_bounds; both 0 without HAS_DOC), ``full``, ``hi`` (_key_bounds)."""
+    row_ok = offs_m < Sq
+    qpos = tl.load(QPOS + offs_m, mask=row_ok, other=0)
+    full, hi = _key_bounds(qpos, row_ok, Sk, BLOCK_N)
+    lo = 0
+    ustart = 0
+    qdoc = qpos
+    if HAS_DOC:
+        qdoc = tl.load(doc_base + qpos, mask=row_ok, other=0)
+        lo, ustart = _doc_bounds(doc_base, qdoc, row_ok, full, tl.load(DOC_OK) != 0, Sk, BLOCK_N)
+    return row_ok, qpos, qdoc, lo, ustart, full, hi
+
+
+@triton.jit
 def _mask_keys(x, FILL: tl.constexpr, offs_n, qpos, pad_base, doc_base, qdoc, Sk, MASKED: tl.constexpr,
                HAS_PAD: tl.constexpr, HAS_DOC: tl.constexpr):
     """``x`` (BM, BN) with ``FILL`` where a query may not see a key: a later position, past Sk or another document
@@ -196,17 +213,10 @@ def attn_fwd(Q, K, V, Out, O2, LSE, QPOS, PAD, DOC, DOC_OK, LAM,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
-    row_ok = offs_m < Sq
-    qpos = tl.load(QPOS + offs_m, mask=row_ok, other=0)
-    full, hi = _key_bounds(qpos, row_ok, Sk, BLOCK_N)
     pad_base = PAD + b * stride_pb
     doc_base = DOC + b * stride_docb
-    lo = 0
-    ustart = 0
-    qdoc = qpos
-    if HAS_DOC:
-        qdoc = tl.load(doc_base + qpos, mask=row_ok, other=0)
-        lo, ustart = _doc_bounds(doc_base, qdoc, row_ok, full, tl.load(DOC_OK) != 0, Sk, BLOCK_N)
+    row_ok, qpos, qdoc, lo, ustart, full, hi = _query_block(QPOS, doc_base, DOC_OK, offs_m, Sq, Sk, BLOCK_N,
+                                                            HAS_DOC)
     va_base = V + b * stride_vb + ka * stride_vh
     vb_base = V + b * stride_vb + kb * stride_vh
     o_rows = b * stride_ob + i * stride_oh
@@ -555,16 +565,9 @@ def attn_bwd_dq(Q, K, V, DO, LSE, R, QPOS, PAD, DOC, DOC_OK, DQ, LAM,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, DP)
-    row_ok = offs_m < Sq
-    qpos = tl.load(QPOS + offs_m, mask=row_ok, other=0)
-    full, hi = _key_bounds(qpos, row_ok, Sk, BLOCK_N)
     doc_base = DOC + b * stride_docb
-    lo = 0
-    ustart = 0
-    qdoc = qpos
-    if HAS_DOC:
-        qdoc = tl.load(doc_base + qpos, mask=row_ok, other=0)
-        lo, ustart = _doc_bounds(doc_base, qdoc, row_ok, full, tl.load(DOC_OK) != 0, Sk, BLOCK_N)
+    row_ok, qpos, qdoc, lo, ustart, full, hi = _query_block(QPOS, doc_base, DOC_OK, offs_m, Sq, Sk, BLOCK_N,
+                                                            HAS_DOC)
     q1 = _load_tile(Q + b * stride_qb + i * stride_qh, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
     q2 = _load_tile(Q + b * stride_qb + (i + half_h) * stride_qh, offs_m, stride_qm, offs_d, Sq, HEAD_DIM, DP, True)
     do_base = DO + b * stride_db + i * stride_dh

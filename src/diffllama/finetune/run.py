@@ -46,6 +46,10 @@ from diffllama.train.loop import FitResult, Trainer
 FINETUNE_DEFAULTS = dict(max_steps=300, batch_size=16, grad_accum=1, lr=2e-4, warmup_steps=30, min_lr_ratio=0.1,
                          weight_decay=0.0, eval_every=100, log_every=10, save_every=0, keep_last=1,
                          tensorboard=False)
+# The TrainConfig fields that ``diffllama finetune`` takes as flags (derived from the fields, their help from
+# diffllama.train.config.FLAG_HELP with the default above); the others keep FINETUNE_DEFAULTS' or the tiny preset's.
+FINETUNE_FLAGS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "eval_every",
+                  "save_every", "seed", "device", "dtype", "parallel", "num_threads")
 
 
 def finetune_config(overrides: dict | None = None) -> TrainConfig:

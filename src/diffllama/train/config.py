@@ -167,6 +167,55 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# The ``--help`` of each ``diffllama train`` flag: one per TrainConfig field (``--max-steps`` for ``max_steps``; the
+# CLI derives the flags from the fields and this text), but ``model``, whose fields have flags of their own
+# (TRAIN_MODEL_FLAG_HELP). A test checks that the fields and the flags match.
+FLAG_HELP = {
+    "preset": "Preset: tiny (CPU), small, 0.4b, 1b. Default: the config file's, else tiny.",
+    "data": "Corpus: text files, folders, JSONL (repeatable). Default: the bundled State of the Union corpus.",
+    "text_field": "JSONL key holding the text.",
+    "tokenizer": "Reuse the tokenizer in this folder instead of training a BPE.",
+    "tokenizer_vocab_size": "BPE vocabulary size to train (the model's vocab_size follows it).",
+    "val_fraction": "Share of documents held out for validation.",
+    "cache_dir": "Tokenized-data cache (default ~/.cache/diffllama).",
+    "seq_len": "Tokens per sequence.",
+    "batch_size": "Sequences per micro-batch per process.",
+    "grad_accum": "Micro-batches per optimizer step.",
+    "max_steps": "Optimizer steps.",
+    "lr": "Peak learning rate.",
+    "min_lr_ratio": "Final learning rate / peak learning rate (the end of the cosine decay).",
+    "warmup_steps": "Linear warm-up steps before the cosine decay.",
+    "weight_decay": "AdamW weight decay (matrices only).",
+    "beta1": "AdamW beta1.",
+    "beta2": "AdamW beta2.",
+    "adam_eps": "AdamW epsilon.",
+    "grad_clip": "Max gradient norm (0 = off).",
+    "eval_every": "Steps between validation passes.",
+    "eval_batches": "Validation batches per pass.",
+    "log_every": "Steps between metric records.",
+    "save_every": "Steps between checkpoints (0 = only at the end).",
+    "keep_last": "Checkpoints to keep.",
+    "seed": "Seed for weights, data order and dropout.",
+    "device": "auto, cpu, cuda.",
+    "dtype": "auto (bf16 autocast on CUDA), float32, bfloat16.",
+    "compile": "torch.compile each decoder layer.",
+    "activation_checkpointing": "Recompute layer activations in backward.",
+    "document_mask": "Attend only within each document of a packed sequence (split after each EOS), positions "
+                     "restarting per document.",
+    "parallel": "auto (DDP under torchrun), none, ddp, fsdp (FSDP2).",
+    "loss_chunk_size": "Tokens per chunk of the fused LM head + cross-entropy (0 = automatic).",
+    "num_threads": "CPU threads for torch (0 = default).",
+    "tensorboard": "Also write TensorBoard events (when the package is installed).",
+}
+# Other spellings of a flag, kept from earlier versions of the CLI.
+FLAG_ALIASES = {"tokenizer_vocab_size": ("--vocab-size",)}
+# The DiffLlamaConfig fields that ``diffllama train`` takes as flags (into TrainConfig.model), with their ``--help``.
+TRAIN_MODEL_FLAG_HELP = {
+    "attn_implementation": "Attention backend: eager, sdpa, flash, auto (the default: flash on a CUDA GPU, sdpa on "
+                           "CPU).",
+}
+
+
 # Settings a resumed run may change: they steer the run from the resumed step on, and it honours them exactly
 # (max_steps also ends the cosine schedule: its decay is recomputed to end at the new max_steps). Every other
 # setting is fixed by the checkpoint: the restored optimizer and scheduler hold lr, betas, eps, weight decay and

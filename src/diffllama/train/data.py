@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -37,7 +38,7 @@ import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -564,11 +565,7 @@ def prepare_data(files: list[Path], tokenizer, *, text_field: str = "text", val_
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("the tokenizer has no EOS token, needed as the document separator")
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    # "bytes2": caches of earlier versions counted the bytes of a document cut inside a character wrongly
-    key = hashlib.sha256(f"{inputs_fingerprint(files, text_field)}|{tokenizer_fingerprint(tokenizer)}|"
-                         f"{val_fraction}|bytes2".encode()).hexdigest()[:16]
-    folder = cache_dir / "data" / key
+    folder = _cache_folder(files, tokenizer, text_field, val_fraction, cache_dir)
     if (folder / "meta.json").is_file():
         return folder, DataMeta(**json.loads((folder / "meta.json").read_text()))
 
@@ -582,56 +579,88 @@ def prepare_data(files: list[Path], tokenizer, *, text_field: str = "text", val_
         val_counts = np.zeros(vocab, dtype=np.int64)
         train = _ShardWriter(staging, "train", dtype, counts)
         val = _ShardWriter(staging, "val", dtype, val_counts)
-        stats = {"train_bytes": 0, "val_bytes": 0, "train_documents": 0, "val_documents": 0}
-        index = 0
-        batch: list[str] = []
-
-        def flush() -> None:
-            nonlocal index
-            for text, ids in zip(batch, tokenizer.encode_batch(batch, add_special_tokens=False)):
-                ids = np.asarray(ids + [eos], dtype=np.int64)
-                if by_document:
-                    split = "val" if is_val_doc[index] else "train"
-                    (val if split == "val" else train).write(ids)
-                    stats[f"{split}_bytes"] += len(text.encode("utf-8"))
-                    stats[f"{split}_documents"] += 1
-                else:
-                    cut = len(ids) - max(1, int(round(len(ids) * val_fraction)))
-                    train.write(ids[:cut])
-                    val.write(ids[cut:])
-                    head = tokenizer.decode(ids[:cut].tolist(), skip_special_tokens=True)
-                    # A cut inside a multi-byte character decodes its first bytes as U+FFFD (3 bytes): that
-                    # character's bytes count to validation, so both counts are the text's own bytes.
-                    while head.endswith("\ufffd") and not text.startswith(head):
-                        head = head[:-1]
-                    stats["train_bytes"] += len(head.encode("utf-8"))
-                    stats["val_bytes"] += len(text.encode("utf-8")) - len(head.encode("utf-8"))
-                    stats["train_documents"] += 1
-                    stats["val_documents"] += 1
-                index += 1
-            batch.clear()
-
-        for text in iter_documents(files, text_field):
-            batch.append(text)
-            if len(batch) >= batch_documents:
-                flush()
-        flush()
+        stats = _write_splits(iter_documents(files, text_field), tokenizer, eos, is_val_doc, val_fraction, train, val,
+                              batch_documents)
         train.close()
         val.close()
         if train.tokens == 0 or val.tokens == 0:
             raise CorpusError(f"the corpus is too small to split: {train.tokens} train and {val.tokens} "
                               f"validation tokens")
-        p = counts[counts > 0] / counts.sum()
-        smoothed = (counts + 1) / (counts.sum() + vocab)
-        meta = DataMeta(
-            dtype=np.dtype(dtype).name, vocab_size=vocab, tokenizer_hash=tokenizer_fingerprint(tokenizer),
-            train_tokens=train.tokens, val_tokens=val.tokens, train_shards=train.names, val_shards=val.names,
-            unigram_bits_per_token=float(-(p * np.log2(p)).sum()),
-            unigram_val_bits_per_token=float(-(val_counts * np.log2(smoothed)).sum() / val_counts.sum()),
-            split="documents" if by_document else "document tails", **stats)
+        meta = _data_meta(tokenizer, train, val, stats, split="documents" if by_document else "document tails")
         (staging / "meta.json").write_text(json.dumps(meta.__dict__, indent=2) + "\n")
         _publish(staging, folder, "meta.json")
     return folder, DataMeta(**json.loads((folder / "meta.json").read_text()))
+
+
+def _cache_folder(files: list[Path], tokenizer, text_field: str, val_fraction: float,
+                  cache_dir: Path | None) -> Path:
+    """The cache folder of the corpus tokenized by ``tokenizer`` and split by ``val_fraction``."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    # "bytes2": caches of earlier versions counted the bytes of a document cut inside a character wrongly
+    key = hashlib.sha256(f"{inputs_fingerprint(files, text_field)}|{tokenizer_fingerprint(tokenizer)}|"
+                         f"{val_fraction}|bytes2".encode()).hexdigest()[:16]
+    return cache_dir / "data" / key
+
+
+def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Lists of ``size`` consecutive items (the last one shorter); none for no items."""
+    items = iter(items)
+    while batch := list(itertools.islice(items, size)):
+        yield batch
+
+
+def _write_splits(texts: Iterator[str], tokenizer, eos: int, is_val_doc: np.ndarray | None, val_fraction: float,
+                  train: _ShardWriter, val: _ShardWriter, batch_documents: int) -> dict[str, int]:
+    """Tokenize ``texts`` (``batch_documents`` at a time) into ``train`` and ``val``, each document followed by
+    ``eos``: whole documents as ``is_val_doc`` says, or where it is None each document's tail to validation
+    (:func:`_split_tail`). Returns the bytes and documents of each split."""
+    stats = {"train_bytes": 0, "val_bytes": 0, "train_documents": 0, "val_documents": 0}
+    index = 0
+    for batch in _batched(texts, batch_documents):
+        for text, ids in zip(batch, tokenizer.encode_batch(batch, add_special_tokens=False)):
+            ids = np.asarray(ids + [eos], dtype=np.int64)
+            if is_val_doc is None:
+                _split_tail(text, ids, tokenizer, val_fraction, train, val, stats)
+            else:
+                split = "val" if is_val_doc[index] else "train"
+                (val if split == "val" else train).write(ids)
+                stats[f"{split}_bytes"] += len(text.encode("utf-8"))
+                stats[f"{split}_documents"] += 1
+            index += 1
+    return stats
+
+
+def _split_tail(text: str, ids: np.ndarray, tokenizer, val_fraction: float, train: _ShardWriter, val: _ShardWriter,
+                stats: dict[str, int]) -> None:
+    """Write the last ``val_fraction`` of one document's tokens (at least one) to ``val``, the rest to ``train``,
+    and count the document and its bytes in both splits of ``stats``."""
+    cut = len(ids) - max(1, int(round(len(ids) * val_fraction)))
+    train.write(ids[:cut])
+    val.write(ids[cut:])
+    head = tokenizer.decode(ids[:cut].tolist(), skip_special_tokens=True)
+    # A cut inside a multi-byte character decodes its first bytes as U+FFFD (3 bytes): that
+    # character's bytes count to validation, so both counts are the text's own bytes.
+    while head.endswith("\ufffd") and not text.startswith(head):
+        head = head[:-1]
+    stats["train_bytes"] += len(head.encode("utf-8"))
+    stats["val_bytes"] += len(text.encode("utf-8")) - len(head.encode("utf-8"))
+    stats["train_documents"] += 1
+    stats["val_documents"] += 1
+
+
+def _data_meta(tokenizer, train: _ShardWriter, val: _ShardWriter, stats: dict[str, int], split: str) -> DataMeta:
+    """The :class:`DataMeta` of finished ``train`` and ``val`` shards: sizes, and unigram entropies from the token
+    counts the writers kept (validation's under add-one smoothed training frequencies)."""
+    counts, val_counts = train.counts, val.counts
+    vocab = len(counts)
+    p = counts[counts > 0] / counts.sum()
+    smoothed = (counts + 1) / (counts.sum() + vocab)
+    return DataMeta(
+        dtype=np.dtype(train.dtype).name, vocab_size=vocab, tokenizer_hash=tokenizer_fingerprint(tokenizer),
+        train_tokens=train.tokens, val_tokens=val.tokens, train_shards=train.names, val_shards=val.names,
+        unigram_bits_per_token=float(-(p * np.log2(p)).sum()),
+        unigram_val_bits_per_token=float(-(val_counts * np.log2(smoothed)).sum() / val_counts.sum()),
+        split=split, **stats)
 
 
 def _val_documents(n_docs: int, val_fraction: float) -> np.ndarray:
