@@ -16,7 +16,7 @@ import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from diffllama.hub import resolve_checkpoint_dir
 from diffllama.io import atomic_write_text, new_folder, read_json_object
@@ -59,6 +59,8 @@ class DiffLlamaConfig:
             the RoPE ``factor``, ``attention_dropout``/``classifier_dropout`` (in [0, 1)), ``initializer_range`` or
             ``lambda_std_dev``.
     """
+
+    model_type: ClassVar[str] = MODEL_TYPE  # read by PEFT and transformers' tools, as on transformers' configs
 
     vocab_size: int = 32000
     hidden_size: int = 2048

@@ -291,6 +291,7 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         nn.init.normal_(self.lm_head.weight, 0.0, config.initializer_range)
         self.tie_weights()
+        self.generation_config: dict = {}  # generation_config.json's entries; from_pretrained fills it, PEFT reads it
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -341,6 +342,11 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         """Continue left-padded prompts (B, S) -> (B, S + n) int64, or (B, n) for ``inputs_embeds`` alone; see
         :func:`diffllama.generation.generate`."""
         return generation.generate(self, input_ids, attention_mask, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor | None = None, **kwargs) -> dict:
+        """transformers' generation hook, which PEFT's ``task_type="CAUSAL_LM"`` wrapper needs; see
+        :func:`diffllama.generation.prepare_inputs_for_generation`."""
+        return generation.prepare_inputs_for_generation(input_ids, **kwargs)
 
 
 class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
