@@ -296,7 +296,12 @@ class DiffLlamaConfig:
             path = resolve_checkpoint_dir(path_or_repo_id)
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"no config.json at {file}")
+            # transformers' Trainer.save_model and its checkpoints write only the weights of a model that is not
+            # a transformers PreTrainedModel, which is the case of diffllama's classes.
+            raise FileNotFoundError(f"no config.json at {file}: a folder written by transformers' Trainer "
+                                    "(save_model or a checkpoint) holds the weights only; save diffllama models "
+                                    "with model.save_pretrained(folder) (after Trainer: "
+                                    "trainer.model.save_pretrained(folder)), which writes config.json too")
         return cls.from_dict(read_json_object(file), **overrides)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
