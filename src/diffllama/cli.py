@@ -440,7 +440,8 @@ def train(
         # The trainer refuses, before any data work, settings that a resumed run could not honour.
         return run_dir, run_training(resolve_config(preset, config_file, flags), run_dir, resume=resume)
 
-    run_dir, result = _run_reporting_errors(run, (CorpusError, ValueError, FileNotFoundError, BatchTooLargeError))
+    run_dir, result = _run_reporting_errors(run, (CorpusError, ValueError, FileNotFoundError, BatchTooLargeError,
+                                                  MemoryError))
     summary = _finished_summary(result, run_dir, f"diffllama train --out {run_dir} --resume")
     if summary:
         print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens; validation loss "
@@ -566,7 +567,7 @@ def finetune(
         return run_finetune(task_obj, cfg, run_dir, model_dir=model, train_path=data, eval_path=eval_data,
                             test_path=test_data, resume=resume)
 
-    result = _run_reporting_errors(run, (DataError, ValueError, FileNotFoundError))
+    result = _run_reporting_errors(run, (DataError, ValueError, FileNotFoundError, MemoryError))
     hint = resume_command(task, {  # every flag given: --resume refuses a change to those the checkpoint fixes
         "--model": model, "--data": data, "--eval-data": eval_data, "--test-data": test_data,
         "--text-column": text_column, "--label-column": label_column, "--tokens-column": tokens_column,
