@@ -73,6 +73,20 @@ def test_loss_and_state_dict_unchanged_gqa():
     assert abs(a.item() - b.item()) < 1e-12 and a.item() > 1
 
 
+def test_a_model_built_for_eager_gets_sdpa_masks():
+    """apply() switches the model to transformers' sdpa masks (the eager path's additive float mask also works,
+    but transformers' own eager attention is the float32-softmax reference, not the sdpa one compared here)."""
+    reference, _ = _pair("DiffLlamaForCausalLM")
+    eager = copy.deepcopy(reference)
+    eager.set_attn_implementation("eager")
+    patched = integration.apply(eager)
+    assert patched.config._attn_implementation == "sdpa"
+    ids, mask = _ids(True)
+    real = mask.bool()
+    torch.testing.assert_close(patched(input_ids=ids, attention_mask=mask).logits[real],
+                               reference(input_ids=ids, attention_mask=mask).logits[real], rtol=1e-10, atol=1e-12)
+
+
 def test_generate_with_cache_equals_transformers():
     reference, patched = _pair("DiffLlamaForCausalLM")
     ids, mask = _ids(True)
