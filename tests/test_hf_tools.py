@@ -165,3 +165,15 @@ def test_lm_eval_hflm_warns_for_our_model_only_what_it_warns_for_transformers(tm
         messages.append([r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING])
         assert lm.backend == "causal"
     assert messages[0] == messages[1]
+
+
+def test_save_pretrained_expands_the_home_folder_as_from_pretrained_does(tmp_path, monkeypatch):
+    """The README's quick start saves to and loads from "~/diffllama-runs/...": saving used to make a folder
+    literally named "~" in the current folder, which loading then did not find."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(**SPECIAL))
+    model.save_pretrained("~/runs/m")
+    assert (tmp_path / "home" / "runs" / "m" / "config.json").is_file() and not (tmp_path / "~").exists()
+    again = diffllama.DiffLlamaForCausalLM.from_pretrained("~/runs/m")
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)

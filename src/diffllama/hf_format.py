@@ -625,13 +625,14 @@ def save_pretrained(model: torch.nn.Module, directory, *, max_shard_size: int | 
 
     The tied ``lm_head.weight`` is omitted. Written by :func:`save_state_dict`, the side files as its
     ``extra_files``: each file atomically, a failure before the files are moved in leaves the directory as it was,
-    and while they are moved in a reader may see the new weights with the old config.json. Returns the written
-    paths.
+    and while they are moved in a reader may see the new weights with the old config.json. A leading ``~`` in
+    ``directory`` is the home folder, as for loading. Returns the written paths.
 
     Raises:
         ValueError: for a bad ``max_shard_size`` (before anything is written: see :func:`save_state_dict`).
     """
     state, files = pretrained_files(model, model.state_dict())
+    directory = Path(directory).expanduser()  # "~/models/x" as from_pretrained reads it, not a folder named "~"
     return save_state_dict(state, directory, max_shard_size=max_shard_size, extra_files=files)
 
 
