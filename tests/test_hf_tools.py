@@ -4,6 +4,7 @@ padding side, unknown config.json keys, pipeline (through transformers' class + 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import warnings
@@ -76,13 +77,17 @@ def test_peft_classification_heads_train_lora_and_the_head(task_type, cls, label
 
 
 def test_trainer_save_model_folder_names_save_pretrained_and_that_reloads(tmp_path):
-    torch.manual_seed(0)
-    model = diffllama.DiffLlamaForCausalLM(tiny_config(**SPECIAL))
+    """With a tokenizer, Trainer aligns the model's special tokens through ``model.generation_config.eos_token_id``
+    (was: AttributeError, the generation config was a plain dict)."""
+    model = _checkpoint(tmp_path / "start")
+    model.train()
     rows = [{"input_ids": list(range(3, 13)), "labels": list(range(3, 13))}] * 2
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, report_to=[],
                                           save_strategy="no", use_cpu=True, per_device_train_batch_size=2)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "start"))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
     trainer.train()
+    assert model.generation_config.eos_token_id in (2, [2]) and model.generation_config["eos_token_id"] in (2, [2])
     trainer.save_model(str(tmp_path / "saved"))
     with pytest.raises(FileNotFoundError, match=r"Trainer .*model\.save_pretrained\(folder\)"):
         diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path / "saved")
@@ -177,3 +182,13 @@ def test_save_pretrained_expands_the_home_folder_as_from_pretrained_does(tmp_pat
     assert (tmp_path / "home" / "runs" / "m" / "config.json").is_file() and not (tmp_path / "~").exists()
     again = diffllama.DiffLlamaForCausalLM.from_pretrained("~/runs/m")
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+
+
+def test_generation_config_reads_and_writes_entries_as_attributes(tmp_path):
+    model = _checkpoint(tmp_path)
+    loaded = diffllama.DiffLlamaForCausalLM.from_pretrained(tmp_path).generation_config
+    assert loaded.eos_token_id == 2 == loaded["eos_token_id"] and loaded.temperature is None
+    loaded.eos_token_id = [2, 5]  # as transformers' Trainer rewrites it
+    assert loaded["eos_token_id"] == [2, 5] and loaded.to_dict() == dict(loaded)
+    assert copy.deepcopy(loaded) == loaded and type(copy.deepcopy(loaded)) is type(loaded)
+    assert model.generation_config == {}  # a built model's is empty until loaded or set

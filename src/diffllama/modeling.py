@@ -24,6 +24,7 @@ from diffllama.activations import ACT_FNS
 from diffllama.attention import AttentionMask, ChosenBackend
 from diffllama.cache import DynamicCache, StaticCache
 from diffllama.config import DiffLlamaConfig
+from diffllama.hf_format import GenerationConfig
 from diffllama.inputs import (check_cache, check_embedded_inputs, check_labels, check_logits_to_keep, check_num_items,
                               check_packing, check_position_ids, check_positions, check_sequence_labels, input_shape)
 from diffllama.losses import causal_lm_loss, problem_type, question_answering_loss, sequence_classification_loss
@@ -291,7 +292,7 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         nn.init.normal_(self.lm_head.weight, 0.0, config.initializer_range)
         self.tie_weights()
-        self.generation_config: dict = {}  # generation_config.json's entries; from_pretrained fills it, PEFT reads it
+        self.generation_config = GenerationConfig()  # from_pretrained fills it; Trainer and PEFT read it
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
