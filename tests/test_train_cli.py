@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,6 +37,8 @@ def test_train_then_plot(tmp_path):
     result = runner.invoke(app, ["train", "--config", str(config), "--out", str(out), "--lr", "0.002"])
     assert result.exit_code == 0, result.output
     assert "bits/byte" in result.output and "unigram entropy" in result.output
+    # each evaluation shows its own bar over its eval_batches=2 batches (tqdm redraws at most every 0.1 s)
+    assert len(re.findall(r"eval: +\d+%\|.*?\| [0-2]/2 \[", result.output)) >= 2, result.output
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["lr"] == 0.002 and saved["model"]["hidden_size"] == 32 and saved["max_steps"] == 4
     assert (out / "model" / "config.json").is_file() and (out / "model" / "tokenizer.json").is_file()
