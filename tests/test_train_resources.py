@@ -80,3 +80,16 @@ def test_cpu_has_bf16_agrees_with_the_cpuinfo_flags():
         return
     words = set(cpuinfo.read_text().split())
     assert resources.cpu_has_bf16() == bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def test_trainer_warns_about_bf16_and_refuses_what_cannot_fit_before_any_data_work(tmp_path, monkeypatch):
+    from diffllama.train.loop import Trainer
+    from train_utils import micro_config, small_corpus
+
+    corpus = small_corpus(tmp_path / "corpus")
+    monkeypatch.setattr(resources, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(resources, "free_memory", lambda device: 10**6)  # 1 MB: nothing fits
+    with pytest.warns(UserWarning, match="dtype bfloat16 on this CPU"), \
+            pytest.raises(MemoryError, match=r"needs about .* activations .* lower --seq-len or --batch-size"):
+        Trainer(micro_config(corpus, tmp_path / "cache", dtype="bfloat16"), tmp_path / "run", quiet=True)
+    assert not (tmp_path / "cache").exists()  # refused before the tokenizer and the shards were made
