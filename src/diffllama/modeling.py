@@ -24,6 +24,7 @@ from diffllama.attention import AttentionMask, ChosenBackend
 from diffllama.attention_variants import DiffLlamaV2Attention, LlamaAttention
 from diffllama.cache import DynamicCache, StaticCache
 from diffllama.config import DiffLlamaConfig
+from diffllama.hf_format import GenerationConfig
 from diffllama.inputs import (check_cache, check_embedded_inputs, check_labels, check_logits_to_keep, check_num_items,
                               check_packing, check_position_ids, check_positions, check_sequence_labels, input_shape)
 from diffllama.losses import causal_lm_loss, problem_type, question_answering_loss, sequence_classification_loss
@@ -293,6 +294,7 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         nn.init.normal_(self.lm_head.weight, 0.0, config.initializer_range)
         self.tie_weights()
+        self.generation_config = GenerationConfig()  # from_pretrained fills it; Trainer and PEFT read it
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -343,6 +345,11 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         """Continue left-padded prompts (B, S) -> (B, S + n) int64, or (B, n) for ``inputs_embeds`` alone; see
         :func:`diffllama.generation.generate`."""
         return generation.generate(self, input_ids, attention_mask, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor | None = None, **kwargs) -> dict:
+        """transformers' generation hook, which PEFT's ``task_type="CAUSAL_LM"`` wrapper needs; see
+        :func:`diffllama.generation.prepare_inputs_for_generation`."""
+        return generation.prepare_inputs_for_generation(input_ids, **kwargs)
 
 
 class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
