@@ -952,3 +952,18 @@ def decode_n(step: DecodeStep, token: torch.Tensor, position_ids: torch.Tensor, 
         out.append(token)
         position_ids = position_ids + 1
     return torch.cat(out, dim=1)
+
+
+class GenerationMixin:
+    """transformers' generation methods on :class:`~diffllama.modeling.DiffLlamaForCausalLM`: ``generate`` and the
+    ``prepare_inputs_for_generation`` hook (PEFT's ``task_type="CAUSAL_LM"`` wrapper needs it)."""
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
+        """Continue left-padded prompts (B, S) -> (B, S + n) int64, or (B, n) for ``inputs_embeds`` alone; see
+        :func:`generate`."""
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor | None = None, **kwargs) -> dict:
+        """The next forward call's keyword arguments; see :func:`prepare_inputs_for_generation`."""
+        return prepare_inputs_for_generation(input_ids, **kwargs)

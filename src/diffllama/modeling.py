@@ -285,7 +285,7 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         return hidden_states, (*all_hidden, hidden_states), tuple(all_attn)
 
 
-class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
+class DiffLlamaForCausalLM(generation.GenerationMixin, DiffLlamaPreTrainedModel):
     """Decoder + ``lm_head``; next-token cross-entropy when ``labels`` are given (transformers' ForCausalLM)."""
 
     def __init__(self, config: DiffLlamaConfig) -> None:
@@ -339,17 +339,6 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
                                   labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss, logits, outputs.past_key_values, outputs.hidden_states,
                                       outputs.attentions)
-
-    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 **kwargs) -> torch.Tensor:
-        """Continue left-padded prompts (B, S) -> (B, S + n) int64, or (B, n) for ``inputs_embeds`` alone; see
-        :func:`diffllama.generation.generate`."""
-        return generation.generate(self, input_ids, attention_mask, **kwargs)
-
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor | None = None, **kwargs) -> dict:
-        """transformers' generation hook, which PEFT's ``task_type="CAUSAL_LM"`` wrapper needs; see
-        :func:`diffllama.generation.prepare_inputs_for_generation`."""
-        return generation.prepare_inputs_for_generation(input_ids, **kwargs)
 
 
 class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):
