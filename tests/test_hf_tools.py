@@ -97,6 +97,37 @@ def test_trainer_save_model_folder_names_save_pretrained_and_that_reloads(tmp_pa
     torch.testing.assert_close(again(ids).logits, model.eval()(ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_diffllama_trainer_saves_folders_that_reload_and_resume(tmp_path, tied):
+    """DiffLlamaTrainer: save_model and each checkpoint hold config.json + weights that from_pretrained (ours and,
+    for V1, transformers' Auto class) load with the trained logits; a tied head is left out and resuming works."""
+    from diffllama.integrations.transformers import DiffLlamaTrainer
+
+    model = _checkpoint(tmp_path / "start")
+    model.config.tie_word_embeddings = tied
+    model.tie_weights()
+    rows = [{"input_ids": list(range(3, 13)), "labels": list(range(3, 13))}] * 2
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, report_to=[],
+                                          save_strategy="steps", save_steps=1, use_cpu=True,
+                                          per_device_train_batch_size=2)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "start"))
+    trainer = DiffLlamaTrainer(model=model, args=args, train_dataset=rows, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    ids = torch.tensor([[3, 4, 5, 6]])
+    expected = model.eval()(ids).logits
+    for folder in (tmp_path / "saved", tmp_path / "run" / "checkpoint-2"):
+        assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                "training_args.bin"} <= {p.name for p in folder.iterdir()}
+        again = diffllama.DiffLlamaForCausalLM.from_pretrained(folder)
+        torch.testing.assert_close(again(ids).logits, expected, rtol=0, atol=0)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"), dtype=torch.float32)
+    torch.testing.assert_close(theirs(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    resumed = DiffLlamaTrainer(model=model.train(), args=args.__class__(**{**args.to_dict(), "max_steps": 3}),
+                               train_dataset=rows, processing_class=tokenizer)
+    assert resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2")).global_step == 3
+
+
 def test_saved_tokenizer_makes_autotokenizer_pad_left(tmp_path):
     make_bytelevel().save_pretrained(tmp_path)
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["padding_side"] == "left"

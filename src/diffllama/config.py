@@ -336,7 +336,8 @@ class DiffLlamaConfig:
             raise FileNotFoundError(f"no config.json at {file}: a folder written by transformers' Trainer "
                                     "(save_model or a checkpoint) holds the weights only; save diffllama models "
                                     "with model.save_pretrained(folder) (after Trainer: "
-                                    "trainer.model.save_pretrained(folder)), which writes config.json too")
+                                    "trainer.model.save_pretrained(folder)), which writes config.json too, or train with "
+                                    "diffllama.integrations.transformers.DiffLlamaTrainer")
         return cls.from_dict(read_json_object(file), **overrides)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

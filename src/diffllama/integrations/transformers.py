@@ -19,19 +19,24 @@ flash kernel takes a structured mask only.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffllama import hf_format
 from diffllama.attention import AttentionMask, get_backend, resolve_implementation
 from diffllama.modeling import DiffLlamaAttention as _OurAttention
+from diffllama.pretrained import PreTrainedMixin
 
 try:
+    import transformers
     from transformers.models.diffllama import modeling_diffllama
 except ImportError as error:  # transformers is a test dependency of diffllama, not a runtime one
     raise ImportError("diffllama.integrations.transformers needs transformers: pip install transformers") from error
 
-__all__ = ["PatchedDiffLlamaAttention", "apply"]
+__all__ = ["DiffLlamaTrainer", "PatchedDiffLlamaAttention", "apply"]
 
 
 def _to_attention_mask(attention_mask: torch.Tensor | None, batch: int, q_len: int, k_len: int,
@@ -126,3 +131,39 @@ def apply(model: nn.Module, backend: str = "auto") -> nn.Module:
         if isinstance(module, modeling_diffllama.DiffLlamaPreTrainedModel):
             module.config._attn_implementation = "sdpa"
     return model
+
+
+class DiffLlamaTrainer(transformers.Trainer):
+    """transformers' ``Trainer`` whose ``save_model`` and checkpoints write a diffllama model as
+    :meth:`~diffllama.pretrained.PreTrainedMixin.save_pretrained` does: config.json, safetensors weights and
+    generation_config.json, a folder that ``from_pretrained`` (diffllama's, and transformers' Auto classes for
+    the architectures transformers knows) loads back.
+
+    The plain ``Trainer`` writes config.json only for transformers ``PreTrainedModel``s and PEFT models, and saves
+    the state dict alone for anything else. Every other model, a PEFT-wrapped diffllama model included (its adapter
+    is what PEFT saves), is saved by ``Trainer`` unchanged. Resuming (``train(resume_from_checkpoint=...)``) reads
+    the weights back from the folder's safetensors, as for a plain ``Trainer``.
+
+    Under FSDP or DeepSpeed ``Trainer`` passes the gathered full ``state_dict``; it is written instead of the
+    (sharded) model's own weights. Source of the folder layout: :func:`diffllama.hf_format.save_pretrained`.
+    """
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not isinstance(model, PreTrainedMixin):
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        state, files = hf_format.pretrained_files(model, model.state_dict() if state_dict is None else state_dict)
+        hf_format.save_state_dict(state, output_dir, extra_files=files)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, transformers.trainer.TRAINING_ARGS_NAME))
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if isinstance(model, PreTrainedMixin) and model.config.tie_word_embeddings:
+            # A tied lm_head.weight is left out of saved folders (as transformers does) and is the embedding again
+            # after loading: not a missing key. (Trainer's own check reads a PreTrainedModel attribute.)
+            missing = [key for key in load_result.missing_keys if key != "lm_head.weight"]
+            load_result = load_result._replace(missing_keys=missing)
+        super()._issue_warnings_after_load(load_result)
