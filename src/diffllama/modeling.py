@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from diffllama import generation
 from diffllama.activations import ACT_FNS
 from diffllama.attention import AttentionMask, ChosenBackend
-from diffllama.attention_variants import DiffLlamaV2Attention, LlamaAttention
+from diffllama.attention_variants import DiffLlamaV2Attention, LlamaAttention, rotated_heads
 from diffllama.cache import DynamicCache, StaticCache
 from diffllama.config import DiffLlamaConfig
 from diffllama.hf_format import GenerationConfig
@@ -32,7 +32,7 @@ from diffllama.masks import document_position_ids, mask_and_slots, packed_docume
 from diffllama.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                                SequenceClassifierOutputWithPast, TokenClassifierOutput, can_return_tuple)
 from diffllama.pretrained import PreTrainedMixin
-from diffllama.rope import RotaryEmbedding, apply_rotary_pos_emb
+from diffllama.rope import RotaryEmbedding
 
 # ---- building blocks --------------------------------------------------------------------------------------------
 
@@ -142,15 +142,7 @@ class DiffLlamaAttention(nn.Module):
                 Triton or a GPU (:class:`diffllama.attention.ChosenBackend`).
         """
         b, s, _ = hidden_states.shape
-        q, k, v = self.qkv(hidden_states)
-        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, H, S, d)
-        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KV, S, d)
-        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KV, S, d)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(self.layer_idx, k, v, cache_position)
-
+        q, k, v = rotated_heads(self, hidden_states, position_embeddings, past_key_values, cache_position)
         dropout_p = self.config.attention_dropout if self.training else 0.0
         out, probs = self.backend(q.device)(  # out: (B, S, H/2, 2d) = o1 − λ·o2
             q, k, v, mask, scale=self.scaling, lambda_full=self.compute_lambda(q.dtype), dropout_p=dropout_p,
