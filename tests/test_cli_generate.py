@@ -85,6 +85,14 @@ def test_interactive(checkpoint):
     assert result.stdout == expected_text(checkpoint, PROMPTS[0], max_new_tokens=8) + "\n"
 
 
+def test_a_folder_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    """Was "no tokenizer in ...": the tokenizer was read first, so a folder without config.json got the wrong cause."""
+    (tmp_path / "file.txt").write_text("x")
+    result = run(tmp_path, "hi", "-n", 2)
+    assert result.exit_code == 1 and "MODEL_DIR_OR_REPO" in result.output and "no config.json" in result.output, \
+        result.output
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["MISSING", "hi"], 1, "MODEL_DIR_OR_REPO"),
     (["CKPT", "hi", "--device", "tpu"], 2, "--device must be auto, cpu, cuda"),

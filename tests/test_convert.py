@@ -146,7 +146,7 @@ def test_bad_out_dir_and_odd_heads_are_refused_before_writing(llama_dir, tmp_pat
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
     odd = tmp_path / "odd"
     hf_llama(1, num_attention_heads=3, hidden_size=24).save_pretrained(odd)
-    with pytest.raises(ValueError, match="num_attention_heads must be even"):
+    with pytest.raises(ValueError, match="needs an even num_attention_heads; .* has 3: convert to .diffllama-v2. instead"):
         conversion.convert(odd, tmp_path / "new" / "v1", "diffllama")
     assert not (tmp_path / "new").exists()
     conversion.convert(odd, tmp_path / "new" / "v2", "diffllama-v2")  # V2 needs no pairs

@@ -17,6 +17,7 @@ from diffllama.eval import EvalSettings, attention_allocation as alloc, needle, 
 from diffllama.eval.attention_maps import (captured_maps, diffllama_attention_maps, fake_quantize,
                                            reference_attention_path)
 from diffllama.eval.icl import icl_order_robustness
+from diffllama.eval.runner import evaluate
 from diffllama.eval.scoring import continuation_logprobs, greedy_continuation, next_token_logprobs
 from diffllama.train.data import bundled_corpus, iter_documents, train_bpe
 
@@ -326,3 +327,10 @@ def test_cli_eval_refuses_bad_arguments(model_dir, tmp_path):
         result = CliRunner().invoke(app, ["eval", str(model_dir), "--out", str(tmp_path / "x"), *args])
         assert result.exit_code == 2 and match in result.output, result.output
         assert not (tmp_path / "x").exists()
+    (tmp_path / "afile").write_text("keep")
+    result = CliRunner().invoke(app, ["eval", str(model_dir), "--out", str(tmp_path / "afile")])
+    assert (result.exit_code, result.output) == (2, f"error: --out {str(tmp_path / 'afile')!r} is a file: give a "
+                                                    f"folder for the results\n")
+    with pytest.raises(ValueError, match="out_dir .*afile/sub' must be a folder"):  # the Python API
+        evaluate(model_dir, tmp_path / "afile" / "sub")
+    assert (tmp_path / "afile").read_text() == "keep"

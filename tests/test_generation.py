@@ -666,6 +666,14 @@ def test_repeated_compiled_generate_reuses_the_step(monkeypatch):
     assert copy.deepcopy({"decode_state": state}) == {"decode_state": None}  # what a copy of the model holds
 
 
+def test_an_unknown_generation_argument_is_named_by_generate():
+    """Was "resolve_generation_settings() got an unexpected keyword argument": a function the caller never called."""
+    model = diffllama.DiffLlamaForCausalLM(tiny_config(num_hidden_layers=1)).eval()
+    with pytest.raises(TypeError, match=r"generate\(\) got unknown arguments \['foo'\]; the generation arguments "
+                                        r"are \['compile', 'do_sample', "):
+        model.generate(torch.tensor([[5, 6]]), max_new_tokens=2, foo=1)
+
+
 def test_compile_refuses_dynamic_rope_before_any_work(monkeypatch):
     """Dynamic NTK RoPE recomputes its frequencies from state kept between calls (a host-side branch): refused by
     name before the cache, the projection fusion or Dynamo see it, instead of a data-dependent error inside Dynamo."""

@@ -276,6 +276,7 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
 def _load_for_generation(model_dir, prompt, dtype, device, attn):
     """``(tokenizer, PROMPT's tokens or None, model)``; the tokenizer first (cheap): a PROMPT that tokenizes to
     nothing without a BOS token is refused before the weights load."""
+    from diffllama.config import DiffLlamaConfig  # lazy: CLI startup time
     from diffllama.hub import resolve_checkpoint_dir  # lazy: CLI startup time
     from diffllama.generation import prompt_tokens  # lazy: CLI startup time
     from diffllama.modeling import DiffLlamaForCausalLM  # lazy: CLI startup time
@@ -283,6 +284,7 @@ def _load_for_generation(model_dir, prompt, dtype, device, attn):
 
     try:
         directory = resolve_checkpoint_dir(model_dir)
+        DiffLlamaConfig.from_pretrained(directory)  # a folder that is no checkpoint at all: say so, not "no tokenizer"
         tokenizer = Tokenizer.from_pretrained(directory)
         try:
             tokens = None if prompt is None else prompt_tokens(tokenizer, prompt)
@@ -847,7 +849,9 @@ def eval_command(
         torch_device = _generation_device(device)
         if num_threads < 0:
             raise _UsageError(f"--num-threads must be >= 0 (0 = torch's default), got {num_threads}", 2)
-    folder = Path(out or Path(model_dir) / "eval")
+        folder = Path(out or Path(model_dir) / "eval")
+        if folder.exists() and not folder.is_dir():
+            raise _UsageError(f"--out {str(folder)!r} is a file: give a folder for the results", 2)
     if num_threads:
         import torch
 

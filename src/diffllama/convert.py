@@ -137,10 +137,14 @@ def convert(src_dir: str | os.PathLike, out_dir: str | os.PathLike, arch: str) -
     source = resolve_checkpoint_dir(src_dir)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in src_dir {str(source)!r}")
-    model_type = read_json_object(source / "config.json").get("model_type")
+    source_config = read_json_object(source / "config.json")
+    model_type, heads = source_config.get("model_type"), source_config.get("num_attention_heads")
     if model_type != "llama":
         raise ValueError(f"src_dir must be a Llama checkpoint (model_type 'llama'), {str(source)!r} has model_type "
                          f"{model_type!r}")
+    if arch == "diffllama" and isinstance(heads, int) and heads % 2:
+        raise ValueError(f"arch 'diffllama' (V1) uses query heads in pairs, so it needs an even "
+                         f"num_attention_heads; {str(source)!r} has {heads}: convert to 'diffllama-v2' instead")
     llama = DiffLlamaForCausalLM.from_pretrained(source)
     to_arch = {"diffllama-v2": llama_to_v2, "diffllama": llama_to_v1}[arch]
     state, config = to_arch(llama.state_dict(), llama.config)

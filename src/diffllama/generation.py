@@ -25,6 +25,7 @@ row has stopped or after the most new tokens (by default 20, as transformers: se
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 import warnings
@@ -148,6 +149,11 @@ def resolve_generation_settings(config, generation_config=None, *, prompt_length
     return GenerationSettings(max_new_tokens=most, min_new_tokens=fewest, **sampling, eos_token_id=tuple(eos),
                               pad_token_id=pad, seed=None if seed is None else int(seed),
                               static_cache=bool(static_cache), compile=bool(compile))
+
+
+# The keyword arguments generate() passes on to resolve_generation_settings (the others are its own plumbing).
+GENERATION_ARGUMENTS = frozenset(inspect.signature(resolve_generation_settings).parameters) - {
+    "config", "generation_config", "prompt_length", "names"}
 
 
 def _namer(names: Mapping[str, str] | None):
@@ -712,6 +718,10 @@ def _start(model, input_ids, attention_mask, inputs_embeds, settings, arguments:
     mask = _check_inputs(input_ids, attention_mask, **prompt)
     b, s = mask.shape
     if settings is None:
+        unknown = sorted(set(arguments) - GENERATION_ARGUMENTS)
+        if unknown:  # else the TypeError would name resolve_generation_settings, which the caller never called
+            raise TypeError(f"generate() got unknown arguments {unknown}; the generation arguments are "
+                            f"{sorted(GENERATION_ARGUMENTS)}")
         defaults = getattr(model, "generation_config", None) if defaults is None else defaults
         settings = resolve_generation_settings(model.config, defaults, prompt_length=s, **arguments)
     elif not isinstance(settings, GenerationSettings) or arguments:

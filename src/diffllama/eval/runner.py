@@ -109,7 +109,8 @@ def evaluate(model_dir: str, out_dir: str | Path, settings: EvalSettings | None 
     """Run ``settings.tasks`` on the checkpoint in ``model_dir`` and write ``out_dir/results.json`` and the plots.
 
     ``model``/``tokenizer`` may be given already loaded (the study script evaluates the model it trained).
-    Returns the results dict (also written). Raises: ValueError from :meth:`EvalSettings.check`, before any work.
+    Returns the results dict (also written). Raises: ValueError from :meth:`EvalSettings.check`, before any work,
+    or naming ``out_dir`` when it (or a folder above it) is a file.
     """
     import torch
 
@@ -117,7 +118,10 @@ def evaluate(model_dir: str, out_dir: str | Path, settings: EvalSettings | None 
     settings = settings or EvalSettings()
     settings.check()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as error:  # out_dir, or a folder above it, is a file
+        raise ValueError(f"out_dir {str(out_dir)!r} must be a folder: {error}") from error
     if model is None:
         model, tokenizer = _load(model_dir, device, dtype)
     limit = model.config.max_position_embeddings
