@@ -66,7 +66,8 @@ def _config(folder, corpus, **extra):
     settings = dict(preset="tiny", data=[str(corpus)], cache_dir=str(folder / "cache"), tokenizer_vocab_size=320,
                     seq_len=32, batch_size=4, max_steps=4, warmup_steps=1, eval_every=4, eval_batches=2,
                     log_every=1, save_every=4, device="cpu", val_fraction=0.1, tensorboard=False,
-                    model=dict(MICRO, max_position_embeddings=128), **extra)
+                    model=dict(MICRO, max_position_embeddings=128))
+    settings.update(extra)
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(settings))
     return path
