@@ -253,3 +253,12 @@ def test_train_refuses_an_unknown_arch(corpus, tmp_path):
                                  str(tmp_path / "run")])
     assert result.exit_code == 1
     assert "--arch must be one of ('diffllama', 'diffllama-v2', 'llama'), got 'gpt'" in result.output
+
+
+def test_plot_draws_several_runs_in_one_image(trained, tmp_path):
+    _, run = trained
+    result = runner.invoke(app, ["plot", str(run), str(run), "--out", str(tmp_path / "trio.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "trio.png").stat().st_size > 1000
+    result = runner.invoke(app, ["plot", str(run), str(run)])
+    assert result.exit_code == 1 and "several with --out" in result.output

@@ -499,10 +499,15 @@ def _start_training(config: str | None, out: str | None, resume: bool, arch: str
 
 @app.command()
 def plot(
-    run_dir: str = typer.Argument(..., help="A run folder written by `diffllama train`."),
-    out: str = typer.Option(None, "--out", help="PNG path. Default: RUN_DIR/loss.png."),
+    run_dir: list[str] = typer.Argument(..., help="Run folders written by `diffllama train` (several: one image, "
+                                        "each run in its own colour, e.g. the tiny trio of architectures)."),
+    out: str = typer.Option(None, "--out", help="PNG path. Default: RUN_DIR/loss.png (one run; several need it)."),
 ) -> None:
-    """Draw a run's training and validation loss (and learning rate) curves to a PNG file."""
+    """Draw runs' training and validation loss (and learning rate) curves to a PNG file; the legend gives each
+    run's last validation loss.
+
+    Example: diffllama plot runs/tiny-diffllama runs/tiny-diffllama-v2 runs/tiny-llama --out runs/tiny-trio.png
+    """
     from diffllama.train.plot import plot_run  # lazy: CLI startup time
 
     with _reported((FileNotFoundError, ValueError)):
