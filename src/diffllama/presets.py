@@ -65,7 +65,7 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 # The model fields of a preset's other trio members, over its ``model`` (V1's and Llama's are the same): parameter
-# counts within 2% of the Llama member (V2: -0.5% tiny, -0.8% small, -0.7% 0.4b, +0.4% 1b).
+# counts within 2% of the Llama member (V2: -0.5% tiny, -0.7% small, -0.7% 0.4b, +0.3% 1b).
 ARCH_MODEL: dict[str, dict[str, dict]] = {
     "tiny": {"diffllama_v2": dict(intermediate_size=608)},
     "small": {"diffllama_v2": dict(intermediate_size=1216)},
