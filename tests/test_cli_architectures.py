@@ -122,6 +122,11 @@ def test_finetune_on_each_architecture(trained, tmp_path):
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "ft" / "model" / "config.json").read_text())
     assert config["model_type"] == ARCHITECTURES[arch] and config["id2label"] == {"0": "neg", "1": "pos"}
+    result = runner.invoke(app, ["predict", "sequence-classification", "--model", str(tmp_path / "ft" / "model"),
+                                 "--device", "cpu", "-"], input="Row 3 is good.\nRow 4 is bad.\n")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 2 and all(line["label"] in ("neg", "pos") for line in lines)
 
 
 def test_eval_on_each_architecture(trained, tmp_path):
@@ -212,6 +217,10 @@ def test_converted_llama_trains_with_init_from(converted, corpus, tmp_path):
         torch.testing.assert_close(end[name], start[name], atol=1e-8, rtol=0)
     first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["step"] == 1  # a new run from step 0, not the source's steps
+    # the run resumes from its own checkpoint and saved model settings (the config.yaml holds the checkpoint's)
+    result = runner.invoke(app, ["train", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "22"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 22
 
 
 @pytest.mark.parametrize("extra, message", [
