@@ -65,6 +65,25 @@ class AttentionMaps:
         return probs[:, self.first] - self.lambda_full * probs[:, self.second]
 
 
+def _logits_and_values(module, hidden_states: torch.Tensor, position_embeddings, mask,
+                       query_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, values)`` of an attention module with ``query_heads`` query heads: the pre-softmax scores
+    (B, Hq, S, S) = RoPE'd ``q·kᵀ·scale`` and the values (B, Hq, S, d), query head j reading key/value head
+    ``j // (Hq/KV)``. ValueError for a mask whose key count is not S (no KV cache)."""
+    b, s, _ = hidden_states.shape
+    if mask.k_len != s:
+        raise ValueError(f"attention maps need the whole sequence as input (no KV cache): the mask covers "
+                         f"{mask.k_len} keys, the input has {s} tokens")
+    kv, d = module.num_key_value_heads, module.head_dim
+    q = module.q_proj(hidden_states).view(b, s, query_heads, d).transpose(1, 2)  # (B, Hq, S, d)
+    k = module.k_proj(hidden_states).view(b, s, kv, d).transpose(1, 2)  # (B, KV, S, d)
+    v = module.v_proj(hidden_states).view(b, s, kv, d).transpose(1, 2)  # (B, KV, S, d)
+    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+    k = k.repeat_interleave(query_heads // kv, dim=1)  # (B, Hq, S, d): query head j reads key head j // (Hq / KV)
+    v = v.repeat_interleave(query_heads // kv, dim=1)
+    return torch.matmul(q, k.transpose(-1, -2)) * module.scaling, v
+
+
 def diffllama_attention_maps(module, hidden_states: torch.Tensor, position_embeddings, mask) -> AttentionMaps:
     """:class:`AttentionMaps` of a :class:`diffllama.modeling.DiffLlamaAttention` for its input (no KV cache).
 
@@ -81,18 +100,9 @@ def diffllama_attention_maps(module, hidden_states: torch.Tensor, position_embed
         ValueError: a mask whose key count is not S (the maps are for a whole sequence, not a cached step).
     """
     b, s, _ = hidden_states.shape
-    if mask.k_len != s:
-        raise ValueError(f"attention maps need the whole sequence as input (no KV cache): the mask covers "
-                         f"{mask.k_len} keys, the input has {s} tokens")
-    h, kv, d = module.num_heads, module.num_key_value_heads, module.head_dim
-    q = module.q_proj(hidden_states).view(b, s, h, d).transpose(1, 2)  # (B, H, S, d)
-    k = module.k_proj(hidden_states).view(b, s, kv, d).transpose(1, 2)  # (B, KV, S, d)
-    v = module.v_proj(hidden_states).view(b, s, kv, d).transpose(1, 2)  # (B, KV, S, d)
-    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-    k = k.repeat_interleave(h // kv, dim=1)  # (B, H, S, d): query head j reads key head j // (H / KV)
-    v = v.repeat_interleave(h // kv, dim=1)
+    h, d = module.num_heads, module.head_dim
+    logits, v = _logits_and_values(module, hidden_states, position_embeddings, mask, h)
     paired = torch.cat(v.chunk(2, dim=1), dim=-1)  # (B, H/2, S, 2d): [v_i, v_{i + H/2}]
-    logits = torch.matmul(q, k.transpose(-1, -2)) * module.scaling  # (B, H, S, S)
 
     def finish(out: torch.Tensor) -> torch.Tensor:  # (B, H/2, S, 2d) -> (B, S, D)
         out = (1 - module.lambda_init) * F.rms_norm(out, (2 * d,), eps=module.config.rms_norm_eps)
@@ -121,22 +131,13 @@ def plain_attention_maps(module, hidden_states: torch.Tensor, position_embedding
             whose output is then no single map applied to one value.
     """
     b, s, _ = hidden_states.shape
-    if mask.k_len != s:
-        raise ValueError(f"attention maps need the whole sequence as input (no KV cache): the mask covers "
-                         f"{mask.k_len} keys, the input has {s} tokens")
     h, kv, d = module.num_heads, module.num_key_value_heads, module.head_dim
     per_output = module.query_heads_per_output  # 1 (Llama) or 2 (V2)
     if per_output == 2 and h % kv:
         raise ValueError(f"attention maps of a V2 model need num_key_value_heads ({kv}) to divide "
                          f"num_attention_heads ({h}): otherwise a head pair reads two different value heads")
     hq = per_output * h
-    q = module.q_proj(hidden_states).view(b, s, hq, d).transpose(1, 2)  # (B, Hq, S, d)
-    k = module.k_proj(hidden_states).view(b, s, kv, d).transpose(1, 2)  # (B, KV, S, d)
-    v = module.v_proj(hidden_states).view(b, s, kv, d).transpose(1, 2)  # (B, KV, S, d)
-    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-    k = k.repeat_interleave(hq // kv, dim=1)  # (B, Hq, S, d): query head j reads key head j // (Hq / KV)
-    v = v.repeat_interleave(hq // kv, dim=1)
-    logits = torch.matmul(q, k.transpose(-1, -2)) * module.scaling  # (B, Hq, S, S)
+    logits, v = _logits_and_values(module, hidden_states, position_embeddings, mask, hq)
     first = list(range(0, hq, per_output))
     second, lam = None, None
     if per_output == 2:
