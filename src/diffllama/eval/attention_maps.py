@@ -109,7 +109,7 @@ def diffllama_attention_maps(module, hidden_states: torch.Tensor, position_embed
         return module.o_proj(out.transpose(1, 2).reshape(b, s, h * d))
 
     return AttentionMaps(logits=logits, allowed=mask.dense(), first=list(range(h // 2)),
-                         second=list(range(h // 2, h)), lambda_full=module.compute_lambda(q.dtype), value=paired,
+                         second=list(range(h // 2, h)), lambda_full=module.compute_lambda(logits.dtype), value=paired,
                          finish=finish)
 
 
