@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -248,8 +249,13 @@ def test_a_task_model_is_refused_and_a_minus_one_pad_id_batches(checkpoint, tmp_
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         (task / name).unlink(missing_ok=True)
     classifier.save_pretrained(task)
-    result = run(task, "hi", "-n", 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run(task, "hi", "-n", 2)
     assert result.exit_code == 1 and "has no language-model head" in result.stderr and result.stdout == ""
+    # one line: the loader's "newly initialised weights: lm_head.weight" UserWarning is held back (it said the
+    # same, raw)
+    assert result.stderr.strip().count("\n") == 0 and not caught, (result.stderr, [str(w.message) for w in caught])
     legacy = tmp_path / "legacy"
     shutil.copytree(checkpoint, legacy)
     config = json.loads((legacy / "config.json").read_text())
@@ -270,3 +276,37 @@ def test_prompts_file_output_escapes_carriage_returns(checkpoint, tmp_path, monk
     result = run(checkpoint, "-f", prompts, "-n", 2)
     assert result.exit_code == 0, result.output
     assert result.stdout == "a\\rb\\nc\\\\d\n" * 2
+
+
+def test_ctrl_c_in_interactive_stops_the_answer_not_the_session(checkpoint, monkeypatch):
+    import diffllama.generation as generation
+
+    real = generation.stream_text
+    calls = []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        for i, piece in enumerate(real(*args, **kwargs)):
+            if len(calls) == 1 and i == 2:
+                raise KeyboardInterrupt  # as Ctrl-C arrives in the middle of the first answer
+            yield piece
+
+    monkeypatch.setattr(generation, "stream_text", interrupted_once)
+    result = run(checkpoint, "--interactive", "-n", 8, "--dtype", "float64", input=f"{PROMPTS[0]}\n{PROMPTS[1]}\n\n")
+    assert result.exit_code == 0, result.output
+    assert "[stopped]" in result.stderr and len(calls) == 2
+    assert result.stdout.endswith(expected_text(checkpoint, PROMPTS[1], max_new_tokens=8) + "\n")
+
+
+def test_bf16_on_a_cpu_without_bf16_warns(checkpoint, monkeypatch):
+    from diffllama.train import resources
+
+    monkeypatch.setattr(resources, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="--dtype bfloat16 on this CPU .* about 30x slower"):
+        result = run(checkpoint, "hi", "-n", 2, "--dtype", "bfloat16", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+
+
+def test_the_command_prints_warnings_as_one_line(capsys):
+    cli._show_warning(UserWarning("careful"), UserWarning, "/some/file.py", 12)
+    assert capsys.readouterr().err == "warning: careful\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -711,3 +712,14 @@ def test_two_fsdp_processes_score_the_test_set_as_one(base_model, tmp_path):
         metrics[name] = json.loads((tmp_path / name / "finetune_metrics.json").read_text())
     for split in ("eval", "test"):
         assert metrics["fsdp"][split]["accuracy"] == pytest.approx(metrics["single"][split]["accuracy"], abs=1e-9)
+
+
+def test_evaluation_and_test_phases_show_progress(base_model, tmp_path, capfd):
+    """The evaluation and test scoring used to run with the training bar standing still; each now has its own."""
+    task = get_task("sequence-classification", TaskOptions(max_length=32))
+    cfg = finetune_config(dict(max_steps=2, lr=1e-3, warmup_steps=0, eval_every=2, batch_size=16, device="cpu",
+                               seed=0, log_every=2, num_threads=1))
+    run_finetune(task, cfg, tmp_path / "run", model_dir=base_model, train_path=DATA / "rt_train.csv",
+                 eval_path=DATA / "rt_test.csv", test_path=DATA / "rt_test.csv", quiet=False)
+    err = capfd.readouterr().err  # tqdm redraws every 0.1 s: some count above 0 shows the bar moving
+    assert re.search(r"eval: [1-9]\d*batch", err) and re.search(r"test: [1-9]\d*batch", err), err[-2000:]

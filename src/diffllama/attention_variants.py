@@ -26,6 +26,22 @@ from diffllama.config import DiffLlamaConfig
 from diffllama.rope import apply_rotary_pos_emb
 
 
+def rotated_heads(module: nn.Module, hidden_states: torch.Tensor,
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                  past_key_values: DynamicCache | StaticCache | None,
+                  cache_position: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention inputs of every architecture: ``module.qkv(hidden_states)`` ((B, S, D) in) split into heads of
+    ``module.head_dim``, RoPE on q and k, then k and v written to ``module``'s layer of the cache (and read back
+    whole). Returns q (B, Hq, S, d), k and v (B, KV, Sk, d); Sk = S without a cache."""
+    b, s, _ = hidden_states.shape
+    q, k, v = (t.view(b, s, -1, module.head_dim).transpose(1, 2) for t in module.qkv(hidden_states))
+    cos, sin = position_embeddings
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    if past_key_values is not None:
+        k, v = past_key_values.update(module.layer_idx, k, v, cache_position)
+    return q, k, v
+
+
 class LlamaAttention(nn.Module):
     """Plain multi-head attention with GQA (transformers' ``LlamaAttention``): query head j reads key/value head
     ``j // (Hq / KV)``. The backend is chosen once from ``config.attn_implementation``
@@ -69,16 +85,7 @@ class LlamaAttention(nn.Module):
         """(B, S, D) -> (B, S, D) in the dtype of ``hidden_states``, plus the probabilities (B, Hq, S, Sk) with
         ``output_attentions`` (eager only). Arguments, cache handling and errors as
         :meth:`diffllama.modeling.DiffLlamaAttention.forward`."""
-        b, s, _ = hidden_states.shape
-        q, k, v = self.qkv(hidden_states)
-        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, Hq, S, d)
-        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KV, S, d)
-        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KV, S, d)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(self.layer_idx, k, v, cache_position)
-
+        q, k, v = rotated_heads(self, hidden_states, position_embeddings, past_key_values, cache_position)
         dropout_p = self.config.attention_dropout if self.training else 0.0
         out, probs = self.backend(q.device)(  # out: (B, S, Hq, d)
             q, k, v, mask, scale=self.scaling, dropout_p=dropout_p, output_attentions=output_attentions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
+import warnings
 from contextlib import contextmanager
 
 import typer
@@ -226,6 +227,7 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
     import time
 
     from diffllama.generation import resolve_generation_settings, with_tokenizer_eos  # lazy: CLI startup time
+    from diffllama.train.resources import warn_slow_bf16  # lazy: CLI startup time
 
     if sum([prompt is not None, interactive, prompts_file is not None]) != 1:
         raise _UsageError("give exactly one of PROMPT, --interactive or --prompts-file", 2)
@@ -242,6 +244,7 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
         raise _UsageError(f"--batch-size must be >= 1, got {batch_size}", 2)
     torch_device = _generation_device(device)
     torch_dtype = _generation_dtype(dtype, torch_device)
+    warn_slow_bf16(torch_device, torch_dtype, "--dtype bfloat16")
     _check_attn(attn, torch_device)
     prompts = _read_prompts(prompts_file) if prompts_file is not None else None
 
@@ -259,8 +262,15 @@ def _run_generate(model_dir, prompt, *, max_new_tokens, temperature, top_k, top_
     if prompts is not None:
         _generate_batches(model, tokenizer, prompts, settings, batch_size)
         return
-    for tokens in [tokens] if tokens is not None else _interactive_prompts(tokenizer):
+    if tokens is not None:
         _stream_one(model, tokenizer, tokens, settings)
+        return
+    for tokens in _interactive_prompts(tokenizer):
+        try:
+            _stream_one(model, tokenizer, tokens, settings)
+        except KeyboardInterrupt:  # Ctrl-C during an answer stops that answer; at the prompt it ends the session
+            _write("\n")
+            print("[stopped]", file=sys.stderr)
 
 
 def _load_for_generation(model_dir, prompt, dtype, device, attn):
@@ -278,7 +288,10 @@ def _load_for_generation(model_dir, prompt, dtype, device, attn):
             tokens = None if prompt is None else prompt_tokens(tokenizer, prompt)
         except ValueError as error:
             raise _UsageError(f"{error}: give PROMPT some text", 2) from error
-        model = DiffLlamaForCausalLM.from_pretrained(directory, dtype=dtype, device=device, attn_implementation=attn)
+        with warnings.catch_warnings(record=True) as caught:  # held back: a task model's would repeat the error
+            warnings.simplefilter("always")
+            model = DiffLlamaForCausalLM.from_pretrained(directory, dtype=dtype, device=device,
+                                                         attn_implementation=attn)
     except (FileNotFoundError, NotADirectoryError) as error:
         raise _UsageError(f"MODEL_DIR_OR_REPO {model_dir!r}: {error}") from error
     except (ValueError, ImportError) as error:
@@ -286,6 +299,8 @@ def _load_for_generation(model_dir, prompt, dtype, device, attn):
     if "lm_head.weight" in model.loading_report["new"]:  # a task model's folder: the head would be random
         raise _UsageError(f"{model_dir!r} has no language-model head (lm_head.weight is not in its weights: a "
                           f"fine-tuned task model?); generate needs a causal LM checkpoint")
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return tokenizer, tokens, model
 
 
@@ -447,7 +462,8 @@ def train(
     from diffllama.train.loop import BatchTooLargeError  # lazy: CLI startup time
 
     run_dir, result = _run_reporting_errors(functools.partial(_start_training, config, out, resume, arch, settings),
-                                            (CorpusError, ValueError, FileNotFoundError, BatchTooLargeError))
+                                            (CorpusError, ValueError, FileNotFoundError, BatchTooLargeError,
+                                             MemoryError))
     summary = _finished_summary(result, run_dir, f"diffllama train --out {run_dir} --resume")
     if summary:
         print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens; validation loss "
@@ -616,7 +632,7 @@ def finetune(
         return run_finetune(task_obj, finetune_config(settings), run_dir, model_dir=model, train_path=data,
                             eval_path=eval_data, test_path=test_data, resume=resume)
 
-    result = _run_reporting_errors(run, (DataError, ValueError, FileNotFoundError))
+    result = _run_reporting_errors(run, (DataError, ValueError, FileNotFoundError, MemoryError))
     hint = resume_command(task, {  # every flag given: --resume refuses a change to those the checkpoint fixes
         "--model": model, "--data": data, "--eval-data": eval_data, "--test-data": test_data,
         "--text-column": text_column, "--label-column": label_column, "--tokens-column": tokens_column,
@@ -906,4 +922,13 @@ def main() -> None:
 
     if not sys.stdout.isatty():  # piped --help: rich would assume 80 columns and cut the long flag names short
         os.environ.setdefault("COLUMNS", "140")
+    warnings.showwarning = _show_warning
     app()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Print a warning as one ``warning: ...`` line: the file, line and source line Python adds mean nothing to
+    a user of the command."""
+    import sys
+
+    print(f"warning: {message}", file=file or sys.stderr)

@@ -16,7 +16,7 @@ import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from diffllama.hub import resolve_checkpoint_dir
 from diffllama.io import atomic_write_text, new_folder, read_json_object
@@ -76,6 +76,8 @@ class DiffLlamaConfig:
             the RoPE ``factor``, ``attention_dropout``/``classifier_dropout`` (in [0, 1)), ``initializer_range`` or
             ``lambda_std_dev``.
     """
+
+    model_type: ClassVar[str] = MODEL_TYPE  # read by PEFT and transformers' tools, as on transformers' configs
 
     vocab_size: int = 32000
     hidden_size: int = 2048
@@ -329,7 +331,13 @@ class DiffLlamaConfig:
             path = resolve_checkpoint_dir(path_or_repo_id)
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
-            raise FileNotFoundError(f"no config.json at {file}")
+            # transformers' Trainer.save_model and its checkpoints write only the weights of a model that is not
+            # a transformers PreTrainedModel, which is the case of diffllama's classes.
+            raise FileNotFoundError(f"no config.json at {file}: a folder written by transformers' Trainer "
+                                    "(save_model or a checkpoint) holds the weights only; save diffllama models "
+                                    "with model.save_pretrained(folder) (after Trainer: "
+                                    "trainer.model.save_pretrained(folder)), which writes config.json too, or train with "
+                                    "diffllama.integrations.transformers.DiffLlamaTrainer")
         return cls.from_dict(read_json_object(file), **overrides)
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:

@@ -360,6 +360,39 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 1)
 
 
+def prepare_inputs_for_generation(input_ids: torch.Tensor | None = None, past_key_values=None,
+                                  attention_mask: torch.Tensor | None = None,
+                                  inputs_embeds: torch.Tensor | None = None, use_cache: bool = True,
+                                  **kwargs) -> dict:
+    """The keyword arguments of the next forward call in a generation loop, as transformers'
+    ``GenerationMixin.prepare_inputs_for_generation`` gives them: only the tokens the cache does not hold yet,
+    position ids from the attention mask (left padding counts from each row's first real token), and
+    ``inputs_embeds`` instead of ids on the first step when given. PEFT (``task_type="CAUSAL_LM"``) reads this
+    hook from the model; :func:`generate` does not use it.
+
+    Args:
+        input_ids: (B, S) int64, every token so far. past_key_values: a diffllama cache, or None.
+        attention_mask: (B, S) 0/1 over the same tokens, or None. inputs_embeds: (B, S, D) for the first step.
+        kwargs: other forward arguments, passed on (None values dropped).
+
+    Returns:
+        A dict for ``model(**inputs)``: ``input_ids`` (B, S_new) or ``inputs_embeds``, ``attention_mask``,
+        ``position_ids`` (B, S_new) int64, ``past_key_values``, ``use_cache``.
+    """
+    cached = past_key_values.get_seq_length() if past_key_values is not None else 0
+    inputs = {k: v for k, v in kwargs.items() if v is not None}
+    inputs.update(past_key_values=past_key_values, use_cache=use_cache, attention_mask=attention_mask)
+    if inputs_embeds is not None and cached == 0:
+        inputs["inputs_embeds"] = inputs_embeds
+        length = inputs_embeds.shape[1]
+    else:
+        inputs["input_ids"] = input_ids[:, cached:]
+        length = inputs["input_ids"].shape[1]
+    if attention_mask is not None:
+        inputs["position_ids"] = position_ids_from_mask(attention_mask)[:, -length:]
+    return inputs
+
+
 def _check_inputs(input_ids, attention_mask, vocab_size: int, inferred_from: int | None = None,
                   inputs_embeds=None, dtype: torch.dtype | None = None, hidden_size: int | None = None
                   ) -> torch.Tensor:
@@ -919,3 +952,18 @@ def decode_n(step: DecodeStep, token: torch.Tensor, position_ids: torch.Tensor, 
         out.append(token)
         position_ids = position_ids + 1
     return torch.cat(out, dim=1)
+
+
+class GenerationMixin:
+    """transformers' generation methods on :class:`~diffllama.modeling.DiffLlamaForCausalLM`: ``generate`` and the
+    ``prepare_inputs_for_generation`` hook (PEFT's ``task_type="CAUSAL_LM"`` wrapper needs it)."""
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
+        """Continue left-padded prompts (B, S) -> (B, S + n) int64, or (B, n) for ``inputs_embeds`` alone; see
+        :func:`generate`."""
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor | None = None, **kwargs) -> dict:
+        """The next forward call's keyword arguments; see :func:`prepare_inputs_for_generation`."""
+        return prepare_inputs_for_generation(input_ids, **kwargs)

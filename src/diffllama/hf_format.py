@@ -472,14 +472,32 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, attn_imple
     return model.eval()
 
 
-def read_generation_config(directory: str | os.PathLike) -> dict:
-    """The ``generation_config.json`` of a checkpoint directory as a dict ({} when absent).
+class GenerationConfig(dict):
+    """``generation_config.json``'s entries: a dict whose entries also read and write as attributes, as on
+    transformers' ``GenerationConfig`` (an entry that is not set reads as None). transformers' Trainer
+    (``align_special_tokens``, run when it is given a tokenizer) and PEFT use the attribute form."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy, pickle and friends probe dunder names: not entries
+            raise AttributeError(name)
+        return self.get(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        self[name] = value
+
+    def to_dict(self) -> dict:
+        """A plain dict copy, as transformers' ``GenerationConfig.to_dict``."""
+        return dict(self)
+
+
+def read_generation_config(directory: str | os.PathLike) -> GenerationConfig:
+    """The ``generation_config.json`` of a checkpoint directory ({} when absent).
 
     Raises:
         ValueError: the file exists but is not a JSON object.
     """
     path = Path(directory) / GENERATION_CONFIG
-    return read_json_object(path) if path.is_file() else {}
+    return GenerationConfig(read_json_object(path) if path.is_file() else {})
 
 
 def config_override_names() -> set[str]:
@@ -625,13 +643,14 @@ def save_pretrained(model: torch.nn.Module, directory, *, max_shard_size: int | 
 
     The tied ``lm_head.weight`` is omitted. Written by :func:`save_state_dict`, the side files as its
     ``extra_files``: each file atomically, a failure before the files are moved in leaves the directory as it was,
-    and while they are moved in a reader may see the new weights with the old config.json. Returns the written
-    paths.
+    and while they are moved in a reader may see the new weights with the old config.json. A leading ``~`` in
+    ``directory`` is the home folder, as for loading. Returns the written paths.
 
     Raises:
         ValueError: for a bad ``max_shard_size`` (before anything is written: see :func:`save_state_dict`).
     """
     state, files = pretrained_files(model, model.state_dict())
+    directory = Path(directory).expanduser()  # "~/models/x" as from_pretrained reads it, not a folder named "~"
     return save_state_dict(state, directory, max_shard_size=max_shard_size, extra_files=files)
 
 

@@ -21,9 +21,10 @@ from torch.utils.checkpoint import checkpoint
 from diffllama import generation
 from diffllama.activations import ACT_FNS
 from diffllama.attention import AttentionMask, ChosenBackend
-from diffllama.attention_variants import DiffLlamaV2Attention, LlamaAttention
+from diffllama.attention_variants import DiffLlamaV2Attention, LlamaAttention, rotated_heads
 from diffllama.cache import DynamicCache, StaticCache
 from diffllama.config import DiffLlamaConfig
+from diffllama.hf_format import GenerationConfig
 from diffllama.inputs import (check_cache, check_embedded_inputs, check_labels, check_logits_to_keep, check_num_items,
                               check_packing, check_position_ids, check_positions, check_sequence_labels, input_shape)
 from diffllama.losses import causal_lm_loss, problem_type, question_answering_loss, sequence_classification_loss
@@ -31,7 +32,7 @@ from diffllama.masks import document_position_ids, mask_and_slots, packed_docume
 from diffllama.outputs import (BaseModelOutputWithPast, CausalLMOutputWithPast, QuestionAnsweringModelOutput,
                                SequenceClassifierOutputWithPast, TokenClassifierOutput, can_return_tuple)
 from diffllama.pretrained import PreTrainedMixin
-from diffllama.rope import RotaryEmbedding, apply_rotary_pos_emb
+from diffllama.rope import RotaryEmbedding
 
 # ---- building blocks --------------------------------------------------------------------------------------------
 
@@ -141,15 +142,7 @@ class DiffLlamaAttention(nn.Module):
                 Triton or a GPU (:class:`diffllama.attention.ChosenBackend`).
         """
         b, s, _ = hidden_states.shape
-        q, k, v = self.qkv(hidden_states)
-        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, H, S, d)
-        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KV, S, d)
-        v = v.view(b, s, -1, self.head_dim).transpose(1, 2)  # (B, KV, S, d)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(self.layer_idx, k, v, cache_position)
-
+        q, k, v = rotated_heads(self, hidden_states, position_embeddings, past_key_values, cache_position)
         dropout_p = self.config.attention_dropout if self.training else 0.0
         out, probs = self.backend(q.device)(  # out: (B, S, H/2, 2d) = o1 − λ·o2
             q, k, v, mask, scale=self.scaling, lambda_full=self.compute_lambda(q.dtype), dropout_p=dropout_p,
@@ -284,7 +277,7 @@ class DiffLlamaModel(DiffLlamaPreTrainedModel):
         return hidden_states, (*all_hidden, hidden_states), tuple(all_attn)
 
 
-class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
+class DiffLlamaForCausalLM(generation.GenerationMixin, DiffLlamaPreTrainedModel):
     """Decoder + ``lm_head``; next-token cross-entropy when ``labels`` are given (transformers' ForCausalLM)."""
 
     def __init__(self, config: DiffLlamaConfig) -> None:
@@ -293,6 +286,7 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         nn.init.normal_(self.lm_head.weight, 0.0, config.initializer_range)
         self.tie_weights()
+        self.generation_config = GenerationConfig()  # from_pretrained fills it; Trainer and PEFT read it
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -337,12 +331,6 @@ class DiffLlamaForCausalLM(DiffLlamaPreTrainedModel):
                                   labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss, logits, outputs.past_key_values, outputs.hidden_states,
                                       outputs.attentions)
-
-    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                 **kwargs) -> torch.Tensor:
-        """Continue left-padded prompts (B, S) -> (B, S + n) int64, or (B, n) for ``inputs_embeds`` alone; see
-        :func:`diffllama.generation.generate`."""
-        return generation.generate(self, input_ids, attention_mask, **kwargs)
 
 
 class DiffLlamaForSequenceClassification(DiffLlamaPreTrainedModel):

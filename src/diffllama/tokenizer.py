@@ -324,7 +324,8 @@ class Tokenizer:
 
         tokenizers backend: tokenizer.json, tokenizer_config.json (``tokenizer_class: PreTrainedTokenizerFast``),
         special_tokens_map.json. sentencepiece backend: tokenizer.model and the two JSON files
-        (``tokenizer_class: LlamaTokenizer``; transformers converts it on load).
+        (``tokenizer_class: LlamaTokenizer``; transformers converts it on load). tokenizer_config.json sets
+        ``padding_side: "left"``, so ``AutoTokenizer`` pads batches for generation as :meth:`__call__` does.
 
         Each file is written whole or not at all (a temp file and a rename), the vocabulary first.
 
@@ -351,6 +352,7 @@ class Tokenizer:
             written.append(target)
             config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": self._add_bos,
                       "add_eos_token": self._add_eos, "clean_up_tokenization_spaces": False, **special}
+        config["padding_side"] = "left"  # AutoTokenizer pads on the right without it; causal LM batches need left
         for name, data in ((TOKENIZER_CONFIG, config), (SPECIAL_TOKENS_MAP, special)):
             written.append(atomic_write_text(directory / name, json.dumps(data, indent=2, ensure_ascii=False) + "\n"))
         return written

@@ -239,6 +239,10 @@ class FineTuneTrainer(Trainer):
             raise FileNotFoundError(f"{where} has no weights: expected {SAFE_WEIGHTS_NAME} or "
                                     f"{SAFE_WEIGHTS_INDEX_NAME} beside its config.json")
 
+    def _planned_config(self) -> DiffLlamaConfig:
+        """The base model's config (checked by :meth:`_check_model_settings`), for the memory estimate."""
+        return DiffLlamaConfig.from_pretrained(self.model_dir)
+
     def _setup_data(self) -> None:
         task, paths = self.task, self.paths
         # A resumed run keeps the tokenizer its checkpoint was trained with, whatever --model holds now.
@@ -305,15 +309,19 @@ class FineTuneTrainer(Trainer):
 
     # ---- evaluation ------------------------------------------------------------------------------------------------
 
-    def predict(self, examples) -> list:
-        """The task's predictions for ``examples`` with the model as it is now (eval mode, autocast, no grad)."""
+    def predict(self, examples, desc: str = "eval") -> list:
+        """The task's predictions for ``examples`` with the model as it is now (eval mode, autocast, no grad),
+        under a progress bar named ``desc``."""
         self.wrapped.eval()
         id2label = None if self.labels is None else dict(enumerate(self.labels))
 
-        def forward(inputs):
-            with torch.no_grad(), self._autocast():
-                return self.wrapped(inputs)
-        return self.task.predict(forward, self.tokenizer, examples, id2label, self.cfg.batch_size, self.device)
+        with self.phase_bar(desc) as bar:  # the task decides the batches (QA: several windows per example)
+            def forward(inputs):
+                with torch.no_grad(), self._autocast():
+                    out = self.wrapped(inputs)
+                bar.update(1)
+                return out
+            return self.task.predict(forward, self.tokenizer, examples, id2label, self.cfg.batch_size, self.device)
 
     def evaluate(self) -> dict:
         """Score the evaluation set: ``{"eval_<metric>": float}`` for the scalar metrics (full result in
@@ -393,7 +401,7 @@ class FineTuneTrainer(Trainer):
                "baseline": self.task.baseline(self.train_examples, self.eval_examples), "eval": self.last_eval,
                "model_dir": str(self.run_dir / "model")}
         if self.test_examples is not None:
-            out["test"] = self.task.score(self.test_examples, self.predict(self.test_examples))
+            out["test"] = self.task.score(self.test_examples, self.predict(self.test_examples, "test"))
             out["test_baseline"] = self.task.baseline(self.train_examples, self.test_examples)
         return out
 

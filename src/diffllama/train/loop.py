@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from diffllama import settings
+from diffllama.attention import resolve_implementation
 from diffllama.config import DiffLlamaConfig
 from diffllama.hub import resolve_checkpoint_dir
 from diffllama.io import atomic_write_text
@@ -44,6 +45,7 @@ from diffllama.train.data import (BatchPlan, CorpusError, DataMeta, TokenShards,
                                   prepare_data)
 from diffllama.train.distributed import (DistInfo, all_reduce_sum, init_distributed, parallel_mode, parallelize)
 from diffllama.train.loss import linear_cross_entropy
+from diffllama.train.resources import check_fits, estimate_training_memory, warn_slow_bf16
 from diffllama.train.metrics import read_metrics_file
 
 
@@ -260,6 +262,7 @@ class Trainer:
         # ---- data, tokenizer and model: hooks a subclass may replace (diffllama.finetune.run.FineTuneTrainer)
         self._init_state = self._read_init_checkpoint() if cfg.init_from and self.resume_from is None else None
         self._check_model_settings()
+        self._check_memory()
         self._setup_data()
         self.plan = BatchPlan(len(self.train_data), cfg.batch_size, cfg.grad_accum, self.info.world_size, cfg.seed)
 
@@ -424,6 +427,27 @@ class Trainer:
         self._config_with(self.cfg.model.get("vocab_size") or 1 << 16,
                           dict(bos_token_id=None, eos_token_id=None, pad_token_id=None))
 
+    def _planned_config(self) -> DiffLlamaConfig:
+        """The model config as far as it is known before the data work (the vocabulary: the set one, else the
+        tokenizer size asked for), for the memory estimate."""
+        vocab = self.cfg.model.get("vocab_size") or self.cfg.tokenizer_vocab_size
+        return self._config_with(vocab, dict(bos_token_id=None, eos_token_id=None, pad_token_id=None))
+
+    def _check_memory(self) -> None:
+        """Before any data work: warn about bfloat16 on a CPU without bf16 instructions, and refuse settings whose
+        training memory estimate (:func:`diffllama.train.resources.estimate_training_memory`) exceeds the free RAM
+        or GPU memory, printing the estimate (MemoryError)."""
+        cfg, config = self.cfg, self._planned_config()
+        amp = autocast_dtype(cfg, self.device)
+        warn_slow_bf16(self.device, amp, "dtype bfloat16")
+        attn = resolve_implementation(config.attn_implementation, self.device)
+        estimate = estimate_training_memory(
+            config, batch_size=cfg.batch_size, seq_len=cfg.seq_len, activation_dtype=amp or torch.float32,
+            quadratic_attention=attn == "eager" or self.device.type != "cuda",
+            activation_checkpointing=cfg.activation_checkpointing)
+        check_fits(estimate, self.device, "lower --seq-len or --batch-size (raise --grad-accum to keep the global "
+                                          "batch), or pass --activation-checkpointing")
+
     def _model_config(self) -> DiffLlamaConfig:
         # A set vocab_size was checked against the tokenizer before the data work (_check_vocab_fits)
         vocab = self.cfg.model.get("vocab_size") or -(-self.tokenizer.vocab_size // 64) * 64
@@ -542,17 +566,19 @@ class Trainer:
         sums = torch.zeros(2, device=self.device, dtype=torch.float64)
         # Every rank runs the same number of forward passes (FSDP needs matching collectives).
         per_rank = -(-n // info.world_size)
-        for start in range(0, per_rank, cfg.batch_size):
-            chunk = mine[start:start + cfg.batch_size]
-            if not chunk:  # a rank with fewer windows repeats one window with weight 0
-                chunk, weight = [0], 0.0
-            else:
-                weight = 1.0
-            x, y = self._batch(chunk, self.val_data)
-            with self._autocast():
-                loss = self.wrapped(x, y, 1.0)
-            sums[0] += loss.double() * weight
-            sums[1] += y.numel() * weight
+        with self.phase_bar("eval", -(-per_rank // cfg.batch_size)) as bar:
+            for start in range(0, per_rank, cfg.batch_size):
+                chunk = mine[start:start + cfg.batch_size]
+                if not chunk:  # a rank with fewer windows repeats one window with weight 0
+                    chunk, weight = [0], 0.0
+                else:
+                    weight = 1.0
+                x, y = self._batch(chunk, self.val_data)
+                with self._autocast():
+                    loss = self.wrapped(x, y, 1.0)
+                sums[0] += loss.double() * weight
+                sums[1] += y.numel() * weight
+                bar.update(1)
         all_reduce_sum(sums, info)
         val_loss = float(sums[0] / sums[1])
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
@@ -701,6 +727,17 @@ class Trainer:
         from tqdm.auto import tqdm
 
         return tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def phase_bar(self, desc: str, total: int | None = None):
+        """A transient tqdm bar (``leave=False``) for an evaluation or test phase, advanced by ``update(n)``, so
+        the training bar does not sit still while it runs; disabled (updates do nothing) when quiet.
+
+        Args:
+            desc: the phase's name ("eval", "test"). total: the number of updates, or None when not known ahead.
+        """
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=self.quiet)
 
     def _train_loop(self, state: _LoopState, writer, bar) -> None:
         """Run steps until ``max_steps`` or a stop signal; after each: log, evaluate, call the callbacks, and save

@@ -1,0 +1,1 @@
+"""Integrations of diffllama with other libraries: :mod:`diffllama.integrations.transformers`."""
