@@ -9,7 +9,6 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "architectures.py"
 
 
-@pytest.mark.slow  # three tiny models trained and decoded: tens of seconds on a busy CPU
 def test_tiny_run_writes_every_architecture(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_architectures", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
