@@ -53,6 +53,7 @@ def build(preset: str, model_type: str, device: torch.device) -> DiffLlamaForCau
 
 
 def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously; CPU needs nothing), so timings cover it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
