@@ -9,6 +9,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "architectures.py"
 
 
+@pytest.mark.slow  # three tiny models trained and decoded: 5 s on an idle many-core CPU, 30 s+ on a busy one
 def test_tiny_run_writes_every_architecture(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_architectures", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
