@@ -447,19 +447,23 @@ def train(
                             "folder, or an existing run's folder with --resume. Default: runs/PRESET."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out with the run's "
                                 "settings: --max-steps and the logging, saving and device flags may change; flags "
-                                "the checkpoint fixes (--lr, --seq-len, ...) are refused."),
+                                "the checkpoint fixes (--lr, --seq-len, --arch, ...) are refused."),
+    arch: str = typer.Option(None, "--arch", help="Architecture: diffllama (V1), diffllama-v2 (Differential "
+                             "Transformer V2), llama; the preset's matching trio member. Default: the config "
+                             "file's model.model_type, else diffllama."),
     *,
     settings: dict,
 ) -> None:
-    """Train a DiffLlama language model from raw text; each checkpoint is a complete transformers-style model.
+    """Train a DiffLlama (or V2, or Llama) language model from raw text; each checkpoint is a complete
+    transformers-style model.
 
     Works on CPU, one GPU, or many GPUs under torchrun (torchrun --nproc_per_node=N -m diffllama train ...).
-    Example: diffllama train --preset tiny --out runs/tiny
+    Example: diffllama train --preset tiny --arch diffllama-v2 --out runs/tiny-diffllama-v2
     """
     from diffllama.train.data import CorpusError  # lazy: CLI startup time
     from diffllama.train.loop import BatchTooLargeError  # lazy: CLI startup time
 
-    run_dir, result = _run_reporting_errors(functools.partial(_start_training, config, out, resume, settings),
+    run_dir, result = _run_reporting_errors(functools.partial(_start_training, config, out, resume, arch, settings),
                                             (CorpusError, ValueError, FileNotFoundError, BatchTooLargeError,
                                              MemoryError))
     summary = _finished_summary(result, run_dir, f"diffllama train --out {run_dir} --resume")
@@ -470,15 +474,23 @@ def train(
               f"model: {summary['model_dir']}  (try: diffllama generate {summary['model_dir']} \"The people\")")
 
 
-def _train_overrides(settings: dict) -> dict:
+def _train_overrides(settings: dict, arch: str | None) -> dict:
     """The flags' settings as :func:`~diffllama.train.config.resolve_config` overrides: the model's fields gathered
-    under ``model``, and no ``--data`` given as None (not given) rather than an empty corpus list."""
+    under ``model`` (``--arch`` as its ``model_type``), and no ``--data`` given as None (not given) rather than an
+    empty corpus list. Raises ValueError naming ``--arch`` for an unknown architecture."""
+    from diffllama.config import model_type_for_arch  # lazy: CLI startup time
+
     overrides = {name: value for name, value in settings.items() if name not in TRAIN_MODEL_FLAG_HELP}
     model = {name: settings[name] for name in TRAIN_MODEL_FLAG_HELP if settings[name] is not None}
+    if arch is not None:
+        try:
+            model["model_type"] = model_type_for_arch(arch)
+        except ValueError as error:
+            raise ValueError(f"--{error}") from None
     return {**overrides, "data": list(overrides["data"]) if overrides["data"] else None, "model": model or None}
 
 
-def _start_training(config: str | None, out: str | None, resume: bool, settings: dict):
+def _start_training(config: str | None, out: str | None, resume: bool, arch: str | None, settings: dict):
     """``(run folder, FitResult)`` of the run the flags describe: ``settings`` over the config file over the preset
     (resuming without --config and --preset, the run's own resolved config stands for the file)."""
     from pathlib import Path
@@ -487,7 +499,7 @@ def _start_training(config: str | None, out: str | None, resume: bool, settings:
     from diffllama.train.checkpoint import check_run_dir  # lazy: CLI startup time
     from diffllama.train.loop import run_training  # lazy: CLI startup time
 
-    overrides = _train_overrides(settings)
+    overrides = _train_overrides(settings, arch)
     preset = overrides.pop("preset")
     if out is not None and not out.strip():  # Path("") would be the current folder
         raise ValueError("--out must be a folder path, got ''; leave --out out for the default runs/PRESET")
@@ -505,15 +517,45 @@ def _start_training(config: str | None, out: str | None, resume: bool, settings:
 
 @app.command()
 def plot(
-    run_dir: str = typer.Argument(..., help="A run folder written by `diffllama train`."),
-    out: str = typer.Option(None, "--out", help="PNG path. Default: RUN_DIR/loss.png."),
+    run_dir: list[str] = typer.Argument(..., help="Run folders written by `diffllama train` (several: one image, "
+                                        "each run in its own colour, e.g. the tiny trio of architectures)."),
+    out: str = typer.Option(None, "--out", help="PNG path. Default: RUN_DIR/loss.png (one run; several need it)."),
 ) -> None:
-    """Draw a run's training and validation loss (and learning rate) curves to a PNG file."""
+    """Draw runs' training and validation loss (and learning rate) curves to a PNG file; the legend gives each
+    run's last validation loss.
+
+    Example: diffllama plot runs/tiny-diffllama runs/tiny-diffllama-v2 runs/tiny-llama --out runs/tiny-trio.png
+    """
     from diffllama.train.plot import plot_run  # lazy: CLI startup time
 
     with _reported((FileNotFoundError, ValueError)):
         path = plot_run(run_dir, out)
     print(path)
+
+
+# ---- convert (Llama -> DiffLlama) -------------------------------------------------------------------------------
+
+@app.command()
+def convert(
+    src_dir: str = typer.Argument(..., metavar="SRC_DIR_OR_REPO", help="A transformers Llama checkpoint (folder or "
+                                  "hub repo id; config.json model_type 'llama')."),
+    out_dir: str = typer.Argument(..., help="The new checkpoint folder (must not exist, or be empty)."),
+    arch: str = typer.Option(..., "--arch", help="diffllama-v2 (function-preserving: the same logits) or diffllama "
+                             "(V1: an initialisation, not the same function)."),
+) -> None:
+    """Convert a Llama checkpoint to DiffLlama V2 or V1, tokenizer and generation config carried over; continue
+    training it with `diffllama train --init-from OUT_DIR`.
+
+    Example: diffllama convert meta-llama/Llama-3.2-1B llama-v2 --arch diffllama-v2
+    """
+    from diffllama.convert import CONVERSION_ARCHES, convert as convert_checkpoint  # lazy: CLI startup time
+
+    with _reported((ValueError, FileNotFoundError, NotADirectoryError, ImportError)):
+        if arch not in CONVERSION_ARCHES:
+            raise _UsageError(f"--arch must be one of {', '.join(CONVERSION_ARCHES)} (what a Llama converts to), "
+                              f"got {arch!r}", 2)
+        path = convert_checkpoint(src_dir, out_dir, arch)
+    print(f"wrote {path} ({arch}); continue training with: diffllama train --init-from {path} --out RUN_DIR")
 
 
 # ---- finetune / predict (task heads) ----------------------------------------------------------------------------

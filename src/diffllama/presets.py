@@ -16,11 +16,20 @@ The two GPU presets compile each decoder layer (``compile: true``): on an H200 t
 to 136.6k tokens/s (benchmarks/RESULTS.md); pass ``--no-compile`` to skip the ~20 s compile.
 
 A model ``vocab_size`` of ``None`` means "the tokenizer's vocabulary, rounded up to a multiple of 64".
+
+Each preset is a matched trio, one member per architecture (``model_type``: DiffLlama V1, Differential Transformer
+V2, Llama): the same hidden size, layers, heads and training settings, parameter counts within 2% (a test checks
+every trio). V1 and Llama differ only by V1's four λ vectors per layer. V2's ``q_proj`` is twice as wide and it
+adds ``lambda_proj`` (hidden x heads), about hidden² + hidden·heads parameters per layer, paid for by a narrower
+MLP (:data:`ARCH_MODEL`: ``intermediate_size`` lowered by about (hidden + heads) / 3, rounded to a multiple of 32
+or 128 so the matmuls stay aligned).
 """
 
 from __future__ import annotations
 
 import copy
+
+from diffllama.config import MODEL_TYPE, MODEL_TYPES
 
 PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {
@@ -55,13 +64,31 @@ PRESETS: dict[str, dict[str, dict]] = {
     },
 }
 
+# The model fields of a preset's other trio members, over its ``model`` (V1's and Llama's are the same): parameter
+# counts within 2% of the Llama member (V2: -0.5% tiny, -0.7% small, -0.7% 0.4b, +0.3% 1b).
+ARCH_MODEL: dict[str, dict[str, dict]] = {
+    "tiny": {"diffllama_v2": dict(intermediate_size=608)},
+    "small": {"diffllama_v2": dict(intermediate_size=1216)},
+    "0.4b": {"diffllama_v2": dict(intermediate_size=2432)},
+    "1b": {"diffllama_v2": dict(intermediate_size=7552)},
+}
 
-def get_preset(name: str) -> dict[str, dict]:
-    """A deep copy of preset ``name`` as ``{"model": {...}, "train": {...}}``.
+
+def get_preset(name: str, model_type: str = MODEL_TYPE) -> dict[str, dict]:
+    """A deep copy of preset ``name``'s member for ``model_type`` as ``{"model": {...}, "train": {...}}``; its
+    ``model`` holds ``model_type`` too.
+
+    Args:
+        name: a key of :data:`PRESETS`.
+        model_type: "diffllama" (V1, the default), "diffllama_v2" or "llama" (:data:`diffllama.config.MODEL_TYPES`).
 
     Raises:
-        ValueError: for an unknown name, listing the known ones.
+        ValueError: for an unknown name or model_type, listing the known ones.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return copy.deepcopy(PRESETS[name])
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+    preset = copy.deepcopy(PRESETS[name])
+    preset["model"].update(ARCH_MODEL.get(name, {}).get(model_type, {}), model_type=model_type)
+    return preset

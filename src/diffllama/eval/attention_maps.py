@@ -9,7 +9,9 @@ values each output head reads, and how the module turns the attention output int
 :func:`reference_attention` then computes the attention the paper writes down (Ye et al., arXiv 2410.05258, §2.1):
 ``(softmax(Q1K1ᵀ/√d) − λ·softmax(Q2K2ᵀ/√d))·V`` per head pair, optionally with the logits fake-quantised first
 (§3.8, Fig. 8); with no quantisation it reproduces the model's attention output (tests: float64, 1e-6).
-Adding an architecture (Diff Transformer V2, Llama) is one more function in :data:`ARCHITECTURES`.
+Llama and Differential Transformer V2 share :func:`plain_attention_maps`: Llama's output head i is query head i;
+V2's pairs query heads 2i and 2i + 1 with its per-token λ = σ(lambda_proj(x)), so its combined map
+``a_{2i} − λ·a_{2i+1}`` is the differential map the evaluations read, as V1's is.
 """
 
 from __future__ import annotations
@@ -63,6 +65,25 @@ class AttentionMaps:
         return probs[:, self.first] - self.lambda_full * probs[:, self.second]
 
 
+def _logits_and_values(module, hidden_states: torch.Tensor, position_embeddings, mask,
+                       query_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, values)`` of an attention module with ``query_heads`` query heads: the pre-softmax scores
+    (B, Hq, S, S) = RoPE'd ``q·kᵀ·scale`` and the values (B, Hq, S, d), query head j reading key/value head
+    ``j // (Hq/KV)``. ValueError for a mask whose key count is not S (no KV cache)."""
+    b, s, _ = hidden_states.shape
+    if mask.k_len != s:
+        raise ValueError(f"attention maps need the whole sequence as input (no KV cache): the mask covers "
+                         f"{mask.k_len} keys, the input has {s} tokens")
+    kv, d = module.num_key_value_heads, module.head_dim
+    q = module.q_proj(hidden_states).view(b, s, query_heads, d).transpose(1, 2)  # (B, Hq, S, d)
+    k = module.k_proj(hidden_states).view(b, s, kv, d).transpose(1, 2)  # (B, KV, S, d)
+    v = module.v_proj(hidden_states).view(b, s, kv, d).transpose(1, 2)  # (B, KV, S, d)
+    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+    k = k.repeat_interleave(query_heads // kv, dim=1)  # (B, Hq, S, d): query head j reads key head j // (Hq / KV)
+    v = v.repeat_interleave(query_heads // kv, dim=1)
+    return torch.matmul(q, k.transpose(-1, -2)) * module.scaling, v
+
+
 def diffllama_attention_maps(module, hidden_states: torch.Tensor, position_embeddings, mask) -> AttentionMaps:
     """:class:`AttentionMaps` of a :class:`diffllama.modeling.DiffLlamaAttention` for its input (no KV cache).
 
@@ -79,34 +100,65 @@ def diffllama_attention_maps(module, hidden_states: torch.Tensor, position_embed
         ValueError: a mask whose key count is not S (the maps are for a whole sequence, not a cached step).
     """
     b, s, _ = hidden_states.shape
-    if mask.k_len != s:
-        raise ValueError(f"attention maps need the whole sequence as input (no KV cache): the mask covers "
-                         f"{mask.k_len} keys, the input has {s} tokens")
-    h, kv, d = module.num_heads, module.num_key_value_heads, module.head_dim
-    q = module.q_proj(hidden_states).view(b, s, h, d).transpose(1, 2)  # (B, H, S, d)
-    k = module.k_proj(hidden_states).view(b, s, kv, d).transpose(1, 2)  # (B, KV, S, d)
-    v = module.v_proj(hidden_states).view(b, s, kv, d).transpose(1, 2)  # (B, KV, S, d)
-    q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-    k = k.repeat_interleave(h // kv, dim=1)  # (B, H, S, d): query head j reads key head j // (H / KV)
-    v = v.repeat_interleave(h // kv, dim=1)
+    h, d = module.num_heads, module.head_dim
+    logits, v = _logits_and_values(module, hidden_states, position_embeddings, mask, h)
     paired = torch.cat(v.chunk(2, dim=1), dim=-1)  # (B, H/2, S, 2d): [v_i, v_{i + H/2}]
-    logits = torch.matmul(q, k.transpose(-1, -2)) * module.scaling  # (B, H, S, S)
 
     def finish(out: torch.Tensor) -> torch.Tensor:  # (B, H/2, S, 2d) -> (B, S, D)
         out = (1 - module.lambda_init) * F.rms_norm(out, (2 * d,), eps=module.config.rms_norm_eps)
         return module.o_proj(out.transpose(1, 2).reshape(b, s, h * d))
 
     return AttentionMaps(logits=logits, allowed=mask.dense(), first=list(range(h // 2)),
-                         second=list(range(h // 2, h)), lambda_full=module.compute_lambda(q.dtype), value=paired,
+                         second=list(range(h // 2, h)), lambda_full=module.compute_lambda(logits.dtype), value=paired,
                          finish=finish)
 
 
-ARCHITECTURES: dict[str, Callable[..., AttentionMaps]] = {"diffllama": diffllama_attention_maps}
+def plain_attention_maps(module, hidden_states: torch.Tensor, position_embeddings, mask) -> AttentionMaps:
+    """:class:`AttentionMaps` of a :class:`diffllama.attention_variants.LlamaAttention` (Llama: output head i is
+    query head i, ``second`` None) or :class:`~diffllama.attention_variants.DiffLlamaV2Attention` (output head i
+    pairs query heads 2i and 2i + 1, λ (B, h, S, 1) = σ(lambda_proj(x)) per token) for its input (no KV cache).
+
+    Query head j reads key/value head ``j // (Hq/KV)`` (Hq = 2h for V2), each value d wide; ``finish`` lays the h
+    output heads side by side, (B, S, h·d), and applies ``o_proj``.
+
+    Args:
+        module: the layer's ``self_attn``. hidden_states: (B, S, D), its input. position_embeddings: ``(cos, sin)``,
+        each (B or 1, S, d). mask: the :class:`~diffllama.attention.AttentionMask` the layer received.
+
+    Raises:
+        ValueError: a mask whose key count is not S (as :func:`diffllama_attention_maps`); a V2 module whose paired
+            query heads read different value heads (``num_key_value_heads`` not dividing ``num_attention_heads``),
+            whose output is then no single map applied to one value.
+    """
+    b, s, _ = hidden_states.shape
+    h, kv, d = module.num_heads, module.num_key_value_heads, module.head_dim
+    per_output = module.query_heads_per_output  # 1 (Llama) or 2 (V2)
+    if per_output == 2 and h % kv:
+        raise ValueError(f"attention maps of a V2 model need num_key_value_heads ({kv}) to divide "
+                         f"num_attention_heads ({h}): otherwise a head pair reads two different value heads")
+    hq = per_output * h
+    logits, v = _logits_and_values(module, hidden_states, position_embeddings, mask, hq)
+    first = list(range(0, hq, per_output))
+    second, lam = None, None
+    if per_output == 2:
+        second = list(range(1, hq, 2))
+        lam = torch.sigmoid(module.lambda_proj(hidden_states)).transpose(1, 2).unsqueeze(-1)  # (B, h, S, 1)
+
+    def finish(out: torch.Tensor) -> torch.Tensor:  # (B, h, S, d) -> (B, S, D)
+        return module.o_proj(out.transpose(1, 2).reshape(b, s, h * d))
+
+    return AttentionMaps(logits=logits, allowed=mask.dense(), first=first, second=second, lambda_full=lam,
+                         value=v[:, first], finish=finish)
+
+
+ARCHITECTURES: dict[str, Callable[..., AttentionMaps]] = {"diffllama": diffllama_attention_maps,
+                                                          "diffllama_v2": plain_attention_maps,
+                                                          "llama": plain_attention_maps}
 
 
 def maps_function(model) -> Callable[..., AttentionMaps]:
     """The attention-maps function for ``model``'s architecture (its ``config.model_type``; a config without that
-    attribute is DiffLlama V1, the only architecture before the variants land).
+    attribute is DiffLlama V1).
 
     Raises:
         ValueError: an architecture with no entry in :data:`ARCHITECTURES`.

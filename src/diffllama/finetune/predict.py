@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from diffllama.config import MODEL_TYPE, architecture_name
 from diffllama.hub import resolve_checkpoint_dir
 from diffllama.io import atomic_write_text
 from diffllama.tokenizer import Tokenizer
@@ -91,7 +92,9 @@ def check_checkpoint(task: Task, model_dir) -> CheckpointInfo:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"--model {model_dir}: cannot read config.json: {error}") from error
     architectures = config.get("architectures") if isinstance(config, dict) else None
-    expected = task.model_class.__name__
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    # The class name config.json lists depends on the architecture (LlamaForSequenceClassification, ...)
+    expected = architecture_name(task.model_class.__name__, model_type if isinstance(model_type, str) else MODEL_TYPE)
     if architectures and expected not in architectures:
         raise ValueError(f"--model {model_dir} holds a {', '.join(map(str, architectures))}; predict {task.name} "
                          f"needs a checkpoint written by `diffllama finetune {task.name}` ({expected})")

@@ -8,6 +8,12 @@ holds top-level ``TrainConfig`` fields plus an optional ``model:`` mapping of ``
     data: [corpus/]
     model: {num_hidden_layers: 2}
 
+The architecture is the model field ``model_type`` (``model: {model_type: diffllama_v2}`` in a file; ``diffllama
+train --arch diffllama-v2`` on the command line): it picks the preset's trio member
+(:func:`diffllama.presets.get_preset`). With ``init_from`` (``--init-from DIR``) the model is the checkpoint's
+instead of the preset's: its config.json gives every model field, and a model field given in the file or flags
+must agree with it.
+
 The resolved config is written to ``RUN_DIR/config.yaml`` and inside every checkpoint.
 """
 
@@ -23,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffllama.config import ARCHITECTURES, MODEL_TYPE
 from diffllama.presets import get_preset
 
 DTYPES = ("auto", "float32", "bfloat16")
@@ -38,7 +45,11 @@ class TrainConfig:
     preset, ``tiny`` by default, whose ``train`` and ``model`` fields replace these; use it, not the bare dataclass,
     for a run like ``diffllama train``'s):
         preset: the preset the run started from (informational once resolved).
-        model: ``DiffLlamaConfig`` fields; ``vocab_size: None`` = tokenizer vocabulary rounded up to 64.
+        model: ``DiffLlamaConfig`` fields; ``vocab_size: None`` = tokenizer vocabulary rounded up to 64;
+            ``model_type`` ("diffllama", "diffllama_v2", "llama") is the architecture.
+        init_from: a checkpoint folder (a model directory or hub repo id) whose weights start this run (step 0, a
+            fresh optimizer); its config.json gives the model fields and its tokenizer is used. Empty = random
+            weights of the ``model`` fields.
         data: text files (.txt, .md, .text, .rst: one document each), JSON Lines files (.jsonl, .json: one object
             per line, text in ``text_field``), any of them optionally .gz, or folders of them; empty = the bundled
             State of the Union corpus. A run stores them as absolute paths.
@@ -72,6 +83,7 @@ class TrainConfig:
 
     preset: str = "tiny"
     model: dict[str, Any] = field(default_factory=dict)
+    init_from: str = ""
     data: list[str] = field(default_factory=list)
     text_field: str = "text"
     tokenizer: str = ""
@@ -139,7 +151,7 @@ class TrainConfig:
             if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
                     or not ok(value)):
                 raise ValueError(f"{name} must be {expected}, got {value!r}{_yaml_number_hint(value)}")
-        for name in ("preset", "text_field", "tokenizer", "cache_dir"):
+        for name in ("preset", "text_field", "tokenizer", "cache_dir", "init_from"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
         for name in ("compile", "activation_checkpointing", "document_mask", "tensorboard"):
@@ -155,6 +167,9 @@ class TrainConfig:
             raise ValueError(f"data must be a list of paths, got {self.data!r}")
         if not isinstance(self.model, dict):
             raise ValueError(f"model must be a mapping of DiffLlamaConfig fields, got {self.model!r}")
+        if self.init_from and self.tokenizer:  # the checkpoint's embeddings are indexed by its own tokenizer's ids
+            raise ValueError(f"init_from {self.init_from!r} brings its checkpoint's tokenizer: leave tokenizer "
+                             f"({self.tokenizer!r}) unset")
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (JSON/YAML ready)."""
@@ -172,6 +187,8 @@ class TrainConfig:
 # (TRAIN_MODEL_FLAG_HELP). A test checks that the fields and the flags match.
 FLAG_HELP = {
     "preset": "Preset: tiny (CPU), small, 0.4b, 1b. Default: the config file's, else tiny.",
+    "init_from": "Start from this checkpoint folder's weights (step 0, fresh optimizer); the model settings and "
+                 "tokenizer are the checkpoint's.",
     "data": "Corpus: text files, folders, JSONL (repeatable). Default: the bundled State of the Union corpus.",
     "text_field": "JSONL key holding the text.",
     "tokenizer": "Reuse the tokenizer in this folder instead of training a BPE.",
@@ -231,6 +248,47 @@ MODEL_MAY_CHANGE = ("attn_implementation",)
 BATCH_SPLIT = ("batch_size", "grad_accum")
 
 
+# Model fields a run started from a checkpoint (init_from) may set differently from the checkpoint's config.json:
+# they change how the same weights run (backend, dropout, RoPE positions, which have no weights), not what they are.
+INIT_MAY_CHANGE = MODEL_MAY_CHANGE + ("max_position_embeddings", "attention_dropout", "use_cache")
+
+
+def init_model_fields(checkpoint_config, given: dict[str, Any], init_from: str) -> dict[str, Any]:
+    """The ``model`` fields of a run started from the checkpoint whose config is ``checkpoint_config`` (a
+    :class:`~diffllama.config.DiffLlamaConfig`): every field of that config, with ``given`` (the file's and the
+    flags' model fields; None = unset) over it where :data:`INIT_MAY_CHANGE` allows.
+
+    Raises:
+        ValueError: naming each given field that differs from the checkpoint's (``model_type`` also by its
+            ``--arch`` spelling), with both values, and ``init_from``.
+    """
+    fields = {name: value for name, value in checkpoint_config.to_dict().items()
+              if name in {f.name for f in dataclasses.fields(checkpoint_config)}}
+    given = {name: value for name, value in given.items() if value is not None}
+    conflicts = [f"{name} {value!r} given vs {fields.get(name)!r} in the checkpoint"
+                 + (f" (--arch {arch_name(value)} vs --arch {arch_name(fields['model_type'])})"
+                    if name == "model_type" and value in ARCHITECTURES.values() else "")
+                 for name, value in given.items() if name not in INIT_MAY_CHANGE and value != fields.get(name)]
+    if conflicts:
+        raise ValueError(f"--init-from {init_from}: model settings given differ from the checkpoint's config.json "
+                         f"({'; '.join(conflicts)}); a run started from a checkpoint keeps its model: drop those "
+                         f"settings (the preset's model fields do not apply with --init-from)")
+    return {**fields, **given}
+
+
+def arch_name(model_type: str) -> str:
+    """The ``--arch`` spelling of a ``model_type`` (``"diffllama_v2"`` -> ``"diffllama-v2"``): the inverse of
+    :func:`diffllama.config.model_type_for_arch`.
+
+    Raises:
+        ValueError: a model_type that is none of :data:`diffllama.config.MODEL_TYPES`, naming it.
+    """
+    for arch, known in ARCHITECTURES.items():
+        if known == model_type:
+            return arch
+    raise ValueError(f"model_type must be one of {tuple(ARCHITECTURES.values())}, got {model_type!r}")
+
+
 def fit_positions(model: dict[str, Any], seq_len: int) -> dict[str, Any]:
     """``model`` with ``max_position_embeddings`` raised to ``seq_len`` where it is lower (or unset): the model a
     run of ``seq_len``-token sequences builds (RoPE has no position weights to grow)."""
@@ -259,8 +317,10 @@ def resume_conflicts(saved: dict[str, Any], cfg: TrainConfig, saved_world: int, 
     skip = RESUME_MAY_CHANGE + BATCH_SPLIT + ("model",)
     conflicts = {name: (saved[name], value) for name, value in now.items()
                  if name not in skip and name in saved and saved[name] != value}
-    old_model = fit_positions(saved.get("model") or {}, saved.get("seq_len", cfg.seq_len))
-    new_model = fit_positions(cfg.model, cfg.seq_len)
+    # A run saved before model_type was recorded trained the default architecture, DiffLlama V1
+    old_model = {"model_type": MODEL_TYPE,
+                 **fit_positions(saved.get("model") or {}, saved.get("seq_len", cfg.seq_len))}
+    new_model = {"model_type": MODEL_TYPE, **fit_positions(cfg.model, cfg.seq_len)}
     for key in sorted(set(old_model) | set(new_model)):
         if key not in MODEL_MAY_CHANGE and old_model.get(key) != new_model.get(key):
             conflicts[f"model.{key}"] = (old_model.get(key), new_model.get(key))
@@ -332,7 +392,9 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
     """Merge preset < config file < ``overrides`` into a validated :class:`TrainConfig`.
 
     ``overrides`` holds CLI flags that were given (``None`` values are skipped); its ``model`` entry, if any,
-    updates the model fields. The preset is ``preset``, else the file's ``preset`` key, else ``tiny``.
+    updates the model fields. The preset is ``preset``, else the file's ``preset`` key, else ``tiny``; its trio
+    member is the ``model_type`` the overrides or the file give (default "diffllama"). With ``init_from`` the
+    preset's model fields are left out (the checkpoint's config stands for them, see :class:`TrainConfig`).
 
     Raises:
         ValueError: unknown preset, unknown keys (listing the valid ones), bad values.
@@ -343,23 +405,22 @@ def resolve_config(preset: str | None = None, config_file: str | Path | None = N
     name = preset or file_data.get("preset") or "tiny"
     if not isinstance(name, str):
         raise ValueError(f"preset must be a preset name (a string), got {name!r}")
-    base = get_preset(name)
-    merged: dict[str, Any] = {**base["train"], "preset": name}
-    model = dict(base["model"])
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    for source_name, source in (("config file", file_data), ("overrides", overrides)):
+    sources = (("config file", file_data), ("overrides", overrides))
+    for source_name, source in sources:
         unknown = sorted(set(source) - known, key=str)
         if unknown:
             raise ValueError(f"unknown setting(s) in {source_name}: {unknown}; valid: {sorted(known)}")
-        source = dict(source)
-        model_fields = source.pop("model", None)
+        model_fields = source.get("model")
         if model_fields is not None and not isinstance(model_fields, dict):  # merged field by field below
             raise ValueError(f"model in the {source_name} must be a mapping of DiffLlamaConfig fields "
                              f"(e.g. model: {{num_hidden_layers: 2}}), got {model_fields!r}")
-        model.update(model_fields or {})
-        source.pop("preset", None)
-        merged.update(source)
-    merged["model"] = model
+    given_model = {k: v for _, source in sources for k, v in (source.get("model") or {}).items()}
+    base = get_preset(name, given_model.get("model_type", MODEL_TYPE))
+    merged: dict[str, Any] = {**base["train"], "preset": name}
+    for _, source in sources:
+        merged.update({k: v for k, v in source.items() if k not in ("model", "preset")})
+    merged["model"] = given_model if merged.get("init_from") else {**base["model"], **given_model}
     if isinstance(merged.get("data"), str):
         merged["data"] = [merged["data"]]
     return TrainConfig(**merged)

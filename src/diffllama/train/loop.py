@@ -32,13 +32,14 @@ from torch import nn
 from diffllama import settings
 from diffllama.attention import resolve_implementation
 from diffllama.config import DiffLlamaConfig
+from diffllama.hub import resolve_checkpoint_dir
 from diffllama.io import atomic_write_text
 from diffllama.modeling import DiffLlamaForCausalLM
 from diffllama.run_folder import TRAINER_STATE, latest_checkpoint
 from diffllama.tokenizer import Tokenizer
 from diffllama.train import checkpoint as ckpt
-from diffllama.train.config import (TrainConfig, absolute_paths, describe_resume_conflicts, fit_positions,
-                                    resume_conflicts)
+from diffllama.train.config import (TrainConfig, absolute_paths, arch_name, describe_resume_conflicts, fit_positions,
+                                    init_model_fields, resume_conflicts)
 from diffllama.train.data import (BatchPlan, CorpusError, DataMeta, TokenShards, bundled_corpus, cache_root,
                                   corpus_changes, file_fingerprints, list_input_files, load_or_train_tokenizer,
                                   prepare_data)
@@ -259,6 +260,7 @@ class Trainer:
             self._saved_data_files = (saved.state.get("extra") or {}).get("data_files")
 
         # ---- data, tokenizer and model: hooks a subclass may replace (diffllama.finetune.run.FineTuneTrainer)
+        self._init_state = self._read_init_checkpoint() if cfg.init_from and self.resume_from is None else None
         self._check_model_settings()
         self._check_memory()
         self._setup_data()
@@ -323,6 +325,20 @@ class Trainer:
         self.scheduler.last_epoch = self.step - 1
         self.scheduler.step()  # last_epoch back to self.step; each group's lr = peak x lr_lambda(self.step)
 
+    def _read_init_checkpoint(self) -> dict[str, torch.Tensor]:
+        """``init_from``'s weights (a state dict), its config adopted as the run's model fields
+        (:func:`~diffllama.train.config.init_model_fields`), before any data work; the run's model loads them in
+        :meth:`_build_model`. Refuses a checkpoint without a language-model head (a fine-tuned task model)."""
+        directory = resolve_checkpoint_dir(self.cfg.init_from)
+        self.cfg.model = init_model_fields(DiffLlamaConfig.from_pretrained(directory), self.cfg.model,
+                                           self.cfg.init_from)
+        source = DiffLlamaForCausalLM.from_pretrained(directory, dtype="float32")
+        if "lm_head.weight" in source.loading_report["new"]:
+            raise ValueError(f"--init-from {self.cfg.init_from}: no language-model head (lm_head.weight is not in "
+                             f"its weights: a fine-tuned task model?); give a causal LM checkpoint")
+        self._init_dir = directory
+        return source.state_dict()
+
     def _check_corpus(self, files: list[Path]) -> None:
         """Set ``data_files`` (saved with each checkpoint); on resume refuse a corpus whose files changed since the
         checkpoint recorded them, naming each changed file. Checkpoints of versions without the record are
@@ -355,7 +371,10 @@ class Trainer:
         cfg = self.cfg
         cache = cache_root(cfg.cache_dir)
         files = list_input_files(cfg.data or [str(bundled_corpus())])
-        tokenizer_dir = str(self.resume_from) if self.resume_from else (cfg.tokenizer or None)
+        if self.resume_from:
+            tokenizer_dir = str(self.resume_from)
+        else:  # a run from init_from reads its checkpoint's token ids (TrainConfig refuses a tokenizer beside it)
+            tokenizer_dir = str(self._init_dir) if self._init_state is not None else (cfg.tokenizer or None)
         self._check_vocab_fits(tokenizer_dir)
         if self.info.is_main:  # rank 0 checks the corpus and builds the cache; the others then find it
             self._check_corpus(files)
@@ -378,6 +397,9 @@ class Trainer:
         self.model_config = self._model_config()
         with torch.device(self.device):
             model = DiffLlamaForCausalLM(self.model_config)
+        if self._init_state is not None:
+            model.load_state_dict(self._init_state)
+            self._init_state = None  # the only copy left is the model's
         separator = self.tokenizer.eos_token_id if self.cfg.document_mask else None
         return model, TrainModule(model, self.cfg.loss_chunk_size, separator)
 
@@ -827,11 +849,14 @@ def run_training(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
     """Build a :class:`Trainer` and fit it; prints a closing summary on rank 0. Used by ``diffllama train``."""
     trainer = Trainer(cfg, run_dir, resume=resume, quiet=quiet)
     if trainer.info.is_main and not quiet:
-        print(f"model: {trainer.model.num_parameters() / 1e6:.2f}M parameters, vocab {trainer.model_config.vocab_size}"
+        model_type = trainer.model_config.model_type
+        print(f"model: {arch_name(model_type)} (model_type {model_type}), "
+              f"{trainer.model.num_parameters() / 1e6:.2f}M parameters, vocab {trainer.model_config.vocab_size}"
               f"; data: {trainer.meta.train_tokens:,} train / {trainer.meta.val_tokens:,} val tokens; "
               f"{trainer.tokens_per_step:,} tokens/step on {trainer.info.world_size} process(es), "
               f"{trainer.device}, parallel={trainer.mode}"
-              + (f"; resuming from {trainer.resume_from} (step {trainer.step})" if trainer.resume_from else ""),
+              + (f"; resuming from {trainer.resume_from} (step {trainer.step})" if trainer.resume_from else "")
+              + (f"; weights from {trainer.cfg.init_from}" if trainer.cfg.init_from and not trainer.resume_from else ""),
               flush=True)
     return trainer.fit()
 

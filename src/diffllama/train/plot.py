@@ -1,4 +1,5 @@
-"""``diffllama plot RUN_DIR``: loss curves of a run from its ``metrics.jsonl``, drawn with matplotlib to PNG."""
+"""``diffllama plot RUN_DIR [RUN_DIR ...]``: loss curves of runs from their ``metrics.jsonl``, drawn with matplotlib to
+PNG; several runs share the axes (e.g. the tiny trio of three architectures)."""
 
 from __future__ import annotations
 
@@ -56,41 +57,52 @@ def plot_path(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return path
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def plot_run(run_dir: str | Path | list, out: str | Path | None = None) -> Path:
     """Plot training loss and validation loss (nats/token, left) and the learning rate (right) against steps.
 
     Args:
-        out: where to write the image, as :func:`plot_path` resolves it (default ``RUN_DIR/loss.png``).
+        run_dir: a run folder, or a list of them: each run's curves in a colour of its own, labelled with the
+            folder's name and the last validation loss.
+        out: where to write the image, as :func:`plot_path` resolves it (default ``RUN_DIR/loss.png``; needed for
+            several runs).
 
     Returns:
         The path of the image written: written whole (a temp file renamed into place), so a reader such as an image
         viewer refreshing it never sees a half-written file.
 
     Raises:
-        FileNotFoundError / ValueError: as :func:`plot_path` (checked first) and :func:`read_metrics`.
+        FileNotFoundError / ValueError: as :func:`plot_path` (checked first) and :func:`read_metrics`; ValueError
+            for several runs without ``out``, or none.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = plot_path(run_dir, out)
-    records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    lr = [(r["step"], r["lr"]) for r in records if "lr" in r]
+    runs = [run_dir] if isinstance(run_dir, (str, os.PathLike)) else list(run_dir)
+    if not runs or (len(runs) > 1 and not out):
+        raise ValueError("give one run folder, or several with --out (the image they share)" if runs else
+                         "give at least one run folder")
+    path = plot_path(runs[0], out)
+    every_run = [(run, read_metrics(run)) for run in runs]  # all read before drawing: a bad one draws nothing
     fig, (ax, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5)
+    for index, (run, records) in enumerate(every_run):
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+        lr = [(r["step"], r["lr"]) for r in records if "lr" in r]
+        name, color = Path(run).resolve().name, f"C{index}"
+        prefix = f"{name} " if len(runs) > 1 else ""
+        if train:
+            ax.plot(*zip(*train), label=f"{prefix}train", linewidth=1, color=color, alpha=0.6 if val else 1)
+        if val:
+            ax.plot(*zip(*val), "o-", label=f"{prefix}validation ({val[-1][1]:.4f})", linewidth=1.5, color=color)
+        if lr:
+            ax_lr.plot(*zip(*lr), color=color)
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(f"loss: {Path(run_dir).resolve().name}")
+    ax.set_title(f"loss: {', '.join(Path(run).resolve().name for run in runs)}")
     ax.grid(alpha=0.3)
     ax.legend()
-    if lr:
-        ax_lr.plot(*zip(*lr), color="tab:green")
     ax_lr.set_xlabel("step")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_title("learning rate")
