@@ -333,7 +333,7 @@ def test_bad_json_unknown_model_and_chat_fields(server):
     assert info.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as info:
         client(base).chat.completions.create(model="tiny", messages=[{"role": "robot", "content": "x"}])
-    assert info.value.body["param"] == "messages.0.role"
+    assert info.value.body["param"] == "messages[0].role"
     response = httpx.get(f"{base}/v2/nothing", timeout=10)
     assert response.status_code == 404 and "error" in response.json()
 
@@ -417,3 +417,69 @@ def test_cli_serve_sigterm_finishes_streams(checkpoint):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- request validation (no engine needed: each error comes before the request is queued) ---------------------
+
+@pytest.fixture(scope="module")
+def bare(checkpoint):
+    """A TestClient of an app whose engine never starts (no lifespan): for requests refused before queueing."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(make_app(checkpoint))
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("path, body, param, message", [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": True}, "max_tokens",
+     "max_tokens: Input should be a valid integer (got True)"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, "max_tokens",
+     "max_tokens: Input should be a valid integer (got '5')"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream",
+     "stream: Input should be a valid boolean (got 'yes')"),
+    ("/v1/completions", {"prompt": "hi", "user": 5}, "user", "user: Input should be a valid string (got 5)"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options",
+     "stream_options: only allowed when stream is true"),
+    ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"include_usage": 1}},
+     "stream_options.include_usage", "stream_options.include_usage: Input should be a valid boolean (got 1)"),
+    ("/v1/completions", {"prompt": "hi", "temperature": float("nan")}, "temperature",
+     "temperature: Input should be a finite number (got nan)"),
+    ("/v1/completions", {"prompt": "hi", "top_p": float("inf")}, "top_p",
+     "top_p: Input should be a finite number (got inf)"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "model", "model: field required"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user"}]}, "messages[0].content",
+     "messages[0].content: field required"),
+    ("/v1/chat/completions", {**CHAT, "messages": [CHAT["messages"][0], {"role": "assistant", "content": None}]},
+     "messages[1].content", "messages[1].content: Input should be a valid string (got None)"),
+], ids=["max_tokens-bool", "max_tokens-str", "stream-str", "user-int", "stream_options-without-stream",
+        "include_usage-int", "nan", "inf", "no-model", "no-content", "null-content"])
+def test_strict_types_400_name_the_field(bare, path, body, param, message):
+    # allow_nan: httpx would refuse NaN; Python's json (which FastAPI reads with) accepts the NaN/Infinity literals
+    body = {"model": "tiny", **body} if path == "/v1/completions" else body
+    response = bare.post(path, content=json.dumps(body, allow_nan=True), headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {"message": message, "type": "invalid_request_error", "param": param,
+                                        "code": None}
+
+
+@pytest.mark.parametrize("content, headers", [
+    (b"[1, 2]", {"content-type": "application/json"}),
+    (b"5", {"content-type": "application/json"}),
+    (b"", {"content-type": "application/json"}),
+    (b"", {}),
+    (b'{"model": "tiny", "prompt": "hi"}', {"content-type": "text/plain"}),
+], ids=["array", "number", "empty", "no-body", "text-plain"])
+def test_body_not_a_json_object_400(bare, content, headers):
+    response = bare.post("/v1/completions", content=content, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {"message": "the request body must be a JSON object",
+                                        "type": "invalid_request_error", "param": None, "code": None}
+
+
+def test_messages_too_long_grammar(bare):
+    response = bare.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user",
+                                                                              "content": "hi " * 200}]})
+    assert response.status_code == 400
+    assert "but the messages have " in response.json()["error"]["message"]
