@@ -27,7 +27,7 @@ httpx = pytest.importorskip("httpx")
 import diffllama  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from diffllama.serve import api  # noqa: E402
-from diffllama.serve.engine import Engine  # noqa: E402
+from diffllama.serve.engine import Engine, Request, SamplingParams  # noqa: E402
 from test_serve_engine import _one_thread  # noqa: E402,F401  (the autouse fixture: one BLAS thread)
 from test_tokenizer import make_bytelevel  # noqa: E402
 
@@ -366,8 +366,12 @@ def test_full_queue_429_and_timeout_408(checkpoint):
     from fastapi.testclient import TestClient
 
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
-    response = TestClient(make_app(checkpoint, max_queue=0)).post("/v1/completions", json=body)
-    assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"
+    app = make_app(checkpoint, max_batch=1, max_queue=0)  # not started: the request below stays queued
+    app.state.engine.submit(Request([1, 2], SamplingParams(max_tokens=2), lambda out: None))  # takes the one slot
+    response = TestClient(app).post("/v1/completions", json=body)
+    assert response.status_code == 429 and response.json()["error"] == {
+        "message": "the server is busy: the queue holds 0 requests waiting for a slot (--max-queue 0); retry later",
+        "type": "rate_limit_error", "param": None, "code": "queue_full"}
     with TestClient(make_app(checkpoint, request_timeout=1e-4)) as http:
         response = http.post("/v1/completions", json=body)
         assert response.status_code == 408 and response.json()["error"]["code"] == "request_timeout"

@@ -717,7 +717,8 @@ def serve(
     max_batch: int = typer.Option(16, "--max-batch", help="Requests decoded at once (KV-cache slots)."),
     max_seq_len: int = typer.Option(None, "--max-seq-len",
                                     help="Tokens per request, prompt included (default: max_position_embeddings)."),
-    max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting for a slot before 429 answers."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Requests that may wait for a busy slot; "
+                                 "beyond --max-batch running plus these, requests get 429."),
     prefill_chunk: int = typer.Option(256, "--prefill-chunk",
                                       help="Prompt tokens prefilled per engine step, between decode steps."),
     api_key: str = typer.Option(None, "--api-key", envvar="DIFFLLAMA_API_KEY",
