@@ -487,3 +487,50 @@ def test_messages_too_long_grammar(bare):
                                                                               "content": "hi " * 200}]})
     assert response.status_code == 400
     assert "but the messages have " in response.json()["error"]["message"]
+
+
+# ---- `diffllama serve` arguments: each refused in one line before the model loads -----------------------------
+
+@pytest.fixture
+def serve_cli(monkeypatch):
+    """Run `diffllama serve ARGS` in-process; loading the model fails the test (every refusal must come first)."""
+    from typer.testing import CliRunner
+
+    from diffllama import cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(diffllama.DiffLlamaForCausalLM, "from_pretrained", no_load)
+    return lambda *args: CliRunner().invoke(cli.app, ["serve", *map(str, args)])
+
+
+def test_cli_serve_refuses_bad_arguments_before_loading(serve_cli, checkpoint):
+    port = free_port()
+    cases = [
+        (["--port", 70000], 2, "error: --port must be in [0, 65535], got 70000"),
+        (["--port", -1], 2, "error: --port must be in [0, 65535], got -1"),
+        (["--max-seq-len", 1], 2, "error: --max-seq-len must be >= 2, got 1"),
+        (["--max-seq-len", 129], 2, "error: --max-seq-len 129 exceeds the model's max_position_embeddings (128)"),
+        (["--max-seq-len", 10 ** 12], 2,
+         f"error: --max-seq-len {10 ** 12} exceeds the model's max_position_embeddings (128)"),
+        (["--chat-template", "/missing.jinja"], 2,
+         "error: --chat-template '/missing.jinja': [Errno 2] No such file or directory: '/missing.jinja'"),
+        (["--host", "203.0.113.7", "--port", port], 2,  # TEST-NET-3: never this machine's address
+         f"error: --host '203.0.113.7': cannot bind 203.0.113.7:{port}: [Errno 99] Cannot assign requested "
+         f"address"),
+    ]
+    for args, code, line in cases:
+        result = serve_cli(checkpoint, *args)
+        assert (result.exit_code, result.output.strip()) == (code, line), args
+
+
+def test_cli_serve_port_in_use(serve_cli, checkpoint):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = serve_cli(checkpoint, "--port", port)
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"error: --port {port}: 127.0.0.1:{port} is already in use (another server?): "
+                                     f"pick another --port or stop that process")

@@ -114,6 +114,10 @@ def test_arguments_and_queue_bound(model, tok):
         Engine(model, tok, max_batch=0)
     with pytest.raises(ValueError, match="prefill_chunk"):
         Engine(model, tok, prefill_chunk=0)
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"^max_seq_len {10 ** 12} exceeds the model's max_position_embeddings "
+                                         rf"\({limit}\)$"):
+        Engine(model, tok, max_seq_len=10 ** 12)  # refused before allocating (it would need terabytes)
     engine = Engine(model, tok, max_batch=1, max_seq_len=32, max_queue=1)
     with pytest.raises(ValueError, match="max_seq_len"):
         engine.submit(Request([1] * 32, SamplingParams(max_tokens=1), lambda out: None))

@@ -220,14 +220,14 @@ class Engine:
             mode by the engine.
         tokenizer: a :class:`diffllama.Tokenizer` (decodes the output, for stop strings and text).
         max_batch: slots, i.e. the most requests decoding at once (>= 1).
-        max_seq_len: positions per slot: prompt plus output (>= 2).
+        max_seq_len: positions per slot: prompt plus output (>= 2, <= ``max_position_embeddings``).
         max_queue: the most requests waiting for a slot, those about to take a free slot not counted; so up to
             ``max_batch + max_queue`` requests are accepted at once, and :meth:`submit` raises :class:`QueueFull`
             beyond (>= 0).
         prefill_chunk: the most prompt tokens prefilled per iteration, in all (>= 1).
 
     Raises:
-        ValueError: a size out of range, naming it.
+        ValueError: a size out of range, naming it (before anything is allocated).
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_seq_len: int | None = None,
@@ -238,6 +238,8 @@ class Engine:
                                  ("max_queue", max_queue, 0), ("prefill_chunk", prefill_chunk, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if max_seq_len > limit:  # the model has no positions beyond; and a huge value would fail in allocation
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings ({limit})")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
