@@ -4,10 +4,11 @@ Endpoints follow OpenAI's API reference (https://platform.openai.com/docs/api-re
 and ``POST /v1/chat/completions`` (non-streaming JSON, or server-sent events ending with ``data: [DONE]`` when
 ``stream`` is true), ``GET /v1/models``; plus ``GET /health`` and ``GET /metrics`` (Prometheus text).
 
-Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON, unknown fields,
-out-of-range values and prompts that do not fit the context (``param`` names the field), 401 for a missing or wrong
-API key, 404 for an unknown model or path, 408 when a request runs past ``request_timeout``, 429 when the queue is
-full, 503 while shutting down. A streaming request that fails after its first event gets one event
+Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON, a body that is
+not a JSON object, unknown fields, wrong JSON types (strict: no coercion), non-finite numbers, out-of-range values
+and prompts that do not fit the context (``param`` names the field, e.g. ``messages[0].content``), 401 for a missing
+or wrong API key, 404 for an unknown model or path, 408 when a request runs past ``request_timeout``, 429 when the
+queue is full, 503 while shutting down. A streaming request that fails after its first event gets one event
 ``{"error": ...}`` before ``[DONE]``.
 
 Beyond OpenAI's fields (as vLLM offers them): ``top_k``, ``stop_token_ids`` and ``ignore_eos``.
