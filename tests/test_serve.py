@@ -27,7 +27,7 @@ httpx = pytest.importorskip("httpx")
 import diffllama  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from diffllama.serve import api  # noqa: E402
-from diffllama.serve.engine import Engine  # noqa: E402
+from diffllama.serve.engine import Engine, Request, SamplingParams  # noqa: E402
 from test_serve_engine import _one_thread  # noqa: E402,F401  (the autouse fixture: one BLAS thread)
 from test_tokenizer import make_bytelevel  # noqa: E402
 
@@ -333,7 +333,7 @@ def test_bad_json_unknown_model_and_chat_fields(server):
     assert info.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as info:
         client(base).chat.completions.create(model="tiny", messages=[{"role": "robot", "content": "x"}])
-    assert info.value.body["param"] == "messages.0.role"
+    assert info.value.body["param"] == "messages[0].role"
     response = httpx.get(f"{base}/v2/nothing", timeout=10)
     assert response.status_code == 404 and "error" in response.json()
 
@@ -366,8 +366,12 @@ def test_full_queue_429_and_timeout_408(checkpoint):
     from fastapi.testclient import TestClient
 
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
-    response = TestClient(make_app(checkpoint, max_queue=0)).post("/v1/completions", json=body)
-    assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"
+    app = make_app(checkpoint, max_batch=1, max_queue=0)  # not started: the request below stays queued
+    app.state.engine.submit(Request([1, 2], SamplingParams(max_tokens=2), lambda out: None))  # takes the one slot
+    response = TestClient(app).post("/v1/completions", json=body)
+    assert response.status_code == 429 and response.json()["error"] == {
+        "message": "the server is busy: the queue holds 0 requests waiting for a slot (--max-queue 0); retry later",
+        "type": "rate_limit_error", "param": None, "code": "queue_full"}
     with TestClient(make_app(checkpoint, request_timeout=1e-4)) as http:
         response = http.post("/v1/completions", json=body)
         assert response.status_code == 408 and response.json()["error"]["code"] == "request_timeout"
@@ -417,3 +421,116 @@ def test_cli_serve_sigterm_finishes_streams(checkpoint):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- request validation (no engine needed: each error comes before the request is queued) ---------------------
+
+@pytest.fixture(scope="module")
+def bare(checkpoint):
+    """A TestClient of an app whose engine never starts (no lifespan): for requests refused before queueing."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(make_app(checkpoint))
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("path, body, param, message", [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": True}, "max_tokens",
+     "max_tokens: Input should be a valid integer (got True)"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, "max_tokens",
+     "max_tokens: Input should be a valid integer (got '5')"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes"}, "stream",
+     "stream: Input should be a valid boolean (got 'yes')"),
+    ("/v1/completions", {"prompt": "hi", "user": 5}, "user", "user: Input should be a valid string (got 5)"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options",
+     "stream_options: only allowed when stream is true"),
+    ("/v1/completions", {"prompt": "hi", "stream": True, "stream_options": {"include_usage": 1}},
+     "stream_options.include_usage", "stream_options.include_usage: Input should be a valid boolean (got 1)"),
+    ("/v1/completions", {"prompt": "hi", "temperature": float("nan")}, "temperature",
+     "temperature: Input should be a finite number (got nan)"),
+    ("/v1/completions", {"prompt": "hi", "top_p": float("inf")}, "top_p",
+     "top_p: Input should be a finite number (got inf)"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, "model", "model: field required"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user"}]}, "messages[0].content",
+     "messages[0].content: field required"),
+    ("/v1/chat/completions", {**CHAT, "messages": [CHAT["messages"][0], {"role": "assistant", "content": None}]},
+     "messages[1].content", "messages[1].content: Input should be a valid string (got None)"),
+], ids=["max_tokens-bool", "max_tokens-str", "stream-str", "user-int", "stream_options-without-stream",
+        "include_usage-int", "nan", "inf", "no-model", "no-content", "null-content"])
+def test_strict_types_400_name_the_field(bare, path, body, param, message):
+    # allow_nan: httpx would refuse NaN; Python's json (which FastAPI reads with) accepts the NaN/Infinity literals
+    body = {"model": "tiny", **body} if path == "/v1/completions" else body
+    response = bare.post(path, content=json.dumps(body, allow_nan=True), headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {"message": message, "type": "invalid_request_error", "param": param,
+                                        "code": None}
+
+
+@pytest.mark.parametrize("content, headers", [
+    (b"[1, 2]", {"content-type": "application/json"}),
+    (b"5", {"content-type": "application/json"}),
+    (b"", {"content-type": "application/json"}),
+    (b"", {}),
+    (b'{"model": "tiny", "prompt": "hi"}', {"content-type": "text/plain"}),
+], ids=["array", "number", "empty", "no-body", "text-plain"])
+def test_body_not_a_json_object_400(bare, content, headers):
+    response = bare.post("/v1/completions", content=content, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {"message": "the request body must be a JSON object",
+                                        "type": "invalid_request_error", "param": None, "code": None}
+
+
+def test_messages_too_long_grammar(bare):
+    response = bare.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user",
+                                                                              "content": "hi " * 200}]})
+    assert response.status_code == 400
+    assert "but the messages have " in response.json()["error"]["message"]
+
+
+# ---- `diffllama serve` arguments: each refused in one line before the model loads -----------------------------
+
+@pytest.fixture
+def serve_cli(monkeypatch):
+    """Run `diffllama serve ARGS` in-process; loading the model fails the test (every refusal must come first)."""
+    from typer.testing import CliRunner
+
+    from diffllama import cli
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(diffllama.DiffLlamaForCausalLM, "from_pretrained", no_load)
+    return lambda *args: CliRunner().invoke(cli.app, ["serve", *map(str, args)])
+
+
+def test_cli_serve_refuses_bad_arguments_before_loading(serve_cli, checkpoint):
+    port = free_port()
+    cases = [
+        (["--port", 70000], 2, "error: --port must be in [0, 65535], got 70000"),
+        (["--port", -1], 2, "error: --port must be in [0, 65535], got -1"),
+        (["--max-seq-len", 1], 2, "error: --max-seq-len must be >= 2, got 1"),
+        (["--max-seq-len", 129], 2, "error: --max-seq-len 129 exceeds the model's max_position_embeddings (128)"),
+        (["--max-seq-len", 10 ** 12], 2,
+         f"error: --max-seq-len {10 ** 12} exceeds the model's max_position_embeddings (128)"),
+        (["--chat-template", "/missing.jinja"], 2,
+         "error: --chat-template '/missing.jinja': [Errno 2] No such file or directory: '/missing.jinja'"),
+        (["--host", "203.0.113.7", "--port", port], 2,  # TEST-NET-3: never this machine's address
+         f"error: --host '203.0.113.7': cannot bind 203.0.113.7:{port}: [Errno 99] Cannot assign requested "
+         f"address"),
+    ]
+    for args, code, line in cases:
+        result = serve_cli(checkpoint, *args)
+        assert (result.exit_code, result.output.strip()) == (code, line), args
+
+
+def test_cli_serve_port_in_use(serve_cli, checkpoint):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = serve_cli(checkpoint, "--port", port)
+    assert result.exit_code == 1
+    assert result.output.strip() == (f"error: --port {port}: 127.0.0.1:{port} is already in use (another server?): "
+                                     f"pick another --port or stop that process")

@@ -114,14 +114,33 @@ def test_arguments_and_queue_bound(model, tok):
         Engine(model, tok, max_batch=0)
     with pytest.raises(ValueError, match="prefill_chunk"):
         Engine(model, tok, prefill_chunk=0)
+    limit = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"^max_seq_len {10 ** 12} exceeds the model's max_position_embeddings "
+                                         rf"\({limit}\)$"):
+        Engine(model, tok, max_seq_len=10 ** 12)  # refused before allocating (it would need terabytes)
     engine = Engine(model, tok, max_batch=1, max_seq_len=32, max_queue=1)
     with pytest.raises(ValueError, match="max_seq_len"):
         engine.submit(Request([1] * 32, SamplingParams(max_tokens=1), lambda out: None))
     with pytest.raises(ValueError, match="vocab_size"):
         engine.submit(Request([1, tok.vocab_size], SamplingParams(max_tokens=1), lambda out: None))
-    engine.submit(Request([1, 2], SamplingParams(max_tokens=2), lambda out: None))
-    with pytest.raises(QueueFull):
+    engine.submit(Request([1, 2], SamplingParams(max_tokens=2), lambda out: None))  # takes the free slot
+    engine.submit(Request([1, 2], SamplingParams(max_tokens=2), lambda out: None))  # the one queued
+    with pytest.raises(QueueFull, match=r"the queue holds 1 requests waiting for a slot \(--max-queue 1\)"):
         engine.submit(Request([1, 2], SamplingParams(max_tokens=2), lambda out: None))
+
+
+def test_burst_accepts_max_batch_plus_max_queue(model, tok):
+    """Six requests at once (the engine thread has admitted none yet) with 2 slots and --max-queue 1: 2 will run
+    and 1 waits, so 3 are accepted and 3 refused."""
+    engine = Engine(model, tok, max_batch=2, max_seq_len=32, max_queue=1)
+    outcomes = []
+    for _ in range(6):
+        try:
+            engine.submit(Request([1, 2], SamplingParams(max_tokens=2), lambda out: None))
+            outcomes.append("accepted")
+        except QueueFull:
+            outcomes.append("full")
+    assert outcomes == ["accepted"] * 3 + ["full"] * 3
 
 
 def test_failed_step_fails_its_requests_and_the_engine_goes_on(model, tok, monkeypatch):

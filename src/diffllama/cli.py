@@ -761,7 +761,8 @@ def serve(
     max_batch: int = typer.Option(16, "--max-batch", help="Requests decoded at once (KV-cache slots)."),
     max_seq_len: int = typer.Option(None, "--max-seq-len",
                                     help="Tokens per request, prompt included (default: max_position_embeddings)."),
-    max_queue: int = typer.Option(256, "--max-queue", help="Requests waiting for a slot before 429 answers."),
+    max_queue: int = typer.Option(256, "--max-queue", help="Requests that may wait for a busy slot; "
+                                 "beyond --max-batch running plus these, requests get 429."),
     prefill_chunk: int = typer.Option(256, "--prefill-chunk",
                                       help="Prompt tokens prefilled per engine step, between decode steps."),
     api_key: str = typer.Option(None, "--api-key", envvar="DIFFLLAMA_API_KEY",
@@ -797,12 +798,16 @@ def _run_serve(model_dir, *, host, port, max_batch, max_seq_len, max_queue, pref
         from diffllama.serve import api  # lazy: CLI startup time
     except ImportError as error:
         raise _UsageError(f"diffllama serve needs FastAPI and uvicorn: pip install 'diffllama[serve]' ({error})")
+    from diffllama.config import DiffLlamaConfig  # lazy: CLI startup time
     from diffllama.hub import resolve_checkpoint_dir  # lazy: CLI startup time
     from diffllama.modeling import DiffLlamaForCausalLM  # lazy: CLI startup time
     from diffllama.serve.engine import Engine  # lazy: CLI startup time
     from diffllama.tokenizer import Tokenizer  # lazy: CLI startup time
 
-    for flag, value, low in (("--port", port, 0), ("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
+    # Every argument is checked before the checkpoint loads (which may take minutes), so that a typo fails at once.
+    if not 0 <= port <= 65535:
+        raise _UsageError(f"--port must be in [0, 65535], got {port}", 2)
+    for flag, value, low in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
                              ("--prefill-chunk", prefill_chunk, 1), ("--max-seq-len", max_seq_len, 2)):
         if value is not None and value < low:
             raise _UsageError(f"{flag} must be >= {low}, got {value}", 2)
@@ -811,10 +816,21 @@ def _run_serve(model_dir, *, host, port, max_batch, max_seq_len, max_queue, pref
     torch_device = _generation_device(device)
     torch_dtype = _generation_dtype(dtype, torch_device)
     _check_attn(attn, torch_device)
+    template_file = None
+    if chat_template is not None:
+        try:
+            template_file = api.load_chat_template(None, chat_template)
+        except (OSError, UnicodeDecodeError) as error:
+            raise _UsageError(f"--chat-template {chat_template!r}: {error}", 2) from error
+    _check_bind(host, port)
     try:
         directory = resolve_checkpoint_dir(model_dir)
+        limit = DiffLlamaConfig.from_pretrained(directory).max_position_embeddings
+        if max_seq_len is not None and max_seq_len > limit:  # refused before the KV cache is allocated
+            raise _UsageError(f"--max-seq-len {max_seq_len} exceeds the model's max_position_embeddings "
+                              f"({limit})", 2)
         tokenizer = Tokenizer.from_pretrained(directory)
-        template = api.load_chat_template(directory, chat_template)
+        template = template_file if template_file is not None else api.load_chat_template(directory)
         model = DiffLlamaForCausalLM.from_pretrained(directory, dtype=torch_dtype, device=torch_device,
                                                      attn_implementation=attn)
         engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, max_queue=max_queue,
@@ -835,6 +851,31 @@ def _run_serve(model_dir, *, host, port, max_batch, max_seq_len, max_queue, pref
           f"{torch_device}; {max_batch} slots of {engine.max_seq_len} tokens) on http://{host}:{port}/v1"
           + ("" if template else " (no chat template: /v1/chat/completions answers 400)"), file=sys.stderr)
     api.serve(app, host=host, port=port)
+
+
+def _check_bind(host: str, port: int) -> None:
+    """Bind ``host:port`` as uvicorn will (IPv6 for a host with ':', SO_REUSEADDR), then close it at once: a host
+    that does not resolve or is not this machine's, or a port in use, fails in one line before the model loads
+    rather than in a uvicorn traceback after. A pre-check only: the port may still be taken between this close
+    and uvicorn's bind (uvicorn then reports it); holding the socket open would need uvicorn to take it over."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except socket.gaierror as error:
+        raise _UsageError(f"--host {host!r} does not resolve: {error}", 2) from error
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise _UsageError(f"--port {port}: {host}:{port} is already in use (another server?): pick another "
+                              f"--port or stop that process") from error
+        if error.errno == errno.EACCES:
+            raise _UsageError(f"--port {port}: permission denied to bind {host}:{port} (ports below 1024 need "
+                              f"privileges): pick another --port") from error
+        raise _UsageError(f"--host {host!r}: cannot bind {host}:{port}: {error}", 2) from error
 # ---- eval (evaluations of differential attention) ---------------------------------------------------------------
 
 def _int_list(text: str | None, flag: str) -> list[int] | None:

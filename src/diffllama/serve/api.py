@@ -4,10 +4,11 @@ Endpoints follow OpenAI's API reference (https://platform.openai.com/docs/api-re
 and ``POST /v1/chat/completions`` (non-streaming JSON, or server-sent events ending with ``data: [DONE]`` when
 ``stream`` is true), ``GET /v1/models``; plus ``GET /health`` and ``GET /metrics`` (Prometheus text).
 
-Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON, unknown fields,
-out-of-range values and prompts that do not fit the context (``param`` names the field), 401 for a missing or wrong
-API key, 404 for an unknown model or path, 408 when a request runs past ``request_timeout``, 429 when the queue is
-full, 503 while shutting down. A streaming request that fails after its first event gets one event
+Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for bad JSON, a body that is
+not a JSON object, unknown fields, wrong JSON types (strict: no coercion), non-finite numbers, out-of-range values
+and prompts that do not fit the context (``param`` names the field, e.g. ``messages[0].content``), 401 for a missing
+or wrong API key, 404 for an unknown model or path, 408 when a request runs past ``request_timeout``, 429 when the
+queue is full, 503 while shutting down. A streaming request that fails after its first event gets one event
 ``{"error": ...}`` before ``[DONE]``.
 
 Beyond OpenAI's fields (as vLLM offers them): ``top_k``, ``stop_token_ids`` and ``ignore_eos``.
@@ -65,7 +66,11 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 # ---- request models -----------------------------------------------------------------------------------------------
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields, wrong JSON types and non-finite numbers are 400s, as in OpenAI's API: strict mode refuses
+    ``"5"`` or ``true`` for an int, ``"yes"`` for a bool, a number for a string (a float field still takes a JSON
+    integer); NaN and Infinity (which Python's JSON parser reads) would pass or confuse the range checks."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def _null_is_default(cls, value, info):
@@ -82,7 +87,7 @@ class StreamOptions(_Strict):
 class _Sampling(_Strict):
     """The fields completions and chat share (OpenAI's names, ranges and defaults)."""
 
-    model: str | None = None
+    model: str  # required, as OpenAI requires it
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -136,10 +141,11 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    """One message; ``content`` is a string or a list of text parts."""
+    """One message; ``content`` is a string or a list of text parts, required for every role (OpenAI lets only an
+    assistant message with ``tool_calls`` omit it, and tool calls are not supported here)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart]
     name: str | None = None
 
 
@@ -306,6 +312,7 @@ def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: HTTPRequest):
         _check_model(body.model, model_name)
+        _check_stream_options(body)
         prompts = _completion_prompts(body.prompt, tokenizer, engine.model.config.vocab_size)
         max_tokens = [_max_tokens(len(p), body.max_tokens, engine.max_seq_len, "prompt") for p in prompts]
         params = [_params(body, m, eos_ids, body.logprobs, body.echo and body.logprobs is not None)
@@ -321,6 +328,7 @@ def create_app(engine, tokenizer, model_name: str, *, api_key: str | None = None
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, raw: HTTPRequest):
         _check_model(body.model, model_name)
+        _check_stream_options(body)
         if template is None:
             raise APIError(400, "this model's tokenizer has no chat template (no chat_template in "
                                 "tokenizer_config.json nor a chat_template.jinja file): use /v1/completions, or "
@@ -356,15 +364,18 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def _validation_response(error: RequestValidationError) -> JSONResponse:
-    """400 with OpenAI's body; ``param`` is the first failing field's dotted path (``messages.0.role``)."""
+    """400 with OpenAI's body; ``param`` is the first failing field's path as OpenAI spells it
+    (``messages[0].role``), None when the body as a whole is at fault."""
     first = error.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [part for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
                         param=None, code="invalid_json").response()
     # A union (prompt: str | list[...]) reports one error per member type: name the field without the member.
-    loc = [part for part in loc if not _union_member(part)]
-    param = ".".join(loc) or None
+    loc = [part for part in loc if isinstance(part, int) or not _union_member(part)]
+    if not loc:  # a JSON array or scalar, an empty body, or one not sent as JSON (text/plain)
+        return APIError(400, "the request body must be a JSON object", param=None).response()
+    param = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
     if first.get("type") == "extra_forbidden":
         message = f"{param}: unknown field (not part of this endpoint's parameters)"
     elif first.get("type") == "missing":
@@ -380,10 +391,16 @@ def _union_member(part: str) -> bool:
         or part[:1].isupper()
 
 
-def _check_model(name: str | None, served: str) -> None:
-    if name is not None and name != served:
+def _check_model(name: str, served: str) -> None:
+    if name != served:
         raise APIError(404, f"the model {name!r} does not exist: this server serves {served!r}", param="model",
                        code="model_not_found")
+
+
+def _check_stream_options(body: _Sampling) -> None:
+    # OpenAI refuses stream_options on a non-streaming request rather than ignoring it.
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
 
 
 def _model_card(name: str, created: int) -> dict:
@@ -422,8 +439,9 @@ def _max_tokens(prompt_tokens: int, asked: int | None, context: int, prompt_fiel
         APIError: 400 naming ``prompt_field`` when the prompt fills the context, or ``field`` when prompt plus
             ``asked`` exceed it (OpenAI's "context_length_exceeded").
     """
+    has = "have" if prompt_field == "messages" else "has"  # "the messages have", "the prompt has"
     if prompt_tokens >= context:
-        raise APIError(400, f"this model's maximum context length is {context} tokens, but the {prompt_field} has "
+        raise APIError(400, f"this model's maximum context length is {context} tokens, but the {prompt_field} {has} "
                             f"{prompt_tokens} tokens, which leaves none to generate: shorten it",
                        param=prompt_field, code="context_length_exceeded")
     if asked is None:

@@ -45,7 +45,7 @@ from diffllama.generation import next_tokens
 
 
 class QueueFull(Exception):
-    """The engine's waiting queue holds ``max_queue`` requests already (the server answers 429)."""
+    """``max_queue`` requests wait for a slot already, beyond the free slots (the server answers 429)."""
 
 
 class EngineStopped(Exception):
@@ -220,12 +220,14 @@ class Engine:
             mode by the engine.
         tokenizer: a :class:`diffllama.Tokenizer` (decodes the output, for stop strings and text).
         max_batch: slots, i.e. the most requests decoding at once (>= 1).
-        max_seq_len: positions per slot: prompt plus output (>= 2).
-        max_queue: the most requests waiting for a slot; :meth:`submit` raises :class:`QueueFull` beyond (>= 0).
+        max_seq_len: positions per slot: prompt plus output (>= 2, <= ``max_position_embeddings``).
+        max_queue: the most requests waiting for a slot, those about to take a free slot not counted; so up to
+            ``max_batch + max_queue`` requests are accepted at once, and :meth:`submit` raises :class:`QueueFull`
+            beyond (>= 0).
         prefill_chunk: the most prompt tokens prefilled per iteration, in all (>= 1).
 
     Raises:
-        ValueError: a size out of range, naming it.
+        ValueError: a size out of range, naming it (before anything is allocated).
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_seq_len: int | None = None,
@@ -236,6 +238,8 @@ class Engine:
                                  ("max_queue", max_queue, 0), ("prefill_chunk", prefill_chunk, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if max_seq_len > limit:  # the model has no positions beyond; and a huge value would fail in allocation
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's max_position_embeddings ({limit})")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
@@ -264,7 +268,8 @@ class Engine:
         Raises:
             ValueError: a prompt of ``max_seq_len`` tokens or more, or ids outside [0, vocab_size) (checked here, so
                 that one bad request cannot fail the batch it would join).
-            QueueFull: ``max_queue`` requests wait already. EngineStopped: :meth:`stop` was called.
+            QueueFull: ``max_queue`` requests wait for a slot already (beyond the free slots). EngineStopped:
+                :meth:`stop` was called.
         """
         if len(request.prompt_ids) >= self.max_seq_len:
             raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; a slot holds {self.max_seq_len} "
@@ -275,8 +280,12 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"the queue holds {len(self._waiting)} requests (--max-queue {self.max_queue})")
+            # Requests submitted since the engine thread last admitted sit in _waiting too, though free slots await
+            # them: only those beyond the free slots are queued (else a burst into an idle server is refused).
+            queued = len(self._waiting) - len(self._free)
+            if queued >= self.max_queue:
+                raise QueueFull(f"the queue holds {queued} requests waiting for a slot (--max-queue "
+                                f"{self.max_queue})")
             self._waiting.append(request)
             self.stats.waiting = len(self._waiting)
             self._lock.notify()
