@@ -19,7 +19,7 @@ from diffllama.eval.scoring import continuation_logprobs  # noqa: E402
 from diffllama.train.data import bundled_corpus, iter_documents, train_bpe  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "tests" / "data"
+DATA = ROOT / "src" / "diffllama" / "data"  # the Rotten Tomatoes slices the local task reads
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_requests_match_the_scoring_helpers(model_dir):
 @pytest.mark.slow
 def test_local_task_through_lm_eval(model_dir, tmp_path):
     task = (ROOT / "docs" / "eval_tasks" / "rt_sentiment.yaml").read_text()
-    task = task.replace("tests/data/", f"{DATA}/")  # the shipped YAML's paths are relative to the repository
+    task = task.replace("src/diffllama/data/", f"{DATA}/")  # the shipped YAML's paths are relative to the repository
     (tmp_path / "rt_sentiment.yaml").write_text(task)
     results = run_harness(str(model_dir), ["rt_sentiment"], include_path=str(tmp_path), limit=6, device="cpu")
     acc = results["rt_sentiment"]["acc,none"]

@@ -719,7 +719,7 @@ def test_evaluation_and_test_phases_show_progress(base_model, tmp_path, capfd):
     task = get_task("sequence-classification", TaskOptions(max_length=32))
     cfg = finetune_config(dict(max_steps=2, lr=1e-3, warmup_steps=0, eval_every=2, batch_size=16, device="cpu",
                                seed=0, log_every=2, num_threads=1))
-    run_finetune(task, cfg, tmp_path / "run", model_dir=base_model, train_path=DATA / "rt_train.csv",
-                 eval_path=DATA / "rt_test.csv", test_path=DATA / "rt_test.csv", quiet=False)
+    run_finetune(task, cfg, tmp_path / "run", model_dir=base_model, train_path=RT_DATA / "rt_train.csv",
+                 eval_path=RT_DATA / "rt_test.csv", test_path=RT_DATA / "rt_test.csv", quiet=False)
     err = capfd.readouterr().err  # tqdm redraws every 0.1 s: some count above 0 shows the bar moving
     assert re.search(r"eval: [1-9]\d*batch", err) and re.search(r"test: [1-9]\d*batch", err), err[-2000:]
