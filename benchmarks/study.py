@@ -5,8 +5,8 @@ A run's JSON holds its settings, the training metrics (every logged step and val
 and every :mod:`diffllama.eval` figure; checkpoints are deleted afterwards (too large to keep). A run whose JSON
 exists is skipped, so the study accumulates and resumes run by run; ``--commit`` commits each JSON as it lands.
 
-Architectures: ``diffllama`` (DiffLlama V1) today; ``ARCHITECTURES`` maps a name to the model fields that select it,
-so V2 and the Llama baseline are one entry each once the library builds them (same shape, same tokens).
+Architectures: ``diffllama`` (DiffLlama V1), ``diffllama-v2`` and ``llama``, the ``--arch`` names of ``diffllama train``;
+each trains its preset's trio member (same hidden size, layers and tokens, parameters within 2%).
 
 One run of about 3 minutes on one H100 (the ``small`` shape: 8 layers, hidden 512, about 40 M parameters,
 1000 steps of 16 x 1024 tokens = 16.4 M tokens, then the evaluations):
@@ -16,7 +16,7 @@ One run of about 3 minutes on one H100 (the ``small`` shape: 8 layers, hidden 51
 The full study (3 seeds; each run under 10 minutes, evaluations included), on real text fetched beforehand with
 ``scripts/fetch_corpora.sh all corpora``:
 
-    python benchmarks/study.py --arch diffllama --seeds 0 1 2 --data corpora/sotu corpora/kjv --commit
+    python benchmarks/study.py --arch diffllama diffllama-v2 llama --seeds 0 1 2 --data corpora/sotu corpora/kjv --commit
 
 Prints one line per run and the table of mean ± standard deviation over seeds (``--table`` prints it alone).
 """
@@ -35,9 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from diffllama.config import ARCHITECTURES as LIBRARY_ARCHITECTURES
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "study"
-ARCHITECTURES = {"diffllama": {}}  # model fields that select the architecture (V2, llama: added with them)
+# --arch name -> the model fields that select it; the preset gives each its trio member (equal parameters, V2's
+# narrower MLP paying for its doubled q_proj: diffllama.presets).
+ARCHITECTURES = {arch: {"model_type": model_type} for arch, model_type in LIBRARY_ARCHITECTURES.items()}
 
 
 def run_name(arch: str, seed: int, tag: str) -> str:
