@@ -229,7 +229,8 @@ def test_flash_on_cpu_refused_before_any_data_work(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("model_extra, message", [
     (dict(num_attention_heads=3), "num_attention_heads"),
-    (dict(hidden_sizee=64), "hidden_sizee"),
+    (dict(hidden_sizee=64), "unknown model setting(s) ['hidden_sizee']; the model settings are DiffLlamaConfig's "
+                            "fields: attention_bias, attention_dropout, attn_implementation, bos_token_id, "),
 ])
 def test_bad_model_setting_refused_before_any_data_work(tmp_path, model_extra, message):
     config = _config(tmp_path, model=dict(MICRO_MODEL, **model_extra))

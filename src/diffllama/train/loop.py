@@ -18,6 +18,7 @@ bit (tests/test_train_resume.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import shutil
@@ -47,6 +48,10 @@ from diffllama.train.distributed import (DistInfo, all_reduce_sum, init_distribu
 from diffllama.train.loss import linear_cross_entropy
 from diffllama.train.resources import check_fits, estimate_training_memory, warn_slow_bf16
 from diffllama.train.metrics import read_metrics_file
+
+# What a run's ``model:`` settings may hold: DiffLlamaConfig's constructor arguments (``extra`` is its own store of
+# config.json keys it does not model, not a setting).
+CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(DiffLlamaConfig) if f.init) - {"extra"} | {"num_labels"}
 
 
 def separator_documents(input_ids: torch.Tensor, separator_id: int) -> torch.Tensor:
@@ -416,10 +421,11 @@ class Trainer:
         fields = dict(fit_positions(self.cfg.model, self.cfg.seq_len), vocab_size=vocab_size, **special_ids)
         # flash on a CUDA GPU (0.4b compiled step 1.17x sdpa's tokens/s, benchmarks/RESULTS.md), sdpa on CPU
         fields.setdefault("attn_implementation", "auto")
-        try:
-            return DiffLlamaConfig(**fields)
-        except TypeError as error:
-            raise ValueError(f"bad model setting: {error}") from error
+        unknown = sorted(set(fields) - CONFIG_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown model setting(s) {unknown}; the model settings are DiffLlamaConfig's fields: "
+                             f"{', '.join(sorted(CONFIG_FIELDS))}")
+        return DiffLlamaConfig(**fields)
 
     def _check_model_settings(self) -> None:
         """Build the config once before any data work, so that a bad ``model:`` setting (an unknown field, heads
