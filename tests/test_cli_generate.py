@@ -235,6 +235,7 @@ def test_empty_prompt_starts_from_bos_or_is_refused(checkpoint, tmp_path):
         next(stream_text(model, diffllama.Tokenizer.from_pretrained(no_bos), "", max_new_tokens=2))
 
 
+@pytest.mark.slow  # a subprocess or several: the README's test command keeps under 3 minutes
 def test_console_entry_point(checkpoint):
     """`python -m diffllama generate` in a fresh process: only the generated text on stdout."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(["src", os.environ.get("PYTHONPATH", "")])}

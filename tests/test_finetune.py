@@ -312,6 +312,7 @@ def test_predict_metrics_out(classifier, tmp_path):
     assert not (tmp_path / "none.json").exists()
 
 
+@pytest.mark.slow  # a subprocess or several: the README's test command keeps under 3 minutes
 def test_predict_into_a_pipe_closed_early_still_writes_the_metrics(classifier, tmp_path):
     """`predict ... --metrics-out m.json | head -1`: the metrics file is written before the records; the closed
     pipe ends the command quietly (exit 141, as SIGPIPE), with no traceback."""

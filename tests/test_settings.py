@@ -59,6 +59,7 @@ def test_a_bad_setting_stops_every_command(monkeypatch):
 BAD_DQ = "error: bad environment: DIFFLLAMA_FLASH_DQ='bogus': expected one of kernel, atomic\n"
 
 
+@pytest.mark.slow  # a subprocess or several: the README's test command keeps under 3 minutes
 def test_a_real_bad_variable_stops_a_real_command_but_not_the_help(tmp_path):
     """The variable is read at import, so this runs the installed CLI in a fresh process with it set."""
     env = {**os.environ, "DIFFLLAMA_FLASH_DQ": "bogus"}

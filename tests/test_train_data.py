@@ -221,6 +221,7 @@ def _start_staging_writer(parent):
     return proc, staging
 
 
+@pytest.mark.slow  # a subprocess or several: the README's test command keeps under 3 minutes
 def test_staging_of_a_killed_process_is_removed_by_the_next_preparation(tmp_path):
     corpus = small_corpus(tmp_path / "corpus", documents=25, chars=800)
     files = list_input_files([str(corpus)])

@@ -36,6 +36,7 @@ def _single(cfg, out):
     return trainer.history
 
 
+@pytest.mark.slow  # a subprocess or several: the README's test command keeps under 3 minutes
 @pytest.mark.parametrize("parallel, document_mask", [("ddp", False), ("fsdp", False), ("fsdp", True)],
                          ids=["ddp", "fsdp", "fsdp-document-mask"])
 def test_two_processes_match_one(parallel, document_mask, tmp_path):
