@@ -56,6 +56,7 @@ def _finetune(task_name, base, run_dir, train, evaluate, steps, lr, **options):
     return run_finetune(task, cfg, run_dir, model_dir=base, train_path=train, eval_path=evaluate, quiet=True)
 
 
+@pytest.mark.slow  # trains a few hundred steps: run in CI's second command
 def test_sequence_classification_beats_majority(base_model, tmp_path):
     result = _finetune("sequence-classification", base_model, tmp_path / "run", RT_DATA / "rt_train.csv",
                        RT_DATA / "rt_test.csv", steps=200, lr=1e-3, max_length=64)
@@ -68,6 +69,7 @@ def test_sequence_classification_beats_majority(base_model, tmp_path):
     assert config["id2label"] == {"0": "fresh", "1": "rotten"} and config["label2id"] == {"fresh": 0, "rotten": 1}
 
 
+@pytest.mark.slow  # trains a few hundred steps: run in CI's second command
 def test_token_classification_beats_majority_tag(base_model, tmp_path):
     result = _finetune("token-classification", base_model, tmp_path / "run", DATA / "brown_train.conll",
                        DATA / "brown_test.conll", steps=100, lr=3e-3, max_length=96)
@@ -76,6 +78,7 @@ def test_token_classification_beats_majority_tag(base_model, tmp_path):
     assert "NOUN" in summary["eval"]["per_tag"] and 0 <= summary["eval"]["per_tag"]["NOUN"]["f1"] <= 1
 
 
+@pytest.mark.slow  # trains a few hundred steps: run in CI's second command
 def test_retrieval_qa_beats_chance_and_reports_depth(base_model, tmp_path):
     documents = _documents(40)
     write_retrieval_qa(tmp_path / "train.json", documents[:30], 400, passage_words=40, seed=1)
