@@ -790,6 +790,18 @@ def serve(
                    request_timeout=request_timeout, device=device, dtype=dtype, attn=attn)
 
 
+def _check_serve_numbers(*, port, max_batch, max_queue, prefill_chunk, max_seq_len, request_timeout) -> None:
+    """A _UsageError (exit 2) naming the first serve flag whose number is out of range."""
+    if not 0 <= port <= 65535:
+        raise _UsageError(f"--port must be in [0, 65535], got {port}", 2)
+    for flag, value, low in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
+                             ("--prefill-chunk", prefill_chunk, 1), ("--max-seq-len", max_seq_len, 2)):
+        if value is not None and value < low:
+            raise _UsageError(f"{flag} must be >= {low}, got {value}", 2)
+    if request_timeout <= 0:
+        raise _UsageError(f"--request-timeout must be > 0 seconds, got {request_timeout}", 2)
+
+
 def _run_serve(model_dir, *, host, port, max_batch, max_seq_len, max_queue, prefill_chunk, api_key,
                served_model_name, chat_template, request_timeout, device, dtype, attn) -> None:
     import sys
@@ -805,14 +817,8 @@ def _run_serve(model_dir, *, host, port, max_batch, max_seq_len, max_queue, pref
     from diffllama.tokenizer import Tokenizer  # lazy: CLI startup time
 
     # Every argument is checked before the checkpoint loads (which may take minutes), so that a typo fails at once.
-    if not 0 <= port <= 65535:
-        raise _UsageError(f"--port must be in [0, 65535], got {port}", 2)
-    for flag, value, low in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
-                             ("--prefill-chunk", prefill_chunk, 1), ("--max-seq-len", max_seq_len, 2)):
-        if value is not None and value < low:
-            raise _UsageError(f"{flag} must be >= {low}, got {value}", 2)
-    if request_timeout <= 0:
-        raise _UsageError(f"--request-timeout must be > 0 seconds, got {request_timeout}", 2)
+    _check_serve_numbers(port=port, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                         max_seq_len=max_seq_len, request_timeout=request_timeout)
     torch_device = _generation_device(device)
     torch_dtype = _generation_dtype(dtype, torch_device)
     _check_attn(attn, torch_device)
